@@ -1,0 +1,61 @@
+"""Our fused kernels and the dispatch between them and plain PyTorch.
+
+    attention(q, k, v, causal=True)                      q, k, v: (B, H, T, D) -> (B, H, T, D)
+    cross_entropy(logits, targets, ignore_index, reduction)          logits: (N, V), targets: (N,)
+    linear_cross_entropy(hidden, weight, targets, ignore_index, reduction)  hidden: (N, C), weight: (V, C)
+
+The Triton kernel runs when the tensors are on CUDA and Triton imports; otherwise PyTorch's own fused
+ops run. KERNELS=torch|triton|auto overrides the choice (triton on CPU tensors needs
+TRITON_INTERPRET=1, which is how the tests run the kernels on a machine without a GPU).
+"""
+import os
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton  # noqa: F401
+    HAS_TRITON = True
+except ImportError:
+    HAS_TRITON = False
+
+# which backend ran last, per op: the tests read it to prove the Triton code, not a fallback, ran
+last_backend = {}
+
+
+def use_triton(*tensors):
+    mode = os.environ.get("KERNELS", "auto")
+    if mode not in ("auto", "torch", "triton"):
+        raise ValueError(f"KERNELS={mode!r}: use torch, triton or auto")
+    if mode == "torch":
+        return False
+    if mode == "triton":
+        if not HAS_TRITON:
+            raise RuntimeError("KERNELS=triton but triton does not import: pip install triton (Linux only)")
+        return True
+    return HAS_TRITON and all(t.is_cuda for t in tensors)
+
+
+def attention(q, k, v, causal=True):
+    if use_triton(q, k, v):
+        from .attention import flash_attention
+        last_backend["attention"] = "triton"
+        return flash_attention(q, k, v, causal)
+    last_backend["attention"] = "torch"
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+
+def cross_entropy(logits, targets, ignore_index=-100, reduction="mean"):
+    if use_triton(logits, targets):
+        from .cross_entropy import fused_cross_entropy
+        last_backend["cross_entropy"] = "triton"
+        return fused_cross_entropy(logits, targets, ignore_index, reduction)
+    last_backend["cross_entropy"] = "torch"
+    return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index, reduction=reduction)
+
+
+def linear_cross_entropy(hidden, weight, targets, ignore_index=-100, reduction="mean", chunk_size=4096):
+    from .cross_entropy import chunked_linear_cross_entropy
+    backend = "triton" if use_triton(hidden, weight, targets) else "torch"
+    last_backend["linear_cross_entropy"] = backend
+    return chunked_linear_cross_entropy(hidden, weight, targets, ignore_index, reduction, chunk_size, backend)
