@@ -1,0 +1,264 @@
+"""The GPT that every stage trains: GPT-2's architecture, written out in one file.
+
+Pre-LayerNorm blocks, learned positions, a GELU MLP, tied input and output embeddings, optional
+biases: the same shapes and names as GPT-2, so `GPT.from_gpt2` can load its weights. Attention and
+cross-entropy go through `kernels`, which picks our Triton kernels on a GPU and PyTorch elsewhere.
+
+    model = GPT(GPTConfig(vocab_size=4101))
+    loss = model(idx, targets)                    # mean next-token loss
+    logp = model.token_logprobs(idx, targets)     # (B, T) log p(target), what post-training uses
+    outs = model.generate([[1, 2, 3], [4, 5]], max_new_tokens=20, temperature=0)  # greedy, batched
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 4101   # BPE merges + 256 bytes + special tokens
+    block_size: int = 256    # the longest context the model can read
+    n_layer: int = 4         # transformer blocks
+    n_head: int = 4          # attention heads per block
+    n_embd: int = 256        # width of the residual stream
+    dropout: float = 0.0     # on embeddings, attention output and MLP output (not inside attention)
+    bias: bool = True        # biases in Linear and LayerNorm, as in GPT-2
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        assert cfg.n_embd % cfg.n_head == 0, "n_embd must be a multiple of n_head"
+        self.n_head = cfg.n_head
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, mask=None, cache=None, layer=0):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        # (B, T, C) -> (B, H, T, D): each head attends on its own slice of the channels
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if cache is not None:
+            k, v = cache.append(layer, k, v)  # keys and values of every token so far
+        if mask is None:
+            y = kernels.attention(q, k, v, causal=True)
+        else:
+            # generation: padding and a cache make the mask more than "causal", so it is explicit
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's GELU is the tanh approximation
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm: normalise, transform, add back. The residual stream itself is never normalised."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, mask=None, cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), mask, cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far, preallocated so appending is a copy."""
+
+    def __init__(self, cfg, batch, max_len, device, dtype):
+        shape = (cfg.n_layer, batch, cfg.n_head, max_len, cfg.n_embd // cfg.n_head)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.len = 0  # tokens stored; advanced by GPT.hidden once every layer has appended
+
+    def append(self, layer, k, v):
+        end = self.len + k.size(2)
+        self.k[layer, :, :, self.len:end] = k
+        self.v[layer, :, :, self.len:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
+            wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
+            drop=nn.Dropout(cfg.dropout),
+            h=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
+            ln_f=nn.LayerNorm(cfg.n_embd, bias=cfg.bias),
+        ))
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied: reading a token and writing it share a vector
+        self.apply(self._init_weights)
+        # GPT-2 scales the projections into the residual stream by 1/sqrt(2 * n_layer): each block
+        # adds two of them, and the sum should not grow with depth.
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_params(self, non_embedding=True):
+        """Parameters; by default without the position table (the token table is the tied lm_head)."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+
+    def hidden(self, idx, pos=None, mask=None, cache=None):
+        """The final hidden states (B, T, C), after ln_f. The reward model reads its score from these."""
+        B, T = idx.shape
+        start = cache.len if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens is longer than the context ({self.config.block_size})")
+        if pos is None:
+            pos = torch.arange(start, start + T, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, mask, cache, i)
+        if cache is not None:
+            cache.len += T
+        return self.transformer.ln_f(x)
+
+    def forward(self, idx, targets=None):
+        """Logits (B, T, V); or, given targets (B, T) with -100 where nothing is predicted, the mean loss."""
+        logits = self.lm_head(self.hidden(idx))
+        if targets is None:
+            return logits
+        return kernels.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+    def token_logprobs(self, idx, targets):
+        """log p(targets[b, t] | idx[b, :t+1]) for every position, shape (B, T); 0 where targets is -100."""
+        logits = self.lm_head(self.hidden(idx))
+        loss = kernels.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+        return -loss.view(targets.shape)
+
+    def configure_optimizer(self, lr, weight_decay, betas=(0.9, 0.95), device_type="cpu"):
+        """AdamW with weight decay on matrices only: biases and LayerNorm gains are not decayed."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type == "cuda")
+
+    def flops_per_token(self, seq_len):
+        """Training FLOPs per token: 6 per parameter (forward 2, backward 4) plus attention's scores."""
+        c = self.config
+        return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * seq_len
+
+    @torch.no_grad()
+    def generate(self, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                 stop_tokens=(), generator=None):
+        """Continue each prompt (a list of token ids); returns the new tokens of each, stop token included.
+
+        Prompts of different lengths share one batch: they are left-padded, and the mask and the
+        positions make each row see exactly what it would see alone. temperature=0 is greedy.
+        """
+        device = self.transformer.wte.weight.device
+        B, L = len(prompts), max(len(p) for p in prompts)
+        if min(len(p) for p in prompts) == 0:
+            raise ValueError("every prompt needs at least one token")
+        if L + max_new_tokens > self.config.block_size:
+            raise ValueError(f"prompt ({L} tokens) + max_new_tokens ({max_new_tokens}) is longer than "
+                             f"the context ({self.config.block_size}): shorten the prompt or max_new_tokens")
+        pad = torch.tensor([L - len(p) for p in prompts], device=device)
+        idx = torch.tensor([[0] * (L - len(p)) + list(p) for p in prompts], device=device)
+        total = L + max_new_tokens
+        # valid[b, j]: position j of row b holds a real token (not left padding)
+        valid = torch.arange(total, device=device)[None, :] >= pad[:, None]
+        cache = KVCache(self.config, B, total, device, self.transformer.wte.weight.dtype)
+        stop = torch.tensor(list(stop_tokens), device=device, dtype=torch.long)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        out = []
+        x, start = idx, 0
+        for _ in range(max_new_tokens):
+            T = x.size(1)
+            q_pos = torch.arange(start, start + T, device=device)
+            mask = q_pos[:, None] >= torch.arange(start + T, device=device)[None, :]  # causal
+            mask = mask[None] & valid[:, None, :start + T]
+            mask |= (q_pos[:, None] == torch.arange(start + T, device=device)[None, :])[None]  # pads see themselves, never NaN
+            pos = (q_pos[None, :] - pad[:, None]).clamp(min=0)  # each row counts positions from its first real token
+            h = self.hidden(x, pos=pos, mask=mask[:, None], cache=cache)
+            logits = self.lm_head(h[:, -1]).float()
+            nxt = sample_next(logits, temperature, top_k, top_p, generator)
+            out.append(nxt)
+            done |= torch.isin(nxt, stop)
+            if done.all():
+                break
+            x, start = nxt[:, None], start + T
+        toks = torch.stack(out, 1).tolist()
+        results = []
+        for row in toks:
+            cut = next((i + 1 for i, t in enumerate(row) if t in stop_tokens), len(row))
+            results.append(row[:cut])
+        return results
+
+    @classmethod
+    def from_gpt2(cls, state_dict):
+        """A GPT from a Hugging Face GPT-2 state dict, e.g. GPT2LMHeadModel.from_pretrained("gpt2").state_dict().
+
+        The config comes from the shapes (GPT-2's heads are 64 wide). GPT-2 stores its Linear layers
+        as Conv1D, whose weights are the transpose of nn.Linear's.
+        """
+        sd = {k: v for k, v in state_dict.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+        V, C = sd["transformer.wte.weight"].shape
+        n_layer = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("transformer.h."))
+        cfg = GPTConfig(vocab_size=V, block_size=sd["transformer.wpe.weight"].shape[0],
+                        n_layer=n_layer, n_head=C // 64, n_embd=C, bias=True)
+        model = cls(cfg)
+        ours = model.state_dict()
+        conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+        for k, v in sd.items():
+            if k == "lm_head.weight":
+                continue  # tied to wte
+            if k not in ours:
+                raise KeyError(f"unexpected key in GPT-2 state dict: {k}")
+            v = v.t() if k.endswith(conv1d) else v
+            if v.shape != ours[k].shape:
+                raise ValueError(f"{k}: shape {tuple(v.shape)} does not fit {tuple(ours[k].shape)}")
+            ours[k].copy_(v)
+        return model
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """One token per row from logits (B, V): greedy at temperature 0, else softmax sampling, optionally
+    restricted to the top_k most likely tokens and to the smallest set whose probability reaches top_p."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p  # keep a token while the mass before it is < top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

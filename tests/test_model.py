@@ -1,0 +1,146 @@
+"""The GPT: cached generation equals recomputation, batching equals one-by-one, log-probs, GPT-2 import."""
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+
+from model import GPT, GPTConfig, sample_next
+
+TINY = GPTConfig(vocab_size=61, block_size=48, n_layer=2, n_head=2, n_embd=32)
+
+
+def tiny_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    cfg = GPTConfig(**{**TINY.__dict__, **overrides})
+    # float64 so that argmax never flips on a rounding difference between two equal computations
+    return GPT(cfg).double().eval()
+
+
+def greedy_by_recomputation(model, prompt, n, stop=()):
+    ids = list(prompt)
+    for _ in range(n):
+        logits = model(torch.tensor([ids]))[0, -1]
+        ids.append(int(logits.argmax()))
+        if ids[-1] in stop:
+            break
+    return ids[len(prompt):]
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 10_000), prompt=st.lists(st.integers(0, 60), min_size=1, max_size=20),
+       n=st.integers(1, 20))
+def test_cached_greedy_equals_recomputation(seed, prompt, n):
+    model = tiny_model(seed % 5)
+    assert model.generate([prompt], n, temperature=0)[0] == greedy_by_recomputation(model, prompt, n)
+
+
+@settings(max_examples=10, deadline=None)
+@given(prompts=st.lists(st.lists(st.integers(0, 60), min_size=1, max_size=16), min_size=2, max_size=4))
+def test_batch_of_different_lengths_equals_one_by_one(prompts):
+    model = tiny_model(1)
+    batched = model.generate(prompts, 12, temperature=0)
+    alone = [model.generate([p], 12, temperature=0)[0] for p in prompts]
+    assert batched == alone
+
+
+def test_generation_stops_at_stop_token_and_keeps_it():
+    model = tiny_model(2)
+    free = model.generate([[5, 6, 7]], 20, temperature=0)[0]
+    stop = free[3]
+    out = model.generate([[5, 6, 7]], 20, temperature=0, stop_tokens=[stop])[0]
+    assert out == free[:free.index(stop) + 1] and out[-1] == stop
+
+
+def test_seeded_sampling_repeats():
+    model = tiny_model(3)
+    a = model.generate([[1, 2], [3]], 10, temperature=1.0, generator=torch.Generator().manual_seed(7))
+    b = model.generate([[1, 2], [3]], 10, temperature=1.0, generator=torch.Generator().manual_seed(7))
+    assert a == b
+
+
+def test_prompt_longer_than_context_is_refused():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="longer than the context"):
+        model.generate([[1] * 40], 20)
+    with pytest.raises(ValueError, match="longer than the context"):
+        model(torch.zeros(1, 49, dtype=torch.long))
+
+
+@settings(max_examples=20, deadline=None)
+@given(B=st.integers(1, 3), T=st.integers(1, 20), seed=st.integers(0, 1000), ignored=st.floats(0, 1))
+def test_token_logprobs_equal_log_softmax_gathered(B, T, seed, ignored):
+    model = tiny_model(seed % 3)
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, 61, (B, T), generator=g)
+    targets = torch.randint(0, 61, (B, T), generator=g)
+    targets[torch.rand(B, T, generator=g) < ignored] = -100
+    got = model.token_logprobs(idx, targets)
+    logp = F.log_softmax(model(idx).double(), -1)
+    want = logp.gather(-1, targets.clamp(min=0)[..., None])[..., 0] * (targets != -100)
+    assert got.shape == (B, T)
+    torch.testing.assert_close(got.double(), want)
+
+
+def test_loss_is_mean_next_token_cross_entropy():
+    model = tiny_model()
+    idx = torch.randint(0, 61, (2, 10))
+    targets = torch.randint(0, 61, (2, 10))
+    targets[0, :4] = -100
+    logits = model(idx)
+    want = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+    torch.testing.assert_close(model(idx, targets).double(), want)
+    loss = model(idx, targets)
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def to_gpt2_layout(model):
+    """Our weights written as a Hugging Face GPT-2 state dict: Conv1D weights transposed, attention buffers."""
+    conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+    sd = {k: (v.t().clone() if k.endswith(conv1d) else v.clone()) for k, v in model.state_dict().items()}
+    for i in range(model.config.n_layer):
+        sd[f"transformer.h.{i}.attn.bias"] = torch.tril(torch.ones(1, 1, 8, 8))
+        sd[f"transformer.h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    return sd
+
+
+def test_from_gpt2_round_trip_gives_the_same_logits():
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=97, block_size=32, n_layer=2, n_head=2, n_embd=128)  # 64-wide heads, as GPT-2
+    ours = GPT(cfg).eval()
+    loaded = GPT.from_gpt2(to_gpt2_layout(ours)).eval()
+    assert loaded.config == cfg
+    idx = torch.randint(0, 97, (2, 16))
+    torch.testing.assert_close(loaded(idx), ours(idx))
+
+
+def test_from_gpt2_refuses_a_wrong_shape():
+    torch.manual_seed(0)
+    sd = to_gpt2_layout(GPT(GPTConfig(vocab_size=97, block_size=32, n_layer=1, n_head=2, n_embd=128)))
+    sd["transformer.h.0.mlp.c_fc.weight"] = sd["transformer.h.0.mlp.c_fc.weight"].t()  # not transposed
+    with pytest.raises(ValueError, match="c_fc.weight"):
+        GPT.from_gpt2(sd)
+
+
+def test_optimizer_decays_matrices_only():
+    model = tiny_model()
+    opt = model.configure_optimizer(lr=1e-3, weight_decay=0.1)
+    decayed, plain = opt.param_groups
+    assert decayed["weight_decay"] == 0.1 and all(p.dim() >= 2 for p in decayed["params"])
+    assert plain["weight_decay"] == 0.0 and all(p.dim() < 2 for p in plain["params"])
+    assert len(decayed["params"]) + len(plain["params"]) == len(list(model.parameters()))
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), k=st.integers(1, 10), p=st.floats(0.05, 0.99))
+def test_sampling_stays_inside_top_k_and_top_p(seed, k, p):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(4, 10, generator=g) * 3
+    tok = sample_next(logits, 1.0, top_k=k, generator=g)
+    assert all(t in torch.topk(logits[i], k).indices for i, t in enumerate(tok))
+    tok = sample_next(logits, 1.0, top_p=p, generator=g)
+    for i, t in enumerate(tok.tolist()):
+        probs, order = logits[i].softmax(-1).sort(descending=True)
+        rank = order.tolist().index(t)
+        assert probs[:rank].sum() < p  # the mass of the tokens ranked above it had not yet reached p
+    assert torch.equal(sample_next(logits, 0), logits.argmax(-1))
