@@ -1,0 +1,270 @@
+"""What every training script shares, and nothing more: the command line, the device, DDP,
+checkpoints, the learning-rate schedule, logging, and one way to report a user's mistake."""
+import dataclasses
+import inspect
+import json
+import math
+import os
+import re
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+# ----------------------------------------------------------------------------- user errors
+
+
+class UserError(Exception):
+    """A mistake the user can fix: reported as one line, exit code 2, no traceback."""
+
+
+def die(msg):
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def run_main(main):
+    """Run a script's main(), turning a UserError into one line on stderr and exit code 2."""
+    try:
+        main()
+    except UserError as e:
+        die(str(e))
+
+# ----------------------------------------------------------------------------- the command line
+
+
+def field_comments(cls):
+    """{field: comment} from the `name: type = default  # comment` lines of a config dataclass."""
+    src = inspect.getsource(cls)
+    return dict(re.findall(r"^\s+(\w+)\s*:[^#\n]*#\s*(.*)$", src, flags=re.M))
+
+
+def parse_value(name, text, kind):
+    if kind is bool:
+        if text.lower() in ("1", "true", "yes"):
+            return True
+        if text.lower() in ("0", "false", "no"):
+            return False
+        raise UserError(f"--{name} expects true or false, got {text!r}")
+    try:
+        return kind(text)
+    except ValueError:
+        raise UserError(f"--{name} expects {kind.__name__}, got {text!r}") from None
+
+
+def parse_config(cls, argv=None, presets=None):
+    """A config from `--field=value` arguments. `--preset=NAME` first applies a named set of
+    defaults from `presets`; fields given on the command line win over it."""
+    argv = sys.argv[1:] if argv is None else argv
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if "-h" in argv or "--help" in argv:
+        print_help(cls, presets)
+        sys.exit(0)
+    given = {}
+    for arg in argv:
+        if not arg.startswith("--"):
+            raise UserError(f"unexpected argument {arg!r}: arguments look like --field=value (see --help)")
+        name, eq, text = arg[2:].partition("=")
+        if name != "preset" and name not in fields:
+            raise UserError(f"unknown flag --{name}; valid flags: --preset, " + ", ".join(f"--{n}" for n in fields))
+        given[name] = text if eq else "true"
+    values = {}
+    preset = given.pop("preset", None)
+    if preset is not None:
+        if not presets or preset not in presets:
+            raise UserError(f"unknown preset {preset!r}; presets: {', '.join(presets or {}) or 'none'}")
+        values.update(presets[preset])
+    for name, text in given.items():
+        values[name] = parse_value(name, text, type(fields[name].default))
+    return cls(**values)
+
+
+def print_help(cls, presets=None):
+    print((sys.modules[cls.__module__].__doc__ or "").strip() + "\n\nflags (--field=value):")
+    comments = field_comments(cls)
+    for f in dataclasses.fields(cls):
+        print(f"  --{f.name}={f.default!s:<28} {comments.get(f.name, '')}")
+    if presets:
+        print("  --preset=NAME                  " + "; ".join(f"{k}: {v}" for k, v in presets.items()))
+
+# ----------------------------------------------------------------------------- device and DDP
+
+
+def pick_device(name="auto"):
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def autocast(device):
+    """bf16 autocast on CUDA; full fp32 elsewhere (CPU bf16 is slow and MPS autocast is partial)."""
+    if device.startswith("cuda"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def setup_ddp(device):
+    """Under torchrun: join the process group (NCCL on GPUs, gloo on CPU). Returns (rank, world, device)."""
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if device.startswith("cuda"):
+        local = int(os.environ["LOCAL_RANK"])
+        device = f"cuda:{local}"
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return rank, world, device
+
+
+def teardown_ddp():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_master():
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def print0(*args, **kwargs):
+    if is_master():
+        print(*args, **kwargs, flush=True)
+
+
+def all_mean(x):
+    """The mean of a float over all ranks (itself when not distributed)."""
+    if not dist.is_initialized():
+        return float(x)
+    t = torch.tensor(float(x), dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t)
+    return t.item() / dist.get_world_size()
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(path, ckpt):
+    """Write atomically: a temporary file beside it, then a rename, so a crash leaves the old or the new."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, stages=None, made_by=None):
+    """Load a checkpoint without unpickling code (weights_only=True); check its stage is one of `stages`.
+    `made_by` names the command that writes it, for the error when it is missing."""
+    path = Path(path)
+    if not path.is_file():
+        hint = f": run `{made_by}` first" if made_by else ""
+        raise UserError(f"no checkpoint at {path}{hint}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path} is not a checkpoint this project can load safely ({type(e).__name__}); "
+                        "use a ckpt.pt written by one of the train_*.py scripts") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "stage" not in ckpt:
+        raise UserError(f"{path} is not a checkpoint written by one of the train_*.py scripts")
+    if stages and ckpt["stage"] not in stages:
+        raise UserError(f"{path} is a {ckpt['stage']!r} checkpoint, but this needs one of {list(stages)}")
+    return ckpt
+
+
+def gpt_from_checkpoint(ckpt, tok=None):
+    """The GPT a checkpoint holds (extra heads, such as a reward model's, are left out), checked against
+    the tokenizer's vocabulary when one is given."""
+    from model import GPT, GPTConfig
+    model = GPT(GPTConfig(**ckpt["model_args"]))
+    if tok is not None and model.config.vocab_size != tok.n_vocab:
+        raise UserError(f"the checkpoint expects {model.config.vocab_size} tokens but the tokenizer has "
+                        f"{tok.n_vocab}: use the tokenizer it was trained with")
+    missing, _ = model.load_state_dict(ckpt["model"], strict=False)
+    if missing:
+        raise UserError(f"the checkpoint lacks weights such as {missing[0]}: it was not written by this project")
+    return model
+
+
+def check_writable(out_dir):
+    """Fail before training, not after, when the output directory cannot be written."""
+    try:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        probe = Path(out_dir) / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write to {out_dir} ({e.strerror}): choose another --out") from None
+
+
+def rng_state():
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+# ----------------------------------------------------------------------------- schedule and logging
+
+
+def lr_at(step, max_lr, min_lr, warmup, total):
+    """Linear warm-up to max_lr over `warmup` steps, then a cosine down to min_lr at `total`."""
+    if step < warmup:
+        return max_lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (max_lr - min_lr)
+
+
+def peak_flops(device):
+    """The device's peak FLOP/s for MFU: bf16 dense from the data sheet on known GPUs; on a CPU, the
+    rate this machine reaches on a large fp32 matmul, measured now (so CPU MFU is relative to that)."""
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name(device)
+        table = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12, "3090": 71e12}
+        return next((v for k, v in table.items() if k in name), None)
+    if device != "cpu":
+        return None
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    a @ b
+    t0, n = time.perf_counter(), 0
+    while time.perf_counter() - t0 < 0.3:
+        a @ b
+        n += 1
+    return 2 * 1024**3 * n / (time.perf_counter() - t0)
+
+
+class Logger:
+    """The per-interval line on stdout, every step in out/<stage>/log.jsonl, metrics.json at the end.
+    Only rank 0 writes."""
+
+    def __init__(self, out_dir, stage, total_steps, resume=False):
+        self.out, self.stage, self.total = Path(out_dir), stage, total_steps
+        self.t0 = time.time()
+        self.first_step = None
+        if is_master():
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.file = open(self.out / "log.jsonl", "a" if resume else "w")
+
+    def log(self, step, printed=True, **metrics):
+        if not is_master():
+            return
+        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.file.flush()
+        if printed:
+            if self.first_step is None:
+                self.first_step, self.t0 = step, time.time()
+            done = step - self.first_step
+            eta = (time.time() - self.t0) / done * (self.total - step) if done > 0 else float("nan")
+            parts = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()]
+            print(f"{self.stage} {step}/{self.total} | " + " | ".join(parts) + f" | eta {eta:.0f}s", flush=True)
+
+    def finish(self, metrics):
+        if is_master():
+            self.file.close()
+            (self.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

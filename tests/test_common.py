@@ -1,0 +1,97 @@
+"""common.py: the command line from a dataclass, the schedule, atomic and safe checkpoints."""
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+import common
+from common import UserError
+
+
+@dataclass
+class Demo:
+    steps: int = 10        # how many steps
+    lr: float = 1e-3       # the learning rate
+    name: str = "run"      # a label
+    fast: bool = False     # go fast
+
+
+def test_flags_are_typed():
+    cfg = common.parse_config(Demo, ["--steps=3", "--lr=0.5", "--name=x", "--fast"])
+    assert cfg == Demo(steps=3, lr=0.5, name="x", fast=True)
+    assert common.parse_config(Demo, ["--fast=false"]).fast is False
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--stpes=3"], "unknown flag --stpes; valid flags: --preset, --steps, --lr, --name, --fast"),
+    (["--steps=three"], "--steps expects int, got 'three'"),
+    (["--fast=maybe"], "--fast expects true or false"),
+    (["steps=3"], "unexpected argument"),
+    (["--preset=huge"], "unknown preset 'huge'"),
+])
+def test_bad_flags_name_the_fix(argv, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace("-", r"\-")):
+        common.parse_config(Demo, argv, presets={"small": {"steps": 1}})
+
+
+def test_preset_sets_defaults_and_flags_win():
+    presets = {"small": {"steps": 1, "name": "s"}}
+    assert common.parse_config(Demo, ["--preset=small", "--steps=5"], presets) == Demo(steps=5, name="s")
+
+
+def test_help_lists_fields_defaults_and_comments(capsys):
+    with pytest.raises(SystemExit) as e:
+        common.parse_config(Demo, ["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for line in ("--steps=10", "how many steps", "--lr=0.001", "the learning rate", "--fast=False"):
+        assert line in out
+
+
+@given(max_lr=st.floats(1e-5, 1.0), frac=st.floats(0.0, 1.0), warmup=st.integers(1, 100), total=st.integers(101, 10_000))
+def test_schedule_warms_up_then_decays_to_min(max_lr, frac, warmup, total):
+    min_lr = max_lr * frac
+    lrs = [common.lr_at(s, max_lr, min_lr, warmup, total) for s in (0, warmup - 1, warmup, total)]
+    assert lrs[0] == pytest.approx(max_lr / warmup)
+    assert lrs[1] == pytest.approx(max_lr) and lrs[2] == pytest.approx(max_lr)
+    assert lrs[3] == pytest.approx(min_lr)
+    mid = common.lr_at(warmup + (total - warmup) // 2, max_lr, min_lr, warmup, total)
+    assert min_lr - 1e-12 <= mid <= max_lr + 1e-12
+
+
+def test_checkpoint_round_trip_and_stage_check(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    common.save_checkpoint(path, {"stage": "pretrain", "model": {"w": torch.ones(2)}, "step": 3})
+    assert not (tmp_path / "ckpt.pt.tmp").exists()
+    ckpt = common.load_checkpoint(path, ["pretrain"])
+    assert ckpt["step"] == 3 and torch.equal(ckpt["model"]["w"], torch.ones(2))
+    with pytest.raises(UserError, match="is a 'pretrain' checkpoint, but this needs one of \\['sft'\\]"):
+        common.load_checkpoint(path, ["sft"])
+    with pytest.raises(UserError, match="run `python train_pretrain.py` first"):
+        common.load_checkpoint(tmp_path / "none.pt", made_by="python train_pretrain.py")
+
+
+class Boom:
+    def __reduce__(self):
+        return (open, ("/tmp/should-not-exist-boom", "w"))
+
+
+def test_a_checkpoint_that_runs_code_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"stage": "pretrain", "model": Boom()}, path)
+    with pytest.raises(UserError, match="not a checkpoint this project can load safely"):
+        common.load_checkpoint(path)
+
+
+def test_unwritable_output_is_reported(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(UserError, match="cannot write to"):
+        common.check_writable(blocker / "out")
+
+
+def test_peak_flops_on_cpu_is_a_positive_measurement():
+    flops = common.peak_flops("cpu")
+    assert flops > 1e8 and math.isfinite(flops)
