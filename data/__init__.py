@@ -1,0 +1,166 @@
+"""Small helpers that every data script shares: file formats, the command line, user errors.
+
+File formats (every stage reads these):
+- a corpus is UTF-8 text whose documents are separated by a line holding only `<|endoftext|>`
+  (`read_documents` / `write_documents`); the pre-training script joins the documents' tokens with
+  the tokenizer's end-of-text token;
+- every other data set is JSON Lines, one record per line (`read_jsonl` / `write_jsonl`).
+"""
+import dataclasses
+import gzip
+import inspect
+import json
+import os
+import re
+import sys
+import urllib.request
+from pathlib import Path
+
+DOC_SEPARATOR = "<|endoftext|>"
+
+
+class DataError(Exception):
+    """A mistake the user can fix (a missing file, a bad flag, a malformed line).
+
+    Its message is one line that names the fix; command-line entry points print it and exit with
+    code 2, without a traceback.
+    """
+
+
+# ----------------------------------------------------------------------------------------------
+# Files
+
+
+def write_atomic(path, text: str) -> None:
+    """Write text to path through a temporary file, so a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_documents(path, docs) -> None:
+    """Write documents separated by a line holding only the separator."""
+    docs = [d.strip("\n") for d in docs]
+    bad = [d for d in docs if DOC_SEPARATOR in d]
+    if bad:
+        raise ValueError(f"a document contains the separator {DOC_SEPARATOR!r}: {bad[0][:60]!r}")
+    write_atomic(path, f"\n{DOC_SEPARATOR}\n".join(docs) + "\n")
+
+
+def read_documents(path) -> list[str]:
+    """The documents of a corpus file (see the module docstring), without empty ones."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"corpus file {path} not found: run `python -m data.tinyworld` (or a data/prepare_*.py script)")
+    text = path.read_text(encoding="utf-8")
+    docs = re.split(rf"^{re.escape(DOC_SEPARATOR)}$", text, flags=re.MULTILINE)
+    return [d.strip("\n") for d in docs if d.strip()]
+
+
+def write_jsonl(path, records) -> int:
+    """Write records as JSON Lines; returns how many."""
+    lines = [json.dumps(r, ensure_ascii=False) for r in records]
+    write_atomic(path, "".join(line + "\n" for line in lines))
+    return len(lines)
+
+
+def read_jsonl(path) -> list[dict]:
+    """Read JSON Lines; a malformed line is a DataError naming the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file {path} not found: run `python -m data.tinyworld` (or a data/prepare_*.py script)")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg}): fix or delete that line") from None
+    return records
+
+
+def fetch(src: str, cache_dir="data/real/raw") -> Path:
+    """A local path as is; a URL downloaded once into cache_dir (kept for the next run)."""
+    if "://" not in src:
+        path = Path(src)
+        if not path.is_file():
+            raise DataError(f"source file {path} not found: pass --src=PATH or --src=URL")
+        return path
+    path = Path(cache_dir) / src.rstrip("/").split("/")[-1].split("?")[0]
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        print(f"downloading {src} -> {path}")
+        try:
+            with urllib.request.urlopen(src, timeout=60) as r, open(path.with_suffix(".part"), "wb") as f:
+                while block := r.read(1 << 20):
+                    f.write(block)
+        except OSError as e:
+            raise DataError(f"cannot download {src} ({e}): download it by hand and pass --src=FILE") from None
+        os.replace(path.with_suffix(".part"), path)
+    return path
+
+
+def open_text(path):
+    """Open a text file for reading, decompressing .gz transparently."""
+    if str(path).endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8", errors="replace")
+    return open(path, encoding="utf-8", errors="replace")
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line: --field=value for each field of a config dataclass
+
+
+def field_comments(config_cls) -> dict[str, str]:
+    """The `# comment` after each field in the dataclass source: the --help text."""
+    comments = {}
+    for line in inspect.getsource(config_cls).splitlines():
+        m = re.match(r"\s+(\w+)\s*:[^#]*#\s*(.*)", line)
+        if m:
+            comments[m.group(1)] = m.group(2)
+    return comments
+
+
+def parse_flags(config_cls, argv=None):
+    """Build config_cls from `--field=value` flags; `--help` prints fields, defaults, comments."""
+    argv = sys.argv[1:] if argv is None else argv
+    fields = {f.name: f for f in dataclasses.fields(config_cls)}
+    if "--help" in argv or "-h" in argv:
+        doc = sys.modules[config_cls.__module__].__doc__ or ""
+        print(doc.strip() + "\n\nflags:")
+        comments = field_comments(config_cls)
+        for name, f in fields.items():
+            print(f"  --{name}={f.default!s:<28} {comments.get(name, '')}")
+        raise SystemExit(0)
+    values = {}
+    for arg in argv:
+        m = re.fullmatch(r"--(\w+)=(.*)", arg, flags=re.DOTALL)
+        if not m:
+            raise DataError(f"bad argument {arg!r}: flags look like --name=value (see --help)")
+        name, raw = m.groups()
+        if name not in fields:
+            raise DataError(f"unknown flag --{name}; valid flags: " + ", ".join("--" + n for n in fields))
+        kind = type(fields[name].default)
+        try:
+            if kind is bool:
+                if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                    raise ValueError(raw)
+                values[name] = raw.lower() in ("1", "true", "yes")
+            else:
+                values[name] = kind(raw)
+        except ValueError:
+            raise DataError(f"--{name}={raw}: expected a {kind.__name__}") from None
+    return config_cls(**values)
+
+
+def run_main(main, config_cls, argv=None) -> None:
+    """Parse flags and run main(config); a DataError becomes one line on stderr and exit code 2."""
+    try:
+        main(parse_flags(config_cls, argv))
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
