@@ -1,9 +1,9 @@
 """Small helpers that every data script shares: file formats, the command line, user errors.
 
 File formats (every stage reads these):
-- a corpus is UTF-8 text whose documents are separated by a line holding only `<|endoftext|>`
-  (`read_documents` / `write_documents`); the pre-training script joins the documents' tokens with
-  the tokenizer's end-of-text token;
+- a corpus is UTF-8 text whose documents are separated by one blank line, and a document has no
+  blank line inside it (`read_documents` / `write_documents`); the pre-training script ends each
+  document's tokens with the tokenizer's end-of-text token;
 - every other data set is JSON Lines, one record per line (`read_jsonl` / `write_jsonl`).
 """
 import dataclasses
@@ -16,7 +16,6 @@ import sys
 import urllib.request
 from pathlib import Path
 
-DOC_SEPARATOR = "<|endoftext|>"
 
 
 class DataError(Exception):
@@ -40,23 +39,25 @@ def write_atomic(path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_documents(path, docs) -> None:
-    """Write documents separated by a line holding only the separator."""
-    docs = [d.strip("\n") for d in docs]
-    bad = [d for d in docs if DOC_SEPARATOR in d]
-    if bad:
-        raise ValueError(f"a document contains the separator {DOC_SEPARATOR!r}: {bad[0][:60]!r}")
-    write_atomic(path, f"\n{DOC_SEPARATOR}\n".join(docs) + "\n")
+def clean_document(text: str) -> str:
+    """A document as the corpus format wants it: no blank lines inside, no surrounding whitespace."""
+    return re.sub(r"\n\s*\n", "\n", text.strip())
+
+
+def write_documents(path, docs) -> int:
+    """Write documents separated by blank lines (each cleaned first); returns how many."""
+    docs = [clean_document(d) for d in docs]
+    docs = [d for d in docs if d]
+    write_atomic(path, "\n\n".join(docs) + "\n")
+    return len(docs)
 
 
 def read_documents(path) -> list[str]:
-    """The documents of a corpus file (see the module docstring), without empty ones."""
+    """The documents of a corpus file (see the module docstring)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"corpus file {path} not found: run `python -m data.tinyworld` (or a data/prepare_*.py script)")
-    text = path.read_text(encoding="utf-8")
-    docs = re.split(rf"^{re.escape(DOC_SEPARATOR)}$", text, flags=re.MULTILINE)
-    return [d.strip("\n") for d in docs if d.strip()]
+    return [d.strip() for d in path.read_text(encoding="utf-8").split("\n\n") if d.strip()]
 
 
 def write_jsonl(path, records) -> int:

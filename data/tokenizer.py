@@ -23,6 +23,7 @@ turn is <|role|>, the content's tokens, <|end|>:
 """
 import base64
 import dataclasses
+import hashlib
 import heapq
 import json
 import time
@@ -149,6 +150,11 @@ class Tokenizer:
         self.name = encoding.name
         self.path = path  # the directory it was loaded from, or "gpt2"
         self.n_vocab = encoding.n_vocab  # including the special tokens
+        # Changes whenever the vocabulary does: a key for caches of token ids.
+        self.fingerprint = hashlib.sha1(
+            repr(sorted(encoding._mergeable_ranks.items(), key=lambda kv: kv[1])).encode()
+            + repr(sorted(encoding._special_tokens.items())).encode() + encoding._pat_str.encode()
+        ).hexdigest()[:16]
         special = encoding._special_tokens
         self.eot_id = special["<|endoftext|>"]
         self.user_id = special["<|user|>"]
@@ -285,8 +291,6 @@ def main(cfg: Config) -> None:
         raise DataError(f"eval file {eval_path} not found: pass --eval=FILE, or --eval=auto")
     with open(path, "rb") as f:
         text = f.read(cfg.max_bytes).decode("utf-8", errors="ignore")
-    # The corpus's document separator is markup, not text: train on the documents only.
-    text = text.replace("\n<|endoftext|>\n", "\n\n")
 
     t0 = time.time()
     ranks = train_bpe(text, cfg.vocab_size, verbose=True)
@@ -297,7 +301,7 @@ def main(cfg: Config) -> None:
     print(f"trained {len(ranks)} tokens (+{len(SPECIAL_TOKENS)} special = {tok.n_vocab}) on {n_bytes:,} bytes "
           f"in {seconds:.1f}s -> {cfg.out}")
     if eval_path.is_file():
-        val = eval_path.read_text(encoding="utf-8").replace("\n<|endoftext|>\n", "\n\n")
+        val = eval_path.read_text(encoding="utf-8")
         n_tokens = len(tok.encode(val))
         print(f"{eval_path}: {len(val.encode('utf-8')):,} bytes, {n_tokens:,} tokens, "
               f"{len(val.encode('utf-8')) / max(n_tokens, 1):.2f} bytes/token")

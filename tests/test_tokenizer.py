@@ -127,6 +127,7 @@ def test_saved_files(tok, tmp_path):
     assert first == [base64.b64encode(b"\x00").decode() + " 0", base64.b64encode(b"\x01").decode() + " 1"]
     t = load_tokenizer(tmp_path)
     assert t.n_vocab == 300 + len(SPECIAL_TOKENS)
+    assert t.fingerprint == load_tokenizer(tmp_path).fingerprint != tok.fingerprint
     assert [t.eot_id, t.user_id, t.assistant_id, t.system_id, t.end_id] == list(range(300, 305))
 
 
@@ -205,12 +206,12 @@ def run_cli(*args):
 
 
 def test_cli_trains_and_reports(tmp_path):
-    (tmp_path / "corpus_train.txt").write_text(TEXT + "\n<|endoftext|>\n" + TEXT)
+    (tmp_path / "corpus_train.txt").write_text(TEXT + "\n\n" + TEXT)
     (tmp_path / "corpus_val.txt").write_text(TEXT[:500])
     r = run_cli(f"--input={tmp_path / 'corpus_train.txt'}", "--vocab_size=300", f"--out={tmp_path / 'tok'}")
     assert r.returncode == 0, r.stderr
     assert "bytes/token" in r.stdout and "300 tokens" in r.stdout
-    assert b"<|endoftext|>" not in load_tokenizer(tmp_path / "tok").encoding._mergeable_ranks
+    assert load_tokenizer(tmp_path / "tok").n_vocab == 300 + len(SPECIAL_TOKENS)
 
 
 @pytest.mark.parametrize("args, message", [
