@@ -8,12 +8,14 @@ File formats (every stage reads these):
 """
 import dataclasses
 import gzip
+import hashlib
 import inspect
 import json
 import os
 import re
 import sys
 import urllib.request
+from collections import Counter
 from pathlib import Path
 
 
@@ -84,6 +86,14 @@ def read_jsonl(path) -> list[dict]:
     return records
 
 
+# ----------------------------------------------------------------------------------------------
+# Sources for the data/prepare_*.py scripts
+
+
+class Malformed(Exception):
+    """A source record that cannot be converted; the message is the reason, counted in the report."""
+
+
 def fetch(src: str, cache_dir="data/real/raw") -> Path:
     """A local path as is; a URL downloaded once into cache_dir (kept for the next run)."""
     if "://" not in src:
@@ -91,7 +101,8 @@ def fetch(src: str, cache_dir="data/real/raw") -> Path:
         if not path.is_file():
             raise DataError(f"source file {path} not found: pass --src=PATH or --src=URL")
         return path
-    path = Path(cache_dir) / src.rstrip("/").split("/")[-1].split("?")[0]
+    name = src.rstrip("/").split("/")[-1].split("?")[0]
+    path = Path(cache_dir) / f"{hashlib.sha1(src.encode()).hexdigest()[:8]}-{name}"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         print(f"downloading {src} -> {path}")
@@ -106,10 +117,56 @@ def fetch(src: str, cache_dir="data/real/raw") -> Path:
 
 
 def open_text(path):
-    """Open a text file for reading, decompressing .gz transparently."""
+    """Open a text file for reading, decompressing .gz transparently; bad bytes become U+FFFD."""
     if str(path).endswith(".gz"):
         return gzip.open(path, "rt", encoding="utf-8", errors="replace")
     return open(path, encoding="utf-8", errors="replace")
+
+
+def read_records(path):
+    """The records of a JSON Lines file or of a JSON array; None stands for a line that is not JSON."""
+    with open_text(path) as f:
+        text = f.read()
+    if text.lstrip().startswith("["):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: not a valid JSON array ({e.msg} at line {e.lineno})") from None
+    records = []
+    for line in text.splitlines():
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                records.append(None)
+    return records
+
+
+def convert_records(records, convert) -> tuple[list, Counter]:
+    """Apply convert to each record; (converted, {reason: count}) for those it skips.
+
+    convert raises Malformed(reason) for a record it rejects; a missing or mistyped field
+    (KeyError, TypeError, AttributeError) counts as malformed too.
+    """
+    kept, skipped = [], Counter()
+    for record in records:
+        try:
+            if not isinstance(record, dict):
+                raise Malformed("not a JSON object")
+            kept.append(convert(record))
+        except Malformed as e:
+            skipped[str(e)] += 1
+        except (KeyError, TypeError, AttributeError):
+            skipped["missing or mistyped field"] += 1
+    return kept, skipped
+
+
+def report(src, out, n_kept: int, skipped: Counter, unit="records") -> None:
+    """One line per converted source: what was kept, where it went, what was skipped and why."""
+    if n_kept == 0:
+        raise DataError(f"{src}: no usable {unit} ({dict(skipped)}): is it the right file?")
+    why = ", ".join(f"{n} {reason}" for reason, n in skipped.most_common())
+    print(f"{src}: {n_kept:,} {unit} -> {out}; skipped {sum(skipped.values()):,}" + (f" ({why})" if why else ""))
 
 
 # ----------------------------------------------------------------------------------------------
