@@ -24,8 +24,9 @@ Files written to --out (the corpus format and JSONL helpers are in data/__init__
   steps ending in "#### n". SFT's math problems are in sft_train.jsonl; no problem is in two splits.
 - meta.json: the config and the cast, so `load_world()` rebuilds the world the files describe.
 
-The oracles the stages use: `fact_prompts`, `answer_correct`, `gold_score`, `extract_answer`,
-`check_answer`, and `World` for fact look-ups.
+The oracles the stages use: `fact_prompts` with `completes_fact` (knowledge after pre-training),
+`answer_correct` (held-out QA after SFT), `gold_score` (the preference rater), `extract_answer` and
+`check_answer` (math), and `World` / `load_world` for fact look-ups.
 """
 import dataclasses
 import json
@@ -123,8 +124,8 @@ class World:
 def make_world(seed: int = 0, n_characters: int = 48) -> World:
     """The cast: unique names, each fact value used about equally often, half of them seen."""
     pool = [(n, p) for p in NAMES for n in NAMES[p]]
-    if not 2 <= n_characters <= len(pool):
-        raise DataError(f"--n_characters={n_characters}: must be between 2 and {len(pool)} (the name pool)")
+    if not 4 <= n_characters <= len(pool):
+        raise DataError(f"--n_characters={n_characters}: must be between 4 and {len(pool)} (the name pool)")
     rng = random.Random(f"{seed}/world")
     cast = rng.sample(pool, n_characters)
     facts = {}
@@ -191,6 +192,12 @@ def fact_sentence(c: Character, kind: str, rng=None, value=None) -> str:
 def fact_prompts(world: World) -> list[tuple[str, str]]:
     """(prompt, answer) for every fact of every character: ("Alice's favourite colour is", "blue")."""
     return [(FACT_PROMPTS[kind].format(name=c.name), c.fact(kind)) for c in world.characters for kind in FACT_KINDS]
+
+
+def completes_fact(completion: str, answer: str) -> bool:
+    """Is the completion's first word the answer? ("blue. Alice's pet is ..." completes "... colour is")"""
+    words = re.findall(r"\w+", completion)
+    return bool(words) and words[0].lower() == answer.lower()
 
 
 def answer_correct(response: str, expected: str) -> bool:
@@ -438,77 +445,94 @@ def gold_score(prompt: str, response: str, world: World = None) -> float:
 ITEMS = ["apples", "marbles", "stickers", "pencils", "cookies", "shells", "stamps", "cards", "beads", "buttons"]
 
 
-def make_problem(world, rng):
-    """A random problem: (key, question, steps, answer). The key (template and numbers) identifies it."""
-    n, m, o = rng.sample(world.characters, 3)
-    s, it, r = n.slots(), rng.choice(ITEMS), rng.randint
-    kind = rng.randrange(9)
-    if kind == 0:
-        a, b, c = r(2, 30), r(2, 9), r(2, 9)
-        q = f"{n.name} has {a} {it}. {s['Sub']} buys {b} bags with {c} {it} in each bag. How many {it} does {n.name} have now?"
-        steps = [f"The bags hold {b} * {c} = {b * c} {it}.", f"{n.name} now has {a} + {b * c} = {a + b * c} {it}."]
-    elif kind == 1:
-        a = r(10, 40)
-        b, c = r(2, a - 1), r(2, 20)
-        q = f"{n.name} had {a} {it}. {s['Sub']} gave {b} of them to {m.name} and then found {c} more. How many {it} does {n.name} have now?"
-        steps = [f"After giving {b} away, {n.name} has {a} - {b} = {a - b} {it}.",
-                 f"After finding {c} more, {n.name} has {a - b} + {c} = {a - b + c} {it}."]
-    elif kind == 2:
-        a, b = r(2, 9), r(2, 9)
-        c = rng.choice([d for d in range(2, 10) if a * b % d == 0])
-        q = f"{n.name} buys {a} packs of {it} with {b} {it} in each pack and shares them equally among {c} friends. How many {it} does each friend get?"
-        steps = [f"{n.name} buys {a} * {b} = {a * b} {it}.", f"Each friend gets {a * b} / {c} = {a * b // c} {it}."]
-    elif kind == 3:
-        a, b = r(3, 12), r(2, 9)
-        c = r(1, a - 1)
-        q = f"A box holds {a} {it}. {n.name} fills {b} boxes and has {c} {it} left over. How many {it} does {n.name} have in total?"
-        steps = [f"The boxes hold {b} * {a} = {a * b} {it}.", f"With {c} left over, {n.name} has {a * b} + {c} = {a * b + c} {it}."]
-    elif kind == 4:
-        a, b, c = r(2, 30), r(2, 20), r(2, 3)
-        times = {2: "twice", 3: "three times"}[c]
-        q = (f"{n.name} has {a} {it}. {m.name} has {b} more {it} than {n.name}. {o.name} has {times} as many {it} "
-             f"as {m.name}. How many {it} does {o.name} have?")
-        steps = [f"{m.name} has {a} + {b} = {a + b} {it}.", f"{o.name} has {c} * {a + b} = {c * (a + b)} {it}."]
-    elif kind == 5:
-        a, b = r(2, 9), r(2, 9)
-        c = r(1, a * b - 1)
-        it = "coins"
-        q = f"{n.name} earns {a} coins each day for {b} days, then spends {c} coins on a present. How many coins does {n.name} have left?"
-        steps = [f"{n.name} earns {a} * {b} = {a * b} coins.", f"After spending {c}, {n.name} has {a * b} - {c} = {a * b - c} coins left."]
-    elif kind == 6:
-        a, b, c = r(5, 30), r(5, 30), r(2, 5)
-        d = r(2, min(5, (a + b - 1) // c))  # something is left
-        q = (f"{n.name} picks {a} {it} in the morning and {b} in the afternoon. Then {s['sub']} gives {c} {it} to each "
-             f"of {d} friends. How many {it} does {n.name} have left?")
-        steps = [f"{n.name} picks {a} + {b} = {a + b} {it}.", f"{s['Sub']} gives away {c} * {d} = {c * d} {it}.",
-                 f"{n.name} has {a + b} - {c * d} = {a + b - c * d} {it} left."]
-    elif kind == 7:
-        c, each = r(2, 6), r(2, 12)
-        a = r(1, c * each - 1)
-        b = c * each - a
-        q = (f"{n.name} has {a} {it}. {s['Sub']} gets {b} more and puts all of them into {c} jars, the same number in "
-             f"each jar. How many {it} are in each jar?")
-        steps = [f"{n.name} has {a} + {b} = {a + b} {it}.", f"Each jar holds {a + b} / {c} = {each} {it}."]
-    else:
-        a, b, c, d = r(2, 9), r(2, 9), r(2, 9), r(2, 9)
-        it2 = rng.choice([x for x in ITEMS if x != it])
-        q = f"{n.name} buys {a} {it} for {b} coins each and {c} {it2} for {d} coins each. How many coins does {n.name} spend?"
-        steps = [f"The {it} cost {a} * {b} = {a * b} coins.", f"The {it2} cost {c} * {d} = {c * d} coins.",
-                 f"{n.name} spends {a * b} + {c * d} = {a * b + c * d} coins."]
-        c = (c, d)  # the key below needs all four numbers
-    answer = int(re.findall(r"= (-?\d+)", steps[-1])[-1])
-    return (kind, a, b, c), q, steps, answer
+# Each template takes (rng, three characters, an item) and returns (numbers, question, steps); the
+# last step's result is the answer. The numbers, with the template's name, identify a problem.
+
+def bags(r, n, m, o, it):
+    a, b, c = r.randint(2, 30), r.randint(2, 9), r.randint(2, 9)
+    q = f"{n.name} has {a} {it}. {n.pronoun.capitalize()} buys {b} bags with {c} {it} in each bag. How many {it} does {n.name} have now?"
+    return (a, b, c), q, [f"The bags hold {b} * {c} = {b * c} {it}.", f"{n.name} now has {a} + {b * c} = {a + b * c} {it}."]
+
+
+def give_and_find(r, n, m, o, it):
+    a = r.randint(10, 40)
+    b, c = r.randint(2, a - 1), r.randint(2, 20)
+    q = f"{n.name} had {a} {it}. {n.pronoun.capitalize()} gave {b} of them to {m.name} and then found {c} more. How many {it} does {n.name} have now?"
+    return (a, b, c), q, [f"After giving {b} away, {n.name} has {a} - {b} = {a - b} {it}.",
+                          f"After finding {c} more, {n.name} has {a - b} + {c} = {a - b + c} {it}."]
+
+
+def share(r, n, m, o, it):
+    a, b = r.randint(2, 9), r.randint(2, 9)
+    c = r.choice([d for d in range(2, 10) if a * b % d == 0])
+    q = f"{n.name} buys {a} packs of {it} with {b} {it} in each pack and shares them equally among {c} friends. How many {it} does each friend get?"
+    return (a, b, c), q, [f"{n.name} buys {a} * {b} = {a * b} {it}.", f"Each friend gets {a * b} / {c} = {a * b // c} {it}."]
+
+
+def boxes(r, n, m, o, it):
+    a, b = r.randint(3, 12), r.randint(2, 9)
+    c = r.randint(1, a - 1)
+    q = f"A box holds {a} {it}. {n.name} fills {b} boxes and has {c} {it} left over. How many {it} does {n.name} have in total?"
+    return (a, b, c), q, [f"The boxes hold {b} * {a} = {a * b} {it}.", f"With {c} left over, {n.name} has {a * b} + {c} = {a * b + c} {it}."]
+
+
+def more_and_times(r, n, m, o, it):
+    a, b, c = r.randint(2, 30), r.randint(2, 20), r.randint(2, 3)
+    q = (f"{n.name} has {a} {it}. {m.name} has {b} more {it} than {n.name}. {o.name} has {['twice', 'three times'][c - 2]} "
+         f"as many {it} as {m.name}. How many {it} does {o.name} have?")
+    return (a, b, c), q, [f"{m.name} has {a} + {b} = {a + b} {it}.", f"{o.name} has {c} * {a + b} = {c * (a + b)} {it}."]
+
+
+def earn_and_spend(r, n, m, o, it):
+    a, b = r.randint(2, 9), r.randint(2, 9)
+    c = r.randint(1, a * b - 1)
+    q = f"{n.name} earns {a} coins each day for {b} days, then spends {c} coins on a present. How many coins does {n.name} have left?"
+    return (a, b, c), q, [f"{n.name} earns {a} * {b} = {a * b} coins.", f"After spending {c}, {n.name} has {a * b} - {c} = {a * b - c} coins left."]
+
+
+def pick_and_give(r, n, m, o, it):
+    a, b, c = r.randint(5, 30), r.randint(5, 30), r.randint(2, 5)
+    d = r.randint(2, min(5, (a + b - 1) // c))  # something is left
+    q = (f"{n.name} picks {a} {it} in the morning and {b} in the afternoon. Then {n.pronoun} gives {c} {it} to each "
+         f"of {d} friends. How many {it} does {n.name} have left?")
+    return (a, b, c, d), q, [f"{n.name} picks {a} + {b} = {a + b} {it}.", f"{n.pronoun.capitalize()} gives away {c} * {d} = {c * d} {it}.",
+                             f"{n.name} has {a + b} - {c * d} = {a + b - c * d} {it} left."]
+
+
+def jars(r, n, m, o, it):
+    c, each = r.randint(2, 6), r.randint(2, 12)
+    a = r.randint(1, c * each - 1)
+    b = c * each - a
+    q = (f"{n.name} has {a} {it}. {n.pronoun.capitalize()} gets {b} more and puts all of them into {c} jars, the same "
+         f"number in each jar. How many {it} are in each jar?")
+    return (a, b, c), q, [f"{n.name} has {a} + {b} = {a + b} {it}.", f"Each jar holds {a + b} / {c} = {each} {it}."]
+
+
+def shopping(r, n, m, o, it):
+    a, b, c, d = r.randint(2, 9), r.randint(2, 9), r.randint(2, 9), r.randint(2, 9)
+    it2 = r.choice([x for x in ITEMS if x != it])
+    q = f"{n.name} buys {a} {it} for {b} coins each and {c} {it2} for {d} coins each. How many coins does {n.name} spend?"
+    return (a, b, c, d), q, [f"The {it} cost {a} * {b} = {a * b} coins.", f"The {it2} cost {c} * {d} = {c * d} coins.",
+                             f"{n.name} spends {a * b} + {c * d} = {a * b + c * d} coins."]
+
+
+PROBLEMS = [bags, give_and_find, share, boxes, more_and_times, earn_and_spend, pick_and_give, jars, shopping]
 
 
 def make_math(world, sizes: list[int], rng) -> list[list[dict]]:
-    """Problems for each size in sizes, every problem (template and numbers) in one list only."""
+    """Problems for each size in sizes: {"question", "answer"}; no problem (template and numbers) in two lists."""
     used, splits = set(), []
     for size in sizes:
-        split = []
+        split, tries = [], 0
         while len(split) < size:
-            key, q, steps, answer = make_problem(world, rng)
-            if key not in used:
-                used.add(key)
+            template = rng.choice(PROBLEMS)
+            numbers, q, steps = template(rng, *rng.sample(world.characters, 3), rng.choice(ITEMS))
+            tries += 1
+            if tries > 100 * size:
+                raise DataError(f"cannot draw {size} more distinct math problems: ask for fewer")
+            if (template.__name__, numbers) not in used:
+                used.add((template.__name__, numbers))
+                answer = steps[-1].split(" = ")[-1].split()[0]
                 split.append({"question": q, "answer": "\n".join(steps) + f"\n#### {answer}"})
         splits.append(split)
     return splits

@@ -259,6 +259,12 @@ def test_pref_files_are_labelled_by_the_gold_rater(data):
     assert sum(r["prompt"] in tw.LLM_QUESTIONS for r in train) > 50
 
 
+def test_completes_fact():
+    assert tw.completes_fact(" blue. Alice's pet is a cat.", "blue") and tw.completes_fact("Blue", "blue")
+    assert not tw.completes_fact(" light blue", "blue") and not tw.completes_fact("", "blue")
+    assert not tw.completes_fact(" bluebell", "blue")
+
+
 def test_answer_correct():
     assert answer_correct("Her pet is a Cat.", "cat") and answer_correct("cat", "cat")
     assert not answer_correct("She has cats.", "cat") and not answer_correct("a catalogue", "cat")
