@@ -638,11 +638,11 @@ class Config:
     seed: int = 0  # everything follows from it
     out: str = "data/tinyworld"  # output directory
     n_characters: int = 48  # the cast; half are seen in SFT, half unseen
-    profile_docs: int = 40  # per character: "About X" pages and interviews stating all five facts
-    quizzes: int = 600  # quiz documents: questions and fact answers about random characters
-    fact_sheets: int = 600  # documents listing facts of random characters
-    stories: int = 5000  # short stories that mention the facts of one or two characters
-    arithmetic_docs: int = 2000  # worked word problems, sums, counting in prose
+    profile_docs: int = 60  # per character: "About X" pages and interviews stating all five facts
+    quizzes: int = 1500  # quiz documents: questions and fact answers about random characters
+    fact_sheets: int = 1500  # documents listing facts of random characters
+    stories: int = 2500  # short stories that mention the facts of one or two characters
+    arithmetic_docs: int = 1500  # worked word problems, sums, counting in prose
     llm_docs: int = 200  # short texts on what a language model is
     val_fraction: float = 0.05  # corpus_val.txt's size relative to corpus_train.txt
     math_sft: int = 400  # math problems in sft_train.jsonl
