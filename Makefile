@@ -1,8 +1,9 @@
 # make test: create .venv if missing, install requirements.txt, run the tests.
+# make demo: every stage that exists, in order, on TinyWorld (CPU, or a GPU when present).
 # make bench: the speed and memory benchmarks (CPU here; GPU where one is present).
 PY := .venv/bin/python
 
-.PHONY: test bench venv
+.PHONY: test bench venv demo
 
 venv: .venv/.installed
 
@@ -17,3 +18,10 @@ test: venv
 
 bench: venv
 	$(PY) bench/kernels.py
+
+demo: venv
+	$(PY) -m data.tinyworld
+	$(PY) -m data.tokenizer
+	$(PY) train_pretrain.py
+	$(PY) sample.py --init=scratch --prompt="Lucy's favourite colour is" --max_new_tokens=20
+	$(PY) sample.py --init=out/pretrain/ckpt.pt --prompt="Lucy's favourite colour is" --max_new_tokens=20

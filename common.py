@@ -26,10 +26,11 @@ def die(msg):
     sys.exit(2)
 
 
-def run_main(main):
-    """Run a script's main(), turning a UserError into one line on stderr and exit code 2."""
+def run_main(main, config_cls, presets=None):
+    """main(config) with the config from the command line; a UserError becomes one line on stderr
+    and exit code 2."""
     try:
-        main()
+        main(parse_config(config_cls, presets=presets))
     except UserError as e:
         die(str(e))
 
@@ -260,9 +261,9 @@ class Logger:
             if self.first_step is None:
                 self.first_step, self.t0 = step, time.time()
             done = step - self.first_step
-            eta = (time.time() - self.t0) / done * (self.total - step) if done > 0 else float("nan")
+            eta = f"{(time.time() - self.t0) / done * (self.total - step):.0f}s" if done > 0 else "?"
             parts = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()]
-            print(f"{self.stage} {step}/{self.total} | " + " | ".join(parts) + f" | eta {eta:.0f}s", flush=True)
+            print(f"{self.stage} {step}/{self.total} | " + " | ".join(parts) + f" | eta {eta}", flush=True)
 
     def finish(self, metrics):
         if is_master():

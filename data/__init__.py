@@ -1,4 +1,4 @@
-"""Small helpers that every data script shares: file formats, the command line, user errors.
+"""Small helpers that every data script shares: file formats, downloads, record conversion.
 
 File formats (every stage reads these):
 - a corpus is UTF-8 text whose documents are separated by one blank line, and a document has no
@@ -6,27 +6,16 @@ File formats (every stage reads these):
   document's tokens with the tokenizer's end-of-text token;
 - every other data set is JSON Lines, one record per line (`read_jsonl` / `write_jsonl`).
 """
-import dataclasses
 import gzip
 import hashlib
-import inspect
 import json
 import os
 import re
-import sys
 import urllib.request
 from collections import Counter
 from pathlib import Path
 
-
-
-class DataError(Exception):
-    """A mistake the user can fix (a missing file, a bad flag, a malformed line).
-
-    Its message is one line that names the fix; command-line entry points print it and exit with
-    code 2, without a traceback.
-    """
-
+from common import UserError, run_main  # noqa: F401  (the data scripts share them with the training scripts)
 
 # ----------------------------------------------------------------------------------------------
 # Files
@@ -58,7 +47,7 @@ def read_documents(path) -> list[str]:
     """The documents of a corpus file (see the module docstring)."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"corpus file {path} not found: run `python -m data.tinyworld` (or a data/prepare_*.py script)")
+        raise UserError(f"corpus file {path} not found: run `python -m data.tinyworld` (or a data/prepare_*.py script)")
     return [d.strip() for d in path.read_text(encoding="utf-8").split("\n\n") if d.strip()]
 
 
@@ -70,10 +59,10 @@ def write_jsonl(path, records) -> int:
 
 
 def read_jsonl(path) -> list[dict]:
-    """Read JSON Lines; a malformed line is a DataError naming the file and line."""
+    """Read JSON Lines; a malformed line is a UserError naming the file and line."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"data file {path} not found: run `python -m data.tinyworld` (or a data/prepare_*.py script)")
+        raise UserError(f"data file {path} not found: run `python -m data.tinyworld` (or a data/prepare_*.py script)")
     records = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -82,7 +71,7 @@ def read_jsonl(path) -> list[dict]:
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg}): fix or delete that line") from None
+                raise UserError(f"{path}:{lineno}: malformed JSON ({e.msg}): fix or delete that line") from None
     return records
 
 
@@ -99,7 +88,7 @@ def fetch(src: str, cache_dir="data/real/raw") -> Path:
     if "://" not in src:
         path = Path(src)
         if not path.is_file():
-            raise DataError(f"source file {path} not found: pass --src=PATH or --src=URL")
+            raise UserError(f"source file {path} not found: pass --src=PATH or --src=URL")
         return path
     name = src.rstrip("/").split("/")[-1].split("?")[0]
     path = Path(cache_dir) / f"{hashlib.sha1(src.encode()).hexdigest()[:8]}-{name}"
@@ -111,7 +100,7 @@ def fetch(src: str, cache_dir="data/real/raw") -> Path:
                 while block := r.read(1 << 20):
                     f.write(block)
         except OSError as e:
-            raise DataError(f"cannot download {src} ({e}): download it by hand and pass --src=FILE") from None
+            raise UserError(f"cannot download {src} ({e}): download it by hand and pass --src=FILE") from None
         os.replace(path.with_suffix(".part"), path)
     return path
 
@@ -131,7 +120,7 @@ def read_records(path):
         try:
             return json.loads(text)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}: not a valid JSON array ({e.msg} at line {e.lineno})") from None
+            raise UserError(f"{path}: not a valid JSON array ({e.msg} at line {e.lineno})") from None
     records = []
     for line in text.splitlines():
         if line.strip():
@@ -164,61 +153,6 @@ def convert_records(records, convert) -> tuple[list, Counter]:
 def report(src, out, n_kept: int, skipped: Counter, unit="records") -> None:
     """One line per converted source: what was kept, where it went, what was skipped and why."""
     if n_kept == 0:
-        raise DataError(f"{src}: no usable {unit} ({dict(skipped)}): is it the right file?")
+        raise UserError(f"{src}: no usable {unit} ({dict(skipped)}): is it the right file?")
     why = ", ".join(f"{n} {reason}" for reason, n in skipped.most_common())
     print(f"{src}: {n_kept:,} {unit} -> {out}; skipped {sum(skipped.values()):,}" + (f" ({why})" if why else ""))
-
-
-# ----------------------------------------------------------------------------------------------
-# The command line: --field=value for each field of a config dataclass
-
-
-def field_comments(config_cls) -> dict[str, str]:
-    """The `# comment` after each field in the dataclass source: the --help text."""
-    comments = {}
-    for line in inspect.getsource(config_cls).splitlines():
-        m = re.match(r"\s+(\w+)\s*:[^#]*#\s*(.*)", line)
-        if m:
-            comments[m.group(1)] = m.group(2)
-    return comments
-
-
-def parse_flags(config_cls, argv=None):
-    """Build config_cls from `--field=value` flags; `--help` prints fields, defaults, comments."""
-    argv = sys.argv[1:] if argv is None else argv
-    fields = {f.name: f for f in dataclasses.fields(config_cls)}
-    if "--help" in argv or "-h" in argv:
-        doc = sys.modules[config_cls.__module__].__doc__ or ""
-        print(doc.strip() + "\n\nflags:")
-        comments = field_comments(config_cls)
-        for name, f in fields.items():
-            print(f"  --{name}={f.default!s:<28} {comments.get(name, '')}")
-        raise SystemExit(0)
-    values = {}
-    for arg in argv:
-        m = re.fullmatch(r"--(\w+)=(.*)", arg, flags=re.DOTALL)
-        if not m:
-            raise DataError(f"bad argument {arg!r}: flags look like --name=value (see --help)")
-        name, raw = m.groups()
-        if name not in fields:
-            raise DataError(f"unknown flag --{name}; valid flags: " + ", ".join("--" + n for n in fields))
-        kind = type(fields[name].default)
-        try:
-            if kind is bool:
-                if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
-                    raise ValueError(raw)
-                values[name] = raw.lower() in ("1", "true", "yes")
-            else:
-                values[name] = kind(raw)
-        except ValueError:
-            raise DataError(f"--{name}={raw}: expected a {kind.__name__}") from None
-    return config_cls(**values)
-
-
-def run_main(main, config_cls, argv=None) -> None:
-    """Parse flags and run main(config); a DataError becomes one line on stderr and exit code 2."""
-    try:
-        main(parse_flags(config_cls, argv))
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None

@@ -37,7 +37,7 @@ from decimal import Decimal, InvalidOperation
 from functools import lru_cache
 from pathlib import Path
 
-from data import DataError, run_main, write_atomic, write_documents, write_jsonl
+from data import UserError, run_main, write_atomic, write_documents, write_jsonl
 
 # ----------------------------------------------------------------------------------------------
 # The world: characters and their facts
@@ -125,7 +125,7 @@ def make_world(seed: int = 0, n_characters: int = 48) -> World:
     """The cast: unique names, each fact value used about equally often, half of them seen."""
     pool = [(n, p) for p in NAMES for n in NAMES[p]]
     if not 4 <= n_characters <= len(pool):
-        raise DataError(f"--n_characters={n_characters}: must be between 4 and {len(pool)} (the name pool)")
+        raise UserError(f"--n_characters={n_characters}: must be between 4 and {len(pool)} (the name pool)")
     rng = random.Random(f"{seed}/world")
     cast = rng.sample(pool, n_characters)
     facts = {}
@@ -142,7 +142,7 @@ def load_world(data_dir="data/tinyworld") -> World:
     """The world that data_dir's files were generated from (read from its meta.json)."""
     path = Path(data_dir) / "meta.json"
     if not path.is_file():
-        raise DataError(f"no TinyWorld in {data_dir}: run `python -m data.tinyworld --out={data_dir}`")
+        raise UserError(f"no TinyWorld in {data_dir}: run `python -m data.tinyworld --out={data_dir}`")
     return World([Character(**c) for c in json.loads(path.read_text())["characters"]])
 
 
@@ -151,7 +151,7 @@ def default_world() -> World:
     """data/tinyworld's world if it was generated, else the default seed's."""
     try:
         return load_world()
-    except DataError:
+    except UserError:
         return make_world()
 
 
@@ -529,7 +529,7 @@ def make_math(world, sizes: list[int], rng) -> list[list[dict]]:
             numbers, q, steps = template(rng, *rng.sample(world.characters, 3), rng.choice(ITEMS))
             tries += 1
             if tries > 100 * size:
-                raise DataError(f"cannot draw {size} more distinct math problems: ask for fewer")
+                raise UserError(f"cannot draw {size} more distinct math problems: ask for fewer")
             if (template.__name__, numbers) not in used:
                 used.add((template.__name__, numbers))
                 answer = steps[-1].split(" = ")[-1].split()[0]

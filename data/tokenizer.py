@@ -33,7 +33,7 @@ from pathlib import Path
 import regex
 import tiktoken
 
-from data import DataError, run_main, write_atomic
+from data import UserError, run_main, write_atomic
 
 # GPT-4's split pattern: contractions; a letter run with at most one leading non-letter (so
 # " the" and "(the" are chunks); 1-3 digits; a punctuation run with an optional leading space;
@@ -236,7 +236,7 @@ def load_tokenizer(path_or_name="out/tokenizer") -> Tokenizer:
         return load_gpt2()
     path = Path(path_or_name)
     if not (path / "tokenizer.bpe").is_file() or not (path / "tokenizer.json").is_file():
-        raise DataError(f"no tokenizer in {path}: make one with `python -m data.tokenizer --out={path}`")
+        raise UserError(f"no tokenizer in {path}: make one with `python -m data.tokenizer --out={path}`")
     meta = json.loads((path / "tokenizer.json").read_text())
     encoding = tiktoken.Encoding(
         name=f"tinybpe-{path.name}",
@@ -252,7 +252,7 @@ def load_gpt2() -> Tokenizer:
     try:
         base = tiktoken.get_encoding("gpt2")
     except Exception as e:  # no network, a proxy, a blocked host: tiktoken raises many kinds
-        raise DataError(
+        raise UserError(
             f"cannot fetch tiktoken's gpt2 encoding ({type(e).__name__}); use a trained tokenizer "
             f"directory instead: `python -m data.tokenizer --out=out/tokenizer`, then --tokenizer=out/tokenizer"
         ) from None
@@ -283,12 +283,12 @@ def main(cfg: Config) -> None:
     path = Path(cfg.input)
     if not path.is_file():
         hint = "run `python -m data.tinyworld` first" if "tinyworld" in cfg.input else "pass --input=FILE"
-        raise DataError(f"input file {path} not found: {hint}")
+        raise UserError(f"input file {path} not found: {hint}")
     if cfg.vocab_size < 256 + 1:
-        raise DataError(f"--vocab_size={cfg.vocab_size}: must be more than 256 (the byte tokens)")
+        raise UserError(f"--vocab_size={cfg.vocab_size}: must be more than 256 (the byte tokens)")
     eval_path = Path(cfg.eval if cfg.eval != "auto" else path.with_name("corpus_val.txt"))
     if cfg.eval != "auto" and not eval_path.is_file():
-        raise DataError(f"eval file {eval_path} not found: pass --eval=FILE, or --eval=auto")
+        raise UserError(f"eval file {eval_path} not found: pass --eval=FILE, or --eval=auto")
     with open(path, "rb") as f:
         text = f.read(cfg.max_bytes).decode("utf-8", errors="ignore")
 

@@ -14,3 +14,31 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import subprocess
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_script(*args, env=None, timeout=300):
+    """Run one of the project's scripts as a user would: a subprocess from the repository root."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env.pop("TRITON_INTERPRET", None)  # scripts run as they would for a user
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory):
+    """A small TinyWorld and a small tokenizer trained on it, made once per test session."""
+    root = tmp_path_factory.mktemp("tinyworld")
+    data, tok = root / "data", root / "tokenizer"
+    r = run_script("-m", "data.tinyworld", f"--out={data}", "--n_characters=8", "--profile_docs=4", "--quizzes=40",
+                   "--fact_sheets=40", "--stories=40", "--arithmetic_docs=40", "--llm_docs=10", "--math_sft=20",
+                   "--math_grpo=20", "--math_test=20", "--prefs_train=40", "--prefs_test=20")
+    assert r.returncode == 0, r.stderr
+    r = run_script("-m", "data.tokenizer", f"--input={data / 'corpus_train.txt'}", "--vocab_size=320", f"--out={tok}")
+    assert r.returncode == 0, r.stderr
+    return {"data": data, "tokenizer": tok}

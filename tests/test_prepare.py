@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from data import DataError, fetch, read_documents, read_jsonl
+from data import UserError, fetch, read_documents, read_jsonl
 from data import prepare_chat, prepare_gsm8k, prepare_hh_rlhf, prepare_tinystories
 from data.tinyworld import check_answer
 
@@ -90,7 +90,7 @@ def test_a_url_is_downloaded_once_into_the_cache(tmp_path):
     path = fetch(url, cache_dir=tmp_path)
     assert path.parent == tmp_path and path.read_bytes() == (FIXTURES / "gsm8k_sample.jsonl").read_bytes()
     assert fetch(url, cache_dir=tmp_path) == path
-    with pytest.raises(DataError, match="--src"):
+    with pytest.raises(UserError, match="--src"):
         fetch(str(tmp_path / "missing.jsonl"))
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from data import DataError, read_documents, read_jsonl
+from data import UserError, read_documents, read_jsonl
 from data import tinyworld as tw
 from data.tinyworld import (FACT_KINDS, VALUES, Config, answer_correct, check_answer, extract_answer, fact_prompts,
                             generate, gold_score, load_world, make_world)
@@ -70,7 +70,7 @@ def test_user_errors_exit_2_with_one_line(tmp_path):
     for args in (["--stories=many"], ["--colour=blue"], ["--n_characters=500"]):
         r = run(f"--out={tmp_path}", *args)
         assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
-    with pytest.raises(DataError, match="python -m data.tinyworld"):
+    with pytest.raises(UserError, match="python -m data.tinyworld"):
         load_world(tmp_path / "missing")
 
 

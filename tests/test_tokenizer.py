@@ -9,7 +9,7 @@ import pytest
 import regex
 from hypothesis import given, settings, strategies as st
 
-from data import DataError
+from data import UserError
 from data.tokenizer import GPT4_PATTERN, SPECIAL_TOKENS, load_tokenizer, save_tokenizer, train_bpe
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -132,7 +132,7 @@ def test_saved_files(tok, tmp_path):
 
 
 def test_missing_directory_names_the_command(tmp_path):
-    with pytest.raises(DataError, match="python -m data.tokenizer"):
+    with pytest.raises(UserError, match="python -m data.tokenizer"):
         load_tokenizer(tmp_path / "nope")
 
 
@@ -143,7 +143,7 @@ def test_gpt2_without_network_is_one_clear_error(monkeypatch):
         raise ConnectionError("no route to host")
 
     monkeypatch.setattr(tiktoken, "get_encoding", offline)
-    with pytest.raises(DataError) as e:
+    with pytest.raises(UserError) as e:
         load_tokenizer("gpt2")
     assert "\n" not in str(e.value) and "python -m data.tokenizer" in str(e.value)
 
@@ -217,7 +217,7 @@ def test_cli_trains_and_reports(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--input=/no/such/file"], "not found"),
     (["--vocab_sise=300"], "unknown flag --vocab_sise"),
-    (["--vocab_size=lots"], "expected a int"),
+    (["--vocab_size=lots"], "--vocab_size expects int"),
 ])
 def test_cli_user_errors(args, message):
     r = run_cli(*args)

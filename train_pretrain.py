@@ -1,0 +1,269 @@
+"""Stage 1, pre-training: teach a random GPT language and the world's facts by next-token prediction.
+
+    python -m data.tinyworld && python -m data.tokenizer       # the data and the tokenizer, once
+    python train_pretrain.py                                   # TinyWorld on a CPU, about 3 minutes
+    python train_pretrain.py --preset=gpu                      # TinyStories on one GPU (python -m data.prepare_tinystories first)
+    torchrun --standalone --nproc_per_node=8 train_pretrain.py --preset=gpu
+
+The loss is the mean over tokens of -log p(x_{t+1} | x_<=t). The corpus is tokenized once into a
+memmap of token ids; training reads random windows of it. Writes out/pretrain/ckpt.pt.
+"""
+import hashlib
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import common
+import evals
+from common import UserError, print0
+from data import tinyworld
+from data.tokenizer import load_tokenizer
+from model import GPT, GPTConfig
+
+
+@dataclass
+class Config:
+    data: str = "data/tinyworld/corpus_train.txt"   # training text, documents separated by blank lines
+    val_data: str = "data/tinyworld/corpus_val.txt"  # validation text, same format
+    tokenizer: str = "out/tokenizer"   # a directory from `python -m data.tokenizer`, or gpt2
+    init: str = "scratch"              # scratch, or a pretrain checkpoint to continue from
+    out: str = "out/pretrain"          # where ckpt.pt, log.jsonl and metrics.json go
+    resume: bool = False               # continue exactly from out/ckpt.pt (optimizer, step, RNG)
+    n_layer: int = 4                   # transformer blocks
+    n_head: int = 4                    # attention heads
+    n_embd: int = 256                  # residual stream width
+    block_size: int = 128              # context length in tokens
+    dropout: float = 0.0               # dropout probability (0: the data is small but we see it few times)
+    batch_size: int = 32               # sequences per micro-step, over all processes
+    grad_accum: int = 1                # micro-steps per optimizer step
+    max_steps: int = 1200              # optimizer steps
+    stop_at: int = 0                   # stop early at this step with a checkpoint (0: run to max_steps)
+    lr: float = 2e-3                   # peak learning rate
+    min_lr: float = 2e-4               # learning rate at the end of the cosine
+    warmup_steps: int = 50             # linear warm-up steps
+    weight_decay: float = 0.1          # AdamW decay on matrices
+    grad_clip: float = 1.0             # clip the gradient norm to this (0: off)
+    eval_every: int = 200              # steps between validation losses
+    eval_batches: int = 8              # batches per validation loss
+    log_every: int = 20                # steps between printed lines
+    device: str = "auto"               # auto (cuda, mps, cpu), or a torch device name
+    compile: bool = False              # torch.compile the model
+    seed: int = 1337                   # seeds init, data order and dropout
+    eval_facts: bool = True            # at the end, measure fact completion on the TinyWorld beside --data
+
+
+PRESETS = {
+    # GPT-2-small-sized model on TinyStories (python -m data.prepare_tinystories), one GPU, about an hour
+    "gpu": dict(data="data/real/tinystories_train.txt", val_data="data/real/tinystories_val.txt",
+                n_layer=12, n_head=12, n_embd=768, block_size=512, batch_size=64, grad_accum=2,
+                max_steps=5000, lr=6e-4, min_lr=6e-5, warmup_steps=200, eval_every=500, eval_batches=20,
+                log_every=50, compile=True, eval_facts=False),
+}
+
+
+# ----------------------------------------------------------------------------- the data
+
+def tokenize_to_memmap(text_path, tok, cache_dir="out/tokens"):
+    """Token ids of a text file as a read-only memmap, tokenized once and cached by (file, tokenizer).
+    Documents are separated by blank lines; each is followed by <|endoftext|>."""
+    text_path = Path(text_path)
+    if not text_path.is_file():
+        raise UserError(f"no corpus at {text_path}: run `python -m data.tinyworld` (or a data/prepare_*.py script)")
+    dtype = np.uint16 if tok.n_vocab <= 65535 else np.uint32
+    key = hashlib.sha1(f"{text_path.resolve()}|{text_path.stat().st_mtime_ns}|{tok.fingerprint}".encode()).hexdigest()[:12]
+    cache = Path(cache_dir) / f"{text_path.stem}-{key}.bin"
+    if not cache.exists():
+        if common.is_master():
+            t0 = time.time()
+            docs = [d.strip() for d in text_path.read_text(encoding="utf-8").split("\n\n") if d.strip()]
+            if not docs:
+                raise UserError(f"{text_path} has no text: give a corpus with documents separated by blank lines")
+            ids = np.array([i for d in docs for i in tok.encode_document(d)], dtype=dtype)
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_name(cache.name + ".tmp")
+            ids.tofile(tmp)
+            tmp.replace(cache)
+            print0(f"tokenized {text_path}: {len(docs)} documents, {len(ids):,} tokens in {time.time() - t0:.1f}s")
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()  # the other ranks wait for rank 0's file
+    return np.memmap(cache, dtype=dtype, mode="r")
+
+
+def get_batch(data, batch_size, block_size, gen, rank, world):
+    """Random windows: x = tokens[i:i+T], y = tokens[i+1:i+T+1]. Every rank draws the same starts from
+    the same generator and keeps its own slice, so the global batch does not depend on the world size."""
+    starts = torch.randint(len(data) - block_size - 1, (batch_size,), generator=gen)[rank::world]
+    x = torch.stack([torch.from_numpy(data[i:i + block_size].astype(np.int64)) for i in starts.tolist()])
+    y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + block_size].astype(np.int64)) for i in starts.tolist()])
+    return x, y
+
+
+# ----------------------------------------------------------------------------- the loss
+
+def pretrain_loss(model, x, y):
+    """Mean over tokens of -log p(y_t | x_<=t), through the fused cross-entropy kernel."""
+    return model(x, y)
+
+
+@torch.no_grad()
+def evaluate(model, data, cfg, device, rank, world):
+    """Validation loss on fixed, evenly spaced windows (the same every time, so curves compare)."""
+    model.eval()
+    n = cfg.eval_batches * cfg.batch_size
+    starts = np.linspace(0, len(data) - cfg.block_size - 1, n).astype(np.int64)[rank::world]
+    losses = []
+    for chunk in np.array_split(starts, cfg.eval_batches):
+        if len(chunk) == 0:
+            continue
+        x = torch.stack([torch.from_numpy(data[i:i + cfg.block_size].astype(np.int64)) for i in chunk])
+        y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + cfg.block_size].astype(np.int64)) for i in chunk])
+        with common.autocast(device):
+            losses.append(pretrain_loss(model, x.to(device), y.to(device)).item())
+    model.train()
+    return common.all_mean(sum(losses) / len(losses))
+
+
+# ----------------------------------------------------------------------------- training
+
+def main(cfg):
+    for name in ("batch_size", "grad_accum", "max_steps", "block_size", "eval_every", "eval_batches", "log_every"):
+        if getattr(cfg, name) <= 0:
+            raise UserError(f"--{name} must be positive, got {getattr(cfg, name)}")
+    if cfg.n_embd % cfg.n_head:
+        raise UserError(f"--n_embd={cfg.n_embd} must be a multiple of --n_head={cfg.n_head}")
+    rank, world, device = common.setup_ddp(common.pick_device(cfg.device))
+    if cfg.batch_size % world:
+        raise UserError(f"--batch_size={cfg.batch_size} must be a multiple of the number of processes ({world})")
+    if common.is_master():
+        common.check_writable(cfg.out)
+    ckpt_path = Path(cfg.out) / "ckpt.pt"
+
+    tok = load_tokenizer(cfg.tokenizer)
+    train_data = tokenize_to_memmap(cfg.data, tok)
+    val_data = tokenize_to_memmap(cfg.val_data, tok)
+    for name, d in (("data", train_data), ("val_data", val_data)):
+        if len(d) <= cfg.block_size + 1:
+            raise UserError(f"--{name} has {len(d)} tokens, fewer than one window of {cfg.block_size + 1}: "
+                            "give more text or a smaller --block_size")
+
+    # the model: fresh, continued from a pre-training checkpoint, or resumed exactly
+    model_cfg = GPTConfig(vocab_size=tok.n_vocab, block_size=cfg.block_size, n_layer=cfg.n_layer,
+                          n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout)
+    torch.manual_seed(cfg.seed)
+    ckpt = None
+    if cfg.resume:
+        ckpt = common.load_checkpoint(ckpt_path, ["pretrain"], made_by="python train_pretrain.py")
+    elif cfg.init != "scratch":
+        ckpt = common.load_checkpoint(cfg.init, ["pretrain"], made_by="python train_pretrain.py")
+    model = GPT(model_cfg) if ckpt is None else common.gpt_from_checkpoint(ckpt, tok)
+    model_cfg = model.config
+    if cfg.block_size > model_cfg.block_size:
+        raise UserError(f"--block_size={cfg.block_size} is larger than the checkpoint's context ({model_cfg.block_size})")
+    model.to(device)
+    optimizer = model.configure_optimizer(cfg.lr, cfg.weight_decay, device_type=device.split(":")[0])
+    data_gen = torch.Generator().manual_seed(cfg.seed)
+    step = 0
+    if cfg.resume:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step = ckpt["step"]
+        data_gen.set_state(ckpt["data_rng"])
+        common.set_rng_state(ckpt["rng"])
+    raw_model = model
+    if cfg.compile:
+        model = torch.compile(model)
+    if world > 1:
+        model = DDP(model, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
+
+    def save(step, val_loss):
+        if common.is_master():
+            common.save_checkpoint(ckpt_path, {
+                "stage": "pretrain", "model_args": asdict(model_cfg), "model": raw_model.state_dict(),
+                "optimizer": optimizer.state_dict(), "step": step, "config": asdict(cfg),
+                "tokenizer": cfg.tokenizer, "val_loss": val_loss, "val_loss_init": first_val, "data_rng": data_gen.get_state(),
+                "rng": common.rng_state()})
+
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.block_size
+    flops_per_step = raw_model.flops_per_token(cfg.block_size) * tokens_per_step
+    peak = common.peak_flops(device)
+    print0(f"pretrain: {raw_model.num_params() / 1e6:.2f}M parameters, vocab {tok.n_vocab}, {len(train_data):,} "
+           f"training tokens, {tokens_per_step:,} tokens per step, {cfg.max_steps} steps on {device} x{world}")
+    log = common.Logger(cfg.out, "pretrain", cfg.max_steps, resume=cfg.resume)
+    if step == 0:
+        val_loss = first_val = evaluate(model, val_data, cfg, device, rank, world)
+        print0(f"pretrain: validation loss at init {val_loss:.4f} (ln V = {np.log(tok.n_vocab):.4f})")
+        log.log(0, printed=False, val_loss=val_loss)
+    else:
+        val_loss, first_val = ckpt["val_loss"], ckpt["val_loss_init"]
+    end = cfg.stop_at if 0 < cfg.stop_at < cfg.max_steps else cfg.max_steps
+    t_last, last_printed = time.time(), step
+    try:
+        while step < end:
+            lr = common.lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = 0.0
+            for micro in range(cfg.grad_accum):
+                x, y = get_batch(train_data, cfg.batch_size, cfg.block_size, data_gen, rank, world)
+                x, y = x.to(device), y.to(device)
+                if world > 1:
+                    model.require_backward_grad_sync = micro == cfg.grad_accum - 1  # all-reduce once per step
+                with common.autocast(device):
+                    loss = pretrain_loss(model, x, y)
+                (loss / cfg.grad_accum).backward()
+                loss_sum += loss.item()
+            train_loss = common.all_mean(loss_sum / cfg.grad_accum)
+            if not np.isfinite(train_loss):
+                raise UserError(f"the loss became {train_loss} at step {step + 1}; the last good checkpoint "
+                                f"is kept in {ckpt_path}: lower --lr or check the data")
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            metrics = {"loss": train_loss, "lr": lr}
+            if step % cfg.eval_every == 0 or step == cfg.max_steps:
+                val_loss = evaluate(model, val_data, cfg, device, rank, world)
+                metrics["val_loss"] = val_loss
+                save(step, val_loss)
+            printed = step % cfg.log_every == 0 or "val_loss" in metrics or step == end
+            if printed:  # speed over the steps since the last printed line
+                dt, steps = time.time() - t_last, step - last_printed
+                metrics["tok/s"] = round(tokens_per_step * steps / dt)
+                if peak:
+                    metrics["mfu"] = flops_per_step * steps / dt / peak
+                t_last, last_printed = time.time(), step
+            log.log(step, printed=printed, **metrics)
+    except KeyboardInterrupt:
+        save(step, val_loss)
+        print0(f"\ninterrupted at step {step}: checkpoint saved to {ckpt_path}; "
+               f"continue with: python train_pretrain.py --resume (and the same flags)")
+        common.teardown_ddp()
+        raise SystemExit(130)
+    save(step, val_loss)
+
+    # a few samples so the reader sees what the model learned
+    if common.is_master():
+        raw_model.eval()
+        prompts = [[tok.eot_id] + tok.encode(p) for p in ("Once upon a time", "A language model is", "The")]
+        room = model_cfg.block_size - max(map(len, prompts))
+        outs = raw_model.generate(prompts, min(40, room), temperature=0.8, top_k=50, stop_tokens=[tok.eot_id],
+                                  generator=torch.Generator(device=device).manual_seed(cfg.seed))
+        for p, o in zip(prompts, outs):
+            print0(f"--- {tok.decode(p[1:] + o)!r}")
+    metrics = {"val_loss": val_loss, "val_loss_init": first_val, "steps": step, "params": raw_model.num_params()}
+    if cfg.eval_facts and common.is_master():
+        world = tinyworld.load_world(Path(cfg.data).parent)
+        metrics["fact_accuracy"], examples = evals.fact_accuracy(raw_model, tok, world)
+        print0(f"pretrain: fact completion {metrics['fact_accuracy']:.1%} of {len(examples)} facts, e.g. "
+               + "; ".join(f"{p!r} -> {t!r}" for p, _, t in examples[:3]))
+    log.finish(metrics)
+    print0(f"pretrain: done, validation loss {val_loss:.4f}, checkpoint {ckpt_path}")
+    common.teardown_ddp()
+
+
+if __name__ == "__main__":
+    common.run_main(main, Config, PRESETS)
