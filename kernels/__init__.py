@@ -5,7 +5,8 @@
     linear_cross_entropy(hidden, weight, targets, ignore_index, reduction)  hidden: (N, C), weight: (V, C)
 
 The Triton kernel runs when the tensors are on CUDA and Triton imports; otherwise PyTorch's own fused
-ops run. KERNELS=torch|triton|auto overrides the choice (triton on CPU tensors needs
+ops run (for linear_cross_entropy: the same chunked loop in plain torch, or whole logits where Triton
+does not install). KERNELS=torch|triton|auto overrides the choice (triton on CPU tensors needs
 TRITON_INTERPRET=1, which is how the tests run the kernels on a machine without a GPU).
 """
 import os
@@ -18,6 +19,11 @@ try:
     HAS_TRITON = True
 except ImportError:
     HAS_TRITON = False
+
+if HAS_TRITON:
+    # Imported before the functions below are defined: importing a submodule sets the package attribute
+    # of its name, and `kernels.attention` must end up the function, not the module kernels/attention.py.
+    from . import attention as _attention, cross_entropy as _cross_entropy
 
 # which backend ran last, per op: the tests read it to prove the Triton code, not a fallback, ran
 last_backend = {}
@@ -38,24 +44,26 @@ def use_triton(*tensors):
 
 def attention(q, k, v, causal=True):
     if use_triton(q, k, v):
-        from .attention import flash_attention
         last_backend["attention"] = "triton"
-        return flash_attention(q, k, v, causal)
+        return _attention.flash_attention(q, k, v, causal)
     last_backend["attention"] = "torch"
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
 
 def cross_entropy(logits, targets, ignore_index=-100, reduction="mean"):
     if use_triton(logits, targets):
-        from .cross_entropy import fused_cross_entropy
         last_backend["cross_entropy"] = "triton"
-        return fused_cross_entropy(logits, targets, ignore_index, reduction)
+        return _cross_entropy.fused_cross_entropy(logits, targets, ignore_index, reduction)
     last_backend["cross_entropy"] = "torch"
     return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index, reduction=reduction)
 
 
 def linear_cross_entropy(hidden, weight, targets, ignore_index=-100, reduction="mean", chunk_size=4096):
-    from .cross_entropy import chunked_linear_cross_entropy
     backend = "triton" if use_triton(hidden, weight, targets) else "torch"
     last_backend["linear_cross_entropy"] = backend
-    return chunked_linear_cross_entropy(hidden, weight, targets, ignore_index, reduction, chunk_size, backend)
+    if not HAS_TRITON:  # the chunked loop lives beside the Triton kernels; without Triton, whole logits
+        loss = F.cross_entropy((hidden @ weight.T).flatten(0, -2).float(), targets.flatten(),
+                               ignore_index=ignore_index, reduction=reduction)
+        return loss.view(targets.shape) if reduction == "none" else loss
+    return _cross_entropy.chunked_linear_cross_entropy(hidden, weight, targets, ignore_index, reduction, chunk_size,
+                                                       backend)
