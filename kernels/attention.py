@@ -332,9 +332,11 @@ def flash_attention(q, k, v, causal=True):
         raise ValueError(f"the Triton attention supports head dims 16 to 128, not {D}: "
                          "change n_embd / n_head, or run with KERNELS=torch")
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16) or not q.dtype == k.dtype == v.dtype:
-        raise ValueError(f"attention wants q, k, v of one dtype among fp32, fp16, bf16; got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise ValueError(f"attention wants q, k, v of one dtype among fp32, fp16, bf16; "
+                         f"got {q.dtype}, {k.dtype}, {v.dtype}")
     if q.shape[0] * q.shape[1] > 65535:
-        raise ValueError(f"batch x heads = {q.shape[0] * q.shape[1]} is over the grid's limit of 65535: split the batch")
+        raise ValueError(f"batch x heads = {q.shape[0] * q.shape[1]} is over the grid's limit of 65535: "
+                         "split the batch")
     if q.shape[2] == 0 or k.shape[2] == 0:
         raise ValueError("attention needs at least one query and one key")
     return _FlashAttention.apply(q, k, v, causal)

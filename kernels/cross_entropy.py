@@ -134,7 +134,8 @@ class _FusedCrossEntropy(torch.autograd.Function):
 def _check(logits, targets, reduction):
     _check_reduction(reduction)
     if logits.dim() != 2 or targets.shape != logits.shape[:1]:
-        raise ValueError(f"cross-entropy wants logits (N, V) and targets (N,); got {tuple(logits.shape)}, {tuple(targets.shape)}")
+        raise ValueError(f"cross-entropy wants logits (N, V) and targets (N,); "
+                         f"got {tuple(logits.shape)}, {tuple(targets.shape)}")
     if targets.is_floating_point():
         raise ValueError(f"targets must be class indices (integers), got {targets.dtype}")
 

@@ -15,7 +15,7 @@ from kernels.attention import attention_reference
 
 CUDA = torch.cuda.is_available()
 DEVICES = [
-    pytest.param("cpu", marks=pytest.mark.skipif(CUDA, reason="CPU tensors run the Triton interpreter only without a GPU")),
+    pytest.param("cpu", marks=pytest.mark.skipif(CUDA, reason="the Triton interpreter runs only without a GPU")),
     pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="needs a GPU")),
 ]
 # examples share the monkeypatched KERNELS=triton, which is what we want
@@ -78,7 +78,8 @@ LAYOUTS = st.sampled_from(["bhtd", "bthd", "wide", "dmajor"])
 
 def lengths(max_t):
     """Any length, with half the draws on a multiple of 16 or one off it: where blocks begin and end."""
-    edges = st.builds(lambda n, d: min(max(1, 16 * n + d), max_t), st.integers(1, max_t // 16), st.sampled_from([-1, 0, 1]))
+    edges = st.builds(lambda n, d: min(max(1, 16 * n + d), max_t),
+                      st.integers(1, max_t // 16), st.sampled_from([-1, 0, 1]))
     return st.one_of(st.integers(1, max_t), edges)
 
 
@@ -122,9 +123,11 @@ def test_attention_head_dim_128(device, monkeypatch):
 def test_reference_equals_torch_sdpa():
     """The reference itself is right: it agrees with PyTorch, causal and not, Tq != Tk too."""
     gen = torch.Generator().manual_seed(0)
-    q, k, v = torch.randn(2, 3, 7, 16, generator=gen), torch.randn(2, 3, 9, 16, generator=gen), torch.randn(2, 3, 9, 16, generator=gen)
+    q = torch.randn(2, 3, 7, 16, generator=gen)
+    k, v = torch.randn(2, 3, 9, 16, generator=gen), torch.randn(2, 3, 9, 16, generator=gen)
     for causal in (True, False):
-        torch.testing.assert_close(attention_reference(q, k, v, causal), F.scaled_dot_product_attention(q, k, v, is_causal=causal))
+        torch.testing.assert_close(attention_reference(q, k, v, causal),
+                                   F.scaled_dot_product_attention(q, k, v, is_causal=causal))
 
 
 @pytest.mark.parametrize("D", [8, 15, 129, 256])

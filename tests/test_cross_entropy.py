@@ -17,7 +17,7 @@ from kernels.cross_entropy import cross_entropy_reference
 
 CUDA = torch.cuda.is_available()
 DEVICES = [
-    pytest.param("cpu", marks=pytest.mark.skipif(CUDA, reason="CPU tensors run the Triton interpreter only without a GPU")),
+    pytest.param("cpu", marks=pytest.mark.skipif(CUDA, reason="the Triton interpreter runs only without a GPU")),
     pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="needs a GPU")),
 ]
 SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
