@@ -4,7 +4,7 @@ Pre-LayerNorm blocks, learned positions, a GELU MLP, tied input and output embed
 biases: the same shapes and names as GPT-2, so `GPT.from_gpt2` can load its weights. Attention and
 cross-entropy go through `kernels`, which picks our Triton kernels on a GPU and PyTorch elsewhere.
 
-    model = GPT(GPTConfig(vocab_size=4101))
+    model = GPT(GPTConfig(vocab_size=1458))
     loss = model(idx, targets)                    # mean next-token loss
     logp = model.token_logprobs(idx, targets)     # (B, T) log p(target), what post-training uses
     outs = model.generate([[1, 2, 3], [4, 5]], max_new_tokens=20, temperature=0)  # greedy, batched
@@ -21,11 +21,11 @@ import kernels
 
 @dataclass
 class GPTConfig:
-    vocab_size: int = 4101   # BPE merges + 256 bytes + special tokens
-    block_size: int = 256    # the longest context the model can read
+    vocab_size: int = 1458   # BPE tokens (256 bytes + merges) + special tokens: TinyWorld's tokenizer
+    block_size: int = 128    # the longest context the model can read
     n_layer: int = 4         # transformer blocks
     n_head: int = 4          # attention heads per block
-    n_embd: int = 256        # width of the residual stream
+    n_embd: int = 128        # width of the residual stream
     dropout: float = 0.0     # on embeddings, attention output and MLP output (not inside attention)
     bias: bool = True        # biases in Linear and LayerNorm, as in GPT-2
 

@@ -51,7 +51,7 @@ def bench_train_step(device, rounds=5, steps=3):
     if device == "cuda":  # GPT-2 small at T=1024
         cfg, batch = GPTConfig(vocab_size=50304, block_size=1024, n_layer=12, n_head=12, n_embd=768), 8
     else:  # the pre-training script's CPU default
-        cfg, batch = GPTConfig(vocab_size=4101, block_size=128, n_layer=4, n_head=4, n_embd=256), 32
+        cfg, batch = GPTConfig(vocab_size=1458, block_size=128, n_layer=4, n_head=4, n_embd=128), 16
     torch.manual_seed(0)
     gpt = GPT(cfg).to(device)
     opt = gpt.configure_optimizer(1e-4, 0.1, device_type=device)
