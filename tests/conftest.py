@@ -22,12 +22,12 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_script(*args, env=None, timeout=300):
+def run_script(*args, env=None, timeout=300, input=None):
     """Run one of the project's scripts as a user would: a subprocess from the repository root."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     full_env.pop("TRITON_INTERPRET", None)  # scripts run as they would for a user
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=full_env, capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, input=input)
 
 
 @pytest.fixture(scope="session")
