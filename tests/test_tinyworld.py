@@ -1,5 +1,5 @@
-"""TinyWorld: determinism, disjoint splits, answers that agree with the world, the oracles."""
-import json
+"""TinyWorld (data/tinyworld*.py, data/tinymath.py): determinism, disjoint splits, answers that agree with the
+world, the oracles."""
 import os
 import random
 import re
@@ -12,9 +12,11 @@ from pathlib import Path
 import pytest
 
 from data import UserError, read_documents, read_jsonl
-from data import tinyworld as tw
-from data.tinyworld import (FACT_KINDS, VALUES, Config, answer_correct, check_answer, extract_answer, fact_prompts,
-                            generate, gold_score, load_world, make_world)
+from data.tinymath import ITEMS
+from data.tinyworld import (FACT_KINDS, VALUES, Config, answer_correct, check_answer, completes_fact, extract_answer,
+                            fact_prompts, generate, gold_score, load_world, make_world)
+from data.tinyworld_chat import designed_pair, pref_prompts
+from data.tinyworld_facts import LLM_QUESTIONS, NAMES
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["--n_characters=10", "--profile_docs=3", "--quizzes=20", "--fact_sheets=20", "--stories=60",
@@ -74,12 +76,23 @@ def test_user_errors_exit_2_with_one_line(tmp_path):
         load_world(tmp_path / "missing")
 
 
+def test_oracles_import_from_tinyworld_whose_parts_never_import_it():
+    from data import tinyworld
+    for name in ("World", "load_world", "default_world", "make_world", "fact_prompts", "completes_fact", "answer_correct",
+                 "gold_score", "extract_answer", "check_answer"):
+        assert hasattr(tinyworld, name), name
+    # the imports point one way: data.tinyworld imports its parts, never the reverse
+    code = "import sys, data.tinyworld_facts, data.tinyworld_chat, data.tinymath; print('data.tinyworld' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert r.stdout.strip() == "False", r.stderr
+
+
 # ----------------------------------------------------------------------------------------------
 # The world
 
 
 def test_cast_names_and_values_cannot_be_confused():
-    names = [n for ns in tw.NAMES.values() for n in ns]
+    names = [n for ns in NAMES.values() for n in ns]
     values = [v.lower() for vs in VALUES.values() for v in vs]
     assert len(set(names)) == len(names) and len(set(values)) == len(values)
     assert not [(a, b) for a in names for b in names if a != b and b.startswith(a)]
@@ -158,7 +171,7 @@ def test_sft_test_is_held_out(data):
 
 def fingerprint(p):
     """A problem up to names and items: its question with those words blanked out."""
-    names = [n for ns in tw.NAMES.values() for n in ns] + tw.ITEMS + ["coins", "she", "he", "She", "He"]
+    names = [n for ns in NAMES.values() for n in ns] + ITEMS + ["coins", "she", "he", "She", "He"]
     return re.sub(r"\b(" + "|".join(names) + r")\b", "_", p["question"])
 
 
@@ -221,9 +234,9 @@ def test_check_answer():
 def test_gold_rater_agrees_with_the_designed_order():
     world = make_world(0, 48)
     rng = random.Random(0)
-    prompts, _ = tw.pref_prompts(world, rng)
+    prompts, _ = pref_prompts(world, rng)
     for _ in range(3000):
-        prompt, better, worse = tw.designed_pair(world, rng.choice(prompts), rng)
+        prompt, better, worse = designed_pair(world, rng.choice(prompts), rng)
         assert gold_score(prompt, better, world) > gold_score(prompt, worse, world), (prompt, better, worse)
 
 
@@ -256,13 +269,13 @@ def test_pref_files_are_labelled_by_the_gold_rater(data):
     assert [{r["chosen"], r["rejected"]} for r in clean] == [{r["chosen"], r["rejected"]} for r in train]
     flipped = sum(a["chosen"] != b["chosen"] for a, b in zip(clean, train)) / len(train)
     assert 0.07 < flipped < 0.13
-    assert sum(r["prompt"] in tw.LLM_QUESTIONS for r in train) > 50
+    assert sum(r["prompt"] in LLM_QUESTIONS for r in train) > 50
 
 
 def test_completes_fact():
-    assert tw.completes_fact(" blue. Alice's pet is a cat.", "blue") and tw.completes_fact("Blue", "blue")
-    assert not tw.completes_fact(" light blue", "blue") and not tw.completes_fact("", "blue")
-    assert not tw.completes_fact(" bluebell", "blue")
+    assert completes_fact(" blue. Alice's pet is a cat.", "blue") and completes_fact("Blue", "blue")
+    assert not completes_fact(" light blue", "blue") and not completes_fact("", "blue")
+    assert not completes_fact(" bluebell", "blue")
 
 
 def test_answer_correct():

@@ -1,0 +1,172 @@
+"""TinyWorld's conversations: answers in styles, the gold rater, and the SFT and preference sets.
+
+An answer is a fact sentence wrapped in a style (plain, polite, curt, rambling, rude). `gold_score`,
+a stand-in for a careful human, prefers right over wrong and then polite and concise over curt,
+rambling or rude; the preference pairs are labelled by it. `make_sft` and `make_prefs` build the
+records that data/tinyworld.py writes to sft_*.jsonl and prefs_*.jsonl.
+"""
+import re
+
+from data.tinyworld_facts import (FACT_KINDS, LLM_QUESTIONS, QUESTIONS, VALUES, Character, World, answer_correct,
+                                  default_world, fact_sentence, question)
+
+# ----------------------------------------------------------------------------------------------
+# Answers in different styles
+
+LLM_ANSWERS = ["An LLM, or large language model, is a neural network trained on lots of text to predict the next word.",
+               "LLM stands for large language model: a neural network that learns to predict the next token of a text.",
+               "An LLM is a large language model. It has read a great deal of text and predicts the next word, again and again."]
+LLM_CURT = ["A neural network that predicts the next word: a large language model.", "A large language model; it predicts the next token."]
+LLM_WRONG = ["An LLM is a kind of large lizard that lives in the mountains.", "LLM stands for little lemon muffin, a small cake.",
+             "An LLM is a type of boat with three sails."]
+CURT = {"town": "{Town}.", "pet": "A {pet}.", "colour": "{Colour}.", "job": "A {job}.", "food": "{Food}."}
+POLITE_OPENERS = ["Sure! ", "Good question! ", "Happy to help. ", "Of course! "]
+POLITE_CLOSERS = ["", " I hope that helps!", " Let me know if you have any other questions."]
+RUDE_OPENERS = ["Ugh. ", "Obviously, ", "Whatever. "]
+RUDE_CLOSERS = [" Stop bothering me.", " Look it up yourself next time.", " Isn't that obvious?"]
+RAMBLE = ["Well, that is an interesting question, and I have been thinking about it for quite a while now.",
+          "There are so many things one could say about this, and people often have very different opinions.",
+          "Let me start from the beginning, because I think it helps to look at the whole picture first.",
+          "It is always hard to be completely sure about these things, but I will try my very best.",
+          "I remember hearing about this a long time ago, though the details are a little fuzzy in my mind.",
+          "It is the kind of thing that comes up in conversation now and then, especially on long afternoons."]
+STYLES = ["plain", "polite", "curt", "rambling", "rude"]
+SFT_STYLE_WEIGHTS = {"plain": 0.4, "polite": 0.2, "curt": 0.2, "rambling": 0.2}  # no rudeness in SFT
+
+
+def styled(core: str, curt: str, style: str, rng) -> str:
+    """Wrap an answer's core sentence in a style."""
+    if style == "plain":
+        return core
+    if style == "curt":
+        return curt
+    if style == "polite":
+        return rng.choice(POLITE_OPENERS) + core + rng.choice(POLITE_CLOSERS)
+    if style == "rude":
+        return rng.choice(RUDE_OPENERS) + core + rng.choice(RUDE_CLOSERS)
+    first, second, last = rng.sample(RAMBLE, 3)
+    return f"{first} {second} Anyway, {core} {last}"
+
+
+def reply(c: Character, kind: str, style: str, rng, value=None) -> str:
+    """An answer to a question about c's kind, in a style; value (a wrong one, say) overrides the truth."""
+    value = value or c.fact(kind)
+    slots = {**c.slots(), kind: value, kind.capitalize(): value[0].upper() + value[1:]}
+    return styled(fact_sentence(c, kind, value=value), CURT[kind].format(**slots), style, rng)
+
+
+def llm_reply(style: str, rng, correct=True) -> str:
+    if not correct:
+        return styled(rng.choice(LLM_WRONG), rng.choice(LLM_WRONG), style, rng)
+    return styled(rng.choice(LLM_ANSWERS), rng.choice(LLM_CURT), style, rng)
+
+
+# ----------------------------------------------------------------------------------------------
+# The gold rater: a stand-in for a careful human
+
+POLITE = re.compile(r"\b(sure|good question|happy to help|of course|hope that helps|let me know|please|thanks?)\b", re.I)
+RUDE = re.compile(r"\b(ugh|obvious(ly)?|whatever|stop bothering|look it up yourself|stupid|shut up)\b", re.I)
+
+
+def gold_score(prompt: str, response: str, world: World = None) -> float:
+    """How good a response is: correct, polite and concise beats wrong, rude and rambling.
+
+    + 2    the right answer (for a fact: the true value and no other value of that kind; for an
+           LLM question: "language model" and prediction of the next word/token)
+    + 0.25 a full sentence (names the character, or says "LLM")
+    + 0.5  a polite phrase;   - 1 a rude one
+    - 0.03 per word beyond 25, at most - 1;   an empty response scores - 2
+    A prompt it does not recognise is scored on style alone.
+    """
+    world = world or default_world()
+    text = response.strip()
+    words = len(text.split())
+    if words == 0:
+        return -2.0
+    score = 0.0
+    asked = world.parse_question(prompt)
+    if asked == ("llm", None):
+        if re.search(r"language model", text, re.I) and re.search(r"predict|next (word|token)", text, re.I):
+            score += 2.0
+        score += 0.25 * bool(re.search(r"\bLLM\b", text))
+    elif asked is not None:
+        c, kind = asked
+        named = [v for v in VALUES[kind] if answer_correct(text, v)]
+        score += 2.0 * (named == [c.fact(kind)])
+        score += 0.25 * bool(re.search(rf"\b{c.name}\b", text))
+    score += 0.5 * bool(POLITE.search(text))
+    score -= 1.0 * bool(RUDE.search(text))
+    score -= min(1.0, 0.03 * max(0, words - 25))
+    return score
+
+
+# ----------------------------------------------------------------------------------------------
+# The SFT and preference sets
+
+
+def chat(user: str, assistant: str) -> dict:
+    return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]}
+
+
+def make_sft(world, math_sft, rng):
+    """SFT conversations about seen characters, and the held-out questions for both kinds."""
+    train, test = [], []
+    weights = list(SFT_STYLE_WEIGHTS.values())
+    pick_style = lambda: rng.choices(list(SFT_STYLE_WEIGHTS), weights)[0]
+    for c in world.characters:
+        for kind in FACT_KINDS:
+            templates = list(range(len(QUESTIONS[kind])))
+            held_out = rng.choice(templates)
+            record = {"answer": c.fact(kind), "split": "seen" if c.seen else "unseen", "character": c.name, "fact": kind}
+            if c.seen:
+                train += [chat(question(c, kind, t), reply(c, kind, pick_style(), rng)) for t in templates if t != held_out]
+            test.append({"messages": [{"role": "user", "content": question(c, kind, held_out)}], **record})
+    for q in LLM_QUESTIONS:
+        train += [chat(q, llm_reply(pick_style(), rng)) for _ in range(3)]
+    train += [chat(p["question"], p["answer"]) for p in math_sft]
+    rng.shuffle(train)
+    return train, test
+
+
+def designed_pair(world, prompt_info, rng):
+    """(prompt, better, worse): better by construction: right beats wrong; among right answers,
+    polite > plain > curt > rambling or rude. The gold rater must agree (a test checks)."""
+    c, kind, text = prompt_info
+    if rng.random() < 0.4:  # right against wrong, any styles
+        good, bad = rng.choice(STYLES), rng.choice(STYLES)
+        if c == "llm":
+            return text, llm_reply(good, rng), llm_reply(bad, rng, correct=False)
+        wrong = rng.choice([v for v in VALUES[kind] if v != c.fact(kind)])
+        return text, reply(c, kind, good, rng), reply(c, kind, bad, rng, value=wrong)
+    ladder = ["polite", "plain", "curt", rng.choice(["rambling", "rude"])]
+    i, j = sorted(rng.sample(range(4), 2))
+    if c == "llm":
+        return text, llm_reply(ladder[i], rng), llm_reply(ladder[j], rng)
+    return text, reply(c, kind, ladder[i], rng), reply(c, kind, ladder[j], rng)
+
+
+def make_prefs(world, prompts, n, rng, noise_rng, label_noise):
+    """n preference pairs over prompts, labelled by the gold rater, flipped with probability label_noise."""
+    pairs = []
+    llm = [p for p in prompts if p[0] == "llm"]
+    facts = [p for p in prompts if p[0] != "llm"]
+    while len(pairs) < n:
+        prompt = rng.choice(llm) if llm and rng.random() < 0.05 else rng.choice(facts)
+        text, a, b = designed_pair(world, prompt, rng)
+        sa, sb = gold_score(text, a, world), gold_score(text, b, world)
+        if sa == sb:
+            continue
+        chosen, rejected = (a, b) if sa > sb else (b, a)
+        if noise_rng.random() < label_noise:
+            chosen, rejected = rejected, chosen
+        pairs.append({"prompt": text, "chosen": chosen, "rejected": rejected})
+    return pairs
+
+
+def pref_prompts(world, rng):
+    """Every question about every character, and the LLM questions, split into train and test prompts."""
+    prompts = [(c, kind, question(c, kind, t)) for c in world.characters for kind in FACT_KINDS
+               for t in range(len(QUESTIONS[kind]))] + [("llm", None, q) for q in LLM_QUESTIONS]
+    rng.shuffle(prompts)
+    cut = len(prompts) * 85 // 100
+    return prompts[:cut], prompts[cut:]
