@@ -29,3 +29,28 @@ def fact_accuracy(model, tok, world=None, max_new_tokens=4):
     hits = [tinyworld.completes_fact(t, a) for t, (_, a) in zip(texts, pairs)]
     examples = [(p, a, t) for (p, a), t in zip(pairs, texts)]
     return sum(hits) / len(hits), examples
+
+
+
+def qa_accuracy(model, tok, records, max_new_tokens=96, n_examples=2):
+    """Greedy answers to held-out questions asked through the chat template (sft_test.jsonl's records:
+    {"messages": [user], "answer", "split"}). A reply is correct when it contains the answer as a word
+    (`tinyworld.answer_correct`); it is well formed when it ends with <|end|> within max_new_tokens
+    (or the room the context leaves). Returns {"accuracy", "format", "n", then for each split (seen,
+    unseen) its accuracy and "n_<split>", and "examples": n_examples (question, answer, reply) per split}."""
+    prompts = [tok.render_prompt(r["messages"]) for r in records]
+    limit = min(max_new_tokens, model.config.block_size - max(map(len, prompts)))
+    outs = generate_batched(model, prompts, limit, stop_tokens=[tok.end_id, tok.eot_id])
+    ended = [o[-1:] == [tok.end_id] for o in outs]
+    replies = [tok.decode(t for t in o if t not in (tok.end_id, tok.eot_id)) for o in outs]
+    correct = [tinyworld.answer_correct(text, r["answer"]) for text, r in zip(replies, records)]
+    result = {"accuracy": sum(correct) / len(records), "format": sum(ended) / len(records), "n": len(records)}
+    examples = []
+    for split in sorted({r.get("split", "all") for r in records}):
+        rows = [i for i, r in enumerate(records) if r.get("split", "all") == split]
+        result[split] = sum(correct[i] for i in rows) / len(rows)
+        result[f"n_{split}"] = len(rows)
+        examples += [(records[i]["messages"][-1]["content"], records[i]["answer"], replies[i])
+                     for i in rows[:n_examples]]
+    result["examples"] = examples
+    return result
