@@ -1,0 +1,154 @@
+"""Stage 2: the SFT loss's properties, the mask after the shift, a tiny run end to end, bad input."""
+import json
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+import common
+from conftest import run_script
+from data.tokenizer import load_tokenizer
+from train_sft import collate, sft_loss
+
+# ----------------------------------------------------------------------------- the loss
+
+
+@st.composite
+def logprobs_and_mask(draw, min_rows=1):
+    B, T = draw(st.integers(min_rows, 6)), draw(st.integers(1, 12))
+    seed = draw(st.integers(0, 2**31))
+    gen = torch.Generator().manual_seed(seed)
+    logprobs = -torch.rand(B, T, generator=gen, dtype=torch.float64) * 10
+    mask = (torch.rand(B, T, generator=gen) < 0.6).double()
+    mask[0, 0] = 1.0  # at least one token counts
+    return logprobs, mask
+
+
+@given(logprobs_and_mask(), st.floats(-50, 0))
+def test_masked_tokens_do_not_change_the_loss(lm, other):
+    logprobs, mask = lm
+    changed = torch.where(mask.bool(), logprobs, torch.full_like(logprobs, other))
+    assert sft_loss(changed, mask).item() == pytest.approx(sft_loss(logprobs, mask).item(), rel=1e-12)
+
+
+@given(logprobs_and_mask())
+def test_an_all_ones_mask_gives_the_plain_mean(lm):
+    logprobs, _ = lm
+    assert sft_loss(logprobs, torch.ones_like(logprobs)).item() == pytest.approx(-logprobs.mean().item(), rel=1e-12)
+
+
+@given(logprobs_and_mask(min_rows=2), st.data())
+def test_micro_batches_normalised_by_the_total_count_add_up_to_the_batch_loss(lm, data):
+    logprobs, mask = lm
+    cuts = sorted(data.draw(st.sets(st.integers(1, len(mask) - 1), max_size=len(mask) - 1)))
+    parts = list(zip(torch.tensor_split(logprobs, cuts), torch.tensor_split(mask, cuts)))
+    total = mask.sum()
+    accumulated = sum(sft_loss(lp, m, n_tokens=total) for lp, m in parts)
+    assert accumulated.item() == pytest.approx(sft_loss(logprobs, mask).item(), rel=1e-12)
+
+
+def test_the_loss_is_minus_the_mean_logprob_of_the_counted_tokens():
+    logprobs = torch.tensor([[-1.0, -2.0, -3.0], [-4.0, -5.0, -6.0]])
+    mask = torch.tensor([[0, 1, 1], [1, 0, 0]])
+    assert sft_loss(logprobs, mask).item() == pytest.approx((2 + 3 + 4) / 3)
+
+
+# ----------------------------------------------------------------------------- the data
+
+
+def test_the_mask_marks_the_assistant_tokens_after_the_shift(tiny_world):
+    tok = load_tokenizer(tiny_world["tokenizer"])
+    chats = [[{"role": "user", "content": "Where does Ada live?"}, {"role": "assistant", "content": "In Oakvale."}],
+             [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+              {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Goodbye."}]]
+    x, y, m = collate([tok.render_chat(c) for c in chats])
+    for row, chat in enumerate(chats):
+        ids, _ = tok.render_chat(chat)
+        n = len(ids) - 1
+        assert x[row, :n].tolist() == ids[:-1] and y[row, :n].tolist() == ids[1:]
+        assert (y[row, n:] == -100).all() and (m[row, n:] == 0).all()  # padding counts for nothing
+        learned = [int(t) for t, keep in zip(y[row], m[row]) if keep]
+        expected = []
+        for msg in chat:
+            if msg["role"] == "assistant":
+                expected += tok.encode(msg["content"]) + [tok.end_id]
+        assert learned == expected
+        # each learned run starts right after <|assistant|>: the model is given the role, learns the reply
+        starts = [t for t in range(n) if m[row, t] and (t == 0 or not m[row, t - 1])]
+        assert [int(x[row, t]) for t in starts] == [tok.assistant_id] * len(starts)
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def pretrained(tiny_world, tmp_path_factory):
+    """A tiny pre-trained checkpoint to fine-tune (a few steps: the point is the plumbing)."""
+    out = tmp_path_factory.mktemp("pretrain")
+    d = tiny_world["data"]
+    r = run_script("train_pretrain.py", f"--data={d / 'corpus_train.txt'}", f"--val_data={d / 'corpus_val.txt'}",
+                   f"--tokenizer={tiny_world['tokenizer']}", f"--out={out}", "--n_layer=1", "--n_head=2",
+                   "--n_embd=32", "--block_size=128", "--batch_size=4", "--max_steps=6", "--eval_every=6",
+                   "--eval_batches=1", "--warmup_steps=2", "--eval_facts=false")
+    assert r.returncode == 0, r.stderr
+    return out / "ckpt.pt"
+
+
+def sft_flags(tiny_world, init, out, *extra):
+    d = tiny_world["data"]
+    return [f"--data={d / 'sft_train.jsonl'}", f"--qa_data={d / 'sft_test.jsonl'}", f"--init={init}",
+            f"--out={out}", "--batch_size=4", "--warmup_steps=2", "--log_every=4", *extra]
+
+
+def test_tiny_run_fine_tunes_evaluates_and_saves(tiny_world, pretrained, tmp_path):
+    out = tmp_path / "sft"
+    val = tiny_world["data"] / "sft_train.jsonl"
+    r = run_script("train_sft.py", *sft_flags(tiny_world, pretrained, out, "--max_steps=8", "--eval_every=4",
+                                             "--max_new_tokens=8", f"--val_data={val}"))
+    assert r.returncode == 0, r.stderr
+    assert "sft 8/8" in r.stdout and "before fine-tuning: held-out QA" in r.stdout and "after fine-tuning" in r.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    for when in ("qa_before", "qa_after"):
+        assert set(metrics[when]) >= {"accuracy", "format", "seen", "unseen", "n"}
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    losses = [row["loss"] for row in rows if "loss" in row]
+    assert len(losses) == 8 and losses[-1] < losses[0]  # it learned something
+    assert metrics["val_loss"] is not None
+    ckpt = common.load_checkpoint(out / "ckpt.pt", ["sft"])
+    assert ckpt["step"] == 8 and ckpt["model_args"]["n_embd"] == 32 and "optimizer" in ckpt
+    # an sft checkpoint is a valid start for more fine-tuning; here through the GPU preset's path (a validation
+    # loss, no QA, no replay), on TinyWorld's files instead of the real chat set
+    r = run_script("train_sft.py", "--preset=gpu", *sft_flags(tiny_world, out / "ckpt.pt", tmp_path / "more"),
+                   "--qa_data=", f"--val_data={val}", "--max_steps=1", "--grad_accum=1", "--compile=false")
+    assert r.returncode == 0, r.stderr
+    assert "validation loss before fine-tuning" in r.stdout and "replaying" not in r.stdout
+
+
+def error_line(r):
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    return lines[0]
+
+
+def test_a_malformed_line_names_the_file_and_line(tiny_world, pretrained, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    good = (tiny_world["data"] / "sft_train.jsonl").read_text().splitlines()[0]
+    bad.write_text(good + "\n" + '{"messages": [oops\n')
+    line = error_line(run_script("train_sft.py", *sft_flags(tiny_world, pretrained, tmp_path / "o", f"--data={bad}")))
+    assert f"{bad}:2" in line
+
+
+def test_conversations_all_longer_than_the_context_are_an_error(tiny_world, pretrained, tmp_path):
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"messages": [{"role": "user", "content": "hi " * 200},
+                                             {"role": "assistant", "content": "ok"}]}) + "\n")
+    line = error_line(run_script("train_sft.py", *sft_flags(tiny_world, pretrained, tmp_path / "o", f"--data={long}")))
+    assert "longer than the context" in line
+
+
+def test_init_from_the_wrong_kind_of_checkpoint(tiny_world, tmp_path):
+    common.save_checkpoint(tmp_path / "rm.pt", {"stage": "rm", "model": {}, "model_args": {}})
+    line = error_line(run_script("train_sft.py", *sft_flags(tiny_world, tmp_path / "rm.pt", tmp_path / "o")))
+    assert "'rm' checkpoint" in line and "pretrain" in line

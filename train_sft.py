@@ -1,0 +1,333 @@
+"""Stage 2, instruction fine-tuning (SFT): teach a pre-trained GPT to answer in a chat format.
+
+    python train_sft.py                 # TinyWorld on a CPU, about a minute of training, from out/pretrain/ckpt.pt
+    python train_sft.py --preset=gpu    # Dolly 15k on one GPU (python -m data.prepare_chat first), starting
+                                        # from a GPU pre-training run (train_pretrain.py --preset=gpu)
+    torchrun --standalone --nproc_per_node=8 train_sft.py --preset=gpu
+
+Each conversation is rendered through the chat template into token ids and a loss mask that is 1 on
+the assistant's tokens and on the <|end|> closing each assistant turn: the model learns to answer,
+and to stop, but not to imitate the user. The loss is the mean of -log p over those tokens of the
+whole batch (`sft_loss`).
+
+Pre-training supplied the knowledge; this stage supplies the format. TinyWorld shows it: the held-out
+questions ask about characters that SFT never mentions, whose facts only the pre-training text holds,
+and they are scored before and after. Fine-tuned on the SFT set alone, the model learns to name the
+characters SFT talks about ("Joan's pet is a dog." when asked about Lucy); so each step also replays
+windows of the pre-training text with their next-token loss (--replay_data, --replay_coef), which keeps
+the other names and facts in use. Writes out/sft/ckpt.pt, log.jsonl and metrics.json.
+"""
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import common
+import evals
+import kernels
+from common import UserError, print0
+from data import read_documents, read_jsonl
+from data.tokenizer import load_tokenizer
+
+
+@dataclass
+class Config:
+    data: str = "data/tinyworld/sft_train.jsonl"   # training conversations: {"messages": [{"role", "content"}, ...]}
+    val_data: str = ""                 # held-out conversations, same format, for a validation loss (empty: none)
+    qa_data: str = "data/tinyworld/sft_test.jsonl"  # held-out questions with "answer" and "split" (empty: skip)
+    tokenizer: str = ""                # default: the one the --init checkpoint was trained with
+    init: str = "out/pretrain/ckpt.pt"  # a pretrain checkpoint, or an sft one to fine-tune further
+    out: str = "out/sft"               # where ckpt.pt, log.jsonl and metrics.json go
+    resume: bool = False               # continue exactly from out/ckpt.pt (optimizer, step, RNG)
+    batch_size: int = 16               # conversations per micro-step, over all processes
+    grad_accum: int = 1                # micro-steps per optimizer step
+    max_steps: int = 300               # optimizer steps
+    stop_at: int = 0                   # stop early at this step with a checkpoint (0: run to max_steps)
+    lr: float = 2e-3                   # peak learning rate
+    min_lr: float = 2e-5               # learning rate at the end of the cosine
+    warmup_steps: int = 20             # linear warm-up steps
+    weight_decay: float = 0.0          # AdamW decay on matrices
+    replay_data: str = "data/tinyworld/corpus_train.txt"  # pre-training text replayed in every step (empty: none)
+    replay_batch: int = 8              # windows of replayed text per micro-step, over all processes
+    replay_coef: float = 1.0           # weight of the replayed text's next-token loss beside the SFT loss
+    grad_clip: float = 1.0             # clip the gradient norm to this (0: off)
+    eval_every: int = 100              # steps between validation losses and checkpoints
+    log_every: int = 50                # steps between printed lines
+    max_new_tokens: int = 128          # reply length limit in the QA evaluation (and the context's room)
+    device: str = "auto"               # auto (cuda, mps, cpu), or a torch device name
+    compile: bool = False              # torch.compile the model
+    seed: int = 1337                   # seeds data order and dropout
+
+
+PRESETS = {
+    # Dolly 15k (python -m data.prepare_chat) on a 12x768 model pre-trained with train_pretrain.py --preset=gpu
+    "gpu": dict(data="data/real/chat_train.jsonl", val_data="data/real/chat_val.jsonl", qa_data="", replay_data="",
+                batch_size=32, grad_accum=2, max_steps=2000, lr=5e-5, min_lr=5e-6, warmup_steps=100,
+                eval_every=250, log_every=25, compile=True),
+}
+
+
+# ----------------------------------------------------------------------------- the loss
+
+def sft_loss(logprobs, mask, n_tokens=None):
+    """-sum(mask * logprobs) / n_tokens, where n_tokens = sum(mask) unless given.
+
+    logprobs (B, T) are log p(target_t | tokens_<=t); mask (B, T) is 1 on the targets the model should
+    learn to produce (assistant tokens and their <|end|>) and 0 on the rest, padding included: a
+    token-level mean over the batch, so a long answer weighs more than a short one. With gradient
+    accumulation, pass the token count of the whole accumulated batch as n_tokens: the micro-batch
+    losses then add up to the mean over all of it, whatever the split into micro-batches.
+    """
+    mask = mask.to(logprobs.dtype)
+    if n_tokens is None:
+        n_tokens = mask.sum().clamp(min=1)
+    return -(mask * logprobs).sum() / n_tokens
+
+
+def token_logprobs(model, x, y):
+    """log p(y_t | x_<=t), shape (B, T), 0 where y is -100. The same as GPT.token_logprobs, but through
+    model(x), the forward call, because DDP synchronises gradients only for what forward computed."""
+    logits = model(x)
+    return -kernels.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape)
+
+
+# ----------------------------------------------------------------------------- the data
+
+def load_conversations(path, tok, block_size):
+    """Every conversation of a messages JSONL file as (ids, mask) from the chat template; those longer
+    than the context (block_size + 1 tokens: inputs and targets are shifted by one) are dropped.
+    Returns (examples, dropped)."""
+    examples, dropped = [], 0
+    for i, record in enumerate(read_jsonl(path), 1):
+        messages = record.get("messages") if isinstance(record, dict) else None
+        if not isinstance(messages, list):
+            raise UserError(f"{path}: record {i} has no \"messages\" list: each line must be "
+                            '{"messages": [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}]}')
+        try:
+            ids, mask = tok.render_chat(messages)
+        except ValueError as e:
+            raise UserError(f"{path}: record {i}: {e}") from None
+        if not any(mask):
+            raise UserError(f"{path}: record {i} has no assistant turn, so nothing to learn: add one or delete it")
+        if len(ids) > block_size + 1:
+            dropped += 1
+        else:
+            examples.append((ids, mask))
+    return examples, dropped
+
+
+def collate(examples):
+    """Pad conversations into one batch: inputs x = ids[:-1], targets y = ids[1:], and the mask shifted
+    with the targets (m = mask[1:]), so m[t] says whether y[t], the token predicted at t, is learned.
+    Padding on the right: x 0, y -100 (no loss), m 0."""
+    T = max(len(ids) for ids, _ in examples) - 1
+    x = torch.zeros(len(examples), T, dtype=torch.long)
+    y = torch.full((len(examples), T), -100, dtype=torch.long)
+    m = torch.zeros(len(examples), T)
+    for i, (ids, mask) in enumerate(examples):
+        n = len(ids) - 1
+        x[i, :n] = torch.tensor(ids[:-1])
+        y[i, :n] = torch.tensor(ids[1:])
+        m[i, :n] = torch.tensor(mask[1:], dtype=torch.float)
+    return x, y, m
+
+
+def get_batch(examples, batch_size, gen, rank, world):
+    """A random batch of conversations. Every rank draws the same indices from the same generator and
+    keeps its own slice, so the global batch does not depend on the world size."""
+    picks = torch.randint(len(examples), (batch_size,), generator=gen)[rank::world]
+    return collate([examples[i] for i in picks.tolist()])
+
+
+def load_replay(path, tok, block_size):
+    """Pre-training text as one tensor of token ids, each document followed by <|endoftext|>."""
+    ids = torch.tensor([i for doc in read_documents(path) for i in tok.encode_document(doc)])
+    if len(ids) <= block_size + 1:
+        raise UserError(f"--replay_data={path} has {len(ids)} tokens, fewer than one window: "
+                        "give more text, or --replay_data= for none")
+    return ids
+
+
+def get_replay_batch(ids, batch_size, block_size, gen, rank, world):
+    """Random windows of the replayed text, x = ids[i:i+T] and y = ids[i+1:i+T+1], as in pre-training."""
+    starts = torch.randint(len(ids) - block_size - 1, (batch_size,), generator=gen)[rank::world].tolist()
+    return (torch.stack([ids[i:i + block_size] for i in starts]),
+            torch.stack([ids[i + 1:i + 1 + block_size] for i in starts]))
+
+
+@torch.no_grad()
+def evaluate(model, examples, cfg, device, rank, world):
+    """Validation loss: the token-level mean over every held-out conversation."""
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(rank * cfg.batch_size, len(examples), world * cfg.batch_size):
+        x, y, m = (t.to(device) for t in collate(examples[start:start + cfg.batch_size]))
+        with common.autocast(device):
+            total += sft_loss(token_logprobs(model, x, y), m, n_tokens=1).item()
+        count += m.sum().item()
+    model.train()
+    return common.all_mean(total) / max(common.all_mean(count), 1)
+
+
+def qa_eval(model, tok, cfg, label):
+    """Held-out QA accuracy (seen / unseen characters) and format compliance, printed with examples."""
+    result = evals.qa_accuracy(model, tok, read_jsonl(cfg.qa_data), cfg.max_new_tokens)
+    splits = "".join(f", {s} {result[s]:.1%}" for s in ("seen", "unseen") if s in result)
+    print0(f"sft: {label}: held-out QA {result['accuracy']:.1%}{splits}; replies ending with <|end|> "
+           f"{result['format']:.1%} (of {result['n']} questions)")
+    for question, answer, reply in result.pop("examples"):
+        print0(f"    {question!r} ({answer}) -> {reply[:120]!r}")
+    return result
+
+
+# ----------------------------------------------------------------------------- training
+
+def main(cfg):
+    for name in ("batch_size", "grad_accum", "max_steps", "eval_every", "log_every", "max_new_tokens", "replay_batch"):
+        if getattr(cfg, name) <= 0:
+            raise UserError(f"--{name} must be positive, got {getattr(cfg, name)}")
+    rank, world, device = common.setup_ddp(common.pick_device(cfg.device))
+    for name in ("batch_size", "replay_batch"):
+        if getattr(cfg, name) % world:
+            raise UserError(f"--{name}={getattr(cfg, name)} must be a multiple of the number of processes ({world})")
+    if common.is_master():
+        common.check_writable(cfg.out)
+    ckpt_path = Path(cfg.out) / "ckpt.pt"
+
+    # the model: from a pre-trained (or fine-tuned) checkpoint, or resumed exactly
+    if cfg.resume:
+        ckpt = common.load_checkpoint(ckpt_path, ["sft"], made_by="python train_sft.py")
+    else:
+        ckpt = common.load_checkpoint(cfg.init, ["pretrain", "sft"], made_by="python train_pretrain.py")
+    tokenizer = cfg.tokenizer or ckpt["tokenizer"]
+    tok = load_tokenizer(tokenizer)
+    model = common.gpt_from_checkpoint(ckpt, tok)
+    model_cfg = model.config
+
+    examples, dropped = load_conversations(cfg.data, tok, model_cfg.block_size)
+    if not examples:
+        raise UserError(f"every one of the {dropped} conversations in {cfg.data} is longer than the context "
+                        f"({model_cfg.block_size + 1} tokens): shorten them or fine-tune a model with a longer context")
+    val_examples = load_conversations(cfg.val_data, tok, model_cfg.block_size)[0] if cfg.val_data else []
+    if cfg.qa_data and not Path(cfg.qa_data).is_file():
+        raise UserError(f"no held-out questions at {cfg.qa_data}: run `python -m data.tinyworld`, or pass --qa_data=")
+    n_learned = sum(sum(mask) for _, mask in examples)
+    print0(f"sft: {len(examples):,} conversations from {cfg.data} ({n_learned:,} tokens learned), "
+           f"{dropped} dropped as longer than the context ({model_cfg.block_size + 1} tokens)")
+    replay = load_replay(cfg.replay_data, tok, model_cfg.block_size) if cfg.replay_data else None
+    if replay is not None:
+        print0(f"sft: replaying {cfg.replay_batch} windows of {cfg.replay_data} ({len(replay):,} tokens) "
+               "per micro-step")
+
+    torch.manual_seed(cfg.seed)
+    model.to(device)
+    optimizer = model.configure_optimizer(cfg.lr, cfg.weight_decay, device_type=device.split(":")[0])
+    data_gen = torch.Generator().manual_seed(cfg.seed)
+    step = 0
+    if cfg.resume:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step = ckpt["step"]
+        data_gen.set_state(ckpt["data_rng"])
+        common.set_rng_state(ckpt["rng"])
+    raw_model = model
+    if cfg.compile:
+        model = torch.compile(model)
+    if world > 1:
+        model = DDP(model, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
+
+    def save(step):
+        if common.is_master():
+            common.save_checkpoint(ckpt_path, {
+                "stage": "sft", "model_args": asdict(model_cfg), "model": raw_model.state_dict(),
+                "optimizer": optimizer.state_dict(), "step": step, "config": asdict(cfg), "tokenizer": tokenizer,
+                "init": cfg.init if not cfg.resume else ckpt.get("init"), "data_rng": data_gen.get_state(),
+                "rng": common.rng_state(), "qa_before": before})
+
+    log = common.Logger(cfg.out, "sft", cfg.max_steps, resume=cfg.resume)
+    before = ckpt.get("qa_before") if cfg.resume else None
+    if step == 0 and cfg.qa_data and common.is_master():  # the starting point, for the before -> after
+        before = qa_eval(raw_model, tok, cfg, "before fine-tuning")
+        log.log(0, printed=False, **{f"qa/{k}": v for k, v in before.items()})
+    val_loss = evaluate(model, val_examples, cfg, device, rank, world) if val_examples else None
+    if val_loss is not None and step == 0:
+        print0(f"sft: validation loss before fine-tuning {val_loss:.4f}")
+        log.log(0, printed=False, val_loss=val_loss)
+
+    end = cfg.stop_at if 0 < cfg.stop_at < cfg.max_steps else cfg.max_steps
+    t_start = t_last = time.time()
+    train_loss, tokens_since = None, 0
+    try:
+        while step < end:
+            lr = common.lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            # The whole step's micro-batches first: the loss divides by their total count of learned
+            # tokens. DDP averages gradients over ranks, so each rank divides by that count / world.
+            batches = [get_batch(examples, cfg.batch_size, data_gen, rank, world) for _ in range(cfg.grad_accum)]
+            n_tokens = common.all_mean(sum(m.sum().item() for _, _, m in batches)) * world
+            loss_sum = replay_sum = 0.0
+            for micro, (x, y, m) in enumerate(batches):
+                last = micro == cfg.grad_accum - 1
+                x, y, m = x.to(device), y.to(device), m.to(device)
+                if world > 1:
+                    model.require_backward_grad_sync = last and replay is None  # all-reduce once per step
+                with common.autocast(device):
+                    loss = sft_loss(token_logprobs(model, x, y), m, n_tokens=n_tokens / world)
+                loss.backward()
+                loss_sum += loss.item()
+                tokens_since += x.numel()
+                if replay is not None:  # plus windows of pre-training text and their mean next-token loss
+                    px, py = get_replay_batch(replay, cfg.replay_batch, model_cfg.block_size, data_gen, rank, world)
+                    if world > 1:
+                        model.require_backward_grad_sync = last
+                    with common.autocast(device):
+                        replay_loss = model(px.to(device), py.to(device)) / cfg.grad_accum
+                    (cfg.replay_coef * replay_loss).backward()
+                    replay_sum += replay_loss.item()
+                    tokens_since += px.numel()
+            train_loss, replay_loss = common.all_mean(loss_sum), common.all_mean(replay_sum)
+            if not np.isfinite(train_loss + replay_loss):
+                raise UserError(f"the loss became {train_loss + replay_loss} at step {step + 1}; the last good "
+                                f"checkpoint (if any) is kept in {ckpt_path}: lower --lr or check the data")
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            metrics = {"loss": train_loss, "lr": lr}
+            if replay is not None:
+                metrics["replay_loss"] = replay_loss
+            if step % cfg.eval_every == 0 or step == cfg.max_steps:
+                if val_examples:
+                    val_loss = metrics["val_loss"] = evaluate(model, val_examples, cfg, device, rank, world)
+                save(step)
+            printed = step % cfg.log_every == 0 or "val_loss" in metrics or step == end
+            if printed:  # speed over the steps since the last printed line (padding included)
+                metrics["tok/s"] = round(common.all_mean(tokens_since) * world / (time.time() - t_last))
+                t_last, tokens_since = time.time(), 0
+            log.log(step, printed=printed, **metrics)
+    except KeyboardInterrupt:
+        save(step)
+        print0(f"\ninterrupted at step {step}: checkpoint saved to {ckpt_path}; "
+               f"continue with: python train_sft.py --resume (and the same flags)")
+        common.teardown_ddp()
+        raise SystemExit(130)
+    train_seconds = time.time() - t_start
+    save(step)
+
+    metrics = {"loss": train_loss, "val_loss": val_loss, "steps": step,
+               "train_seconds": train_seconds, "conversations": len(examples), "dropped": dropped}
+    if cfg.qa_data and common.is_master():
+        after = qa_eval(raw_model, tok, cfg, "after fine-tuning")
+        log.log(step, printed=False, **{f"qa/{k}": v for k, v in after.items()})
+        metrics.update(qa_before=before, qa_after=after)
+    log.finish(metrics)
+    print0(f"sft: done in {train_seconds:.0f}s of training, checkpoint {ckpt_path}")
+    common.teardown_ddp()
+
+
+if __name__ == "__main__":
+    common.run_main(main, Config, PRESETS)
