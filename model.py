@@ -144,18 +144,19 @@ class GPT(nn.Module):
             cache.len += T
         return self.transformer.ln_f(x)
 
-    def forward(self, idx, targets=None):
-        """Logits (B, T, V); or, given targets (B, T) with -100 where nothing is predicted, the mean loss."""
+    def forward(self, idx, targets=None, reduction="mean"):
+        """Logits (B, T, V); or, given targets (B, T) with -100 where nothing is predicted, the loss:
+        the mean over predicted tokens, or with reduction="none" each token's -log p, shape (B, T).
+        (Under DDP, losses must come through forward, the call that synchronises gradients.)"""
         logits = self.lm_head(self.hidden(idx))
         if targets is None:
             return logits
-        return kernels.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        loss = kernels.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction=reduction)
+        return loss.view(targets.shape) if reduction == "none" else loss
 
     def token_logprobs(self, idx, targets):
         """log p(targets[b, t] | idx[b, :t+1]) for every position, shape (B, T); 0 where targets is -100."""
-        logits = self.lm_head(self.hidden(idx))
-        loss = kernels.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
-        return -loss.view(targets.shape)
+        return -self(idx, targets, reduction="none")
 
     def configure_optimizer(self, lr, weight_decay, betas=(0.9, 0.95), device_type="cpu"):
         """AdamW with weight decay on matrices only: biases and LayerNorm gains are not decayed."""

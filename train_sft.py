@@ -27,7 +27,6 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common
 import evals
-import kernels
 from common import UserError, print0
 from data import read_documents, read_jsonl
 from data.tokenizer import load_tokenizer
@@ -85,13 +84,6 @@ def sft_loss(logprobs, mask, n_tokens=None):
     if n_tokens is None:
         n_tokens = mask.sum().clamp(min=1)
     return -(mask * logprobs).sum() / n_tokens
-
-
-def token_logprobs(model, x, y):
-    """log p(y_t | x_<=t), shape (B, T), 0 where y is -100. The same as GPT.token_logprobs, but through
-    model(x), the forward call, because DDP synchronises gradients only for what forward computed."""
-    logits = model(x)
-    return -kernels.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape)
 
 
 # ----------------------------------------------------------------------------- the data
@@ -166,7 +158,7 @@ def evaluate(model, examples, cfg, device, rank, world):
     for start in range(rank * cfg.batch_size, len(examples), world * cfg.batch_size):
         x, y, m = (t.to(device) for t in collate(examples[start:start + cfg.batch_size]))
         with common.autocast(device):
-            total += sft_loss(token_logprobs(model, x, y), m, n_tokens=1).item()
+            total += sft_loss(-model(x, y, reduction="none"), m, n_tokens=1).item()
         count += m.sum().item()
     model.train()
     return common.all_mean(total) / max(common.all_mean(count), 1)
@@ -275,7 +267,8 @@ def main(cfg):
                 if world > 1:
                     model.require_backward_grad_sync = last and replay is None  # all-reduce once per step
                 with common.autocast(device):
-                    loss = sft_loss(token_logprobs(model, x, y), m, n_tokens=n_tokens / world)
+                    logprobs = -model(x, y, reduction="none")  # log p of each target, (B, T)
+                    loss = sft_loss(logprobs, m, n_tokens=n_tokens / world)
                 loss.backward()
                 loss_sum += loss.item()
                 tokens_since += x.numel()
