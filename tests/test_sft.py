@@ -96,7 +96,8 @@ def pretrained(tiny_world, tmp_path_factory):
 
 def sft_flags(tiny_world, init, out, *extra):
     d = tiny_world["data"]
-    return [f"--data={d / 'sft_train.jsonl'}", f"--qa_data={d / 'sft_test.jsonl'}", f"--init={init}",
+    return [f"--data={d / 'sft_train.jsonl'}", f"--qa_data={d / 'sft_test.jsonl'}",
+            f"--replay_data={d / 'corpus_train.txt'}", f"--init={init}",
             f"--out={out}", "--batch_size=4", "--warmup_steps=2", "--log_every=4", *extra]
 
 
