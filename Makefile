@@ -24,6 +24,6 @@ demo: venv
 	$(PY) -m data.tokenizer
 	$(PY) train_pretrain.py
 	$(PY) train_sft.py
-	$(PY) sample.py --init=scratch --prompt="Lucy's favourite colour is" --max_new_tokens=20 --temperature=0
+	$(PY) sample.py --init=scratch --prompt="Lucy's favourite colour is" --max_new_tokens=20
 	$(PY) sample.py --init=out/pretrain/ckpt.pt --prompt="Lucy's favourite colour is" --max_new_tokens=20 --temperature=0
 	$(PY) sample.py --init=out/sft/ckpt.pt --chat --temperature=0 --prompt="Where does Lucy live?"
