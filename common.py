@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 # ----------------------------------------------------------------------------- user errors
 
@@ -189,6 +190,32 @@ def gpt_from_checkpoint(ckpt, tok=None):
     if missing:
         raise UserError(f"the checkpoint lacks weights such as {missing[0]}: it was not written by this project")
     return model
+
+
+def start_training(model, cfg, device, world, ckpt=None):
+    """What every training loop starts from: AdamW over the model, the generator that orders the data,
+    and the step; all restored exactly from ckpt under --resume. Returns (model to call, optimizer,
+    data generator, step): the model to call is compiled and DDP-wrapped as the config asks."""
+    optimizer = model.configure_optimizer(cfg.lr, cfg.weight_decay, device_type=device.split(":")[0])
+    data_gen = torch.Generator().manual_seed(cfg.seed)
+    step = 0
+    if cfg.resume:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step = ckpt["step"]
+        data_gen.set_state(ckpt["data_rng"])
+        set_rng_state(ckpt["rng"])
+    if cfg.compile:
+        model = torch.compile(model)
+    if world > 1:
+        model = DDP(model, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
+    return model, optimizer, data_gen, step
+
+
+def training_checkpoint(stage, model, optimizer, step, cfg, tokenizer, data_gen, **extra):
+    """The checkpoint every stage writes: enough to rebuild the model, and to resume exactly."""
+    return {"stage": stage, "model_args": dataclasses.asdict(model.config), "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(), "step": step, "config": dataclasses.asdict(cfg),
+            "tokenizer": tokenizer, "data_rng": data_gen.get_state(), "rng": rng_state(), **extra}
 
 
 def check_writable(out_dir):

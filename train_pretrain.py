@@ -10,12 +10,11 @@ memmap of token ids; training reads random windows of it. Writes out/pretrain/ck
 """
 import hashlib
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common
 import evals
@@ -163,28 +162,14 @@ def main(cfg):
     model_cfg = model.config
     if cfg.block_size > model_cfg.block_size:
         raise UserError(f"--block_size={cfg.block_size} is larger than the checkpoint's context ({model_cfg.block_size})")
-    model.to(device)
-    optimizer = model.configure_optimizer(cfg.lr, cfg.weight_decay, device_type=device.split(":")[0])
-    data_gen = torch.Generator().manual_seed(cfg.seed)
-    step = 0
-    if cfg.resume:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        step = ckpt["step"]
-        data_gen.set_state(ckpt["data_rng"])
-        common.set_rng_state(ckpt["rng"])
-    raw_model = model
-    if cfg.compile:
-        model = torch.compile(model)
-    if world > 1:
-        model = DDP(model, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
+    raw_model = model.to(device)
+    model, optimizer, data_gen, step = common.start_training(raw_model, cfg, device, world, ckpt)
 
     def save(step, val_loss):
         if common.is_master():
-            common.save_checkpoint(ckpt_path, {
-                "stage": "pretrain", "model_args": asdict(model_cfg), "model": raw_model.state_dict(),
-                "optimizer": optimizer.state_dict(), "step": step, "config": asdict(cfg),
-                "tokenizer": cfg.tokenizer, "val_loss": val_loss, "val_loss_init": first_val, "data_rng": data_gen.get_state(),
-                "rng": common.rng_state()})
+            common.save_checkpoint(ckpt_path, common.training_checkpoint(
+                "pretrain", raw_model, optimizer, step, cfg, cfg.tokenizer, data_gen,
+                val_loss=val_loss, val_loss_init=first_val))
 
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.block_size
     flops_per_step = raw_model.flops_per_token(cfg.block_size) * tokens_per_step

@@ -18,12 +18,11 @@ windows of the pre-training text with their next-token loss (--replay_data, --re
 the other names and facts in use. Writes out/sft/ckpt.pt, log.jsonl and metrics.json.
 """
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common
 import evals
@@ -215,28 +214,14 @@ def main(cfg):
                "per micro-step")
 
     torch.manual_seed(cfg.seed)
-    model.to(device)
-    optimizer = model.configure_optimizer(cfg.lr, cfg.weight_decay, device_type=device.split(":")[0])
-    data_gen = torch.Generator().manual_seed(cfg.seed)
-    step = 0
-    if cfg.resume:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        step = ckpt["step"]
-        data_gen.set_state(ckpt["data_rng"])
-        common.set_rng_state(ckpt["rng"])
-    raw_model = model
-    if cfg.compile:
-        model = torch.compile(model)
-    if world > 1:
-        model = DDP(model, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
+    raw_model = model.to(device)
+    model, optimizer, data_gen, step = common.start_training(raw_model, cfg, device, world, ckpt)
 
     def save(step):
         if common.is_master():
-            common.save_checkpoint(ckpt_path, {
-                "stage": "sft", "model_args": asdict(model_cfg), "model": raw_model.state_dict(),
-                "optimizer": optimizer.state_dict(), "step": step, "config": asdict(cfg), "tokenizer": tokenizer,
-                "init": cfg.init if not cfg.resume else ckpt.get("init"), "data_rng": data_gen.get_state(),
-                "rng": common.rng_state(), "qa_before": before})
+            common.save_checkpoint(ckpt_path, common.training_checkpoint(
+                "sft", raw_model, optimizer, step, cfg, tokenizer, data_gen,
+                init=cfg.init if not cfg.resume else ckpt.get("init"), qa_before=before))
 
     log = common.Logger(cfg.out, "sft", cfg.max_steps, resume=cfg.resume)
     before = ckpt.get("qa_before") if cfg.resume else None

@@ -120,7 +120,8 @@ def test_tiny_run_fine_tunes_evaluates_and_saves(tiny_world, pretrained, tmp_pat
     # an sft checkpoint is a valid start for more fine-tuning; here through the GPU preset's path (a validation
     # loss, no QA, no replay), on TinyWorld's files instead of the real chat set
     r = run_script("train_sft.py", "--preset=gpu", *sft_flags(tiny_world, out / "ckpt.pt", tmp_path / "more"),
-                   "--qa_data=", f"--val_data={val}", "--max_steps=1", "--grad_accum=1", "--compile=false")
+                   "--qa_data=", "--replay_data=", f"--val_data={val}", "--max_steps=1", "--grad_accum=1",
+                   "--compile=false")
     assert r.returncode == 0, r.stderr
     assert "validation loss before fine-tuning" in r.stdout and "replaying" not in r.stdout
 
