@@ -42,3 +42,25 @@ def tiny_world(tmp_path_factory):
     r = run_script("-m", "data.tokenizer", f"--input={data / 'corpus_train.txt'}", "--vocab_size=320", f"--out={tok}")
     assert r.returncode == 0, r.stderr
     return {"data": data, "tokenizer": tok}
+
+
+@pytest.fixture(scope="session")
+def tiny_pretrained(tiny_world, tmp_path_factory):
+    """A tiny pre-trained checkpoint for the later stages and sample.py (a few steps: the point is the plumbing)."""
+    out = tmp_path_factory.mktemp("pretrain")
+    d = tiny_world["data"]
+    r = run_script("train_pretrain.py", f"--data={d / 'corpus_train.txt'}", f"--val_data={d / 'corpus_val.txt'}",
+                   f"--tokenizer={tiny_world['tokenizer']}", f"--out={out}", "--n_layer=1", "--n_head=2",
+                   "--n_embd=32", "--block_size=128", "--batch_size=4", "--max_steps=6", "--eval_every=6",
+                   "--eval_batches=1", "--warmup_steps=2", "--eval_facts=false")
+    assert r.returncode == 0, r.stderr
+    return out / "ckpt.pt"
+
+
+def error_line(r):
+    """The one line a user's mistake gets: exit code 2, no traceback, "error: ..." on stderr."""
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    return lines[0]

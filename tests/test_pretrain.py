@@ -1,12 +1,10 @@
 """Stage 1 end to end: a tiny run, exact resume, DDP equals one process, and bad input."""
 import json
-import shutil
 
 import pytest
-import torch
 
 import common
-from conftest import run_script
+from conftest import error_line, run_script
 
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--eval_batches=2",
         "--log_every=2", "--warmup_steps=2"]
@@ -53,14 +51,6 @@ def test_ddp_two_processes_match_one(tiny_world, tmp_path):
                    *flags(tiny_world, two, "--max_steps=4", "--eval_every=4"), env={"OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr
     assert losses(two) == pytest.approx(losses(one), rel=1e-4)
-
-
-def error_line(r):
-    assert r.returncode == 2, (r.stdout, r.stderr)
-    assert "Traceback" not in r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ")
-    return lines[0]
 
 
 def test_missing_tokenizer_names_the_command(tiny_world, tmp_path):

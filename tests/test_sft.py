@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, strategies as st
 
 import common
-from conftest import run_script
+from conftest import error_line, run_script
 from data.tokenizer import load_tokenizer
 from train_sft import collate, sft_loss
 
@@ -81,19 +81,6 @@ def test_the_mask_marks_the_assistant_tokens_after_the_shift(tiny_world):
 # ----------------------------------------------------------------------------- end to end
 
 
-@pytest.fixture(scope="module")
-def pretrained(tiny_world, tmp_path_factory):
-    """A tiny pre-trained checkpoint to fine-tune (a few steps: the point is the plumbing)."""
-    out = tmp_path_factory.mktemp("pretrain")
-    d = tiny_world["data"]
-    r = run_script("train_pretrain.py", f"--data={d / 'corpus_train.txt'}", f"--val_data={d / 'corpus_val.txt'}",
-                   f"--tokenizer={tiny_world['tokenizer']}", f"--out={out}", "--n_layer=1", "--n_head=2",
-                   "--n_embd=32", "--block_size=128", "--batch_size=4", "--max_steps=6", "--eval_every=6",
-                   "--eval_batches=1", "--warmup_steps=2", "--eval_facts=false")
-    assert r.returncode == 0, r.stderr
-    return out / "ckpt.pt"
-
-
 def sft_flags(tiny_world, init, out, *extra):
     d = tiny_world["data"]
     return [f"--data={d / 'sft_train.jsonl'}", f"--qa_data={d / 'sft_test.jsonl'}",
@@ -101,10 +88,10 @@ def sft_flags(tiny_world, init, out, *extra):
             f"--out={out}", "--batch_size=4", "--warmup_steps=2", "--log_every=4", *extra]
 
 
-def test_tiny_run_fine_tunes_evaluates_and_saves(tiny_world, pretrained, tmp_path):
+def test_tiny_run_fine_tunes_evaluates_and_saves(tiny_world, tiny_pretrained, tmp_path):
     out = tmp_path / "sft"
     val = tiny_world["data"] / "sft_train.jsonl"
-    r = run_script("train_sft.py", *sft_flags(tiny_world, pretrained, out, "--max_steps=8", "--eval_every=4",
+    r = run_script("train_sft.py", *sft_flags(tiny_world, tiny_pretrained, out, "--max_steps=8", "--eval_every=4",
                                              "--max_new_tokens=8", f"--val_data={val}"))
     assert r.returncode == 0, r.stderr
     assert "sft 8/8" in r.stdout and "before fine-tuning: held-out QA" in r.stdout and "after fine-tuning" in r.stdout
@@ -126,27 +113,19 @@ def test_tiny_run_fine_tunes_evaluates_and_saves(tiny_world, pretrained, tmp_pat
     assert "validation loss before fine-tuning" in r.stdout and "replaying" not in r.stdout
 
 
-def error_line(r):
-    assert r.returncode == 2, (r.stdout, r.stderr)
-    assert "Traceback" not in r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ")
-    return lines[0]
-
-
-def test_a_malformed_line_names_the_file_and_line(tiny_world, pretrained, tmp_path):
+def test_a_malformed_line_names_the_file_and_line(tiny_world, tiny_pretrained, tmp_path):
     bad = tmp_path / "bad.jsonl"
     good = (tiny_world["data"] / "sft_train.jsonl").read_text().splitlines()[0]
     bad.write_text(good + "\n" + '{"messages": [oops\n')
-    line = error_line(run_script("train_sft.py", *sft_flags(tiny_world, pretrained, tmp_path / "o", f"--data={bad}")))
+    line = error_line(run_script("train_sft.py", *sft_flags(tiny_world, tiny_pretrained, tmp_path / "o", f"--data={bad}")))
     assert f"{bad}:2" in line
 
 
-def test_conversations_all_longer_than_the_context_are_an_error(tiny_world, pretrained, tmp_path):
+def test_conversations_all_longer_than_the_context_are_an_error(tiny_world, tiny_pretrained, tmp_path):
     long = tmp_path / "long.jsonl"
     long.write_text(json.dumps({"messages": [{"role": "user", "content": "hi " * 200},
                                              {"role": "assistant", "content": "ok"}]}) + "\n")
-    line = error_line(run_script("train_sft.py", *sft_flags(tiny_world, pretrained, tmp_path / "o", f"--data={long}")))
+    line = error_line(run_script("train_sft.py", *sft_flags(tiny_world, tiny_pretrained, tmp_path / "o", f"--data={long}")))
     assert "longer than the context" in line
 
 
