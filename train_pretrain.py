@@ -19,7 +19,7 @@ import torch
 import common
 import evals
 from common import UserError, print0
-from data import tinyworld
+from data import read_documents, tinyworld
 from data.tokenizer import load_tokenizer
 from model import GPT, GPTConfig
 
@@ -70,7 +70,7 @@ def tokenize_to_memmap(text_path, tok, cache_dir="out/tokens"):
     """Token ids of a text file as a read-only memmap, tokenized once and cached by (file, tokenizer).
     Documents are separated by blank lines; each is followed by <|endoftext|>."""
     text_path = Path(text_path)
-    if not text_path.is_file():
+    if not text_path.is_file():  # checked here too: the cache key needs the file's time
         raise UserError(f"no corpus at {text_path}: run `python -m data.tinyworld` (or a data/prepare_*.py script)")
     dtype = np.uint16 if tok.n_vocab <= 65535 else np.uint32
     key = hashlib.sha1(f"{text_path.resolve()}|{text_path.stat().st_mtime_ns}|{tok.fingerprint}".encode()).hexdigest()[:12]
@@ -78,7 +78,7 @@ def tokenize_to_memmap(text_path, tok, cache_dir="out/tokens"):
     if not cache.exists():
         if common.is_master():
             t0 = time.time()
-            docs = [d.strip() for d in text_path.read_text(encoding="utf-8").split("\n\n") if d.strip()]
+            docs = read_documents(text_path)
             if not docs:
                 raise UserError(f"{text_path} has no text: give a corpus with documents separated by blank lines")
             ids = np.array([i for d in docs for i in tok.encode_document(d)], dtype=dtype)
@@ -141,6 +141,13 @@ def main(cfg):
         common.check_writable(cfg.out)
     ckpt_path = Path(cfg.out) / "ckpt.pt"
 
+    # the world whose facts the model should learn (read now, so a missing one fails before training)
+    facts_of = None
+    if cfg.eval_facts and Path(cfg.data).is_file():  # a missing corpus gets its own error below
+        if not (Path(cfg.data).parent / "meta.json").is_file():
+            raise UserError(f"--eval_facts measures TinyWorld's facts, but {Path(cfg.data).parent} holds no TinyWorld "
+                            "(meta.json): pass --eval_facts=false for another corpus")
+        facts_of = tinyworld.load_world(Path(cfg.data).parent)
     tok = load_tokenizer(cfg.tokenizer)
     train_data = tokenize_to_memmap(cfg.data, tok)
     val_data = tokenize_to_memmap(cfg.val_data, tok)
@@ -240,9 +247,8 @@ def main(cfg):
         for p, o in zip(prompts, outs):
             print0(f"--- {tok.decode(p[1:] + o)!r}")
     metrics = {"val_loss": val_loss, "val_loss_init": first_val, "steps": step, "params": raw_model.num_params()}
-    if cfg.eval_facts and common.is_master():
-        world = tinyworld.load_world(Path(cfg.data).parent)
-        metrics["fact_accuracy"], examples = evals.fact_accuracy(raw_model, tok, world)
+    if facts_of is not None and common.is_master():
+        metrics["fact_accuracy"], examples = evals.fact_accuracy(raw_model, tok, facts_of)
         print0(f"pretrain: fact completion {metrics['fact_accuracy']:.1%} of {len(examples)} facts, e.g. "
                + "; ".join(f"{p!r} -> {t!r}" for p, _, t in examples[:3]))
     log.finish(metrics)

@@ -48,7 +48,12 @@ def read_documents(path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"corpus file {path} not found: run `python -m data.tinyworld` (or a data/prepare_*.py script)")
-    return [d.strip() for d in path.read_text(encoding="utf-8").split("\n\n") if d.strip()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (byte {e.start}): convert it, or run it through a "
+                        "data/prepare_*.py script") from None
+    return [d.strip() for d in text.split("\n\n") if d.strip()]
 
 
 def write_jsonl(path, records) -> int:

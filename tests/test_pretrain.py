@@ -72,3 +72,18 @@ def test_init_from_the_wrong_kind_of_checkpoint(tiny_world, tmp_path):
     common.save_checkpoint(tmp_path / "sft.pt", {"stage": "sft", "model": {}, "model_args": {}})
     line = error_line(run_script("train_pretrain.py", *flags(tiny_world, tmp_path / "pt"), f"--init={tmp_path / 'sft.pt'}"))
     assert "'sft' checkpoint" in line
+
+
+def test_a_corpus_that_is_not_utf8(tiny_world, tmp_path):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"A story.\n\n\xff\xfe not text")
+    line = error_line(run_script("train_pretrain.py", *flags(tiny_world, tmp_path / "pt"), f"--data={bad}",
+                                 "--eval_facts=false"))
+    assert "is not UTF-8 text" in line
+
+
+def test_fact_evaluation_on_a_corpus_without_a_world(tiny_world, tmp_path):
+    other = tmp_path / "stories.txt"
+    other.write_text("A story.\n\nAnother story.\n")
+    line = error_line(run_script("train_pretrain.py", *flags(tiny_world, tmp_path / "pt"), f"--data={other}"))
+    assert "--eval_facts=false" in line
