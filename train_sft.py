@@ -199,6 +199,8 @@ def main(cfg):
     model_cfg = model.config
 
     examples, dropped = load_conversations(cfg.data, tok, model_cfg.block_size)
+    if not examples and not dropped:
+        raise UserError(f"{cfg.data} holds no conversations: give a messages JSONL file, one conversation per line")
     if not examples:
         raise UserError(f"every one of the {dropped} conversations in {cfg.data} is longer than the context "
                         f"({model_cfg.block_size + 1} tokens): shorten them or fine-tune a model with a longer context")

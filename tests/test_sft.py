@@ -133,3 +133,10 @@ def test_init_from_the_wrong_kind_of_checkpoint(tiny_world, tmp_path):
     common.save_checkpoint(tmp_path / "rm.pt", {"stage": "rm", "model": {}, "model_args": {}})
     line = error_line(run_script("train_sft.py", *sft_flags(tiny_world, tmp_path / "rm.pt", tmp_path / "o")))
     assert "'rm' checkpoint" in line and "pretrain" in line
+
+
+def test_an_empty_file_is_named(tiny_world, tiny_pretrained, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    r = run_script("train_sft.py", *sft_flags(tiny_world, tiny_pretrained, tmp_path / "sft"), f"--data={empty}")
+    assert "holds no conversations" in error_line(r)
