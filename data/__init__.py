@@ -161,3 +161,11 @@ def report(src, out, n_kept: int, skipped: Counter, unit="records") -> None:
         raise UserError(f"{src}: no usable {unit} ({dict(skipped)}): is it the right file?")
     why = ", ".join(f"{n} {reason}" for reason, n in skipped.most_common())
     print(f"{src}: {n_kept:,} {unit} -> {out}; skipped {sum(skipped.values()):,}" + (f" ({why})" if why else ""))
+
+
+
+def convert_file(src, out, convert) -> None:
+    """A source (file or URL) of JSON records to our JSONL format at out, with the one-line report."""
+    kept, skipped = convert_records(read_records(fetch(src)), convert)
+    report(src, out, len(kept), skipped)
+    write_jsonl(out, kept)

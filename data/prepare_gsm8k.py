@@ -10,7 +10,7 @@ and keep the rest: {"question", "answer"}, checked by data.tinyworld.check_answe
 import dataclasses
 import re
 
-from data import Malformed, convert_records, fetch, read_records, report, run_main, write_jsonl
+from data import Malformed, convert_file, run_main
 from data.tinyworld import extract_answer
 
 BASE = "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/"
@@ -36,9 +36,7 @@ def convert(record: dict) -> dict:
 def main(cfg: Config) -> None:
     for src, out in [(cfg.src, cfg.out), (cfg.test_src, cfg.test_out)]:
         if src:
-            kept, skipped = convert_records(read_records(fetch(src)), convert)
-            report(src, out, len(kept), skipped)
-            write_jsonl(out, kept)
+            convert_file(src, out, convert)
 
 
 if __name__ == "__main__":

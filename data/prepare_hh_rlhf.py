@@ -11,7 +11,7 @@ conversations are skipped (and counted), since our preference format has one use
 import dataclasses
 import re
 
-from data import Malformed, convert_records, fetch, read_records, report, run_main, write_jsonl
+from data import Malformed, convert_file, run_main
 
 BASE = "https://huggingface.co/datasets/Anthropic/hh-rlhf/resolve/main/helpful-base/"
 
@@ -50,9 +50,7 @@ def convert(record: dict) -> dict:
 def main(cfg: Config) -> None:
     for src, out in [(cfg.src, cfg.out), (cfg.test_src, cfg.test_out)]:
         if src:
-            kept, skipped = convert_records(read_records(fetch(src)), convert)
-            report(src, out, len(kept), skipped)
-            write_jsonl(out, kept)
+            convert_file(src, out, convert)
 
 
 if __name__ == "__main__":

@@ -64,3 +64,11 @@ def error_line(r):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ")
     return lines[0]
+
+
+# Kernel tests run on one of these: the Triton interpreter on CPU tensors without a GPU, compiled with one.
+KERNEL_DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.skipif(torch.cuda.is_available(),
+                                                 reason="the Triton interpreter runs only without a GPU")),
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")),
+]

@@ -11,13 +11,11 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import kernels
+from conftest import KERNEL_DEVICES
 from kernels.attention import attention_reference
 
 CUDA = torch.cuda.is_available()
-DEVICES = [
-    pytest.param("cpu", marks=pytest.mark.skipif(CUDA, reason="the Triton interpreter runs only without a GPU")),
-    pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="needs a GPU")),
-]
+DEVICES = KERNEL_DEVICES
 # examples share the monkeypatched KERNELS=triton, which is what we want
 SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
