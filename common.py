@@ -238,6 +238,30 @@ def set_rng_state(state):
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
+# ----------------------------------------------------------------------------- prompts and responses
+
+
+def pack_responses(prompts, responses):
+    """Prompt-and-response token lists as one right-padded batch for the post-training stages.
+
+    prompts[i] and responses[i] are lists of token ids (a response as generated: ending with <|end|>,
+    or cut short). Returns x (B, T) the inputs, y (B, T) the targets shifted by one (-100 on padding),
+    and mask (B, T): 1 where y is a response token, so that (mask * log p(y)).sum(1) is the response's
+    log-probability. Padding is on the right, so positions need no shifting; x pads with token 0.
+    """
+    seqs = [list(p) + list(r) for p, r in zip(prompts, responses)]
+    T = max(map(len, seqs)) - 1
+    x = torch.zeros(len(seqs), T, dtype=torch.long)
+    y = torch.full((len(seqs), T), -100, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T)
+    for i, (seq, p) in enumerate(zip(seqs, prompts)):
+        n = len(seq) - 1
+        x[i, :n] = torch.tensor(seq[:-1])
+        y[i, :n] = torch.tensor(seq[1:])
+        mask[i, len(p) - 1:n] = 1.0  # y[t] = seq[t+1] is a response token from t = len(prompt) - 1
+    return x, y, mask
+
+
 # ----------------------------------------------------------------------------- schedule and logging
 
 

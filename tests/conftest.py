@@ -72,3 +72,15 @@ KERNEL_DEVICES = [
                                                  reason="the Triton interpreter runs only without a GPU")),
     pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")),
 ]
+
+
+@pytest.fixture(scope="session")
+def tiny_sft(tiny_world, tiny_pretrained, tmp_path_factory):
+    """A tiny SFT checkpoint, the starting point of the reward model, PPO, DPO and GRPO tests."""
+    out = tmp_path_factory.mktemp("sft")
+    d = tiny_world["data"]
+    r = run_script("train_sft.py", f"--data={d / 'sft_train.jsonl'}", f"--init={tiny_pretrained}", f"--out={out}",
+                   "--qa_data=", "--replay_data=", "--batch_size=4", "--max_steps=4", "--warmup_steps=1",
+                   "--eval_every=4")
+    assert r.returncode == 0, r.stderr
+    return out / "ckpt.pt"

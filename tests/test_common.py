@@ -95,3 +95,16 @@ def test_unwritable_output_is_reported(tmp_path):
 def test_peak_flops_on_cpu_is_a_positive_measurement():
     flops = common.peak_flops("cpu")
     assert flops > 1e8 and math.isfinite(flops)
+
+
+@given(st.lists(st.tuples(st.lists(st.integers(1, 50), min_size=1, max_size=6),
+                          st.lists(st.integers(1, 50), min_size=0, max_size=6)), min_size=1, max_size=5))
+def test_pack_responses_masks_exactly_the_response_tokens(pairs):
+    prompts, responses = [p for p, _ in pairs], [r for _, r in pairs]
+    if all(len(p) + len(r) < 2 for p, r in pairs):
+        return
+    x, y, mask = common.pack_responses(prompts, responses)
+    for i, (p, r) in enumerate(pairs):
+        assert y[i][mask[i].bool()].tolist() == r  # the targets under the mask are the response, in order
+        n = len(p) + len(r) - 1
+        assert x[i, :n].tolist() == (p + r)[:-1] and (y[i, n:] == -100).all()
