@@ -54,3 +54,45 @@ def qa_accuracy(model, tok, records, max_new_tokens=96, n_examples=2):
                      for i in rows[:n_examples]]
     result["examples"] = examples
     return result
+
+
+def chat_replies(model, tok, questions, max_new_tokens=64, temperature=0.0, generator=None):
+    """Replies to single-turn user questions through the chat template, greedy unless a temperature
+    is given. Returns (prompt ids, reply ids as generated, reply texts without the special tokens)."""
+    prompts = [tok.render_prompt([{"role": "user", "content": q}]) for q in questions]
+    limit = min(max_new_tokens, model.config.block_size - max(map(len, prompts)))
+    outs = generate_batched(model, prompts, limit, stop_tokens=[tok.end_id, tok.eot_id],
+                            temperature=temperature, generator=generator)
+    texts = [tok.decode(t for t in o if t not in (tok.end_id, tok.eot_id)) for o in outs]
+    return prompts, outs, texts
+
+
+def gold_win_rate(model, baseline, tok, questions, max_new_tokens=64, world=None, n_examples=3):
+    """Head-to-head by TinyWorld's gold rater: the fraction of questions on which model's greedy reply
+    scores higher than baseline's, a tie counting half. Returns {"win_rate", "score" and
+    "baseline_score" (mean gold scores), "examples": (question, model's reply, baseline's reply)}."""
+    world = world or tinyworld.default_world()
+    mine = chat_replies(model, tok, questions, max_new_tokens)[2]
+    theirs = chat_replies(baseline, tok, questions, max_new_tokens)[2]
+    a = [tinyworld.gold_score(q, t, world) for q, t in zip(questions, mine)]
+    b = [tinyworld.gold_score(q, t, world) for q, t in zip(questions, theirs)]
+    wins = sum(1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b))
+    return {"win_rate": wins / len(questions), "score": sum(a) / len(a), "baseline_score": sum(b) / len(b),
+            "examples": list(zip(questions, mine, theirs))[:n_examples]}
+
+
+@torch.no_grad()
+def kl_to_reference(model, ref, tok, questions, max_new_tokens=64, generator=None):
+    """KL(model || ref) per reply, estimated on replies sampled from model at temperature 1: the mean
+    over replies of the sum over reply tokens of log model(y_t) - log ref(y_t). Zero when they agree."""
+    from common import pack_responses  # common imports torch.distributed: only load it when needed
+    prompts, outs, _ = chat_replies(model, tok, questions, max_new_tokens, temperature=1.0, generator=generator)
+    was_training = model.training, ref.training
+    model.eval(), ref.eval()
+    total = 0.0
+    for i in range(0, len(prompts), 64):
+        x, y, mask = pack_responses(prompts[i:i + 64], outs[i:i + 64])
+        x, y, mask = x.to(model.lm_head.weight.device), y.to(model.lm_head.weight.device), mask.to(model.lm_head.weight.device)
+        total += (mask * (ref(x, y, reduction="none") - model(x, y, reduction="none"))).sum().item()
+    model.train(was_training[0]), ref.train(was_training[1])
+    return total / len(prompts)
