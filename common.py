@@ -178,15 +178,18 @@ def load_checkpoint(path, stages=None, made_by=None):
     return ckpt
 
 
-def gpt_from_checkpoint(ckpt, tok=None):
-    """The GPT a checkpoint holds (extra heads, such as a reward model's, are left out), checked against
-    the tokenizer's vocabulary when one is given."""
-    from model import GPT, GPTConfig
-    model = GPT(GPTConfig(**ckpt["model_args"]))
+def gpt_from_checkpoint(ckpt, tok=None, value_head=False, **overrides):
+    """The GPT a checkpoint holds, checked against the tokenizer's vocabulary when one is given.
+    Extra heads, such as a reward model's, are left out; with value_head=True it is a
+    model.ValueModel instead, whose scalar head is loaded when the checkpoint has one and freshly
+    initialised when not. overrides change the model's config (dropout=0.0, say)."""
+    from model import GPT, GPTConfig, ValueModel
+    model = (ValueModel if value_head else GPT)(GPTConfig(**{**ckpt["model_args"], **overrides}))
     if tok is not None and model.config.vocab_size != tok.n_vocab:
         raise UserError(f"the checkpoint expects {model.config.vocab_size} tokens but the tokenizer has "
                         f"{tok.n_vocab}: use the tokenizer it was trained with")
     missing, _ = model.load_state_dict(ckpt["model"], strict=False)
+    missing = [k for k in missing if not k.startswith("head.")]
     if missing:
         raise UserError(f"the checkpoint lacks weights such as {missing[0]}: it was not written by this project")
     return model
@@ -250,16 +253,20 @@ def pack_responses(prompts, responses):
     log-probability. Padding is on the right, so positions need no shifting; x pads with token 0.
     """
     seqs = [list(p) + list(r) for p, r in zip(prompts, responses)]
-    T = max(map(len, seqs)) - 1
-    x = torch.zeros(len(seqs), T, dtype=torch.long)
-    y = torch.full((len(seqs), T), -100, dtype=torch.long)
-    mask = torch.zeros(len(seqs), T)
+    x = pad_right([s[:-1] for s in seqs], 0)
+    y = pad_right([s[1:] for s in seqs], -100)
+    mask = torch.zeros(x.shape)
     for i, (seq, p) in enumerate(zip(seqs, prompts)):
-        n = len(seq) - 1
-        x[i, :n] = torch.tensor(seq[:-1])
-        y[i, :n] = torch.tensor(seq[1:])
-        mask[i, len(p) - 1:n] = 1.0  # y[t] = seq[t+1] is a response token from t = len(prompt) - 1
+        mask[i, len(p) - 1:len(seq) - 1] = 1.0  # y[t] = seq[t+1] is a response token from t = len(prompt) - 1
     return x, y, mask
+
+
+def pad_right(seqs, value=0):
+    """Token lists as one (B, max length) tensor, padded on the right with value."""
+    out = torch.full((len(seqs), max(map(len, seqs))), value, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+    return out
 
 
 # ----------------------------------------------------------------------------- schedule and logging

@@ -246,6 +246,27 @@ class GPT(nn.Module):
         return model
 
 
+class ValueModel(GPT):
+    """A GPT with a scalar head on its final hidden states: one number per position.
+
+    The reward model reads it at the last token of prompt+response (its score); PPO's critic reads it
+    at every response token (the value of the text so far). The language-model head stays in the
+    weights, unused, so a GPT checkpoint loads into it and it loads back into a GPT.
+    """
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.head = nn.Linear(cfg.n_embd, 1)
+        # small at the start: the first scores are near zero, so the first gradients come from the
+        # preference signal, not from whatever a random head happens to like
+        nn.init.normal_(self.head.weight, mean=0.0, std=0.1 / math.sqrt(cfg.n_embd))
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, idx):
+        """(B, T) scalars, float32: the head at every position."""
+        return self.head(self.hidden(idx)).squeeze(-1).float()
+
+
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """One token per row from logits (B, V): greedy at temperature 0, else softmax sampling, optionally
     restricted to the top_k most likely tokens and to the smallest set whose probability reaches top_p."""
