@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -34,6 +35,9 @@ def run_main(main, config_cls, presets=None):
         main(parse_config(config_cls, presets=presets))
     except UserError as e:
         die(str(e))
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (which saves first: see StopOnSignal)
+        print("\ninterrupted: files already written are left as they were", file=sys.stderr, flush=True)
+        sys.exit(130)
 
 # ----------------------------------------------------------------------------- the command line
 
@@ -221,6 +225,46 @@ def training_checkpoint(stage, model, optimizer, step, cfg, tokenizer, data_gen,
             "tokenizer": tokenizer, "data_rng": data_gen.get_state(), "rng": rng_state(), **extra}
 
 
+class StopOnSignal:
+    """Ctrl-C (SIGINT) or SIGTERM (how schedulers and torchrun stop a job) during training: the loop
+    finishes the step it is in, then saves and exits. Stopping mid-step instead would save a data order
+    already advanced past a batch that was never learned, so --resume would not continue exactly.
+
+        with common.StopOnSignal() as stop:
+            while step < end and not stop.requested():
+                ...  # one optimizer step
+        if stop.stopped:
+            ...  # save, say how to resume, exit with stop.exit_code
+
+    There is no second-Ctrl-C escape hatch: torchrun passes the terminal's Ctrl-C on to its workers,
+    so each worker sees it twice. A step is short; kill -9 stops at once, leaving the last checkpoint.
+    """
+
+    def __init__(self):
+        self.signum = None  # the signal this process received, if any
+        self.stopped = False  # whether the loop was told to stop (on every rank alike)
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self._receive) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def _receive(self, signum, frame):
+        self.signum = self.signum or signum
+
+    def requested(self):
+        """Whether to stop now. Under DDP every rank must stop at the same step, so they agree first."""
+        self.stopped = all_mean(self.signum is not None) > 0
+        return self.stopped
+
+    @property
+    def exit_code(self):
+        return 128 + (self.signum or signal.SIGINT)  # the shell's convention: 130 for Ctrl-C
+
+
 def check_writable(out_dir):
     """Fail before training, not after, when the output directory cannot be written."""
     try:
@@ -302,13 +346,35 @@ class Logger:
     """The per-interval line on stdout, every step in out/<stage>/log.jsonl, metrics.json at the end.
     Only rank 0 writes."""
 
-    def __init__(self, out_dir, stage, total_steps, resume=False):
+    def __init__(self, out_dir, stage, total_steps, resume=False, start_step=None):
+        """resume=True appends to log.jsonl; start_step, the step resumed from, first drops the rows an
+        interrupted run wrote after its last checkpoint (the resumed run logs those steps again)."""
         self.out, self.stage, self.total = Path(out_dir), stage, total_steps
         self.t0 = time.time()
         self.first_step = None
         if is_master():
             self.out.mkdir(parents=True, exist_ok=True)
+            if resume and start_step is not None:
+                self.keep_rows_up_to(start_step)
             self.file = open(self.out / "log.jsonl", "a" if resume else "w")
+
+    def keep_rows_up_to(self, step):
+        """Rewrite log.jsonl with its rows up to step, so it holds each step once. A line a kill cut
+        short is dropped too."""
+        path = self.out / "log.jsonl"
+        if not path.is_file():
+            return
+        kept = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and row.get("step", 0) <= step:
+                kept.append(line + "\n")
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, path)
 
     def log(self, step, printed=True, **metrics):
         if not is_master():

@@ -183,7 +183,7 @@ def main(cfg):
     peak = common.peak_flops(device)
     print0(f"pretrain: {raw_model.num_params() / 1e6:.2f}M parameters, vocab {tok.n_vocab}, {len(train_data):,} "
            f"training tokens, {tokens_per_step:,} tokens per step, {cfg.max_steps} steps on {device} x{world}")
-    log = common.Logger(cfg.out, "pretrain", cfg.max_steps, resume=cfg.resume)
+    log = common.Logger(cfg.out, "pretrain", cfg.max_steps, resume=cfg.resume, start_step=step)
     if step == 0:
         val_loss = first_val = evaluate(model, val_data, cfg, device, rank, world)
         print0(f"pretrain: validation loss at init {val_loss:.4f} (ln V = {np.log(tok.n_vocab):.4f})")
@@ -192,8 +192,8 @@ def main(cfg):
         val_loss, first_val = ckpt["val_loss"], ckpt["val_loss_init"]
     end = cfg.stop_at if 0 < cfg.stop_at < cfg.max_steps else cfg.max_steps
     t_last, last_printed = time.time(), step
-    try:
-        while step < end:
+    with common.StopOnSignal() as stop:
+        while step < end and not stop.requested():
             lr = common.lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -217,24 +217,27 @@ def main(cfg):
             optimizer.zero_grad(set_to_none=True)
             step += 1
             metrics = {"loss": train_loss, "lr": lr}
-            if step % cfg.eval_every == 0 or step == cfg.max_steps:
-                val_loss = evaluate(model, val_data, cfg, device, rank, world)
-                metrics["val_loss"] = val_loss
-                save(step, val_loss)
-            printed = step % cfg.log_every == 0 or "val_loss" in metrics or step == end
+            checkpoint = step % cfg.eval_every == 0 or step == cfg.max_steps
+            if checkpoint:
+                val_loss = metrics["val_loss"] = evaluate(model, val_data, cfg, device, rank, world)
+            printed = step % cfg.log_every == 0 or checkpoint or step == end
             if printed:  # speed over the steps since the last printed line
                 dt, steps = time.time() - t_last, step - last_printed
                 metrics["tok/s"] = round(tokens_per_step * steps / dt)
                 if peak:
                     metrics["mfu"] = flops_per_step * steps / dt / peak
                 t_last, last_printed = time.time(), step
+            # the row before the checkpoint: a kill between the two leaves a row that --resume drops and
+            # redoes, never a checkpoint whose step has no row
             log.log(step, printed=printed, **metrics)
-    except KeyboardInterrupt:
+            if checkpoint:
+                save(step, val_loss)
+    if stop.stopped:
         save(step, val_loss)
         print0(f"\ninterrupted at step {step}: checkpoint saved to {ckpt_path}; "
                f"continue with: python train_pretrain.py --resume (and the same flags)")
         common.teardown_ddp()
-        raise SystemExit(130)
+        raise SystemExit(stop.exit_code)
     save(step, val_loss)
 
     # a few samples so the reader sees what the model learned

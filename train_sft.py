@@ -225,7 +225,7 @@ def main(cfg):
                 "sft", raw_model, optimizer, step, cfg, tokenizer, data_gen,
                 init=cfg.init if not cfg.resume else ckpt.get("init"), qa_before=before))
 
-    log = common.Logger(cfg.out, "sft", cfg.max_steps, resume=cfg.resume)
+    log = common.Logger(cfg.out, "sft", cfg.max_steps, resume=cfg.resume, start_step=step)
     before = ckpt.get("qa_before") if cfg.resume else None
     if step == 0 and cfg.qa_data and common.is_master():  # the starting point, for the before -> after
         before = qa_eval(raw_model, tok, cfg, "before fine-tuning")
@@ -238,8 +238,8 @@ def main(cfg):
     end = cfg.stop_at if 0 < cfg.stop_at < cfg.max_steps else cfg.max_steps
     t_start = t_last = time.time()
     train_loss, tokens_since = None, 0
-    try:
-        while step < end:
+    with common.StopOnSignal() as stop:
+        while step < end and not stop.requested():
             lr = common.lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -280,21 +280,24 @@ def main(cfg):
             metrics = {"loss": train_loss, "lr": lr}
             if replay is not None:
                 metrics["replay_loss"] = replay_loss
-            if step % cfg.eval_every == 0 or step == cfg.max_steps:
-                if val_examples:
-                    val_loss = metrics["val_loss"] = evaluate(model, val_examples, cfg, device, rank, world)
-                save(step)
+            checkpoint = step % cfg.eval_every == 0 or step == cfg.max_steps
+            if checkpoint and val_examples:
+                val_loss = metrics["val_loss"] = evaluate(model, val_examples, cfg, device, rank, world)
             printed = step % cfg.log_every == 0 or "val_loss" in metrics or step == end
             if printed:  # speed over the steps since the last printed line (padding included)
                 metrics["tok/s"] = round(common.all_mean(tokens_since) * world / (time.time() - t_last))
                 t_last, tokens_since = time.time(), 0
+            # the row before the checkpoint: a kill between the two leaves a row that --resume drops and
+            # redoes, never a checkpoint whose step has no row
             log.log(step, printed=printed, **metrics)
-    except KeyboardInterrupt:
+            if checkpoint:
+                save(step)
+    if stop.stopped:
         save(step)
         print0(f"\ninterrupted at step {step}: checkpoint saved to {ckpt_path}; "
                f"continue with: python train_sft.py --resume (and the same flags)")
         common.teardown_ddp()
-        raise SystemExit(130)
+        raise SystemExit(stop.exit_code)
     train_seconds = time.time() - t_start
     save(step)
 
