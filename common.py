@@ -101,6 +101,16 @@ def print_help(cls, presets=None):
 
 def pick_device(name="auto"):
     if name != "auto":
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise UserError(f"--device={name} is not a device: use auto, cpu, cuda, cuda:N or mps") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"--device={name}, but PyTorch sees no CUDA GPU here: use --device=auto or --device=cpu")
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            raise UserError(f"--device={name}, but there are {torch.cuda.device_count()} GPUs: use --device=cuda")
+        if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise UserError(f"--device={name}, but this machine has no MPS: use --device=auto or --device=cpu")
         return name
     if torch.cuda.is_available():
         return "cuda"
@@ -188,11 +198,24 @@ def gpt_from_checkpoint(ckpt, tok=None, value_head=False, **overrides):
     model.ValueModel instead, whose scalar head is loaded when the checkpoint has one and freshly
     initialised when not. overrides change the model's config (dropout=0.0, say)."""
     from model import GPT, GPTConfig, ValueModel
-    model = (ValueModel if value_head else GPT)(GPTConfig(**{**ckpt["model_args"], **overrides}))
+    try:
+        model = (ValueModel if value_head else GPT)(GPTConfig(**{**ckpt["model_args"], **overrides}))
+    except (KeyError, TypeError, ValueError, AssertionError) as e:
+        raise UserError(f"the checkpoint's model_args do not describe a GPT ({type(e).__name__}: {e}): "
+                        "use a ckpt.pt written by one of the train_*.py scripts") from None
     if tok is not None and model.config.vocab_size != tok.n_vocab:
         raise UserError(f"the checkpoint expects {model.config.vocab_size} tokens but the tokenizer has "
                         f"{tok.n_vocab}: use the tokenizer it was trained with")
-    missing, _ = model.load_state_dict(ckpt["model"], strict=False)
+    trained_with = ckpt.get("tokenizer_fingerprint")  # absent from checkpoints written before it was kept
+    if tok is not None and trained_with and trained_with != tok.fingerprint:
+        raise UserError(f"the tokenizer {tok.path} has as many tokens as the checkpoint's but not the same ones: "
+                        f"use the tokenizer it was trained with ({ckpt.get('tokenizer')})")
+    try:
+        missing, _ = model.load_state_dict(ckpt["model"], strict=False)
+    except RuntimeError as e:  # weights whose shapes disagree with model_args
+        first = next((line.strip().rstrip(".") for line in str(e).splitlines() if "size mismatch" in line), str(e))
+        raise UserError(f"the checkpoint's weights do not fit its model_args ({first}): "
+                        "use a ckpt.pt written by one of the train_*.py scripts, unedited") from None
     missing = [k for k in missing if not k.startswith("head.")]
     if missing:
         raise UserError(f"the checkpoint lacks weights such as {missing[0]}: it was not written by this project")
@@ -263,6 +286,14 @@ class StopOnSignal:
     @property
     def exit_code(self):
         return 128 + (self.signum or signal.SIGINT)  # the shell's convention: 130 for Ctrl-C
+
+
+def require_positive(cfg, *names):
+    """Each --name (a count, a size, a rate) must be a positive, finite number: one error line if not."""
+    for name in names:
+        value = getattr(cfg, name)
+        if not 0 < value < math.inf:  # also false for NaN
+            raise UserError(f"--{name} must be a positive number, got {value}")
 
 
 def check_writable(out_dir):

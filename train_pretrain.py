@@ -129,9 +129,10 @@ def evaluate(model, data, cfg, device, rank, world):
 # ----------------------------------------------------------------------------- training
 
 def main(cfg):
-    for name in ("batch_size", "grad_accum", "max_steps", "block_size", "eval_every", "eval_batches", "log_every"):
-        if getattr(cfg, name) <= 0:
-            raise UserError(f"--{name} must be positive, got {getattr(cfg, name)}")
+    common.require_positive(cfg, "batch_size", "grad_accum", "max_steps", "block_size", "eval_every", "eval_batches",
+                            "log_every", "n_layer", "n_head", "n_embd", "lr")
+    if not 0 <= cfg.dropout < 1:
+        raise UserError(f"--dropout is a probability below 1, got {cfg.dropout}")
     if cfg.n_embd % cfg.n_head:
         raise UserError(f"--n_embd={cfg.n_embd} must be a multiple of --n_head={cfg.n_head}")
     rank, world, device = common.setup_ddp(common.pick_device(cfg.device))
@@ -149,12 +150,6 @@ def main(cfg):
                             "(meta.json): pass --eval_facts=false for another corpus")
         facts_of = tinyworld.load_world(Path(cfg.data).parent)
     tok = load_tokenizer(cfg.tokenizer)
-    train_data = tokenize_to_memmap(cfg.data, tok)
-    val_data = tokenize_to_memmap(cfg.val_data, tok)
-    for name, d in (("data", train_data), ("val_data", val_data)):
-        if len(d) <= cfg.block_size + 1:
-            raise UserError(f"--{name} has {len(d)} tokens, fewer than one window of {cfg.block_size + 1}: "
-                            "give more text or a smaller --block_size")
 
     # the model: fresh, continued from a pre-training checkpoint, or resumed exactly
     model_cfg = GPTConfig(vocab_size=tok.n_vocab, block_size=cfg.block_size, n_layer=cfg.n_layer,
@@ -168,7 +163,17 @@ def main(cfg):
     model = GPT(model_cfg) if ckpt is None else common.gpt_from_checkpoint(ckpt, tok)
     model_cfg = model.config
     if cfg.block_size > model_cfg.block_size:
-        raise UserError(f"--block_size={cfg.block_size} is larger than the checkpoint's context ({model_cfg.block_size})")
+        source = ckpt_path if cfg.resume else cfg.init
+        raise UserError(f"--block_size={cfg.block_size} is larger than the context of {source} "
+                        f"({model_cfg.block_size} tokens): use --block_size={model_cfg.block_size} or less")
+
+    # the data, tokenized once (after the checks above, which are quick, while this can take minutes)
+    train_data = tokenize_to_memmap(cfg.data, tok)
+    val_data = tokenize_to_memmap(cfg.val_data, tok)
+    for name, d in (("data", train_data), ("val_data", val_data)):
+        if len(d) <= cfg.block_size + 1:
+            raise UserError(f"--{name}={getattr(cfg, name)} has {len(d)} tokens, fewer than one window of "
+                            f"{cfg.block_size + 1}: give more text or a smaller --block_size")
     raw_model = model.to(device)
     model, optimizer, data_gen, step = common.start_training(raw_model, cfg, device, world, ckpt)
 
@@ -176,7 +181,7 @@ def main(cfg):
         if common.is_master():
             common.save_checkpoint(ckpt_path, common.training_checkpoint(
                 "pretrain", raw_model, optimizer, step, cfg, cfg.tokenizer, data_gen,
-                val_loss=val_loss, val_loss_init=first_val))
+                val_loss=val_loss, val_loss_init=first_val, tokenizer_fingerprint=tok.fingerprint))
 
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.block_size
     flops_per_step = raw_model.flops_per_token(cfg.block_size) * tokens_per_step

@@ -177,9 +177,8 @@ def qa_eval(model, tok, cfg, label):
 # ----------------------------------------------------------------------------- training
 
 def main(cfg):
-    for name in ("batch_size", "grad_accum", "max_steps", "eval_every", "log_every", "max_new_tokens", "replay_batch"):
-        if getattr(cfg, name) <= 0:
-            raise UserError(f"--{name} must be positive, got {getattr(cfg, name)}")
+    common.require_positive(cfg, "batch_size", "grad_accum", "max_steps", "eval_every", "log_every", "max_new_tokens",
+                            "replay_batch", "lr")
     rank, world, device = common.setup_ddp(common.pick_device(cfg.device))
     for name in ("batch_size", "replay_batch"):
         if getattr(cfg, name) % world:
@@ -223,7 +222,8 @@ def main(cfg):
         if common.is_master():
             common.save_checkpoint(ckpt_path, common.training_checkpoint(
                 "sft", raw_model, optimizer, step, cfg, tokenizer, data_gen,
-                init=cfg.init if not cfg.resume else ckpt.get("init"), qa_before=before))
+                init=cfg.init if not cfg.resume else ckpt.get("init"), qa_before=before,
+                tokenizer_fingerprint=tok.fingerprint))
 
     log = common.Logger(cfg.out, "sft", cfg.max_steps, resume=cfg.resume, start_step=step)
     before = ckpt.get("qa_before") if cfg.resume else None
