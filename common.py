@@ -288,6 +288,15 @@ class StopOnSignal:
         return 128 + (self.signum or signal.SIGINT)  # the shell's convention: 130 for Ctrl-C
 
 
+def check_finite(loss, step, ckpt_path, what="loss"):
+    """Stop training when a loss is NaN or infinite, before weights that produce it can be saved: the
+    checkpoint on disk stays the last good one."""
+    if not math.isfinite(loss):
+        kept = (f"the last good checkpoint is kept in {ckpt_path}: continue from it with --resume and a lower --lr"
+                if Path(ckpt_path).is_file() else "no checkpoint was written: lower --lr")
+        raise UserError(f"the {what} became {loss} at step {step}; {kept} (or check the data)")
+
+
 def require_positive(cfg, *names):
     """Each --name (a count, a size, a rate) must be a positive, finite number: one error line if not."""
     for name in names:

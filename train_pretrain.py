@@ -213,9 +213,7 @@ def main(cfg):
                 (loss / cfg.grad_accum).backward()
                 loss_sum += loss.item()
             train_loss = common.all_mean(loss_sum / cfg.grad_accum)
-            if not np.isfinite(train_loss):
-                raise UserError(f"the loss became {train_loss} at step {step + 1}; the last good checkpoint "
-                                f"is kept in {ckpt_path}: lower --lr or check the data")
+            common.check_finite(train_loss, step + 1, ckpt_path)
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
@@ -223,8 +221,9 @@ def main(cfg):
             step += 1
             metrics = {"loss": train_loss, "lr": lr}
             checkpoint = step % cfg.eval_every == 0 or step == cfg.max_steps
-            if checkpoint:
+            if checkpoint:  # the weights after a step can be broken while its loss (from before it) was fine
                 val_loss = metrics["val_loss"] = evaluate(model, val_data, cfg, device, rank, world)
+                common.check_finite(val_loss, step, ckpt_path, "validation loss")
             printed = step % cfg.log_every == 0 or checkpoint or step == end
             if printed:  # speed over the steps since the last printed line
                 dt, steps = time.time() - t_last, step - last_printed

@@ -21,7 +21,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import common
@@ -163,6 +162,16 @@ def evaluate(model, examples, cfg, device, rank, world):
     return common.all_mean(total) / max(common.all_mean(count), 1)
 
 
+@torch.no_grad()
+def loss_after_step(model, x, y, device):
+    """The loss of the step's last batch under the updated weights, which are about to be saved."""
+    model.eval()
+    with common.autocast(device):
+        loss = model(x, y).item()
+    model.train()
+    return common.all_mean(loss)
+
+
 def qa_eval(model, tok, cfg, label):
     """Held-out QA accuracy (seen / unseen characters) and format compliance, printed with examples."""
     result = evals.qa_accuracy(model, tok, read_jsonl(cfg.qa_data), cfg.max_new_tokens)
@@ -269,9 +278,7 @@ def main(cfg):
                     replay_sum += replay_loss.item()
                     tokens_since += px.numel()
             train_loss, replay_loss = common.all_mean(loss_sum), common.all_mean(replay_sum)
-            if not np.isfinite(train_loss + replay_loss):
-                raise UserError(f"the loss became {train_loss + replay_loss} at step {step + 1}; the last good "
-                                f"checkpoint (if any) is kept in {ckpt_path}: lower --lr or check the data")
+            common.check_finite(train_loss + replay_loss, step + 1, ckpt_path)
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
@@ -283,6 +290,11 @@ def main(cfg):
             checkpoint = step % cfg.eval_every == 0 or step == cfg.max_steps
             if checkpoint and val_examples:
                 val_loss = metrics["val_loss"] = evaluate(model, val_examples, cfg, device, rank, world)
+            if checkpoint:  # the weights after a step can be broken while its loss (from before it) was fine
+                if val_examples:
+                    common.check_finite(val_loss, step, ckpt_path, "validation loss")
+                else:
+                    common.check_finite(loss_after_step(raw_model, x, y, device), step, ckpt_path, "loss after the update")
             printed = step % cfg.log_every == 0 or "val_loss" in metrics or step == end
             if printed:  # speed over the steps since the last printed line (padding included)
                 metrics["tok/s"] = round(common.all_mean(tokens_since) * world / (time.time() - t_last))
