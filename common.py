@@ -325,6 +325,22 @@ def set_rng_state(state):
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
+# ----------------------------------------------------------------------------- data files
+
+
+def numbered_records(path):
+    """(line number, record) for each record of a JSON Lines file, so that an error about a record can
+    name its line (data.read_jsonl skips blank lines, so a record's index need not be its line)."""
+    from data import read_jsonl  # here, not at the top: data imports common
+    try:
+        records = read_jsonl(path)  # a missing file and a malformed line get its error lines
+        with open(path, encoding="utf-8") as f:
+            lines = [n for n, line in enumerate(f, 1) if line.strip()]
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (byte {e.start}): convert it, or write it with a "
+                        "data/prepare_*.py script") from None
+    return list(zip(lines, records))
+
 # ----------------------------------------------------------------------------- prompts and responses
 
 

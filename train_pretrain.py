@@ -9,6 +9,7 @@ The loss is the mean over tokens of -log p(x_{t+1} | x_<=t). The corpus is token
 memmap of token ids; training reads random windows of it. Writes out/pretrain/ckpt.pt.
 """
 import hashlib
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +73,7 @@ def tokenize_to_memmap(text_path, tok, cache_dir="out/tokens"):
     text_path = Path(text_path)
     if not text_path.is_file():  # checked here too: the cache key needs the file's time
         raise UserError(f"no corpus at {text_path}: run `python -m data.tinyworld` (or a data/prepare_*.py script)")
+    refuse_json_lines(text_path)
     dtype = np.uint16 if tok.n_vocab <= 65535 else np.uint32
     key = hashlib.sha1(f"{text_path.resolve()}|{text_path.stat().st_mtime_ns}|{tok.fingerprint}".encode()).hexdigest()[:12]
     cache = Path(cache_dir) / f"{text_path.stem}-{key}.bin"
@@ -90,6 +92,20 @@ def tokenize_to_memmap(text_path, tok, cache_dir="out/tokens"):
         if torch.distributed.is_initialized():
             torch.distributed.barrier()  # the other ranks wait for rank 0's file
     return np.memmap(cache, dtype=dtype, mode="r")
+
+
+def refuse_json_lines(text_path):
+    """A later stage's JSONL file given as the corpus would train happily on its braces and keys: its
+    first line, a JSON object, gives it away."""
+    with open(text_path, encoding="utf-8", errors="replace") as f:
+        line, text = next(((n, t) for n, t in enumerate(f, 1) if t.strip()), (0, ""))
+    try:
+        is_record = isinstance(json.loads(text), dict)
+    except json.JSONDecodeError:
+        is_record = False
+    if is_record:
+        raise UserError(f"{text_path}:{line} is a JSON record, not text: pre-training reads a corpus of plain text "
+                        "(documents separated by blank lines), such as data/tinyworld/corpus_train.txt")
 
 
 def get_batch(data, batch_size, block_size, gen, rank, world):

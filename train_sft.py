@@ -26,7 +26,7 @@ import torch
 import common
 import evals
 from common import UserError, print0
-from data import read_documents, read_jsonl
+from data import read_documents
 from data.tokenizer import load_tokenizer
 
 
@@ -86,27 +86,61 @@ def sft_loss(logprobs, mask, n_tokens=None):
 
 # ----------------------------------------------------------------------------- the data
 
+# Records of the other stages' files, recognised so that the error says which file was given by mistake.
+OTHER_KINDS = {("prompt", "chosen", "rejected"): "a preference pair (the reward model's and DPO's data)",
+               ("question", "answer"): "a math problem (GRPO's data)"}
+CONVERSATION = '{"messages": [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}]}'
+
+
 def load_conversations(path, tok, block_size):
     """Every conversation of a messages JSONL file as (ids, mask) from the chat template; those longer
     than the context (block_size + 1 tokens: inputs and targets are shifted by one) are dropped.
-    Returns (examples, dropped)."""
-    examples, dropped = [], 0
-    for i, record in enumerate(read_jsonl(path), 1):
+    Returns (examples, the line numbers of the dropped ones)."""
+    examples, dropped = [], []
+    for line, record in common.numbered_records(path):
+        where = f"{path}:{line}"
         messages = record.get("messages") if isinstance(record, dict) else None
         if not isinstance(messages, list):
-            raise UserError(f"{path}: record {i} has no \"messages\" list: each line must be "
-                            '{"messages": [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}]}')
+            kind = next((k for keys, k in OTHER_KINDS.items() if isinstance(record, dict) and set(keys) <= set(record)),
+                        None)
+            what = f"this is {kind}, not a conversation" if kind else 'no "messages" list'
+            raise UserError(f"{where}: {what}: each line of an SFT file must be {CONVERSATION}")
         try:
             ids, mask = tok.render_chat(messages)
         except ValueError as e:
-            raise UserError(f"{path}: record {i}: {e}") from None
+            raise UserError(f"{where}: {e}: fix or delete that line") from None
         if not any(mask):
-            raise UserError(f"{path}: record {i} has no assistant turn, so nothing to learn: add one or delete it")
+            raise UserError(f"{where}: no assistant turn, so nothing to learn: add one or delete that line")
         if len(ids) > block_size + 1:
-            dropped += 1
+            dropped.append(line)
         else:
             examples.append((ids, mask))
     return examples, dropped
+
+
+def load_questions(path, tok, block_size):
+    """The held-out questions ({"messages": [user turn], "answer", "split"} records), checked now: a bad
+    one would otherwise fail after training, or score a question it could not ask as wrong."""
+    if not Path(path).is_file():
+        raise UserError(f"no held-out questions at {path}: run `python -m data.tinyworld`, or pass --qa_data=")
+    records = []
+    for line, record in common.numbered_records(path):
+        where = f"{path}:{line}"
+        if not (isinstance(record, dict) and isinstance(record.get("messages"), list)
+                and isinstance(record.get("answer"), str)):
+            raise UserError(f'{where}: a held-out question needs "messages" (ending with the user\'s turn) and '
+                            '"answer": fix that line, or pass --qa_data= to skip the evaluation')
+        try:
+            prompt = tok.render_prompt(record["messages"])
+        except ValueError as e:
+            raise UserError(f"{where}: {e}: fix or delete that line") from None
+        if len(prompt) >= block_size:
+            raise UserError(f"{where}: the question is {len(prompt)} tokens, which leaves no room for an answer "
+                            f"in the model's context of {block_size}: shorten it or delete that line")
+        records.append(record)
+    if not records:
+        raise UserError(f"{path} holds no questions: give a JSONL file of them, or pass --qa_data=")
+    return records
 
 
 def collate(examples):
@@ -172,9 +206,9 @@ def loss_after_step(model, x, y, device):
     return common.all_mean(loss)
 
 
-def qa_eval(model, tok, cfg, label):
+def qa_eval(model, tok, questions, cfg, label):
     """Held-out QA accuracy (seen / unseen characters) and format compliance, printed with examples."""
-    result = evals.qa_accuracy(model, tok, read_jsonl(cfg.qa_data), cfg.max_new_tokens)
+    result = evals.qa_accuracy(model, tok, questions, cfg.max_new_tokens)
     splits = "".join(f", {s} {result[s]:.1%}" for s in ("seen", "unseen") if s in result)
     print0(f"sft: {label}: held-out QA {result['accuracy']:.1%}{splits}; replies ending with <|end|> "
            f"{result['format']:.1%} (of {result['n']} questions)")
@@ -206,18 +240,24 @@ def main(cfg):
     model = common.gpt_from_checkpoint(ckpt, tok)
     model_cfg = model.config
 
+    context = model_cfg.block_size + 1  # tokens in a conversation the model can learn whole
     examples, dropped = load_conversations(cfg.data, tok, model_cfg.block_size)
     if not examples and not dropped:
         raise UserError(f"{cfg.data} holds no conversations: give a messages JSONL file, one conversation per line")
     if not examples:
-        raise UserError(f"every one of the {dropped} conversations in {cfg.data} is longer than the context "
-                        f"({model_cfg.block_size + 1} tokens): shorten them or fine-tune a model with a longer context")
-    val_examples = load_conversations(cfg.val_data, tok, model_cfg.block_size)[0] if cfg.val_data else []
-    if cfg.qa_data and not Path(cfg.qa_data).is_file():
-        raise UserError(f"no held-out questions at {cfg.qa_data}: run `python -m data.tinyworld`, or pass --qa_data=")
+        raise UserError(f"{cfg.data}: every conversation is longer than the context ({context} tokens), the first "
+                        f"at line {dropped[0]}: shorten them, or fine-tune a model with a longer context")
+    val_examples = []
+    if cfg.val_data:
+        val_examples = load_conversations(cfg.val_data, tok, model_cfg.block_size)[0]
+        if not val_examples:
+            raise UserError(f"--val_data={cfg.val_data} holds no conversation that fits the context "
+                            f"({context} tokens): give shorter ones, or --val_data= for none")
+    questions = load_questions(cfg.qa_data, tok, model_cfg.block_size) if cfg.qa_data else None
     n_learned = sum(sum(mask) for _, mask in examples)
+    first = f", the first at line {dropped[0]}" if dropped else ""
     print0(f"sft: {len(examples):,} conversations from {cfg.data} ({n_learned:,} tokens learned), "
-           f"{dropped} dropped as longer than the context ({model_cfg.block_size + 1} tokens)")
+           f"{len(dropped)} dropped as longer than the context ({context} tokens{first})")
     replay = load_replay(cfg.replay_data, tok, model_cfg.block_size) if cfg.replay_data else None
     if replay is not None:
         print0(f"sft: replaying {cfg.replay_batch} windows of {cfg.replay_data} ({len(replay):,} tokens) "
@@ -237,7 +277,7 @@ def main(cfg):
     log = common.Logger(cfg.out, "sft", cfg.max_steps, resume=cfg.resume, start_step=step)
     before = ckpt.get("qa_before") if cfg.resume else None
     if step == 0 and cfg.qa_data and common.is_master():  # the starting point, for the before -> after
-        before = qa_eval(raw_model, tok, cfg, "before fine-tuning")
+        before = qa_eval(raw_model, tok, questions, cfg, "before fine-tuning")
         log.log(0, printed=False, **{f"qa/{k}": v for k, v in before.items()})
     val_loss = evaluate(model, val_examples, cfg, device, rank, world) if val_examples else None
     if val_loss is not None and step == 0:
@@ -294,7 +334,8 @@ def main(cfg):
                 if val_examples:
                     common.check_finite(val_loss, step, ckpt_path, "validation loss")
                 else:
-                    common.check_finite(loss_after_step(raw_model, x, y, device), step, ckpt_path, "loss after the update")
+                    after_step = loss_after_step(raw_model, x, y, device)
+                    common.check_finite(after_step, step, ckpt_path, "loss after the update")
             printed = step % cfg.log_every == 0 or "val_loss" in metrics or step == end
             if printed:  # speed over the steps since the last printed line (padding included)
                 metrics["tok/s"] = round(common.all_mean(tokens_since) * world / (time.time() - t_last))
@@ -314,9 +355,9 @@ def main(cfg):
     save(step)
 
     metrics = {"loss": train_loss, "val_loss": val_loss, "steps": step,
-               "train_seconds": train_seconds, "conversations": len(examples), "dropped": dropped}
+               "train_seconds": train_seconds, "conversations": len(examples), "dropped": len(dropped)}
     if cfg.qa_data and common.is_master():
-        after = qa_eval(raw_model, tok, cfg, "after fine-tuning")
+        after = qa_eval(raw_model, tok, questions, cfg, "after fine-tuning")
         log.log(step, printed=False, **{f"qa/{k}": v for k, v in after.items()})
         metrics.update(qa_before=before, qa_after=after)
     log.finish(metrics)
