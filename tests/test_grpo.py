@@ -1,0 +1,252 @@
+"""Stage 4: group advantages, the clipped GRPO loss and its aggregations, the reward, a tiny run end to
+end (and its exact resume), bad input."""
+import json
+
+import pytest
+import torch
+from hypothesis import assume, given, strategies as st
+
+import common
+import train_grpo
+from conftest import error_line, run_script
+from train_grpo import Config, group_advantages, grpo_loss, k3, reward
+
+# ----------------------------------------------------------------------------- group advantages
+
+
+@st.composite
+def grouped_rewards(draw):
+    """Rewards of a few groups, some of them all equal (as a 0/1 verifier gives them)."""
+    G, n = draw(st.integers(2, 8)), draw(st.integers(1, 5))
+    values = st.sampled_from([0.0, 0.1, 1.0, 1.1]) if draw(st.booleans()) else st.floats(-10, 10, width=32)
+    groups = []
+    for _ in range(n):
+        groups += [draw(values)] * G if draw(st.booleans()) else [draw(values) for _ in range(G)]
+    return torch.tensor(groups), G
+
+
+@given(grouped_rewards(), st.sampled_from(["group", "none"]))
+def test_advantages_have_zero_mean_in_every_group(rg, scale):
+    rewards, G = rg
+    adv, _ = group_advantages(rewards, G, scale)
+    assert torch.allclose(adv.view(-1, G).mean(1), torch.zeros(len(rewards) // G), atol=1e-4)
+
+
+@given(grouped_rewards(), st.sampled_from(["group", "none"]))
+def test_all_equal_groups_get_zero_advantage_and_are_counted(rg, scale):
+    rewards, G = rg
+    adv, all_equal = group_advantages(rewards, G, scale)
+    r = rewards.view(-1, G)
+    assert all_equal.tolist() == [len(set(g.tolist())) == 1 for g in r]
+    assert (adv.view(-1, G)[all_equal] == 0).all()
+
+
+@given(grouped_rewards(), st.floats(0.1, 10), st.floats(-10, 10))
+def test_std_scaled_advantages_ignore_an_affine_change_of_the_rewards(rg, a, b):
+    rewards, G = rg
+    rewards = rewards.double()
+    assume(all(g.std() > 1e-3 or len(set(g.tolist())) == 1 for g in rewards.view(-1, G)))
+    adv, _ = group_advantages(rewards, G, "group", eps=0.0)
+    moved, _ = group_advantages(a * rewards + b, G, "group", eps=0.0)
+    assert torch.allclose(adv, moved, atol=1e-3)
+
+
+@given(grouped_rewards(), st.floats(-10, 10), st.floats(0.1, 10))
+def test_unscaled_advantages_ignore_a_shift_but_follow_a_scale(rg, b, a):
+    rewards, G = rg
+    rewards = rewards.double()
+    adv, _ = group_advantages(rewards, G, "none")
+    assert torch.allclose(group_advantages(rewards + b, G, "none")[0], adv, atol=1e-3)
+    assert torch.allclose(group_advantages(a * rewards, G, "none")[0], a * adv, atol=1e-2)
+
+
+def test_advantages_of_a_right_and_a_wrong_answer():
+    adv, all_equal = group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0]), 3, "none")
+    assert torch.allclose(adv, torch.tensor([2 / 3, -1 / 3, -1 / 3, 0, 0, 0])) and all_equal.tolist() == [False, True]
+    adv, _ = group_advantages(torch.tensor([1.0, 0.0]), 2, "group", eps=0.0)
+    assert torch.allclose(adv, torch.tensor([1, -1]) / 2 ** 0.5)  # the unbiased std of {0, 1} is 1/sqrt(2)
+
+# ----------------------------------------------------------------------------- the loss
+
+
+@st.composite
+def rollout(draw):
+    """Log-probs (B, T), a response mask with at least one token per answer, and advantages."""
+    B, T = draw(st.integers(1, 6)), draw(st.integers(1, 10))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31)))
+    logp = -torch.rand(B, T, generator=gen, dtype=torch.float64) * 5
+    old = logp + (torch.rand(B, T, generator=gen, dtype=torch.float64) - 0.5)
+    ref = logp + (torch.rand(B, T, generator=gen, dtype=torch.float64) - 0.5)
+    mask = (torch.rand(B, T, generator=gen) < 0.7).double()
+    mask[:, 0] = 1.0
+    adv = torch.randn(B, generator=gen, dtype=torch.float64)
+    return logp, old, ref, adv, mask
+
+
+@given(rollout())
+def test_on_policy_without_kl_the_loss_is_minus_the_mean_advantage_and_its_gradient_the_policy_gradient(r):
+    logp, _, _, adv, mask = r
+    logp = logp.clone().requires_grad_(True)
+    loss, stats = grpo_loss(logp, logp.detach(), None, adv, mask, beta=0.0, loss_type="grpo")
+    assert loss.item() == pytest.approx(-adv.mean().item(), abs=1e-9)
+    loss.backward()
+    # d/d logp of -(1/B) sum_i A_i (1/n_i) sum_t log pi(y_it): every answer token pushed by its answer's advantage
+    expected = -adv[:, None] * mask / mask.sum(1, keepdim=True) / len(adv)
+    assert torch.allclose(logp.grad, expected, atol=1e-12)
+    assert stats["clipfrac"].item() == 0
+
+
+@given(st.floats(-3, 3), st.floats(-2, 2), st.floats(0.05, 0.5), st.floats(0.05, 0.5), st.floats(0, 0.5))
+def test_raising_eps_high_loosens_only_the_upper_clip(log_ratio, a, eps_low, eps_high, more):
+    one = torch.ones(1, 1, dtype=torch.float64)
+    logp, adv = one * log_ratio, torch.tensor([a], dtype=torch.float64)
+    tight, _ = grpo_loss(logp, 0 * one, None, adv, one, eps_low, eps_high)
+    loose, _ = grpo_loss(logp, 0 * one, None, adv, one, eps_low, eps_high + more)
+    rho = torch.exp(logp).item()
+    assert loose.item() <= tight.item() + 1e-12  # never a smaller objective
+    if a <= 0 or rho <= 1 + eps_high:  # the lower clip, and everything inside the old range: unchanged
+        assert loose.item() == pytest.approx(tight.item(), abs=1e-12)
+    else:  # a good answer's ratio above the old clip: now counted up to the new one
+        assert loose.item() == pytest.approx(-a * min(rho, 1 + eps_high + more), abs=1e-9)
+
+
+@given(st.floats(-3, 3), st.floats(-2, 2), st.floats(0.05, 0.5))
+def test_a_token_past_the_clip_in_its_advantage_s_direction_has_no_gradient(log_ratio, a, eps):
+    logp = torch.tensor([[log_ratio]], dtype=torch.float64, requires_grad=True)
+    loss, stats = grpo_loss(logp, torch.zeros(1, 1, dtype=torch.float64), None, torch.tensor([a], dtype=torch.float64),
+                            torch.ones(1, 1), eps, eps)
+    loss.backward()
+    rho = torch.exp(logp).item()
+    clipped = (a > 0 and rho > 1 + eps) or (a < 0 and rho < 1 - eps)
+    assert stats["clipfrac"].item() == float(clipped)
+    assert (logp.grad.item() == 0) == (clipped or a == 0)
+
+
+@given(st.floats(-20, 5), st.floats(-20, 5))
+def test_k3_is_never_negative_and_zero_only_where_the_models_agree(logp, ref_logp):
+    kl = k3(torch.tensor(logp, dtype=torch.float64), torch.tensor(ref_logp, dtype=torch.float64)).item()
+    assert kl >= 0
+    assert (kl == 0) == (logp == ref_logp) or abs(logp - ref_logp) < 1e-7
+
+
+@given(rollout(), st.floats(0.01, 1))
+def test_the_kl_penalty_adds_beta_times_k3_on_the_answer_tokens(r, beta):
+    logp, old, ref, adv, mask = r
+    plain, _ = grpo_loss(logp, old, ref, adv, mask, beta=0.0, loss_type="dapo")
+    penalised, stats = grpo_loss(logp, old, ref, adv, mask, beta=beta, loss_type="dapo")
+    assert penalised.item() == pytest.approx(plain.item() + beta * stats["kl"].item(), rel=1e-9, abs=1e-12)
+
+
+def test_the_aggregations_weigh_long_and_short_answers_differently():
+    # one short answer (1 token) and one long one (3 tokens), each token losing 1
+    logp = torch.zeros(2, 3, dtype=torch.float64)
+    mask = torch.tensor([[1.0, 0, 0], [1, 1, 1]])
+    adv = torch.tensor([-1.0, -1.0], dtype=torch.float64)
+    loss = {t: grpo_loss(logp, logp, None, adv, mask, loss_type=t, max_len=4)[0].item() for t in ("grpo", "dr_grpo", "dapo")}
+    assert loss == pytest.approx({"grpo": (1 + 1) / 2, "dr_grpo": (1 + 3) / (2 * 4), "dapo": (1 + 3) / 4})
+
+
+@given(rollout(), st.sampled_from(["grpo", "dr_grpo", "dapo"]), st.data())
+def test_micro_batches_given_the_batch_divisor_add_up_to_the_batch_loss(r, loss_type, data):
+    logp, old, ref, adv, mask = r
+    assume(len(adv) >= 2)
+    cut = data.draw(st.integers(1, len(adv) - 1))
+    whole, _ = grpo_loss(logp, old, ref, adv, mask, beta=0.1, loss_type=loss_type, max_len=12)
+    denom = {"grpo": len(adv), "dr_grpo": len(adv) * 12, "dapo": mask.sum().item()}[loss_type]
+    parts = sum(grpo_loss(*(t[:cut] if i else t[cut:] for t in (logp, old, ref, adv, mask)), beta=0.1,
+                          loss_type=loss_type, max_len=12, denom=denom)[0] for i in (0, 1))
+    assert parts.item() == pytest.approx(whole.item(), rel=1e-9, abs=1e-12)
+
+# ----------------------------------------------------------------------------- the reward
+
+
+# extract_answer's own cases are in test_tinyworld.py; these are the verifier's, as GRPO's reward sees them
+@pytest.mark.parametrize("completion, answer, right", [
+    ("3 + 4 = 7\n#### 7", "3 + 4 = 7\n#### 7", True),   # against a worked reference
+    ("#### 12,345.50 coins", "12345.5", True),          # commas and a decimal together
+    ("#### 7.0", 7, True),                              # the same number, written another way
+    ("#### 4", "-4", False),                            # the sign counts
+    ("#### -4", "x = -4\n#### -4", True),
+    ("7", 7, False),                                    # no marker, right number: still wrong
+    ("#### 7\n#### 8", 7, False),                       # several markers: the last one counts
+    ("#### 8\n#### 7", 7, True),
+    ("#### 7 apples, and 8 pears", 7, True),            # text after the number
+    ("#### 7th", 7, True),
+    ("#### about 7", 7, False),                         # text between the marker and the number
+])
+def test_the_verifier(completion, answer, right):
+    assert reward(completion, answer, ended=False) == float(right)
+
+
+def test_the_format_reward_needs_a_finished_turn_with_a_number():
+    assert reward("#### 5", 7, ended=True, format_reward=0.1) == pytest.approx(0.1)
+    assert reward("#### 7", 7, ended=True, format_reward=0.1) == pytest.approx(1.1)
+    assert reward("#### 5", 7, ended=False, format_reward=0.1) == 0.0  # cut off at the length limit
+    assert reward("the answer is 7", 7, ended=True, format_reward=0.1) == 0.0
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def grpo_flags(tiny_world, init, out, *extra):
+    d = tiny_world["data"]
+    return [f"--init={init}", f"--out={out}", f"--data={d / 'math_train.jsonl'}", f"--test_data={d / 'math_test.jsonl'}",
+            "--prompts_per_step=2", "--group_size=4", "--max_new_tokens=16", "--pass_k=2", "--test_limit=4",
+            "--log_every=1", *extra]
+
+
+def test_tiny_run_samples_rewards_evaluates_and_saves(tiny_world, tiny_sft, tmp_path, capsys):
+    out = tmp_path / "grpo"
+    r = run_script("train_grpo.py", *grpo_flags(tiny_world, tiny_sft, out, "--max_steps=3", "--beta=0.1",
+                                                "--skip_all_equal=false", "--passes=2", "--loss_type=dr_grpo"))
+    assert r.returncode == 0, r.stderr
+    assert f"starting from {tiny_sft} (a sft checkpoint)" in r.stdout and "grpo 3/3" in r.stdout
+    assert "before: held-out pass@1" in r.stdout and "after: held-out pass@1" in r.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    for when in ("before", "after"):
+        assert set(metrics[when]) >= {"pass@1", "pass@2", "length", "n"} and metrics[when]["n"] == 4
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    steps = [row for row in rows if "loss" in row]
+    assert len(steps) == 3
+    assert all(set(row) >= {"reward", "accuracy", "all_equal", "kl", "clipfrac", "response_len"} for row in steps)
+    ckpt = common.load_checkpoint(out / "ckpt.pt", ["grpo"])
+    assert ckpt["step"] == 3 and ckpt["init"] == str(tiny_sft)
+    # a grpo checkpoint is a valid start for more, through the GPU preset's flags on TinyWorld's files
+    cfg = common.parse_config(Config, ["--preset=gpu", *grpo_flags(tiny_world, out / "ckpt.pt", tmp_path / "more"),
+                                       "--test_data=", "--max_steps=1", "--compile=false"], train_grpo.PRESETS)
+    train_grpo.main(cfg)
+    assert "a grpo checkpoint" in capsys.readouterr().out and cfg.lr == train_grpo.PRESETS["gpu"]["lr"]
+
+
+def fake_reward(completion, answer, ended, format_reward=0.0):
+    """A tiny model never gets a sum right; reward answers by length instead, so the update has signal."""
+    return float(len(completion) % 3 == 0)
+
+
+def test_resume_continues_exactly(tiny_world, tiny_sft, tmp_path, monkeypatch):
+    monkeypatch.setattr(train_grpo, "reward", fake_reward)
+    parse = lambda out, *extra: common.parse_config(Config, grpo_flags(tiny_world, tiny_sft, out, "--test_data=",
+                                                                       "--max_steps=4", "--lr=1e-2", *extra))
+    train_grpo.main(parse(tmp_path / "straight"))
+    train_grpo.main(parse(tmp_path / "halted", "--stop_at=2"))
+    train_grpo.main(parse(tmp_path / "halted", "--resume"))
+    a = common.load_checkpoint(tmp_path / "straight" / "ckpt.pt")
+    b = common.load_checkpoint(tmp_path / "halted" / "ckpt.pt")
+    assert a["step"] == b["step"] == 4
+    start = common.load_checkpoint(tiny_sft)["model"]
+    assert any(not torch.equal(a["model"][k], start[k]) for k in start)  # it learned something
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    rows = lambda out: [json.loads(line) for line in (tmp_path / out / "log.jsonl").read_text().splitlines()]
+    assert [r["reward"] for r in rows("straight")] == [r["reward"] for r in rows("halted")]
+
+
+def test_bad_input_is_one_line(tiny_world, tiny_sft, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "What is 2 + 2?", "answer": "four"}\n')
+    line = error_line(run_script("train_grpo.py", *grpo_flags(tiny_world, tiny_sft, tmp_path / "o", f"--data={bad}")))
+    assert f"{bad}:1: a problem is" in line
+    common.save_checkpoint(tmp_path / "pre.pt", {"stage": "pretrain", "model": {}, "model_args": {}})
+    for flags, message in [(["--loss_type=ppo"], "--loss_type must be grpo, dr_grpo or dapo"),
+                           (["--max_new_tokens=500"], "--max_new_tokens=500 leaves no room"),
+                           ([f"--init={tmp_path / 'pre.pt'}"], "'pretrain' checkpoint")]:
+        with pytest.raises(common.UserError, match=message):
+            train_grpo.main(common.parse_config(Config, grpo_flags(tiny_world, tiny_sft, tmp_path / "o", *flags)))

@@ -1,0 +1,379 @@
+"""Stage 4, reasoning RL with verifiable rewards (GRPO): reward the answers a checker marks right.
+
+    python train_grpo.py                    # TinyWorld math on a CPU, about 90 s of training, from the
+                                            # latest of out/ppo, out/dpo, out/sft
+    python train_grpo.py --loss_type=dr_grpo
+    python train_grpo.py --preset=gpu       # GSM8K on one GPU (python -m data.prepare_gsm8k first)
+    torchrun --standalone --nproc_per_node=8 train_grpo.py --preset=gpu
+
+Each step takes a few math problems, asks each through the chat template, and samples a group of G
+answers per problem at temperature 1 (KV-cached generation). A verifier scores them: 1 when the
+number after the last "####" equals the reference, else 0 (plus an optional small reward for the
+format alone). There is no critic: an answer's advantage is its reward against its own group's,
+(r - mean) / (std + eps) (`group_advantages`), so a group whose answers are all right or all wrong
+teaches nothing; those are counted and, by default, left out of the update. The loss is PPO's
+clipped surrogate on every answer token, optionally with a k3 KL penalty to the starting model
+(`grpo_loss`), averaged in one of three ways that weigh long and short answers differently
+(--loss_type: grpo, dr_grpo, dapo).
+
+Before and after training, the held-out problems are answered greedily (pass@1) and sampled
+--pass_k times at temperature 1 (pass@k: solved by at least one sample). Writes out/grpo/ckpt.pt,
+log.jsonl and metrics.json.
+"""
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import common
+import evals
+from common import UserError, print0
+from data.tinymath import check_answer, extract_answer
+from data.tokenizer import load_tokenizer
+
+
+@dataclass
+class Config:
+    data: str = "data/tinyworld/math_train.jsonl"   # training problems: {"question", "answer" ending in "#### n"}
+    test_data: str = "data/tinyworld/math_test.jsonl"  # held-out problems, same format, for pass@1 and pass@k
+    tokenizer: str = ""                # default: the one the --init checkpoint was trained with
+    init: str = ""                     # start from this checkpoint (default: out/ppo, else out/dpo, else out/sft)
+    out: str = "out/grpo"              # where ckpt.pt, log.jsonl and metrics.json go
+    resume: bool = False               # continue exactly from out/ckpt.pt (optimizer, step, RNG)
+    prompts_per_step: int = 8          # problems per step, over all processes
+    group_size: int = 8                # answers sampled per problem (G)
+    max_new_tokens: int = 64           # answer length limit, in training and evaluation
+    temperature: float = 1.0           # sampling temperature of the rollouts
+    format_reward: float = 0.0         # extra reward for an answer that ends its turn with "#### <number>"
+    scale: str = "group"               # advantages divided by the group's std (group), or not (none: Dr. GRPO)
+    adv_eps: float = 1e-4              # added to the group std before dividing
+    skip_all_equal: bool = True        # leave groups with all-equal rewards out of the update (DAPO)
+    loss_type: str = "grpo"            # grpo (mean per answer), dr_grpo (sum / G*max_new_tokens), dapo (token mean)
+    eps_low: float = 0.2               # clip the ratio below at 1 - eps_low
+    eps_high: float = 0.2              # clip the ratio above at 1 + eps_high (DAPO: 0.28)
+    beta: float = 0.0                  # weight of the k3 KL penalty to the starting model (0: no reference loaded)
+    passes: int = 1                    # optimizer steps on each batch of rollouts (the first is on-policy)
+    micro_batch: int = 64              # answers per forward and backward
+    max_steps: int = 60                # steps, each a batch of rollouts
+    stop_at: int = 0                   # stop early at this step with a checkpoint (0: run to max_steps)
+    lr: float = 3e-4                   # peak learning rate
+    min_lr: float = 3e-4               # learning rate at the end of the cosine
+    warmup_steps: int = 5              # linear warm-up steps
+    weight_decay: float = 0.0          # AdamW decay on matrices
+    grad_clip: float = 1.0             # clip the gradient norm to this (0: off)
+    pass_k: int = 8                    # samples per held-out problem for pass@k
+    test_limit: int = 0                # held-out problems evaluated (0: all)
+    save_every: int = 20               # steps between checkpoints
+    log_every: int = 10                # steps between printed lines
+    device: str = "auto"               # auto (cuda, mps, cpu), or a torch device name
+    compile: bool = False              # torch.compile the model
+    seed: int = 1337                   # seeds problem order and sampling
+
+
+PRESETS = {
+    # GSM8K (python -m data.prepare_gsm8k) on a model fine-tuned with train_sft.py --preset=gpu
+    "gpu": dict(data="data/real/gsm8k_train.jsonl", test_data="data/real/gsm8k_test.jsonl", prompts_per_step=32,
+                group_size=8, max_new_tokens=256, format_reward=0.1, eps_high=0.28, lr=1e-6, min_lr=1e-6,
+                max_steps=500, micro_batch=32, test_limit=500, save_every=50, log_every=5, compile=True),
+}
+
+
+# ----------------------------------------------------------------------------- the reward and the loss
+
+def reward(completion, answer, ended, format_reward=0.0):
+    """1 if the completion's number after its last "####" equals the answer's, else 0; plus
+    format_reward when the completion ended its turn (<|end|>) with such a number, right or wrong."""
+    well_formed = ended and extract_answer(completion) is not None
+    return float(check_answer(completion, answer)) + format_reward * well_formed
+
+
+def group_advantages(rewards, group_size, scale="group", eps=1e-4):
+    """A_i = (r_i - mean_g r) / (std_g r + eps) within each group of group_size consecutive rewards;
+    with scale="none", A_i = r_i - mean_g r (Dr. GRPO: no std, so low-variance groups are not blown up).
+
+    A group whose rewards are all equal gets exactly zero advantage: it says nothing about which
+    answer is better. Returns (advantages (N,), all_equal (N // group_size,) booleans).
+    """
+    if scale not in ("group", "none"):
+        raise ValueError(f"scale must be 'group' or 'none', got {scale!r}")
+    r = rewards.view(-1, group_size).float()
+    all_equal = (r == r[:, :1]).all(1)
+    adv = r - r.mean(1, keepdim=True)
+    if scale == "group":
+        std = torch.where(all_equal, 1.0, r.std(1)) if group_size > 1 else torch.ones_like(all_equal, dtype=r.dtype)
+        adv = adv / (std[:, None] + eps)
+    return torch.where(all_equal[:, None], 0.0, adv).view(-1), all_equal
+
+
+def k3(logp, ref_logp):
+    """KL(pi || ref) per token, estimated on samples of pi: (q - 1) - log q with q = ref / pi.
+    Never negative (log q <= q - 1), zero exactly where the two agree, and unbiased."""
+    log_q = ref_logp - logp
+    return torch.expm1(log_q) - log_q  # expm1, not exp - 1: exact near q = 1, so never below zero
+
+
+def grpo_loss(logp, old_logp, ref_logp, adv, mask, eps_low=0.2, eps_high=0.2, beta=0.0, loss_type="grpo",
+              max_len=None, denom=None):
+    """The clipped policy-gradient loss of GRPO and its variants; returns (loss, {"clipfrac", "kl"}).
+
+    Per token: l_t = -min(rho_t A, clip(rho_t, 1 - eps_low, 1 + eps_high) A) + beta * k3_t, with
+    rho_t = exp(logp_t - old_logp_t) and A the answer's advantage. logp, old_logp, ref_logp, mask:
+    (B, T), mask 1 on answer tokens; adv: (B,); ref_logp may be None when beta = 0. Aggregated as
+      grpo:    mean over answers of (sum_t mask l_t / sum_t mask): each answer weighs the same, so a
+               long wrong answer is penalised less per token than a short one;
+      dr_grpo: sum of mask l_t / (B * max_len), max_len a constant (the generation limit);
+      dapo:    sum of mask l_t / sum of mask: every token weighs the same.
+    When a batch is split into micro-batches, denom is the whole batch's divisor (answers, answers *
+    max_len, or tokens), so that the micro-batch losses add up to the batch's.
+    """
+    mask = mask.to(logp.dtype)
+    ratio = torch.exp(logp - old_logp)
+    a = adv[:, None].to(logp.dtype)
+    per_token = -torch.min(ratio * a, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * a)
+    kl = k3(logp, ref_logp) if ref_logp is not None else torch.zeros_like(logp)
+    if beta:
+        per_token = per_token + beta * kl
+    if loss_type == "grpo":
+        loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / (denom or logp.size(0))
+    elif loss_type == "dr_grpo":
+        loss = (per_token * mask).sum() / (denom or logp.size(0) * (max_len or logp.size(1)))
+    elif loss_type == "dapo":
+        loss = (per_token * mask).sum() / (denom or mask.sum().clamp(min=1))
+    else:
+        raise ValueError(f"loss_type must be grpo, dr_grpo or dapo, got {loss_type!r}")
+    with torch.no_grad():  # the share of tokens whose gradient the clip removed
+        clipped = ((ratio > 1 + eps_high) & (a > 0)) | ((ratio < 1 - eps_low) & (a < 0))
+        n = mask.sum().clamp(min=1)
+        stats = {"clipfrac": (clipped * mask).sum() / n, "kl": (kl * mask).sum() / n}
+    return loss, stats
+
+
+# ----------------------------------------------------------------------------- the data and the evaluation
+
+def load_problems(path, tok, room):
+    """Every {"question", "answer"} record with its chat prompt; those whose prompt leaves fewer than
+    `room` tokens of context for the answer are dropped. Returns (problems, dropped)."""
+    problems, dropped = [], 0
+    for line, r in common.numbered_records(path):
+        if not (isinstance(r, dict) and isinstance(r.get("question"), str) and extract_answer(str(r.get("answer")))):
+            raise UserError(f'{path}:{line}: a problem is {{"question": ..., "answer": "... #### <number>"}}: '
+                            "fix or delete that line")
+        prompt = tok.render_prompt([{"role": "user", "content": r["question"]}])
+        if len(prompt) > room:
+            dropped += 1
+        else:
+            problems.append({**r, "prompt": prompt})
+    return problems, dropped
+
+
+def decode(tok, ids):
+    return tok.decode(t for t in ids if t not in (tok.end_id, tok.eot_id))
+
+
+def math_eval(model, tok, problems, cfg, device):
+    """Greedy accuracy (pass@1), the share solved by at least one of pass_k samples at temperature 1
+    (pass@k), and the greedy answers' mean length in tokens. Same sampling seed every time."""
+    stops = [tok.end_id, tok.eot_id]
+    prompts = [p["prompt"] for p in problems]
+    greedy = evals.generate_batched(model, prompts, cfg.max_new_tokens, stop_tokens=stops)
+    right = [check_answer(decode(tok, g), p["answer"]) for g, p in zip(greedy, problems)]
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    samples = evals.generate_batched(model, [q for q in prompts for _ in range(cfg.pass_k)], cfg.max_new_tokens,
+                                     stop_tokens=stops, temperature=1.0, generator=gen, batch_size=256)
+    solved = [any(check_answer(decode(tok, s), p["answer"]) for s in samples[i * cfg.pass_k:(i + 1) * cfg.pass_k])
+              for i, p in enumerate(problems)]
+    return {"pass@1": sum(right) / len(problems), f"pass@{cfg.pass_k}": sum(solved) / len(problems),
+            "length": sum(map(len, greedy)) / len(greedy), "n": len(problems),
+            "examples": [(p["question"], decode(tok, g)) for p, g in zip(problems[:2], greedy)]}
+
+
+def report(result, label, k):
+    print0(f"grpo: {label}: held-out pass@1 {result['pass@1']:.1%}, pass@{k} {result[f'pass@{k}']:.1%}, "
+           f"greedy answers {result['length']:.1f} tokens long (of {result['n']} problems)")
+    for question, answer in result.pop("examples"):
+        print0(f"    {question!r}\n      -> {answer!r}")
+
+
+def default_init():
+    for stage in ("ppo", "dpo", "sft"):
+        if Path(f"out/{stage}/ckpt.pt").is_file():
+            return f"out/{stage}/ckpt.pt"
+    return "out/sft/ckpt.pt"
+
+
+def update(model, ref, optimizer, batch, denom, cfg, device, world):
+    """cfg.passes optimizer steps on one batch of rollouts, in micro-batches whose losses add up to the
+    batch's. Returns the loss, the clipped fraction and the KL to the reference (token means, last pass)."""
+    x, y, mask, adv = batch
+    starts = list(range(0, len(x), cfg.micro_batch))
+    olds, refs = [], []
+    for p in range(cfg.passes):
+        loss_sum, clipped, kl = 0.0, 0.0, 0.0
+        for c, s in enumerate(starts):
+            sl = slice(s, s + cfg.micro_batch)
+            if world > 1:
+                model.require_backward_grad_sync = c == len(starts) - 1  # all-reduce once per update
+            with common.autocast(device):
+                logp = -model(x[sl], y[sl], reduction="none")
+                if p == 0:  # the answers were sampled from exactly this model: rho = 1 on the first pass
+                    olds.append(logp.detach())
+                    refs.append(-ref(x[sl], y[sl], reduction="none") if ref is not None else None)
+                loss, stats = grpo_loss(logp, olds[c], refs[c], adv[sl], mask[sl], cfg.eps_low, cfg.eps_high,
+                                        cfg.beta, cfg.loss_type, cfg.max_new_tokens, denom)
+            loss.backward()
+            n = mask[sl].sum().item()
+            loss_sum, clipped, kl = loss_sum + loss.item(), clipped + stats["clipfrac"].item() * n, kl + stats["kl"].item() * n
+        loss_sum = common.all_mean(loss_sum)
+        if not math.isfinite(loss_sum):
+            return loss_sum, clipped, kl  # the caller stops before a step on a broken gradient
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    n = max(mask.sum().item(), 1)
+    return loss_sum, clipped / n, kl / n
+
+
+# ----------------------------------------------------------------------------- training
+
+def main(cfg):
+    common.require_positive(cfg, "prompts_per_step", "group_size", "max_new_tokens", "max_steps", "micro_batch",
+                            "passes", "pass_k", "save_every", "log_every", "lr", "temperature")
+    if cfg.loss_type not in ("grpo", "dr_grpo", "dapo"):
+        raise UserError(f"--loss_type must be grpo, dr_grpo or dapo, got {cfg.loss_type!r}")
+    if cfg.scale not in ("group", "none"):
+        raise UserError(f"--scale must be group or none, got {cfg.scale!r}")
+    rank, world, device = common.setup_ddp(common.pick_device(cfg.device))
+    if cfg.prompts_per_step % world:
+        raise UserError(f"--prompts_per_step={cfg.prompts_per_step} must be a multiple of the number of processes ({world})")
+    if common.is_master():
+        common.check_writable(cfg.out)
+    ckpt_path = Path(cfg.out) / "ckpt.pt"
+
+    # the policy: from an SFT or preference-tuned checkpoint, or resumed exactly
+    init = cfg.init or default_init()
+    if cfg.resume:
+        ckpt = common.load_checkpoint(ckpt_path, ["grpo"], made_by="python train_grpo.py")
+        init = ckpt.get("init", init)
+    else:
+        ckpt = common.load_checkpoint(init, ["sft", "ppo", "dpo", "grpo"], made_by="python train_sft.py")
+        print0(f"grpo: starting from {init} (a {ckpt['stage']} checkpoint)")
+    tokenizer = cfg.tokenizer or ckpt["tokenizer"]
+    tok = load_tokenizer(tokenizer)
+    model = common.gpt_from_checkpoint(ckpt, tok)
+    room = model.config.block_size - cfg.max_new_tokens
+    if room <= 0:
+        raise UserError(f"--max_new_tokens={cfg.max_new_tokens} leaves no room for a prompt in the context "
+                        f"({model.config.block_size} tokens): lower it")
+    problems, dropped = load_problems(cfg.data, tok, room)
+    test = load_problems(cfg.test_data, tok, room)[0] if cfg.test_data else []
+    test = test[:cfg.test_limit] if cfg.test_limit else test
+    if not problems:
+        raise UserError(f"no problem in {cfg.data} fits the context with --max_new_tokens={cfg.max_new_tokens} "
+                        f"({dropped} too long): lower --max_new_tokens or give shorter problems")
+    print0(f"grpo: {len(problems):,} problems from {cfg.data}, {dropped} dropped as too long for the context; "
+           f"{cfg.prompts_per_step} problems x {cfg.group_size} answers per step")
+
+    torch.manual_seed(cfg.seed + rank)  # each rank samples its own answers
+    raw_model = model.to(device)
+    model, optimizer, data_gen, step = common.start_training(raw_model, cfg, device, world, ckpt)
+    ref = None
+    if cfg.beta > 0:  # the KL penalty's anchor: the starting model, frozen
+        ref = common.gpt_from_checkpoint(common.load_checkpoint(init), tok).to(device).eval().requires_grad_(False)
+
+    def save(step):
+        if common.is_master():
+            common.save_checkpoint(ckpt_path, common.training_checkpoint(
+                "grpo", raw_model, optimizer, step, cfg, tokenizer, data_gen, init=init, eval_before=before,
+                tokenizer_fingerprint=tok.fingerprint))
+
+    log = common.Logger(cfg.out, "grpo", cfg.max_steps, resume=cfg.resume, start_step=step)
+    before = ckpt.get("eval_before") if cfg.resume else None
+    if step == 0 and test and common.is_master():
+        before = math_eval(raw_model, tok, test, cfg, device)
+        report(before, "before", cfg.pass_k)
+        log.log(0, printed=False, **{f"test/{k}": v for k, v in before.items()})
+
+    stops = [tok.end_id, tok.eot_id]
+    end = cfg.stop_at if 0 < cfg.stop_at < cfg.max_steps else cfg.max_steps
+    t_start = t_last = time.time()
+    tokens_since, metrics = 0, {}
+    with common.StopOnSignal() as stop:
+        while step < end and not stop.requested():
+            lr = common.lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+
+            # 1. rollouts: G answers to each of this rank's problems
+            picks = torch.randint(len(problems), (cfg.prompts_per_step,), generator=data_gen)[rank::world].tolist()
+            prompts = [problems[i]["prompt"] for i in picks for _ in range(cfg.group_size)]
+            answers = evals.generate_batched(raw_model, prompts, cfg.max_new_tokens, stop_tokens=stops,
+                                             batch_size=len(prompts), temperature=cfg.temperature)
+            tokens_since += sum(map(len, answers))
+
+            # 2. rewards from the verifier
+            refs = [problems[i]["answer"] for i in picks for _ in range(cfg.group_size)]
+            texts = [decode(tok, a) for a in answers]
+            rewards = torch.tensor([reward(t, r, a[-1:] == [tok.end_id], cfg.format_reward)
+                                    for t, r, a in zip(texts, refs, answers)])
+            correct = [check_answer(t, r) for t, r in zip(texts, refs)]
+
+            # 3. advantages within each group; all-equal groups carry no signal
+            adv, all_equal = group_advantages(rewards, cfg.group_size, cfg.scale, cfg.adv_eps)
+            keep = [i for i in range(len(answers)) if not (cfg.skip_all_equal and all_equal[i // cfg.group_size])]
+            x, y, mask = common.pack_responses([prompts[i] for i in keep] or prompts[:1],
+                                               [answers[i] for i in keep] or answers[:1])
+            adv = adv[keep] if keep else torch.zeros(1)
+            mask = mask if keep else torch.zeros_like(mask)  # nothing to learn here, but DDP needs a backward
+            x, y, mask, adv = x.to(device), y.to(device), mask.to(device), adv.to(device)
+
+            # 4. the update: the batch's divisor counts the kept answers (or tokens) of every rank
+            n_seqs = common.all_mean(len(keep)) * world
+            denom = {"grpo": n_seqs, "dr_grpo": n_seqs * cfg.max_new_tokens,
+                     "dapo": common.all_mean(mask.sum().item()) * world}[cfg.loss_type] / world
+            if n_seqs > 0:
+                loss, clipfrac, kl = update(model, ref, optimizer, (x, y, mask, adv), denom, cfg, device, world)
+                common.check_finite(loss, step + 1, ckpt_path)
+            else:
+                loss, clipfrac, kl = 0.0, 0.0, 0.0
+            step += 1
+
+            metrics = {"loss": common.all_mean(loss), "lr": lr, "reward": common.all_mean(rewards.mean().item()),
+                       "accuracy": common.all_mean(sum(correct) / len(correct)),
+                       "all_equal": common.all_mean(all_equal.float().mean().item()),
+                       "clipfrac": common.all_mean(clipfrac),
+                       "response_len": common.all_mean(sum(map(len, answers)) / len(answers))}
+            if ref is not None:
+                metrics["kl"] = common.all_mean(kl)
+            printed = step % cfg.log_every == 0 or step == end
+            if printed:  # answer tokens sampled per second since the last printed line
+                metrics["tok/s"] = round(common.all_mean(tokens_since) * world / (time.time() - t_last))
+                t_last, tokens_since = time.time(), 0
+            log.log(step, printed=printed, **metrics)  # before the checkpoint, which --resume continues after
+            if step % cfg.save_every == 0 or step == cfg.max_steps:
+                save(step)
+    if stop.stopped:
+        save(step)
+        print0(f"\ninterrupted at step {step}: checkpoint saved to {ckpt_path}; "
+               f"continue with: python train_grpo.py --resume (and the same flags)")
+        common.teardown_ddp()
+        raise SystemExit(stop.exit_code)
+    train_seconds = time.time() - t_start
+    save(step)
+
+    summary = {"steps": step, "train_seconds": train_seconds, "init": init, "loss_type": cfg.loss_type,
+               **{k: metrics.get(k) for k in ("reward", "accuracy", "all_equal", "response_len")}}
+    if test and common.is_master():
+        after = math_eval(raw_model, tok, test, cfg, device)
+        report(after, "after", cfg.pass_k)
+        log.log(step, printed=False, **{f"test/{k}": v for k, v in after.items()})
+        summary.update(before=before, after=after)
+    log.finish(summary)
+    print0(f"grpo: done in {train_seconds:.0f}s of training, checkpoint {ckpt_path}")
+    common.teardown_ddp()
+
+
+if __name__ == "__main__":
+    common.run_main(main, Config, PRESETS)
