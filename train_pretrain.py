@@ -10,6 +10,7 @@ memmap of token ids; training reads random windows of it. Writes out/pretrain/ck
 """
 import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,7 +86,7 @@ def tokenize_to_memmap(text_path, tok, cache_dir="out/tokens"):
                 raise UserError(f"{text_path} has no text: give a corpus with documents separated by blank lines")
             ids = np.array([i for d in docs for i in tok.encode_document(d)], dtype=dtype)
             cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_name(cache.name + ".tmp")
+            tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")  # runs tokenizing at once do not collide
             ids.tofile(tmp)
             tmp.replace(cache)
             print0(f"tokenized {text_path}: {len(docs)} documents, {len(ids):,} tokens in {time.time() - t0:.1f}s")
