@@ -1,0 +1,85 @@
+"""Stage 3a: the reward loss's properties, a tiny reward model end to end, bad input."""
+import json
+import math
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+import common
+from conftest import error_line, run_script
+from train_rm import reward_loss
+
+finite = st.floats(-20, 20, allow_nan=False)
+rewards = st.lists(st.tuples(finite, finite), min_size=1, max_size=8)
+
+
+def tensors(pairs):
+    return (torch.tensor([c for c, _ in pairs], dtype=torch.float64),
+            torch.tensor([r for _, r in pairs], dtype=torch.float64))
+
+
+@given(st.lists(finite, min_size=1, max_size=8))
+def test_equal_rewards_give_log_2(r):
+    t = torch.tensor(r, dtype=torch.float64)
+    assert reward_loss(t, t).item() == pytest.approx(math.log(2), rel=1e-12)
+
+
+@given(rewards, st.floats(0.01, 5))
+def test_the_loss_falls_as_the_chosen_reply_pulls_ahead(pairs, lead):
+    r_c, r_r = tensors(pairs)
+    assert reward_loss(r_c + lead, r_r).item() < reward_loss(r_c, r_r).item()
+
+
+@given(rewards, st.floats(-5, 5))
+def test_a_margin_is_the_same_as_a_smaller_gap(pairs, m):
+    r_c, r_r = tensors(pairs)
+    assert reward_loss(r_c, r_r, margin=m).item() == pytest.approx(reward_loss(r_c - m, r_r).item(), rel=1e-9, abs=1e-12)
+
+
+@given(rewards, st.floats(0.0, 1.0))
+def test_centering_adds_its_term_and_nothing_else(pairs, c):
+    r_c, r_r = tensors(pairs)
+    extra = c * ((r_c + r_r) ** 2).mean().item()
+    assert reward_loss(r_c, r_r, center_coef=c).item() == pytest.approx(reward_loss(r_c, r_r).item() + extra, rel=1e-9)
+
+
+@given(rewards)
+def test_the_loss_sees_only_differences_without_centering(pairs):
+    r_c, r_r = tensors(pairs)
+    assert reward_loss(r_c + 3.0, r_r + 3.0).item() == pytest.approx(reward_loss(r_c, r_r).item(), rel=1e-9)
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def rm_flags(tiny_world, init, out, *extra):
+    d = tiny_world["data"]
+    return [f"--data={d / 'prefs_train.jsonl'}", f"--test_data={d / 'prefs_test.jsonl'}", f"--init={init}",
+            f"--out={out}", "--batch_size=4", "--warmup_steps=1", "--log_every=2", "--zero_prompts=8",
+            "--max_new_tokens=8", *extra]
+
+
+def test_tiny_reward_model_trains_scores_and_saves(tiny_world, tiny_sft, tmp_path):
+    out = tmp_path / "rm"
+    r = run_script("train_rm.py", *rm_flags(tiny_world, tiny_sft, out, "--max_steps=4", "--eval_every=2"))
+    assert r.returncode == 0, r.stderr
+    assert "rm 4/4" in r.stdout and "held-out pairwise accuracy" in r.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0.0 <= metrics["test_accuracy"] <= 1.0 and metrics["steps"] == 4
+    ckpt = common.load_checkpoint(out / "ckpt.pt", ["rm"])
+    assert ckpt["score_shift"] == pytest.approx(metrics["score_shift"])
+    model = common.gpt_from_checkpoint(ckpt, value_head=True)  # the head comes back with the trunk
+    assert torch.equal(model.head.bias, ckpt["model"]["head.bias"])
+
+
+def test_a_pair_missing_a_field_is_one_error_line(tiny_world, tiny_sft, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "hi", "chosen": "hello"}) + "\n")
+    line = error_line(run_script("train_rm.py", *rm_flags(tiny_world, tiny_sft, tmp_path / "o", f"--data={bad}")))
+    assert str(bad) in line and "record 1" in line and "rejected" in line
+
+
+def test_the_reward_model_starts_from_sft_only(tiny_world, tiny_pretrained, tmp_path):
+    line = error_line(run_script("train_rm.py", *rm_flags(tiny_world, tiny_pretrained, tmp_path / "o")))
+    assert "'pretrain' checkpoint" in line and "sft" in line

@@ -1,0 +1,267 @@
+"""Stage 3a, the reward model: learn to score answers the way a rater ranks them.
+
+    python train_rm.py                  # TinyWorld's preference pairs on a CPU, about half a minute, from out/sft/ckpt.pt
+    python train_rm.py --preset=gpu     # Anthropic HH-RLHF on one GPU (python -m data.prepare_hh_rlhf first),
+                                        # from a GPU SFT run (train_sft.py --preset=gpu)
+    torchrun --standalone --nproc_per_node=8 train_rm.py --preset=gpu
+
+A preference pair is a prompt and two replies, one chosen by a rater over the other. The reward model
+is the SFT model's trunk with a scalar head (model.ValueModel), read at the last token of
+prompt+reply: its score. Bradley-Terry says the rater prefers a to b with probability
+sigmoid(r(a) - r(b)), so the loss is -log of that for the pair as labelled (`reward_loss`). Only
+differences of scores matter to it; so after training the scores are shifted to make the SFT
+policy's own replies score 0 on average, which is where PPO starts (the shift is folded into the
+head's bias and recorded in the checkpoint as "score_shift").
+
+TinyWorld's training labels are flipped with probability 0.1 (a noisy rater); the held-out pairs are
+clean. Besides their accuracy, the model is checked on fresh pairs: two replies sampled from the SFT
+policy for each held-out prompt, ranked by TinyWorld's gold rater, which is what PPO will ask of it.
+Writes out/rm/ckpt.pt, log.jsonl and metrics.json.
+"""
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import common
+import evals
+from common import UserError, print0
+from data import read_jsonl, tinyworld
+from data.tokenizer import load_tokenizer
+
+
+@dataclass
+class Config:
+    data: str = "data/tinyworld/prefs_train.jsonl"  # preference pairs: {"prompt", "chosen", "rejected"}
+    test_data: str = "data/tinyworld/prefs_test.jsonl"  # held-out pairs for the accuracy (empty: none)
+    tokenizer: str = ""                # default: the one the --init checkpoint was trained with
+    init: str = "out/sft/ckpt.pt"      # the SFT checkpoint whose trunk the reward model starts from
+    out: str = "out/rm"                # where ckpt.pt, log.jsonl and metrics.json go
+    resume: bool = False               # continue exactly from out/ckpt.pt (optimizer, step, RNG)
+    batch_size: int = 32               # pairs per step, over all processes
+    max_steps: int = 100               # optimizer steps (100 x 32 is about one pass over TinyWorld's 3,000 pairs)
+    stop_at: int = 0                   # stop early at this step with a checkpoint (0: run to max_steps)
+    lr: float = 5e-4                   # peak learning rate
+    min_lr: float = 5e-5               # learning rate at the end of the cosine
+    warmup_steps: int = 10             # linear warm-up steps
+    weight_decay: float = 0.0          # AdamW decay on matrices
+    margin: float = 0.0                # required gap between chosen and rejected scores
+    center_coef: float = 0.01          # weight of mean((r_chosen + r_rejected)^2): keeps scores near 0
+    grad_clip: float = 1.0             # clip the gradient norm to this (0: off)
+    eval_every: int = 50               # steps between held-out accuracies and checkpoints
+    log_every: int = 10                # steps between printed lines
+    zero_prompts: int = 256            # SFT replies sampled to set the score's zero (0: no shift)
+    fresh_pairs: bool = True           # check agreement with the gold rater on sampled pairs (TinyWorld only)
+    max_new_tokens: int = 64           # length limit of the sampled replies
+    device: str = "auto"               # auto (cuda, mps, cpu), or a torch device name
+    compile: bool = False              # torch.compile the model
+    seed: int = 1337                   # seeds data order and sampling
+
+
+PRESETS = {
+    # HH-RLHF helpful-base (python -m data.prepare_hh_rlhf), from a GPU SFT run of the 12x768 model
+    "gpu": dict(data="data/real/hh_train.jsonl", test_data="data/real/hh_test.jsonl", batch_size=64,
+                max_steps=1500, lr=1e-5, min_lr=1e-6, warmup_steps=50, eval_every=250, log_every=25,
+                fresh_pairs=False, compile=True),
+}
+
+
+# ----------------------------------------------------------------------------- the loss
+
+def reward_loss(r_chosen, r_rejected, margin=0.0, center_coef=0.0):
+    """mean(-log sigmoid(r_chosen - r_rejected - margin)) + center_coef * mean((r_chosen + r_rejected)^2).
+
+    The first term is the negative log-likelihood of the labels under Bradley-Terry: the chosen reply
+    wins with probability sigmoid(r_c - r_r). It is log 2 when the scores tie and falls as the
+    chosen one pulls ahead; a margin (a float, or one per pair) asks for a lead of at least that much.
+    It cannot see a shift of all scores, so the second term, small, keeps them centred on zero.
+    """
+    loss = -F.logsigmoid(r_chosen - r_rejected - margin).mean()
+    if center_coef:
+        loss = loss + center_coef * ((r_chosen + r_rejected) ** 2).mean()
+    return loss
+
+
+# ----------------------------------------------------------------------------- the data
+
+def load_pairs(path, tok, block_size):
+    """Each pair as (prompt ids, chosen ids, rejected ids); a reply is its tokens and <|end|>. Pairs
+    whose longer side does not fit in the context are dropped. Returns (pairs, dropped)."""
+    pairs, dropped = [], 0
+    for i, r in enumerate(read_jsonl(path), 1):
+        if not isinstance(r, dict) or not all(isinstance(r.get(k), str) for k in ("prompt", "chosen", "rejected")):
+            raise UserError(f"{path}: record {i} is not a preference pair: each line must be "
+                            '{"prompt": ..., "chosen": ..., "rejected": ...} with string values')
+        prompt = tok.render_prompt([{"role": "user", "content": r["prompt"]}])
+        chosen, rejected = tok.encode(r["chosen"]) + [tok.end_id], tok.encode(r["rejected"]) + [tok.end_id]
+        if len(prompt) + max(len(chosen), len(rejected)) > block_size:
+            dropped += 1
+        else:
+            pairs.append((prompt, chosen, rejected))
+    return pairs, dropped
+
+
+def scores(model, prompts, replies, device):
+    """The model's scalar at the last token of each prompt+reply: the reward model's score."""
+    seqs = [p + r for p, r in zip(prompts, replies)]
+    last = torch.tensor([len(s) - 1 for s in seqs], device=device)
+    return model(common.pad_right(seqs).to(device))[torch.arange(len(seqs), device=device), last]
+
+
+def pair_scores(model, batch, device):
+    """(r_chosen, r_rejected) for a list of pairs, in one forward pass over both sides."""
+    prompts = [p for p, _, _ in batch]
+    r = scores(model, prompts + prompts, [c for _, c, _ in batch] + [x for _, _, x in batch], device)
+    return r[:len(batch)], r[len(batch):]
+
+
+@torch.no_grad()
+def accuracy(model, pairs, cfg, device, rank, world):
+    """Fraction of pairs whose chosen reply scores higher, over every pair."""
+    model.eval()
+    right = 0
+    for start in range(rank * cfg.batch_size, len(pairs), world * cfg.batch_size):
+        r_c, r_r = pair_scores(model, pairs[start:start + cfg.batch_size], device)
+        right += (r_c > r_r).sum().item()
+    model.train()
+    return common.all_mean(right) * world / max(len(pairs), 1)
+
+
+@torch.no_grad()
+def sampled_scores(rm, policy, tok, questions, cfg, device, gen):
+    """Replies sampled from the policy at temperature 1, and the reward model's scores of them."""
+    prompts, outs, texts = evals.chat_replies(policy, tok, questions, cfg.max_new_tokens, temperature=1.0, generator=gen)
+    rm.eval()
+    r = torch.cat([scores(rm, prompts[i:i + 64], outs[i:i + 64], device) for i in range(0, len(prompts), 64)])
+    return texts, r
+
+
+def gold_agreement(rm, policy, tok, questions, cfg, device, gen):
+    """On two replies sampled from the SFT policy per question, how often the reward model orders them
+    as the gold rater does (pairs the gold rater scores equal are left out)."""
+    texts, r = sampled_scores(rm, policy, tok, questions + questions, cfg, device, gen)
+    n = len(questions)
+    gold = [tinyworld.gold_score(q, t) for q, t in zip(questions + questions, texts)]
+    agree = [(gold[i] > gold[n + i]) == (r[i] > r[n + i]).item() for i in range(n) if gold[i] != gold[n + i]]
+    return sum(agree) / max(len(agree), 1), len(agree)
+
+
+# ----------------------------------------------------------------------------- training
+
+def main(cfg):
+    for name in ("batch_size", "max_steps", "eval_every", "log_every", "max_new_tokens"):
+        if getattr(cfg, name) <= 0:
+            raise UserError(f"--{name} must be positive, got {getattr(cfg, name)}")
+    rank, world, device = common.setup_ddp(common.pick_device(cfg.device))
+    if cfg.batch_size % world:
+        raise UserError(f"--batch_size={cfg.batch_size} must be a multiple of the number of processes ({world})")
+    if common.is_master():
+        common.check_writable(cfg.out)
+    ckpt_path = Path(cfg.out) / "ckpt.pt"
+
+    # the reward model: the SFT trunk with a fresh scalar head, or resumed exactly
+    if cfg.resume:
+        ckpt = common.load_checkpoint(ckpt_path, ["rm"], made_by="python train_rm.py")
+        init = common.load_checkpoint(ckpt["init"], ["sft"], made_by="python train_sft.py")
+    else:
+        ckpt = init = common.load_checkpoint(cfg.init, ["sft"], made_by="python train_sft.py")
+    tokenizer = cfg.tokenizer or ckpt["tokenizer"]
+    tok = load_tokenizer(tokenizer)
+    model = common.gpt_from_checkpoint(ckpt, tok, value_head=True, dropout=0.0)
+    block_size = model.config.block_size
+
+    pairs, dropped = load_pairs(cfg.data, tok, block_size)
+    if not pairs:
+        raise UserError(f"{cfg.data} has no preference pair that fits in the context ({block_size} tokens, "
+                        f"{dropped} dropped): give shorter pairs")
+    test_pairs = load_pairs(cfg.test_data, tok, block_size)[0] if cfg.test_data else []
+    print0(f"rm: {len(pairs):,} pairs from {cfg.data} ({dropped} dropped as longer than the context), "
+           f"{len(test_pairs):,} held out")
+
+    torch.manual_seed(cfg.seed)
+    raw_model = model.to(device)
+    model, optimizer, data_gen, step = common.start_training(raw_model, cfg, device, world, ckpt)
+
+    def save(step, **extra):
+        if common.is_master():
+            common.save_checkpoint(ckpt_path, common.training_checkpoint(
+                "rm", raw_model, optimizer, step, cfg, tokenizer, data_gen, init=cfg.init if not cfg.resume
+                else ckpt["init"], **extra))
+
+    log = common.Logger(cfg.out, "rm", cfg.max_steps, resume=cfg.resume)
+    test_acc = None
+    if step == 0 and test_pairs:
+        test_acc = accuracy(model, test_pairs, cfg, device, rank, world)
+        print0(f"rm: held-out accuracy before training {test_acc:.1%} (the fresh head: a coin toss)")
+        log.log(0, printed=False, test_accuracy=test_acc)
+
+    end = cfg.stop_at if 0 < cfg.stop_at < cfg.max_steps else cfg.max_steps
+    t_start = time.time()
+    try:
+        while step < end:
+            lr = common.lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            picks = torch.randint(len(pairs), (cfg.batch_size,), generator=data_gen)[rank::world]
+            r_c, r_r = pair_scores(model, [pairs[i] for i in picks.tolist()], device)
+            loss = reward_loss(r_c, r_r, cfg.margin, cfg.center_coef)
+            loss.backward()
+            train_loss = common.all_mean(loss.item())
+            if not np.isfinite(train_loss):
+                raise UserError(f"the loss became {train_loss} at step {step + 1}; the last good checkpoint "
+                                f"(if any) is kept in {ckpt_path}: lower --lr or check the data")
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            metrics = {"loss": train_loss, "accuracy": common.all_mean((r_c > r_r).float().mean().item()),
+                       "margin": common.all_mean((r_c - r_r).mean().item()), "lr": lr}
+            if test_pairs and (step % cfg.eval_every == 0 or step == end):
+                test_acc = metrics["test_accuracy"] = accuracy(model, test_pairs, cfg, device, rank, world)
+            if step % cfg.eval_every == 0:
+                save(step)
+            log.log(step, printed=step % cfg.log_every == 0 or "test_accuracy" in metrics or step == end, **metrics)
+    except KeyboardInterrupt:
+        save(step)
+        print0(f"\ninterrupted at step {step}: checkpoint saved to {ckpt_path}; "
+               f"continue with: python train_rm.py --resume (and the same flags)")
+        common.teardown_ddp()
+        raise SystemExit(130)
+    train_seconds = time.time() - t_start
+
+    metrics = {"loss": train_loss, "test_accuracy": test_acc, "steps": step, "train_seconds": train_seconds,
+               "pairs": len(pairs), "dropped": dropped}
+    if common.is_master():
+        # Score zero = the SFT policy's typical reply, and agreement with the gold rater on such replies.
+        policy = common.gpt_from_checkpoint(init, tok).to(device)
+        gen = torch.Generator(device=device).manual_seed(cfg.seed)
+        questions = sorted({r["prompt"] for r in read_jsonl(cfg.data)})
+        if cfg.zero_prompts > 0:
+            picks = torch.randperm(len(questions), generator=torch.Generator().manual_seed(cfg.seed))
+            _, r = sampled_scores(raw_model, policy, tok, [questions[i] for i in picks[:cfg.zero_prompts]],
+                                  cfg, device, gen)
+            shift = r.mean().item()
+            with torch.no_grad():
+                raw_model.head.bias -= shift
+            metrics.update(score_shift=shift, sft_score_std=r.std().item())
+            print0(f"rm: scores shifted by {-shift:+.3f} so that the SFT policy's replies score 0 on average "
+                   f"(their spread: std {r.std().item():.3f})")
+        if cfg.fresh_pairs and cfg.test_data and tinyworld.default_world().parse_question(questions[0]) is not None:
+            held_out = sorted({r["prompt"] for r in read_jsonl(cfg.test_data)})
+            agree, n = gold_agreement(raw_model, policy, tok, held_out, cfg, device, gen)
+            metrics.update(gold_agreement=agree, gold_pairs=n)
+            print0(f"rm: agrees with the gold rater on {agree:.1%} of {n} fresh pairs of SFT replies")
+    save(step, score_shift=metrics.get("score_shift", 0.0))
+    log.finish(metrics)
+    if test_acc is not None:
+        print0(f"rm: held-out pairwise accuracy {test_acc:.1%} ({len(test_pairs)} pairs)")
+    print0(f"rm: done in {train_seconds:.0f}s of training, checkpoint {ckpt_path}")
+    common.teardown_ddp()
+
+
+if __name__ == "__main__":
+    common.run_main(main, Config, PRESETS)
