@@ -1,4 +1,5 @@
-"""common.py: the command line from a dataclass, the schedule, atomic and safe checkpoints."""
+"""common.py: the command line from a dataclass, the schedule, atomic checkpoints. How they refuse
+bad input (flags, unsafe checkpoints, unwritable output): test_faults.py."""
 import math
 from dataclasses import dataclass
 
@@ -22,18 +23,6 @@ def test_flags_are_typed():
     cfg = common.parse_config(Demo, ["--steps=3", "--lr=0.5", "--name=x", "--fast"])
     assert cfg == Demo(steps=3, lr=0.5, name="x", fast=True)
     assert common.parse_config(Demo, ["--fast=false"]).fast is False
-
-
-@pytest.mark.parametrize("argv, message", [
-    (["--stpes=3"], "unknown flag --stpes; valid flags: --preset, --steps, --lr, --name, --fast"),
-    (["--steps=three"], "--steps expects int, got 'three'"),
-    (["--fast=maybe"], "--fast expects true or false"),
-    (["steps=3"], "unexpected argument"),
-    (["--preset=huge"], "unknown preset 'huge'"),
-])
-def test_bad_flags_name_the_fix(argv, message):
-    with pytest.raises(UserError, match=message.replace("(", r"\(").replace("-", r"\-")):
-        common.parse_config(Demo, argv, presets={"small": {"steps": 1}})
 
 
 def test_preset_sets_defaults_and_flags_win():
@@ -71,25 +60,6 @@ def test_checkpoint_round_trip_and_stage_check(tmp_path):
         common.load_checkpoint(path, ["sft"])
     with pytest.raises(UserError, match="run `python train_pretrain.py` first"):
         common.load_checkpoint(tmp_path / "none.pt", made_by="python train_pretrain.py")
-
-
-class Boom:
-    def __reduce__(self):
-        return (open, ("/tmp/should-not-exist-boom", "w"))
-
-
-def test_a_checkpoint_that_runs_code_is_refused(tmp_path):
-    path = tmp_path / "evil.pt"
-    torch.save({"stage": "pretrain", "model": Boom()}, path)
-    with pytest.raises(UserError, match="not a checkpoint this project can load safely"):
-        common.load_checkpoint(path)
-
-
-def test_unwritable_output_is_reported(tmp_path):
-    blocker = tmp_path / "file"
-    blocker.write_text("x")
-    with pytest.raises(UserError, match="cannot write to"):
-        common.check_writable(blocker / "out")
 
 
 def test_peak_flops_on_cpu_is_a_positive_measurement():

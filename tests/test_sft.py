@@ -1,4 +1,5 @@
-"""Stage 2: the SFT loss's properties, the mask after the shift, a tiny run end to end, bad input."""
+"""Stage 2: the SFT loss's properties, the mask after the shift, a tiny run end to end. Bad input:
+test_faults.py."""
 import json
 
 import pytest
@@ -6,7 +7,7 @@ import torch
 from hypothesis import given, strategies as st
 
 import common
-from conftest import error_line, run_script
+from conftest import run_script
 from data.tokenizer import load_tokenizer
 from train_sft import collate, sft_loss
 
@@ -111,32 +112,3 @@ def test_tiny_run_fine_tunes_evaluates_and_saves(tiny_world, tiny_pretrained, tm
                    "--compile=false")
     assert r.returncode == 0, r.stderr
     assert "validation loss before fine-tuning" in r.stdout and "replaying" not in r.stdout
-
-
-def test_a_malformed_line_names_the_file_and_line(tiny_world, tiny_pretrained, tmp_path):
-    bad = tmp_path / "bad.jsonl"
-    good = (tiny_world["data"] / "sft_train.jsonl").read_text().splitlines()[0]
-    bad.write_text(good + "\n" + '{"messages": [oops\n')
-    line = error_line(run_script("train_sft.py", *sft_flags(tiny_world, tiny_pretrained, tmp_path / "o", f"--data={bad}")))
-    assert f"{bad}:2" in line
-
-
-def test_conversations_all_longer_than_the_context_are_an_error(tiny_world, tiny_pretrained, tmp_path):
-    long = tmp_path / "long.jsonl"
-    long.write_text(json.dumps({"messages": [{"role": "user", "content": "hi " * 200},
-                                             {"role": "assistant", "content": "ok"}]}) + "\n")
-    line = error_line(run_script("train_sft.py", *sft_flags(tiny_world, tiny_pretrained, tmp_path / "o", f"--data={long}")))
-    assert "longer than the context" in line
-
-
-def test_init_from_the_wrong_kind_of_checkpoint(tiny_world, tmp_path):
-    common.save_checkpoint(tmp_path / "rm.pt", {"stage": "rm", "model": {}, "model_args": {}})
-    line = error_line(run_script("train_sft.py", *sft_flags(tiny_world, tmp_path / "rm.pt", tmp_path / "o")))
-    assert "'rm' checkpoint" in line and "pretrain" in line
-
-
-def test_an_empty_file_is_named(tiny_world, tiny_pretrained, tmp_path):
-    empty = tmp_path / "empty.jsonl"
-    empty.write_text("")
-    r = run_script("train_sft.py", *sft_flags(tiny_world, tiny_pretrained, tmp_path / "sft"), f"--data={empty}")
-    assert "holds no conversations" in error_line(r)

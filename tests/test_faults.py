@@ -1,0 +1,581 @@
+"""Faults and bad input, for every training script: nothing lost, every mistake explained.
+
+Each training script is a row of SCRIPTS: the flags of a tiny CPU run, the checkpoint it may start
+from, and the mistakes only it can meet (its own kinds of data file). The tests run over every row:
+
+- interrupted training: SIGKILL at a random moment leaves a checkpoint that loads, and --resume ends
+  with the losses of a run never interrupted; Ctrl-C saves, says how to resume, and resumes exactly;
+- a mistake (bad data, bad configuration, a checkpoint that would run code, an output directory that
+  cannot be written): one line on stderr naming the file, the line and the fix, exit code 2, and not
+  one file changed;
+- a NaN loss stops training, naming the step and leaving the last good checkpoint as it was;
+- the same seed and flags give the same losses, twice.
+
+Adding a script is adding a row, with its own mistakes if it reads a kind of file no other row reads.
+
+The mistakes of one script run in one Python process (`runpy`, as `python script.py ...` runs the
+script), so that thirty of them pay for importing torch once; each run that trains is a process of
+its own.
+"""
+import json
+import os
+import queue
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+
+import common
+from common import UserError
+from conftest import ROOT, error_line, run_script
+from data.tokenizer import load_ranks, save_tokenizer
+
+# Every tiny run has the same schedule, so the tests can name steps: 12 steps, a checkpoint and a
+# printed line every 2, on the CPU (where a run repeats exactly).
+STEPS, EVERY = 12, 2
+SCHEDULE = [f"--max_steps={STEPS}", f"--eval_every={EVERY}", f"--log_every={EVERY}", "--warmup_steps=2",
+            "--device=cpu"]
+
+
+@dataclass
+class Case:
+    """A mistake: the flags that make it (after the row's, so they win), and fragments its error line
+    must hold: the file, the line where it applies, the fix."""
+    args: list
+    expect: list
+
+
+def write(path, content):
+    """Write a file, return its path (so a case can make its file inside its flags)."""
+    path = Path(path)
+    path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
+    return path
+
+
+def jsonl(*records):
+    return "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records)
+
+
+# ----------------------------------------------------------------------------- the rows: pre-training
+
+
+def pretrain_flags(fx, out):
+    d = fx.tiny_world["data"]
+    return [f"--data={d / 'corpus_train.txt'}", f"--val_data={d / 'corpus_val.txt'}",
+            f"--tokenizer={fx.tiny_world['tokenizer']}", f"--out={out}", "--n_layer=1", "--n_head=2", "--n_embd=32",
+            "--block_size=32", "--batch_size=4", "--eval_batches=2", "--eval_facts=false"]
+
+
+# Each case is (fixtures, a directory of its own) -> Case; the directory holds the files it makes.
+PRETRAIN_CASES = {
+    "a missing corpus": lambda fx, tmp: Case(
+        [f"--data={tmp / 'none.txt'}"], [str(tmp / "none.txt"), "run `python -m data.tinyworld`"]),
+    "a missing validation corpus": lambda fx, tmp: Case(
+        [f"--val_data={tmp / 'none.txt'}"], [str(tmp / "none.txt"), "run `python -m data.tinyworld`"]),
+    "an empty corpus": lambda fx, tmp: Case(
+        [f"--data={write(tmp / 'empty.txt', '')}"], [str(tmp / "empty.txt"), "has no text", "give a corpus"]),
+    "a corpus that is not UTF-8": lambda fx, tmp: Case(
+        [f"--data={write(tmp / 'bad.txt', b'A story.' + bytes([10, 10, 0xFF]))}"],
+        [str(tmp / "bad.txt"), "is not UTF-8 text (byte 10)", "convert it"]),
+    "a corpus shorter than one window": lambda fx, tmp: Case(
+        [f"--data={write(tmp / 'short.txt', 'A story.')}"],
+        [str(tmp / "short.txt"), "fewer than one window", "give more text or a smaller --block_size"]),
+    "a JSONL file given as the corpus": lambda fx, tmp: Case(
+        [f"--data={fx.tiny_world['data'] / 'sft_train.jsonl'}"],
+        [f"{fx.tiny_world['data'] / 'sft_train.jsonl'}:1", "not text", "a corpus of plain text"]),
+    "fact evaluation on a corpus without a TinyWorld": lambda fx, tmp: Case(
+        [f"--data={write(tmp / 'stories.txt', 'A story.')}", "--eval_facts=true"], [str(tmp), "--eval_facts=false"]),
+    "a missing tokenizer": lambda fx, tmp: Case(
+        [f"--tokenizer={tmp / 'none'}"], [str(tmp / "none"), "python -m data.tokenizer"]),
+    "a block size beyond the --init model's context": lambda fx, tmp: Case(
+        [f"--init={fx.tiny_pretrained}", "--block_size=256"], ["--block_size=256", "use --block_size=128 or less"]),
+    "a dropout of 1": lambda fx, tmp: Case(["--dropout=1"], ["--dropout is a probability below 1"]),
+    "no attention heads": lambda fx, tmp: Case(["--n_head=0"], ["--n_head must be a positive number"]),
+}
+
+# ----------------------------------------------------------------------------- the rows: SFT
+
+
+def sft_flags(fx, out):
+    d = fx.tiny_world["data"]
+    return [f"--data={d / 'sft_train.jsonl'}", f"--init={fx.tiny_pretrained}", f"--out={out}", "--qa_data=",
+            f"--replay_data={d / 'corpus_train.txt'}", "--replay_batch=2", "--batch_size=4"]
+
+
+def good_conversation(fx):
+    return (fx.tiny_world["data"] / "sft_train.jsonl").read_text().splitlines()[0]
+
+
+USER = {"role": "user", "content": "Where does Lucy live?"}
+LONG = {"role": "user", "content": "tell me " * 200}  # some 400 tokens: beyond the tiny model's 128
+MALFORMED = '{"messages": [oops'
+LATIN1 = '{"messages": [{"role": "user", "content": "Caf\u00e9?"}]}'.encode("latin-1")  # not UTF-8
+
+SFT_CASES = {
+    "a missing data file": lambda fx, tmp: Case(
+        [f"--data={tmp / 'none.jsonl'}"], [str(tmp / "none.jsonl"), "run `python -m data.tinyworld`"]),
+    "an empty data file": lambda fx, tmp: Case(
+        [f"--data={write(tmp / 'empty.jsonl', '')}"], [str(tmp / "empty.jsonl"), "holds no conversations", "give"]),
+    "a malformed JSONL line": lambda fx, tmp: Case(
+        [f"--data={write(tmp / 'bad.jsonl', jsonl(good_conversation(fx), MALFORMED))}"],
+        [f"{tmp / 'bad.jsonl'}:2", "malformed JSON", "fix or delete that line"]),
+    # the blank line: a record's number is not its line, and the error names the line
+    "a record without messages": lambda fx, tmp: Case(
+        [f"--data={write(tmp / 'bad.jsonl', jsonl(good_conversation(fx), '', {'conversation': [USER]}))}"],
+        [f"{tmp / 'bad.jsonl'}:3", 'no "messages" list', "each line of an SFT file must be"]),
+    "a message without content": lambda fx, tmp: Case(
+        [f"--data={write(tmp / 'bad.jsonl', jsonl(good_conversation(fx), {'messages': [{'role': 'user'}]}))}"],
+        [f"{tmp / 'bad.jsonl'}:2", "'content': str", "fix or delete that line"]),
+    "a conversation without an answer": lambda fx, tmp: Case(
+        [f"--data={write(tmp / 'bad.jsonl', jsonl(good_conversation(fx), {'messages': [USER]}))}"],
+        [f"{tmp / 'bad.jsonl'}:2", "no assistant turn", "add one or delete that line"]),
+    "conversations longer than the context": lambda fx, tmp: Case(
+        [f"--data={write(tmp / 'long.jsonl', jsonl({'messages': [LONG, {'role': 'assistant', 'content': 'No.'}]}))}"],
+        [str(tmp / "long.jsonl"), "longer than the context (129 tokens)", "line 1", "shorten them"]),
+    "a data file that is not UTF-8": lambda fx, tmp: Case(
+        [f"--data={write(tmp / 'latin1.jsonl', good_conversation(fx).encode() + bytes([10]) + LATIN1)}"],
+        [str(tmp / "latin1.jsonl"), "is not UTF-8 text", "convert it"]),
+    "preferences given to SFT": lambda fx, tmp: Case(
+        [f"--data={fx.tiny_world['data'] / 'prefs_train.jsonl'}"],
+        [f"{fx.tiny_world['data'] / 'prefs_train.jsonl'}:1", "preference pair", 'must be {"messages": [']),
+    "math problems given to SFT": lambda fx, tmp: Case(
+        [f"--data={fx.tiny_world['data'] / 'math_train.jsonl'}"],
+        [f"{fx.tiny_world['data'] / 'math_train.jsonl'}:1", "math problem", 'must be {"messages": [']),
+    "a held-out question longer than the context": lambda fx, tmp: Case(
+        [f"--qa_data={write(tmp / 'qa.jsonl', jsonl({'messages': [LONG], 'answer': 'Riverton'}))}"],
+        [f"{tmp / 'qa.jsonl'}:1", "leaves no room for an answer", "shorten it or delete that line"]),
+    "conversations given as held-out questions": lambda fx, tmp: Case(
+        [f"--qa_data={fx.tiny_world['data'] / 'sft_train.jsonl'}"],
+        [f"{fx.tiny_world['data'] / 'sft_train.jsonl'}:1", 'needs "messages"', '"answer"', "--qa_data= to skip"]),
+    "a missing replay corpus": lambda fx, tmp: Case(
+        [f"--replay_data={tmp / 'none.txt'}"], [str(tmp / "none.txt"), "run `python -m data.tinyworld`"]),
+}
+
+# ----------------------------------------------------------------------------- the table
+
+
+@dataclass
+class Script:
+    flags: Callable   # (fixtures, out dir) -> the flags of a tiny CPU run writing to out (SCHEDULE is added)
+    init: str         # the fixture holding a checkpoint it may start from (--init)
+    wrong_stage: str  # a stage whose checkpoints it must refuse for --init
+    cases: dict = field(default_factory=dict)  # its own mistakes, as PRETRAIN_CASES
+
+
+SCRIPTS = {
+    "train_pretrain.py": Script(pretrain_flags, init="tiny_pretrained", wrong_stage="sft", cases=PRETRAIN_CASES),
+    "train_sft.py": Script(sft_flags, init="tiny_pretrained", wrong_stage="rm", cases=SFT_CASES),
+}
+
+
+class RunsCode:
+    """Unpickled, this creates a file: what a malicious checkpoint could do, made harmless."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def edited_checkpoint(src, dst, **changes):
+    """A copy of a checkpoint with some of its keys changed; model_args={...} changes those args alone."""
+    ckpt = torch.load(src, weights_only=True)
+    if "model_args" in changes:
+        changes["model_args"] = {**ckpt["model_args"], **changes["model_args"]}
+    common.save_checkpoint(dst, {**ckpt, **changes})
+    return dst
+
+
+def checkpoint_that_runs_code(path):
+    """A checkpoint that, unpickled without weights_only, creates the file "ran" beside its directory's files."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"stage": "pretrain", "model": RunsCode(path.parent / "ran"), "model_args": {}}, path)
+    return path
+
+
+def tokenizer_like(src, dst, drop=0, pattern=None):
+    """A copy of a tokenizer with its last `drop` merges left out, or its text split by another pattern."""
+    ranks = load_ranks(Path(src) / "tokenizer.bpe")
+    kept = dict(sorted(ranks.items(), key=lambda kv: kv[1])[:len(ranks) - drop])
+    meta = json.loads((Path(src) / "tokenizer.json").read_text())
+    save_tokenizer(kept, dst, pattern or meta["pattern"])
+    return dst
+
+
+# Mistakes any script can meet; (fixtures, a directory of its own, the row) -> Case.
+COMMON_CASES = {
+    "an unknown flag": lambda fx, tmp, row: Case(
+        ["--max_step=3"], ["unknown flag --max_step", "--max_steps"]),
+    "a flag of the wrong type": lambda fx, tmp, row: Case(
+        ["--batch_size=four"], ["--batch_size expects int", "'four'"]),
+    "a batch size of 0": lambda fx, tmp, row: Case(
+        ["--batch_size=0"], ["--batch_size must be a positive number"]),
+    "a learning rate that is not a number": lambda fx, tmp, row: Case(
+        ["--lr=nan"], ["--lr must be a positive number"]),
+    "a device that does not exist": lambda fx, tmp, row: Case(
+        ["--device=gpu"], ["--device=gpu is not a device", "use auto, cpu"]),
+    # we may run as root, whom no file mode stops: a path under a regular file cannot be made by anyone
+    "an output directory that cannot be made": lambda fx, tmp, row: Case(
+        [f"--out={write(tmp / 'a_file', 'x') / 'out'}"],
+        [f"cannot write to {tmp / 'a_file' / 'out'}", "choose another --out"]),
+    "--resume with no checkpoint": lambda fx, tmp, row: Case(
+        [f"--out={tmp / 'empty'}", "--resume"], [f"no checkpoint at {tmp / 'empty' / 'ckpt.pt'}", "first"]),
+    "an --init that does not exist": lambda fx, tmp, row: Case(
+        [f"--init={tmp / 'none.pt'}"], [f"no checkpoint at {tmp / 'none.pt'}", "first"]),
+    "an --init of the wrong stage": lambda fx, tmp, row: Case(
+        [f"--init={edited_checkpoint(getattr(fx, row.init), tmp / 'other.pt', stage=row.wrong_stage)}"],
+        [str(tmp / "other.pt"), f"is a '{row.wrong_stage}' checkpoint", "this needs one of"]),
+    "an --init whose weights do not fit its shape": lambda fx, tmp, row: Case(
+        [f"--init={edited_checkpoint(getattr(fx, row.init), tmp / 'wider.pt', model_args={'n_embd': 64})}"],
+        ["weights do not fit its model_args", "size mismatch", "unedited"]),
+    "an --init cut short": lambda fx, tmp, row: Case(
+        [f"--init={write(tmp / 'cut.pt', getattr(fx, row.init).read_bytes()[:5000])}"],
+        [str(tmp / "cut.pt"), "not a checkpoint this project can load safely", "use a ckpt.pt written by"]),
+    "an --init that would run code": lambda fx, tmp, row: Case(
+        [f"--init={checkpoint_that_runs_code(tmp / 'evil.pt')}"],
+        [str(tmp / "evil.pt"), "not a checkpoint this project can load safely"]),
+    "a --resume checkpoint that would run code": lambda fx, tmp, row: Case(
+        [f"--out={checkpoint_that_runs_code(tmp / 'evil' / 'ckpt.pt').parent}", "--resume"],
+        [str(tmp / "evil" / "ckpt.pt"), "not a checkpoint this project can load safely"]),
+    "a tokenizer with fewer tokens than the checkpoint": lambda fx, tmp, row: Case(
+        [f"--init={getattr(fx, row.init)}",
+         f"--tokenizer={tokenizer_like(fx.tiny_world['tokenizer'], tmp / 'tok', drop=5)}"],
+        ["the checkpoint expects", "tokens but the tokenizer has", "use the tokenizer it was trained with"]),
+    "a tokenizer with the checkpoint's size but other tokens": lambda fx, tmp, row: Case(
+        [f"--init={getattr(fx, row.init)}",
+         f"--tokenizer={tokenizer_like(fx.tiny_world['tokenizer'], tmp / 'tok', pattern=r'[^ ]+| +')}"],
+        [f"the tokenizer {tmp / 'tok'} has as many tokens", "use the tokenizer it was trained with"]),
+}
+CODE_CASES = ["an --init that would run code", "a --resume checkpoint that would run code"]
+
+
+def cases_of(script):
+    return [*COMMON_CASES, *SCRIPTS[script].cases]
+
+
+# ----------------------------------------------------------------------------- running the scripts
+
+
+class Fixtures:
+    """The session fixtures (tiny_world, tiny_pretrained, tiny_sft), each made when a row first asks for it."""
+
+    def __init__(self, request):
+        self.request = request
+
+    def __getattr__(self, name):
+        return self.request.getfixturevalue(name)
+
+
+def tiny(script, fx, out, *extra):
+    return [script, *SCRIPTS[script].flags(fx, out), *SCHEDULE, *extra]
+
+
+def snapshot(root):
+    """Every file under root with its bytes and modification time: what "nothing changed" compares."""
+    return {str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(Path(root).rglob("*"))
+            if p.is_file()}
+
+
+def losses(out):
+    """(step, loss) of every training step in out/log.jsonl: a step logged twice, or not at all, shows."""
+    rows = [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+
+
+# Runs each argv as `python argv[0] argv[1:]` would, one after another in this one process; writes
+# [exit code, stdout, stderr] for each to the file named by its first argument.
+IN_ONE_PROCESS = r"""
+import contextlib, io, json, runpy, sys, traceback
+results_file, runs = sys.argv[1], json.load(sys.stdin)
+results = []
+for argv in runs:
+    out, err = io.StringIO(), io.StringIO()
+    sys.argv = argv
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            runpy.run_path(argv[0], run_name="__main__")
+            code = 0
+        except SystemExit as e:  # as the interpreter does: an int is the code, a message goes to stderr
+            code = e.code if isinstance(e.code, int) else int(e.code is not None)
+            if isinstance(e.code, str):
+                print(e.code, file=sys.stderr)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+    results.append([code, out.getvalue(), err.getvalue()])
+with open(results_file, "w") as f:
+    json.dump(results, f)
+"""
+
+
+def run_mistakes(script, fx, root):
+    """Every case of a script, each in a directory of its own whose --out holds an earlier run's files.
+    Returns {case: (result, the case, its directory, the directory's files before, after)}."""
+    row, argvs, made = SCRIPTS[script], [], {}
+    for i, name in enumerate(cases_of(script)):
+        tmp = root / f"case{i}"
+        (tmp / "out").mkdir(parents=True)
+        for f in ("ckpt.pt", "log.jsonl", "metrics.json"):  # stand-ins for an earlier run's results
+            write(tmp / "out" / f, f"an earlier run's {f}\n")
+        case = COMMON_CASES[name](fx, tmp, row) if name in COMMON_CASES else row.cases[name](fx, tmp)
+        argvs.append(tiny(script, fx, tmp / "out", *case.args))
+        made[name] = (case, tmp, snapshot(tmp))
+    results_file = root / "results.json"
+    r = run_script("-c", IN_ONE_PROCESS, str(results_file), input=json.dumps(argvs), timeout=600)
+    assert r.returncode == 0, r.stderr
+    results = json.loads(results_file.read_text())
+    return {name: (subprocess.CompletedProcess(argv, *result), case, tmp, before, snapshot(tmp))
+            for (name, (case, tmp, before)), argv, result in zip(made.items(), argvs, results)}
+
+
+@pytest.fixture(scope="module")
+def mistakes(request, tmp_path_factory):
+    """script -> its cases' outcomes, run once per script, on first use."""
+    done = {}
+
+    def of(script):
+        if script not in done:
+            done[script] = run_mistakes(script, Fixtures(request), tmp_path_factory.mktemp("mistakes"))
+        return done[script]
+    return of
+
+
+def script_env():
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("TRITON_INTERPRET", None)  # as conftest.run_script: scripts run as they would for a user
+    return env
+
+
+class Background:
+    """A script running in the background; its printed step lines, timestamped as they come."""
+
+    STEP_LINE = re.compile(r"^\w+ (\d+)/\d+ \|")
+
+    def __init__(self, argv):
+        self.p = subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=script_env(), text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.lines, self.stdout, self.stderr = queue.Queue(), [], []
+        self.readers = [threading.Thread(target=self._read, args=(self.p.stdout, self.stdout, self.lines)),
+                        threading.Thread(target=self._read, args=(self.p.stderr, self.stderr, None))]
+        for t in self.readers:
+            t.start()
+
+    @staticmethod
+    def _read(stream, into, lines):
+        for line in stream:
+            into.append(line)
+            if lines is not None:
+                lines.put((time.monotonic(), line))
+        if lines is not None:
+            lines.put((time.monotonic(), None))
+
+    def wait_for_step_line(self, timeout=120):
+        """(time printed, step) of the next step line."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                when, line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                self.p.kill()
+                pytest.fail(f"no step line within {timeout}s:\n" + "".join(self.stdout + self.stderr))
+            if line is None:
+                self.finish()
+                pytest.fail("the run ended before its step line:\n" + "".join(self.stdout + self.stderr))
+            if m := self.STEP_LINE.match(line):
+                return when, int(m.group(1))
+
+    def finish(self, timeout=120):
+        """(exit code, stdout, stderr) once it has ended."""
+        try:
+            self.p.wait(timeout=timeout)
+        finally:
+            self.p.kill()
+            for t in self.readers:
+                t.join()
+        return self.p.returncode, "".join(self.stdout), "".join(self.stderr)
+
+
+@pytest.fixture(scope="module")
+def reference(request, tmp_path_factory):
+    """script -> the out dirs of two uninterrupted tiny runs, run side by side: what a resumed run must
+    end up equal to, and a test of determinism."""
+    done = {}
+
+    def of(script):
+        if script not in done:
+            outs = [tmp_path_factory.mktemp("reference") for _ in range(2)]
+            runs = [Background(tiny(script, Fixtures(request), out)) for out in outs]
+            for run in runs:
+                code, _, err = run.finish()
+                assert code == 0, err
+            assert [s for s, _ in losses(outs[0])] == list(range(1, STEPS + 1))
+            done[script] = outs
+        return done[script]
+    return of
+
+
+@pytest.fixture(scope="module")
+def interrupted(request, tmp_path_factory):
+    """script -> what happens to a run stopped twice: Ctrl-C once it has started; then, resumed, a kill at
+    a random moment (seeded, so the same moment every time); then resumed again to the end. Returns
+    {"ctrl_c": (exit code, stdout, stderr, step first printed, checkpoint step after),
+     "kill": (last step printed before the kill, checkpoint step after), "out": the out dir}."""
+    done = {}
+
+    def of(script):
+        if script in done:
+            return done[script]
+        fx, out, rng = Fixtures(request), tmp_path_factory.mktemp("interrupted"), random.Random(f"kill {script}")
+        result = {"out": out}
+        run = Background(tiny(script, fx, out))
+        _, first = run.wait_for_step_line()
+        run.p.send_signal(signal.SIGINT)
+        code, stdout, stderr = run.finish()
+        result["ctrl_c"] = (code, stdout, stderr, first, step_of(out / "ckpt.pt"))
+
+        run = Background(tiny(script, fx, out, "--resume"))
+        lines = [run.wait_for_step_line() for _ in range(rng.choice([2, 3]))]
+        time.sleep(rng.uniform(0, lines[-1][0] - lines[-2][0]))  # somewhere within the next interval
+        assert run.p.poll() is None, "the run ended before the kill: give it more steps"
+        run.p.send_signal(signal.SIGKILL)
+        run.finish()
+        result["kill"] = (lines[-1][1], step_of(out / "ckpt.pt"))
+
+        r = run_script(*tiny(script, fx, out, "--resume"))
+        assert r.returncode == 0, r.stderr
+        done[script] = result
+        return result
+    return of
+
+
+def step_of(ckpt_path):
+    """The step of a checkpoint, or the error that loading it gives (a broken file, a missing one)."""
+    try:
+        return common.load_checkpoint(ckpt_path)["step"]
+    except UserError as e:
+        return str(e)
+
+
+# ----------------------------------------------------------------------------- the tests
+
+
+@pytest.mark.parametrize("script, case", [(s, c) for s in SCRIPTS for c in cases_of(s)])
+def test_a_mistake_is_one_line_and_changes_nothing(mistakes, script, case):
+    result, expected, _, before, after = mistakes(script)[case]
+    line = error_line(result)  # exit code 2, one "error: ..." line, no traceback
+    for fragment in expected.expect:
+        assert fragment in line, (fragment, line)
+    assert after == before  # no file written, rewritten or touched: the earlier run's checkpoint and log included
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("case", CODE_CASES)
+def test_a_checkpoint_that_would_run_code_is_refused_unopened(mistakes, script, case):
+    result, _, tmp, _, _ = mistakes(script)[case]
+    assert "not a checkpoint this project can load safely" in error_line(result)
+    assert not list(tmp.rglob("ran"))  # unpickled, it would have created this
+
+
+def test_the_crafted_checkpoint_does_run_code_when_unpickled_unsafely(tmp_path):
+    """The check above means something only if the file is what it claims: here it runs, on purpose."""
+    checkpoint_that_runs_code(tmp_path / "evil.pt")
+    torch.load(tmp_path / "evil.pt", weights_only=False)
+    assert (tmp_path / "ran").exists()
+    with pytest.raises(UserError, match="not a checkpoint this project can load safely"):
+        common.load_checkpoint(tmp_path / "evil.pt")
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_the_same_seed_gives_the_same_losses(reference, script):
+    one, two = reference(script)
+    assert losses(one) == losses(two)  # exactly: the same floats at the same steps
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_ctrl_c_saves_at_the_end_of_the_step_and_says_how_to_resume(interrupted, script):
+    result = interrupted(script)
+    code, stdout, stderr, first, step = result["ctrl_c"]
+    assert code == 130 and "Traceback" not in stderr, stderr
+    assert isinstance(step, int) and first <= step < STEPS, step  # saved where it stopped, not at a checkpoint
+    assert f"interrupted at step {step}: checkpoint saved to {result['out'] / 'ckpt.pt'}" in stdout
+    assert f"continue with: python {script} --resume" in stdout
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_kill_at_a_random_moment_leaves_the_previous_or_the_next_checkpoint(interrupted, script):
+    printed, step = interrupted(script)["kill"]
+    # killed after the line of step `printed`, within the next interval: the checkpoint before that line's,
+    # that line's own (written just after it), or the next; whole, never a broken file
+    assert step in (printed - EVERY, printed, printed + EVERY), step
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_an_interrupted_run_resumes_to_the_losses_of_one_never_interrupted(interrupted, reference, script):
+    assert losses(interrupted(script)["out"]) == losses(reference(script)[0])
+
+
+def test_a_save_that_dies_midway_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    """What the random kill above hits only sometimes (the moment a checkpoint is being written), made
+    certain: a write that stops halfway leaves the checkpoint before it, whole."""
+    path = tmp_path / "ckpt.pt"
+    common.save_checkpoint(path, {"stage": "pretrain", "model": {"w": torch.ones(3)}, "step": 2})
+
+    def dies_halfway(obj, f):
+        Path(f).write_bytes(b"PK half of a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        common.save_checkpoint(path, {"stage": "pretrain", "model": {"w": torch.zeros(3)}, "step": 4})
+    assert common.load_checkpoint(path)["step"] == 2
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(request, reference, script, tmp_path):
+    """A finished run continued for 4 more steps at an absurd learning rate, checkpointing every step.
+    The loss before the first update is fine, the weights after it give NaN: the checkpoint of step 12
+    must stay as it was, not be replaced by those weights."""
+    out = tmp_path / "out"
+    shutil.copytree(reference(script)[0], out)
+    kept = (out / "ckpt.pt").read_bytes()
+    r = run_script(*tiny(script, Fixtures(request), out, "--resume", f"--max_steps={STEPS + 4}", "--lr=1e10",
+                         "--eval_every=1"))
+    line = error_line(r)
+    m = re.search(r"became (nan|inf|-inf) at step (\d+); the last good checkpoint is kept in (\S+):", line)
+    assert m and int(m.group(2)) > STEPS and m.group(3) == str(out / "ckpt.pt"), line
+    assert "--resume and a lower --lr" in line
+    assert (out / "ckpt.pt").read_bytes() == kept
+
+
+# ----------------------------------------------------------------------------- the command line, unit by unit
+
+
+@dataclass
+class Demo:
+    steps: int = 10        # how many steps
+    lr: float = 1e-3       # the learning rate
+    name: str = "run"      # a label
+    fast: bool = False     # go fast
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--stpes=3"], "unknown flag --stpes; valid flags: --preset, --steps, --lr, --name, --fast"),
+    (["--steps=three"], "--steps expects int, got 'three'"),
+    (["--fast=maybe"], "--fast expects true or false"),
+    (["steps=3"], "unexpected argument"),
+    (["--preset=huge"], "unknown preset 'huge'"),
+])
+def test_bad_flags_name_the_fix(argv, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        common.parse_config(Demo, argv, presets={"small": {"steps": 1}})
