@@ -1,0 +1,357 @@
+"""Stage 3c, direct preference optimisation (DPO): learn from preference pairs without a reward model.
+
+    python train_dpo.py                 # TinyWorld on a CPU, about 45 seconds of training, from out/sft/ckpt.pt
+    python train_dpo.py --loss_type=robust --label_smoothing=0.1    # a variant (see dpo_loss)
+    python train_dpo.py --preset=gpu    # HH-RLHF on one GPU (python -m data.prepare_hh_rlhf first), starting
+                                        # from a GPU fine-tuning run (train_sft.py --preset=gpu)
+    torchrun --standalone --nproc_per_node=8 train_dpo.py --preset=gpu
+
+A preference pair is a prompt with a chosen and a rejected reply. The policy and a frozen reference
+both start from the SFT checkpoint. For each reply, log pi(y | x) is summed over the reply's tokens
+(its <|end|> included); the reference's is computed without gradients. The quantity DPO works on is
+
+    h = [log pi(y_w) - log pi_ref(y_w)] - [log pi(y_l) - log pi_ref(y_l)]
+
+and beta * (log pi(y) - log pi_ref(y)) is the reply's implicit reward: the reward for which the
+KL-regularised RLHF objective has this policy as its optimum. The loss pushes the chosen reply's
+implicit reward above the rejected one's, so the pairs train the policy the way a reward model and
+PPO would, in one supervised loop with no sampling.
+
+At the end the policy is judged on TinyWorld's held-out prompts (none of them is in the training
+pairs): the pairwise accuracy of its implicit reward on the held-out pairs (their labels are clean),
+the gold rater's head-to-head win rate of its greedy replies against the reference's, the held-out
+QA accuracy (preferences should change the manner of the answers, not their facts), and the KL to
+the reference on sampled replies. Writes out/dpo/ckpt.pt, log.jsonl and metrics.json.
+"""
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import common
+import evals
+from common import UserError, print0
+from data import read_jsonl
+from data.tinyworld_facts import load_world
+from data.tokenizer import load_tokenizer
+
+
+@dataclass
+class Config:
+    data: str = "data/tinyworld/prefs_train.jsonl"  # training pairs: {"prompt", "chosen", "rejected"} per line
+    test_data: str = "data/tinyworld/prefs_test.jsonl"  # held-out pairs, same format (empty: skip the evaluation)
+    qa_data: str = "data/tinyworld/sft_test.jsonl"  # held-out questions with "answer" and "split" (empty: skip)
+    world: str = "data/tinyworld"      # the TinyWorld whose gold rater judges the win rate (empty: no win rate)
+    tokenizer: str = ""                # default: the one the --init checkpoint was trained with
+    init: str = "out/sft/ckpt.pt"      # the sft checkpoint: the policy's start and the frozen reference
+    out: str = "out/dpo"               # where ckpt.pt, log.jsonl and metrics.json go
+    resume: bool = False               # continue exactly from out/ckpt.pt (optimizer, step, RNG)
+    loss_type: str = "sigmoid"         # sigmoid (DPO), ipo, or robust (unbiased under label noise): see dpo_loss
+    beta: float = 0.3                  # strength of the pull to the reference: the implicit reward's scale
+    label_smoothing: float = 0.0       # assumed rate of flipped labels, for sigmoid and robust (below 0.5)
+    batch_size: int = 16               # pairs per micro-step, over all processes
+    grad_accum: int = 1                # micro-steps per optimizer step
+    max_steps: int = 60                # optimizer steps
+    stop_at: int = 0                   # stop early at this step with a checkpoint (0: run to max_steps)
+    lr: float = 1.5e-4                 # peak learning rate
+    min_lr: float = 2e-5               # learning rate at the end of the cosine
+    warmup_steps: int = 10             # linear warm-up steps
+    weight_decay: float = 0.0          # AdamW decay on matrices
+    grad_clip: float = 1.0             # clip the gradient norm to this (0: off)
+    eval_every: int = 30               # steps between checkpoints
+    log_every: int = 10                # steps between printed lines
+    max_new_tokens: int = 128          # reply length limit when generating for the win rate, QA and KL
+    device: str = "auto"               # auto (cuda, mps, cpu), or a torch device name
+    compile: bool = False              # torch.compile the policy
+    seed: int = 1337                   # seeds data order and the sampled replies of the KL estimate
+
+
+PRESETS = {
+    # HH-RLHF (python -m data.prepare_hh_rlhf) on the 12x768 model from train_sft.py --preset=gpu; no gold rater
+    "gpu": dict(data="data/real/hh_train.jsonl", test_data="data/real/hh_test.jsonl", qa_data="", world="",
+                batch_size=32, grad_accum=2, max_steps=1000, lr=1e-6, min_lr=1e-7, warmup_steps=100,
+                eval_every=250, log_every=25, max_new_tokens=128, compile=True),
+}
+LOSS_TYPES = ("sigmoid", "ipo", "robust")
+
+
+# ----------------------------------------------------------------------------- the loss
+
+def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta, kind="sigmoid", label_smoothing=0.0):
+    """The mean over pairs of a loss of h = (pi_chosen - ref_chosen) - (pi_rejected - ref_rejected).
+
+    Each argument (N,) is a reply's log-probability summed over its tokens, under the policy (pi_*) or
+    the reference (ref_*). With eps = label_smoothing, the probability that a label is flipped:
+
+        sigmoid   -log sigmoid(beta h)                        (Rafailov et al., 2023), at eps = 0;
+                  (1 - eps) (-log sigmoid(beta h)) + eps (-log sigmoid(-beta h))  with eps > 0: the
+                  expected loss if the label is wrong with probability eps ("conservative" DPO), so
+                  the optimum stops at a finite margin instead of growing without end;
+        ipo       (h - 1 / (2 beta))^2                        (Azar et al., 2023): a squared loss that
+                  aims at a fixed margin, so it never drives h to infinity on pairs it already gets right;
+        robust    ((1 - eps) (-log sigmoid(beta h)) - eps (-log sigmoid(-beta h))) / (1 - 2 eps)
+                  (Chowdhury et al., 2024): unbiased under flips at rate eps, i.e. its expectation over
+                  noisy labels is the clean sigmoid loss; equal to the sigmoid loss at eps = 0.
+
+    Returns (loss, metrics): metrics are detached means over pairs of the implicit rewards
+    beta (pi - ref) of the chosen and rejected replies, their margin, and the fraction of pairs whose
+    chosen reply has the larger reward (strictly: at the start, when pi = ref, it is 0).
+    """
+    chosen = pi_chosen - ref_chosen
+    rejected = pi_rejected - ref_rejected
+    h = chosen - rejected
+    eps = label_smoothing
+    if kind == "sigmoid":
+        losses = -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
+    elif kind == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    elif kind == "robust":
+        losses = (-(1 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (1 - 2 * eps)
+    else:
+        raise ValueError(f"unknown DPO loss {kind!r}: one of {LOSS_TYPES}")
+    r_chosen, r_rejected = beta * chosen.detach(), beta * rejected.detach()
+    metrics = {"rewards/chosen": r_chosen.mean(), "rewards/rejected": r_rejected.mean(),
+               "rewards/margin": (r_chosen - r_rejected).mean(),
+               "rewards/accuracy": (r_chosen > r_rejected).float().mean()}
+    return losses.mean(), metrics
+
+
+# ----------------------------------------------------------------------------- the data
+
+def load_pairs(path, tok, block_size):
+    """Every pair of a preference JSONL file as (prompt ids, chosen ids, rejected ids, prompt text). The
+    prompt is one user turn through the chat template, ending with <|assistant|>; a reply is its tokens
+    and <|end|>. A pair whose prompt and longer reply exceed the context (block_size + 1 tokens: inputs
+    and targets are shifted by one) is dropped. Returns (pairs, dropped)."""
+    records = read_jsonl(path)
+    with open(path, encoding="utf-8") as f:  # the line of each record, for errors (read_jsonl skips blank lines)
+        lines = [n for n, text in enumerate(f, 1) if text.strip()]
+    pairs, dropped = [], 0
+    for record, line in zip(records, lines):
+        fields = [record.get(k) if isinstance(record, dict) else None for k in ("prompt", "chosen", "rejected")]
+        if not all(isinstance(v, str) for v in fields):
+            raise UserError(f'{path}:{line}: a pair needs "prompt", "chosen" and "rejected", each a string: '
+                            "fix or delete that line")
+        prompt, chosen, rejected = fields
+        prompt_ids = tok.render_prompt([{"role": "user", "content": prompt}])
+        chosen_ids, rejected_ids = tok.encode(chosen) + [tok.end_id], tok.encode(rejected) + [tok.end_id]
+        if len(prompt_ids) + max(len(chosen_ids), len(rejected_ids)) > block_size + 1:
+            dropped += 1
+        else:
+            pairs.append((prompt_ids, chosen_ids, rejected_ids, prompt))
+    return pairs, dropped
+
+
+def get_batch(pairs, batch_size, gen, rank, world):
+    """A random batch of pairs. Every rank draws the same indices from the same generator and keeps its
+    own slice, so the global batch does not depend on the world size."""
+    picks = torch.randint(len(pairs), (batch_size,), generator=gen)[rank::world]
+    return [pairs[i] for i in picks.tolist()]
+
+
+def pair_logprobs(model, batch, device):
+    """log pi(chosen | prompt) and log pi(rejected | prompt), each (N,), summed over the reply tokens.
+    Chosen and rejected replies go through the model as one batch: one forward, the call that
+    synchronises gradients under DDP."""
+    prompts = [p for p, _, _, _ in batch]
+    x, y, mask = common.pack_responses(prompts + prompts, [c for _, c, _, _ in batch] + [r for _, _, r, _ in batch])
+    x, y, mask = x.to(device), y.to(device), mask.to(device)
+    with common.autocast(device):
+        logprobs = -model(x, y, reduction="none")
+    return (mask * logprobs.float()).sum(1).chunk(2)
+
+
+@torch.no_grad()
+def evaluate_pairs(model, ref, pairs, cfg, device):
+    """The DPO loss and the implicit reward's accuracy and margin on held-out pairs."""
+    model.eval()
+    totals = {}
+    for start in range(0, len(pairs), cfg.batch_size):
+        batch = pairs[start:start + cfg.batch_size]
+        loss, metrics = dpo_loss(*pair_logprobs(model, batch, device), *pair_logprobs(ref, batch, device),
+                                 cfg.beta, cfg.loss_type, cfg.label_smoothing)
+        for k, v in {"loss": loss, **metrics}.items():
+            totals[k] = totals.get(k, 0.0) + v.item() * len(batch)
+    model.train()
+    return {k: v / len(pairs) for k, v in totals.items()}
+
+
+# ----------------------------------------------------------------------------- training
+
+def check_config(cfg):
+    for name in ("batch_size", "grad_accum", "max_steps", "eval_every", "log_every", "max_new_tokens"):
+        if getattr(cfg, name) <= 0:
+            raise UserError(f"--{name} must be positive, got {getattr(cfg, name)}")
+    if cfg.loss_type not in LOSS_TYPES:
+        raise UserError(f"--loss_type={cfg.loss_type} is not one of {', '.join(LOSS_TYPES)}")
+    if cfg.beta <= 0:
+        raise UserError(f"--beta must be positive, got {cfg.beta}")
+    if not 0 <= cfg.label_smoothing < 0.5:
+        raise UserError(f"--label_smoothing must be in [0, 0.5), got {cfg.label_smoothing}")
+    if cfg.loss_type == "ipo" and cfg.label_smoothing:
+        raise UserError("--loss_type=ipo takes no --label_smoothing: use sigmoid or robust for noisy labels")
+    for name in ("qa_data", "world"):
+        if getattr(cfg, name) and not Path(getattr(cfg, name)).exists():
+            raise UserError(f"no {getattr(cfg, name)} for --{name}: run `python -m data.tinyworld`, or pass --{name}=")
+    if cfg.world and not cfg.test_data:
+        raise UserError("the win rate (--world) asks the held-out prompts of --test_data: give one, or --world=")
+
+
+def main(cfg):
+    check_config(cfg)
+    rank, world, device = common.setup_ddp(common.pick_device(cfg.device))
+    if cfg.batch_size % world:
+        raise UserError(f"--batch_size={cfg.batch_size} must be a multiple of the number of processes ({world})")
+    if common.is_master():
+        common.check_writable(cfg.out)
+    ckpt_path = Path(cfg.out) / "ckpt.pt"
+
+    # the policy and the frozen reference: both the SFT model (under --resume, the policy goes on from ours)
+    if cfg.resume:
+        ckpt = common.load_checkpoint(ckpt_path, ["dpo"], made_by="python train_dpo.py")
+        init = ckpt["init"]
+        ref_ckpt = common.load_checkpoint(init, ["sft"], made_by="python train_sft.py")
+    else:
+        init = cfg.init
+        ckpt = ref_ckpt = common.load_checkpoint(init, ["sft"], made_by="python train_sft.py")
+    tokenizer = cfg.tokenizer or ckpt["tokenizer"]
+    tok = load_tokenizer(tokenizer)
+    model = common.gpt_from_checkpoint(ckpt, tok)
+    ref = common.gpt_from_checkpoint(ref_ckpt, tok)
+    ref.to(device).eval().requires_grad_(False)
+    block_size = model.config.block_size
+
+    pairs, dropped = load_pairs(cfg.data, tok, block_size)
+    if not pairs and not dropped:
+        raise UserError(f"{cfg.data} holds no pairs: give a JSONL file of {{\"prompt\", \"chosen\", \"rejected\"}}")
+    if not pairs:
+        raise UserError(f"every one of the {dropped} pairs in {cfg.data} is longer than the context "
+                        f"({block_size + 1} tokens): shorten them or use a model with a longer context")
+    test_pairs, test_dropped = load_pairs(cfg.test_data, tok, block_size) if cfg.test_data else ([], 0)
+    print0(f"dpo: {len(pairs):,} pairs from {cfg.data}, {dropped} dropped as longer than the context "
+           f"({block_size + 1} tokens); {len(test_pairs)} held out; {cfg.loss_type} loss, beta {cfg.beta}"
+           + (f", label smoothing {cfg.label_smoothing}" if cfg.label_smoothing else ""))
+
+    torch.manual_seed(cfg.seed)
+    raw_model = model.to(device)
+    model, optimizer, data_gen, step = common.start_training(raw_model, cfg, device, world, ckpt)
+
+    def save(step):
+        if common.is_master():
+            common.save_checkpoint(ckpt_path, common.training_checkpoint(
+                "dpo", raw_model, optimizer, step, cfg, tokenizer, data_gen, init=init))
+
+    log = common.Logger(cfg.out, "dpo", cfg.max_steps, resume=cfg.resume)
+    end = cfg.stop_at if 0 < cfg.stop_at < cfg.max_steps else cfg.max_steps
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
+    t_start = t_last = time.time()
+    metrics, pairs_since = {}, 0
+    try:
+        while step < end:
+            lr = common.lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            sums = {}
+            for micro in range(cfg.grad_accum):
+                batch = get_batch(pairs, cfg.batch_size, data_gen, rank, world)
+                if world > 1:
+                    model.require_backward_grad_sync = micro == cfg.grad_accum - 1  # all-reduce once per step
+                pi_chosen, pi_rejected = pair_logprobs(model, batch, device)
+                with torch.no_grad():
+                    ref_chosen, ref_rejected = pair_logprobs(ref, batch, device)
+                loss, stats = dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, cfg.beta,
+                                       cfg.loss_type, cfg.label_smoothing)
+                (loss / cfg.grad_accum).backward()  # every micro-batch has the same number of pairs
+                for k, v in {"loss": loss, **stats}.items():
+                    sums[k] = sums.get(k, 0.0) + v.item() / cfg.grad_accum
+                pairs_since += len(batch)
+            metrics = {k: common.all_mean(v) for k, v in sums.items()}
+            if not np.isfinite(metrics["loss"]):
+                raise UserError(f"the loss became {metrics['loss']} at step {step + 1}; the last good "
+                                f"checkpoint (if any) is kept in {ckpt_path}: lower --lr or check the data")
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            metrics["lr"] = lr
+            if step % cfg.eval_every == 0 or step == cfg.max_steps:
+                save(step)
+            printed = step % cfg.log_every == 0 or step == end
+            if printed:  # speed over the steps since the last printed line
+                metrics["pairs/s"] = round(common.all_mean(pairs_since) * world / (time.time() - t_last), 1)
+                t_last, pairs_since = time.time(), 0
+            log.log(step, printed=printed, **metrics)
+    except KeyboardInterrupt:
+        save(step)
+        print0(f"\ninterrupted at step {step}: checkpoint saved to {ckpt_path}; "
+               f"continue with: python train_dpo.py --resume (and the same flags)")
+        common.teardown_ddp()
+        raise SystemExit(130)
+    train_seconds = time.time() - t_start
+    save(step)
+
+    results = {"train": {k: v for k, v in metrics.items() if k != "pairs/s"}, "steps": step,
+               "train_seconds": train_seconds, "pairs": len(pairs), "dropped": dropped}
+    if common.is_master():
+        results.update(final_evaluation(raw_model, ref, tok, test_pairs, cfg, device))
+        if device.startswith("cuda"):
+            results["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+        results["wall_seconds"] = time.time() - t_start
+        report(results)
+    log.finish(results)
+    print0(f"dpo: {step} steps in {train_seconds:.0f}s of training ({time.time() - t_start:.0f}s with the "
+           f"evaluation), checkpoint {ckpt_path}")
+    common.teardown_ddp()
+
+
+def final_evaluation(model, ref, tok, test_pairs, cfg, device):
+    """The figures of metrics.json: held-out pairwise accuracy, the gold rater's win rate against the
+    reference, held-out QA for both, and KL(policy || reference) on replies sampled from the policy."""
+    results = {}
+    # the unique held-out prompts, those of the pairs dropped as too long included
+    prompts = list(dict.fromkeys(r["prompt"] for r in read_jsonl(cfg.test_data))) if test_pairs else []
+    prompts = [p for p in prompts if len(tok.render_prompt([{"role": "user", "content": p}])) < model.config.block_size]
+    if test_pairs:
+        results["test"] = evaluate_pairs(model, ref, test_pairs, cfg, device)
+        gen = torch.Generator(device=device).manual_seed(cfg.seed)
+        results["kl_to_reference"] = evals.kl_to_reference(model, ref, tok, prompts, cfg.max_new_tokens, generator=gen)
+    if cfg.world and prompts:
+        win = evals.gold_win_rate(model, ref, tok, prompts, cfg.max_new_tokens, world=load_world(cfg.world))
+        results["win_rate"] = {**win, "n": len(prompts)}
+    if cfg.qa_data:
+        records = read_jsonl(cfg.qa_data)
+        results["qa"] = evals.qa_accuracy(model, tok, records, cfg.max_new_tokens)
+        results["qa_reference"] = evals.qa_accuracy(ref, tok, records, cfg.max_new_tokens)
+    return results
+
+
+def report(results):
+    """The end-of-run figures, printed with a few examples (which metrics.json keeps)."""
+    if "test" in results:
+        t = results["test"]
+        print0(f"dpo: held-out pairs: implicit-reward accuracy {t['rewards/accuracy']:.1%}, margin "
+               f"{t['rewards/margin']:.3f}, loss {t['loss']:.4f}; KL to the reference {results['kl_to_reference']:.3f} "
+               "nats per reply")
+    if "win_rate" in results:
+        w = results["win_rate"]
+        print0(f"dpo: gold-rater win rate against the reference {w['win_rate']:.1%} on {w['n']} held-out prompts "
+               f"(mean score {w['score']:.3f} vs {w['baseline_score']:.3f})")
+        for question, mine, theirs in w["examples"]:
+            print0(f"    {question!r}\n        dpo: {mine[:100]!r}\n        sft: {theirs[:100]!r}")
+    if "qa" in results:
+        for name in ("qa", "qa_reference"):
+            q = results[name]
+            splits = "".join(f", {s} {q[s]:.1%}" for s in ("seen", "unseen") if s in q)
+            print0(f"dpo: held-out QA of the {'policy' if name == 'qa' else 'reference'} {q['accuracy']:.1%}{splits}; "
+                   f"replies ending with <|end|> {q['format']:.1%}")
+    if "peak_memory_gb" in results:
+        print0(f"dpo: peak GPU memory {results['peak_memory_gb']:.2f} GiB")
+
+
+if __name__ == "__main__":
+    common.run_main(main, Config, PRESETS)
