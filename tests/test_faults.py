@@ -11,11 +11,15 @@ from, and the mistakes only it can meet (its own kinds of data file). The tests 
 - a NaN loss stops training, naming the step and leaving the last good checkpoint as it was;
 - the same seed and flags give the same losses, twice.
 
-Adding a script is adding a row, with its own mistakes if it reads a kind of file no other row reads.
+Adding a script is adding a row: a function giving the flags of its tiny run (as sft_flags), the
+fixture of a checkpoint it starts from, a stage it must refuse, and, if it reads a kind of file no
+other row reads, a dict of its own mistakes (as SFT_CASES). The script is expected to follow the
+project's conventions: --out, --init, --resume, --max_steps, --eval_every (a checkpoint), --log_every
+(a line "stage step/total | ..."), and a log.jsonl row per step.
 
 The mistakes of one script run in one Python process (`runpy`, as `python script.py ...` runs the
-script), so that thirty of them pay for importing torch once; each run that trains is a process of
-its own.
+script), so that its two dozen of them pay for importing torch once; each run that trains is a
+process of its own, and the rows' runs go side by side, two cores' worth.
 """
 import json
 import os
@@ -28,6 +32,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -170,6 +175,7 @@ class Script:
     init: str         # the fixture holding a checkpoint it may start from (--init)
     wrong_stage: str  # a stage whose checkpoints it must refuse for --init
     cases: dict = field(default_factory=dict)  # its own mistakes, as PRETRAIN_CASES
+    curve: str = "loss"  # the value of each log.jsonl row that runs must agree on
 
 
 SCRIPTS = {
@@ -287,68 +293,11 @@ def snapshot(root):
             if p.is_file()}
 
 
-def losses(out):
+def losses(script, out):
     """(step, loss) of every training step in out/log.jsonl: a step logged twice, or not at all, shows."""
+    key = SCRIPTS[script].curve
     rows = [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
-
-
-# Runs each argv as `python argv[0] argv[1:]` would, one after another in this one process; writes
-# [exit code, stdout, stderr] for each to the file named by its first argument.
-IN_ONE_PROCESS = r"""
-import contextlib, io, json, runpy, sys, traceback
-results_file, runs = sys.argv[1], json.load(sys.stdin)
-results = []
-for argv in runs:
-    out, err = io.StringIO(), io.StringIO()
-    sys.argv = argv
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            runpy.run_path(argv[0], run_name="__main__")
-            code = 0
-        except SystemExit as e:  # as the interpreter does: an int is the code, a message goes to stderr
-            code = e.code if isinstance(e.code, int) else int(e.code is not None)
-            if isinstance(e.code, str):
-                print(e.code, file=sys.stderr)
-        except BaseException:
-            traceback.print_exc()
-            code = 1
-    results.append([code, out.getvalue(), err.getvalue()])
-with open(results_file, "w") as f:
-    json.dump(results, f)
-"""
-
-
-def run_mistakes(script, fx, root):
-    """Every case of a script, each in a directory of its own whose --out holds an earlier run's files.
-    Returns {case: (result, the case, its directory, the directory's files before, after)}."""
-    row, argvs, made = SCRIPTS[script], [], {}
-    for i, name in enumerate(cases_of(script)):
-        tmp = root / f"case{i}"
-        (tmp / "out").mkdir(parents=True)
-        for f in ("ckpt.pt", "log.jsonl", "metrics.json"):  # stand-ins for an earlier run's results
-            write(tmp / "out" / f, f"an earlier run's {f}\n")
-        case = COMMON_CASES[name](fx, tmp, row) if name in COMMON_CASES else row.cases[name](fx, tmp)
-        argvs.append(tiny(script, fx, tmp / "out", *case.args))
-        made[name] = (case, tmp, snapshot(tmp))
-    results_file = root / "results.json"
-    r = run_script("-c", IN_ONE_PROCESS, str(results_file), input=json.dumps(argvs), timeout=600)
-    assert r.returncode == 0, r.stderr
-    results = json.loads(results_file.read_text())
-    return {name: (subprocess.CompletedProcess(argv, *result), case, tmp, before, snapshot(tmp))
-            for (name, (case, tmp, before)), argv, result in zip(made.items(), argvs, results)}
-
-
-@pytest.fixture(scope="module")
-def mistakes(request, tmp_path_factory):
-    """script -> its cases' outcomes, run once per script, on first use."""
-    done = {}
-
-    def of(script):
-        if script not in done:
-            done[script] = run_mistakes(script, Fixtures(request), tmp_path_factory.mktemp("mistakes"))
-        return done[script]
-    return of
+    return [(r["step"], r[key]) for r in rows if key in r]
 
 
 def script_env():
@@ -358,7 +307,7 @@ def script_env():
 
 
 class Background:
-    """A script running in the background; its printed step lines, timestamped as they come."""
+    """A process running in the background; the step lines it prints, timestamped as they come."""
 
     STEP_LINE = re.compile(r"^\w+ (\d+)/\d+ \|")
 
@@ -395,7 +344,7 @@ class Background:
             if m := self.STEP_LINE.match(line):
                 return when, int(m.group(1))
 
-    def finish(self, timeout=120):
+    def finish(self, timeout=300):
         """(exit code, stdout, stderr) once it has ended."""
         try:
             self.p.wait(timeout=timeout)
@@ -406,57 +355,124 @@ class Background:
         return self.p.returncode, "".join(self.stdout), "".join(self.stderr)
 
 
+def side_by_side(jobs):
+    """{script: job()} for {script: job}, the jobs run at once: each waits on processes of its own, so the
+    rows share the machine's cores. (Fixtures are looked up before, here in the main thread.)"""
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        futures = {script: pool.submit(job) for script, job in jobs.items()}
+        return {script: f.result() for script, f in futures.items()}
+
+
+# Runs each argv of a JSON list as `python argv[0] argv[1:]` would, one after another in this one
+# process; writes [exit code, stdout, stderr] for each. Usage: python -c IN_ONE_PROCESS argvs.json results.json
+IN_ONE_PROCESS = r"""
+import contextlib, io, json, runpy, sys, traceback
+runs, results_file = json.load(open(sys.argv[1])), sys.argv[2]
+results = []
+for argv in runs:
+    out, err = io.StringIO(), io.StringIO()
+    sys.argv = argv
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            runpy.run_path(argv[0], run_name="__main__")
+            code = 0
+        except SystemExit as e:  # as the interpreter does: an int is the code, a message goes to stderr
+            code = e.code if isinstance(e.code, int) else int(e.code is not None)
+            if isinstance(e.code, str):
+                print(e.code, file=sys.stderr)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+    results.append([code, out.getvalue(), err.getvalue()])
+with open(results_file, "w") as f:
+    json.dump(results, f)
+"""
+
+
+def prepare_mistakes(script, fx, root):
+    """Every case of a script, each in a directory of its own whose --out holds an earlier run's files.
+    Returns {case: (argv, the case, its directory)}."""
+    row, made = SCRIPTS[script], {}
+    for i, name in enumerate(cases_of(script)):
+        tmp = root / f"case{i}"
+        (tmp / "out").mkdir(parents=True)
+        for f in ("ckpt.pt", "log.jsonl", "metrics.json"):  # stand-ins for an earlier run's results
+            write(tmp / "out" / f, f"an earlier run's {f}\n")
+        case = COMMON_CASES[name](fx, tmp, row) if name in COMMON_CASES else row.cases[name](fx, tmp)
+        made[name] = (tiny(script, fx, tmp / "out", *case.args), case, tmp)
+    return made
+
+
+def run_mistakes(made, root):
+    """Run the prepared cases in one process. Returns {case: (result, the case, its directory, the
+    directory's files before, after)}."""
+    before = {name: snapshot(tmp) for name, (_, _, tmp) in made.items()}
+    argvs = [argv for argv, _, _ in made.values()]
+    write(root / "argvs.json", json.dumps(argvs))
+    code, _, err = Background(["-c", IN_ONE_PROCESS, str(root / "argvs.json"), str(root / "results.json")]).finish()
+    assert code == 0, err
+    results = json.loads((root / "results.json").read_text())
+    return {name: (subprocess.CompletedProcess(argv, *result), case, tmp, before[name], snapshot(tmp))
+            for (name, (argv, case, tmp)), result in zip(made.items(), results)}
+
+
+@pytest.fixture(scope="module")
+def mistakes(request, tmp_path_factory):
+    """script -> {case: outcome} (see run_mistakes)."""
+    fx, roots = Fixtures(request), {script: tmp_path_factory.mktemp("mistakes") for script in SCRIPTS}
+    made = {script: prepare_mistakes(script, fx, roots[script]) for script in SCRIPTS}
+    return side_by_side({script: lambda s=script: run_mistakes(made[s], roots[s]) for script in SCRIPTS})
+
+
+def run_twice(argvs):
+    for code, _, err in [run.finish() for run in [Background(argv) for argv in argvs]]:
+        assert code == 0, err
+
+
 @pytest.fixture(scope="module")
 def reference(request, tmp_path_factory):
     """script -> the out dirs of two uninterrupted tiny runs, run side by side: what a resumed run must
     end up equal to, and a test of determinism."""
-    done = {}
+    fx = Fixtures(request)
+    outs = {script: [tmp_path_factory.mktemp("reference") for _ in range(2)] for script in SCRIPTS}
+    argvs = {script: [tiny(script, fx, out) for out in outs[script]] for script in SCRIPTS}
+    side_by_side({script: lambda s=script: run_twice(argvs[s]) for script in SCRIPTS})
+    for script in SCRIPTS:
+        assert [s for s, _ in losses(script, outs[script][0])] == list(range(1, STEPS + 1))
+    return outs
 
-    def of(script):
-        if script not in done:
-            outs = [tmp_path_factory.mktemp("reference") for _ in range(2)]
-            runs = [Background(tiny(script, Fixtures(request), out)) for out in outs]
-            for run in runs:
-                code, _, err = run.finish()
-                assert code == 0, err
-            assert [s for s, _ in losses(outs[0])] == list(range(1, STEPS + 1))
-            done[script] = outs
-        return done[script]
-    return of
+
+def interrupt(script, start, resume, out):
+    """A run stopped twice: Ctrl-C once it has started; then, resumed, a kill at a random moment (seeded,
+    so the same moment every time); then resumed again to the end. Returns
+    {"ctrl_c": (exit code, stdout, stderr, step first printed, checkpoint step after),
+     "kill": (last step printed before the kill, checkpoint step after), "out": the out dir}."""
+    result, rng = {"out": out}, random.Random(f"kill {script}")
+    run = Background(start)
+    _, first = run.wait_for_step_line()
+    run.p.send_signal(signal.SIGINT)
+    code, stdout, stderr = run.finish()
+    result["ctrl_c"] = (code, stdout, stderr, first, step_of(out / "ckpt.pt"))
+
+    run = Background(resume)
+    lines = [run.wait_for_step_line() for _ in range(rng.choice([2, 3]))]
+    time.sleep(rng.uniform(0, lines[-1][0] - lines[-2][0]))  # somewhere within the next interval
+    assert run.p.poll() is None, "the run ended before the kill: give it more steps"
+    run.p.send_signal(signal.SIGKILL)
+    run.finish()
+    result["kill"] = (lines[-1][1], step_of(out / "ckpt.pt"))
+
+    code, _, stderr = Background(resume).finish()
+    assert code == 0, stderr
+    return result
 
 
 @pytest.fixture(scope="module")
 def interrupted(request, tmp_path_factory):
-    """script -> what happens to a run stopped twice: Ctrl-C once it has started; then, resumed, a kill at
-    a random moment (seeded, so the same moment every time); then resumed again to the end. Returns
-    {"ctrl_c": (exit code, stdout, stderr, step first printed, checkpoint step after),
-     "kill": (last step printed before the kill, checkpoint step after), "out": the out dir}."""
-    done = {}
-
-    def of(script):
-        if script in done:
-            return done[script]
-        fx, out, rng = Fixtures(request), tmp_path_factory.mktemp("interrupted"), random.Random(f"kill {script}")
-        result = {"out": out}
-        run = Background(tiny(script, fx, out))
-        _, first = run.wait_for_step_line()
-        run.p.send_signal(signal.SIGINT)
-        code, stdout, stderr = run.finish()
-        result["ctrl_c"] = (code, stdout, stderr, first, step_of(out / "ckpt.pt"))
-
-        run = Background(tiny(script, fx, out, "--resume"))
-        lines = [run.wait_for_step_line() for _ in range(rng.choice([2, 3]))]
-        time.sleep(rng.uniform(0, lines[-1][0] - lines[-2][0]))  # somewhere within the next interval
-        assert run.p.poll() is None, "the run ended before the kill: give it more steps"
-        run.p.send_signal(signal.SIGKILL)
-        run.finish()
-        result["kill"] = (lines[-1][1], step_of(out / "ckpt.pt"))
-
-        r = run_script(*tiny(script, fx, out, "--resume"))
-        assert r.returncode == 0, r.stderr
-        done[script] = result
-        return result
-    return of
+    """script -> what interrupt() returns."""
+    fx, outs = Fixtures(request), {script: tmp_path_factory.mktemp("interrupted") for script in SCRIPTS}
+    runs = {script: (tiny(script, fx, outs[script]), tiny(script, fx, outs[script], "--resume")) for script in SCRIPTS}
+    return side_by_side({script: lambda s=script: interrupt(s, *runs[s], outs[s]) for script in SCRIPTS})
 
 
 def step_of(ckpt_path):
@@ -472,7 +488,7 @@ def step_of(ckpt_path):
 
 @pytest.mark.parametrize("script, case", [(s, c) for s in SCRIPTS for c in cases_of(s)])
 def test_a_mistake_is_one_line_and_changes_nothing(mistakes, script, case):
-    result, expected, _, before, after = mistakes(script)[case]
+    result, expected, _, before, after = mistakes[script][case]
     line = error_line(result)  # exit code 2, one "error: ..." line, no traceback
     for fragment in expected.expect:
         assert fragment in line, (fragment, line)
@@ -482,7 +498,7 @@ def test_a_mistake_is_one_line_and_changes_nothing(mistakes, script, case):
 @pytest.mark.parametrize("script", SCRIPTS)
 @pytest.mark.parametrize("case", CODE_CASES)
 def test_a_checkpoint_that_would_run_code_is_refused_unopened(mistakes, script, case):
-    result, _, tmp, _, _ = mistakes(script)[case]
+    result, _, tmp, _, _ = mistakes[script][case]
     assert "not a checkpoint this project can load safely" in error_line(result)
     assert not list(tmp.rglob("ran"))  # unpickled, it would have created this
 
@@ -498,13 +514,13 @@ def test_the_crafted_checkpoint_does_run_code_when_unpickled_unsafely(tmp_path):
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_the_same_seed_gives_the_same_losses(reference, script):
-    one, two = reference(script)
-    assert losses(one) == losses(two)  # exactly: the same floats at the same steps
+    one, two = reference[script]
+    assert losses(script, one) == losses(script, two)  # exactly: the same floats at the same steps
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_ctrl_c_saves_at_the_end_of_the_step_and_says_how_to_resume(interrupted, script):
-    result = interrupted(script)
+    result = interrupted[script]
     code, stdout, stderr, first, step = result["ctrl_c"]
     assert code == 130 and "Traceback" not in stderr, stderr
     assert isinstance(step, int) and first <= step < STEPS, step  # saved where it stopped, not at a checkpoint
@@ -514,7 +530,7 @@ def test_ctrl_c_saves_at_the_end_of_the_step_and_says_how_to_resume(interrupted,
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_a_kill_at_a_random_moment_leaves_the_previous_or_the_next_checkpoint(interrupted, script):
-    printed, step = interrupted(script)["kill"]
+    printed, step = interrupted[script]["kill"]
     # killed after the line of step `printed`, within the next interval: the checkpoint before that line's,
     # that line's own (written just after it), or the next; whole, never a broken file
     assert step in (printed - EVERY, printed, printed + EVERY), step
@@ -522,7 +538,7 @@ def test_a_kill_at_a_random_moment_leaves_the_previous_or_the_next_checkpoint(in
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_an_interrupted_run_resumes_to_the_losses_of_one_never_interrupted(interrupted, reference, script):
-    assert losses(interrupted(script)["out"]) == losses(reference(script)[0])
+    assert losses(script, interrupted[script]["out"]) == losses(script, reference[script][0])
 
 
 def test_a_save_that_dies_midway_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -547,7 +563,7 @@ def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(request, r
     The loss before the first update is fine, the weights after it give NaN: the checkpoint of step 12
     must stay as it was, not be replaced by those weights."""
     out = tmp_path / "out"
-    shutil.copytree(reference(script)[0], out)
+    shutil.copytree(reference[script][0], out)
     kept = (out / "ckpt.pt").read_bytes()
     r = run_script(*tiny(script, Fixtures(request), out, "--resume", f"--max_steps={STEPS + 4}", "--lr=1e10",
                          "--eval_every=1"))
