@@ -27,14 +27,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 import common
 import evals
 from common import UserError, print0
-from data import read_jsonl
 from data.tinyworld_facts import load_world
 from data.tokenizer import load_tokenizer
 
@@ -121,28 +119,52 @@ def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta, kind="sigmo
 
 # ----------------------------------------------------------------------------- the data
 
+PAIR = '{"prompt": ..., "chosen": ..., "rejected": ...}'
+# Records of the other stages' files, recognised so that the error says which file was given by mistake.
+OTHER_KINDS = {("messages",): "a conversation (SFT's data)", ("question", "answer"): "a math problem (GRPO's data)"}
+
+
 def load_pairs(path, tok, block_size):
     """Every pair of a preference JSONL file as (prompt ids, chosen ids, rejected ids, prompt text). The
     prompt is one user turn through the chat template, ending with <|assistant|>; a reply is its tokens
     and <|end|>. A pair whose prompt and longer reply exceed the context (block_size + 1 tokens: inputs
-    and targets are shifted by one) is dropped. Returns (pairs, dropped)."""
-    records = read_jsonl(path)
-    with open(path, encoding="utf-8") as f:  # the line of each record, for errors (read_jsonl skips blank lines)
-        lines = [n for n, text in enumerate(f, 1) if text.strip()]
-    pairs, dropped = [], 0
-    for record, line in zip(records, lines):
+    and targets are shifted by one) is dropped. Returns (pairs, the line numbers of the dropped ones)."""
+    pairs, dropped = [], []
+    for line, record in common.numbered_records(path):
         fields = [record.get(k) if isinstance(record, dict) else None for k in ("prompt", "chosen", "rejected")]
         if not all(isinstance(v, str) for v in fields):
-            raise UserError(f'{path}:{line}: a pair needs "prompt", "chosen" and "rejected", each a string: '
-                            "fix or delete that line")
+            kind = next((k for keys, k in OTHER_KINDS.items() if isinstance(record, dict) and set(keys) <= set(record)),
+                        None)
+            what = f"this is {kind}, not a preference pair" if kind else '"prompt", "chosen" or "rejected" is missing'
+            raise UserError(f"{path}:{line}: {what}: each line of a preference file must be {PAIR} with string values")
         prompt, chosen, rejected = fields
         prompt_ids = tok.render_prompt([{"role": "user", "content": prompt}])
         chosen_ids, rejected_ids = tok.encode(chosen) + [tok.end_id], tok.encode(rejected) + [tok.end_id]
         if len(prompt_ids) + max(len(chosen_ids), len(rejected_ids)) > block_size + 1:
-            dropped += 1
+            dropped.append(line)
         else:
             pairs.append((prompt_ids, chosen_ids, rejected_ids, prompt))
     return pairs, dropped
+
+
+def load_questions(path, tok, block_size):
+    """The held-out QA records ({"messages": [user turn], "answer", "split"}), checked before training
+    rather than failing after it."""
+    records = []
+    for line, record in common.numbered_records(path):
+        try:
+            if not (isinstance(record, dict) and isinstance(record.get("answer"), str)):
+                raise ValueError('a held-out question needs "messages" (ending with the user\'s turn) and "answer"')
+            prompt = tok.render_prompt(record.get("messages") or [])
+        except ValueError as e:
+            raise UserError(f"{path}:{line}: {e}: fix that line, or pass --qa_data= to skip the evaluation") from None
+        if len(prompt) >= block_size:
+            raise UserError(f"{path}:{line}: the question is {len(prompt)} tokens, which leaves no room for an answer "
+                            f"in the model's context of {block_size}: shorten it or delete that line")
+        records.append(record)
+    if not records:
+        raise UserError(f"{path} holds no questions: give a JSONL file of them, or pass --qa_data=")
+    return records
 
 
 def get_batch(pairs, batch_size, gen, rank, world):
@@ -182,22 +204,16 @@ def evaluate_pairs(model, ref, pairs, cfg, device):
 # ----------------------------------------------------------------------------- training
 
 def check_config(cfg):
-    for name in ("batch_size", "grad_accum", "max_steps", "eval_every", "log_every", "max_new_tokens"):
-        if getattr(cfg, name) <= 0:
-            raise UserError(f"--{name} must be positive, got {getattr(cfg, name)}")
+    common.require_positive(cfg, "batch_size", "grad_accum", "max_steps", "eval_every", "log_every", "max_new_tokens",
+                            "lr", "beta")
     if cfg.loss_type not in LOSS_TYPES:
         raise UserError(f"--loss_type={cfg.loss_type} is not one of {', '.join(LOSS_TYPES)}")
-    if cfg.beta <= 0:
-        raise UserError(f"--beta must be positive, got {cfg.beta}")
     if not 0 <= cfg.label_smoothing < 0.5:
-        raise UserError(f"--label_smoothing must be in [0, 0.5), got {cfg.label_smoothing}")
+        raise UserError(f"--label_smoothing is a probability below 0.5, got {cfg.label_smoothing}")
     if cfg.loss_type == "ipo" and cfg.label_smoothing:
         raise UserError("--loss_type=ipo takes no --label_smoothing: use sigmoid or robust for noisy labels")
-    for name in ("qa_data", "world"):
-        if getattr(cfg, name) and not Path(getattr(cfg, name)).exists():
-            raise UserError(f"no {getattr(cfg, name)} for --{name}: run `python -m data.tinyworld`, or pass --{name}=")
     if cfg.world and not cfg.test_data:
-        raise UserError("the win rate (--world) asks the held-out prompts of --test_data: give one, or --world=")
+        raise UserError("the win rate (--world) is measured on the prompts of --test_data: give one, or --world=")
 
 
 def main(cfg):
@@ -224,15 +240,23 @@ def main(cfg):
     ref.to(device).eval().requires_grad_(False)
     block_size = model.config.block_size
 
+    # the data, and everything the final evaluation reads, checked before training
+    context = block_size + 1
     pairs, dropped = load_pairs(cfg.data, tok, block_size)
     if not pairs and not dropped:
-        raise UserError(f"{cfg.data} holds no pairs: give a JSONL file of {{\"prompt\", \"chosen\", \"rejected\"}}")
+        raise UserError(f"{cfg.data} holds no pairs: give a JSONL file with one {PAIR} per line")
     if not pairs:
-        raise UserError(f"every one of the {dropped} pairs in {cfg.data} is longer than the context "
-                        f"({block_size + 1} tokens): shorten them or use a model with a longer context")
-    test_pairs, test_dropped = load_pairs(cfg.test_data, tok, block_size) if cfg.test_data else ([], 0)
-    print0(f"dpo: {len(pairs):,} pairs from {cfg.data}, {dropped} dropped as longer than the context "
-           f"({block_size + 1} tokens); {len(test_pairs)} held out; {cfg.loss_type} loss, beta {cfg.beta}"
+        raise UserError(f"{cfg.data}: every pair is longer than the context ({context} tokens), the first at line "
+                        f"{dropped[0]}: shorten them, or use a model with a longer context")
+    test_pairs = load_pairs(cfg.test_data, tok, block_size)[0] if cfg.test_data else []
+    if cfg.test_data and not test_pairs:
+        raise UserError(f"--test_data={cfg.test_data} holds no pair that fits the context ({context} tokens): "
+                        "give shorter ones, or --test_data= for none")
+    questions = load_questions(cfg.qa_data, tok, block_size) if cfg.qa_data else None
+    rater = load_world(cfg.world) if cfg.world else None
+    first = f", the first at line {dropped[0]}" if dropped else ""
+    print0(f"dpo: {len(pairs):,} pairs from {cfg.data}, {len(dropped)} dropped as longer than the context "
+           f"({context} tokens{first}); {len(test_pairs)} held out; {cfg.loss_type} loss, beta {cfg.beta}"
            + (f", label smoothing {cfg.label_smoothing}" if cfg.label_smoothing else ""))
 
     torch.manual_seed(cfg.seed)
@@ -242,16 +266,17 @@ def main(cfg):
     def save(step):
         if common.is_master():
             common.save_checkpoint(ckpt_path, common.training_checkpoint(
-                "dpo", raw_model, optimizer, step, cfg, tokenizer, data_gen, init=init))
+                "dpo", raw_model, optimizer, step, cfg, tokenizer, data_gen, init=init,
+                tokenizer_fingerprint=tok.fingerprint))
 
-    log = common.Logger(cfg.out, "dpo", cfg.max_steps, resume=cfg.resume)
+    log = common.Logger(cfg.out, "dpo", cfg.max_steps, resume=cfg.resume, start_step=step)
     end = cfg.stop_at if 0 < cfg.stop_at < cfg.max_steps else cfg.max_steps
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
     t_start = t_last = time.time()
     metrics, pairs_since = {}, 0
-    try:
-        while step < end:
+    with common.StopOnSignal() as stop:
+        while step < end and not stop.requested():
             lr = common.lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -262,95 +287,92 @@ def main(cfg):
                     model.require_backward_grad_sync = micro == cfg.grad_accum - 1  # all-reduce once per step
                 pi_chosen, pi_rejected = pair_logprobs(model, batch, device)
                 with torch.no_grad():
-                    ref_chosen, ref_rejected = pair_logprobs(ref, batch, device)
-                loss, stats = dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, cfg.beta,
-                                       cfg.loss_type, cfg.label_smoothing)
+                    ref_logprobs = pair_logprobs(ref, batch, device)
+                loss, stats = dpo_loss(pi_chosen, pi_rejected, *ref_logprobs, cfg.beta, cfg.loss_type,
+                                       cfg.label_smoothing)
                 (loss / cfg.grad_accum).backward()  # every micro-batch has the same number of pairs
                 for k, v in {"loss": loss, **stats}.items():
                     sums[k] = sums.get(k, 0.0) + v.item() / cfg.grad_accum
                 pairs_since += len(batch)
             metrics = {k: common.all_mean(v) for k, v in sums.items()}
-            if not np.isfinite(metrics["loss"]):
-                raise UserError(f"the loss became {metrics['loss']} at step {step + 1}; the last good "
-                                f"checkpoint (if any) is kept in {ckpt_path}: lower --lr or check the data")
+            common.check_finite(metrics["loss"], step + 1, ckpt_path)
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             metrics["lr"] = lr
-            if step % cfg.eval_every == 0 or step == cfg.max_steps:
-                save(step)
+            checkpoint = step % cfg.eval_every == 0 or step == cfg.max_steps
+            if checkpoint:  # the weights after a step can be broken while its loss (from before it) was fine
+                with torch.no_grad():
+                    raw_model.eval()
+                    after, _ = dpo_loss(*pair_logprobs(raw_model, batch, device), *ref_logprobs, cfg.beta,
+                                        cfg.loss_type, cfg.label_smoothing)
+                    raw_model.train()
+                common.check_finite(common.all_mean(after.item()), step, ckpt_path, "loss after the update")
             printed = step % cfg.log_every == 0 or step == end
             if printed:  # speed over the steps since the last printed line
                 metrics["pairs/s"] = round(common.all_mean(pairs_since) * world / (time.time() - t_last), 1)
                 t_last, pairs_since = time.time(), 0
+            # the row before the checkpoint: a kill between the two leaves a row that --resume drops and
+            # redoes, never a checkpoint whose step has no row
             log.log(step, printed=printed, **metrics)
-    except KeyboardInterrupt:
+            if checkpoint:
+                save(step)
+    if stop.stopped:
         save(step)
         print0(f"\ninterrupted at step {step}: checkpoint saved to {ckpt_path}; "
                f"continue with: python train_dpo.py --resume (and the same flags)")
         common.teardown_ddp()
-        raise SystemExit(130)
+        raise SystemExit(stop.exit_code)
     train_seconds = time.time() - t_start
     save(step)
 
-    results = {"train": {k: v for k, v in metrics.items() if k != "pairs/s"}, "steps": step,
-               "train_seconds": train_seconds, "pairs": len(pairs), "dropped": dropped}
+    result = {"steps": step, "train_seconds": train_seconds, "pairs": len(pairs), "dropped": len(dropped),
+              "final": {k: v for k, v in metrics.items() if k != "pairs/s"}}
     if common.is_master():
-        results.update(final_evaluation(raw_model, ref, tok, test_pairs, cfg, device))
+        result.update(final_evaluation(raw_model, ref, tok, test_pairs, questions, rater, cfg, device))
         if device.startswith("cuda"):
-            results["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-        results["wall_seconds"] = time.time() - t_start
-        report(results)
-    log.finish(results)
+            result["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+        result["wall_seconds"] = time.time() - t_start
+    log.finish(result)
     print0(f"dpo: {step} steps in {train_seconds:.0f}s of training ({time.time() - t_start:.0f}s with the "
            f"evaluation), checkpoint {ckpt_path}")
     common.teardown_ddp()
 
 
-def final_evaluation(model, ref, tok, test_pairs, cfg, device):
-    """The figures of metrics.json: held-out pairwise accuracy, the gold rater's win rate against the
-    reference, held-out QA for both, and KL(policy || reference) on replies sampled from the policy."""
-    results = {}
-    # the unique held-out prompts, those of the pairs dropped as too long included
-    prompts = list(dict.fromkeys(r["prompt"] for r in read_jsonl(cfg.test_data))) if test_pairs else []
-    prompts = [p for p in prompts if len(tok.render_prompt([{"role": "user", "content": p}])) < model.config.block_size]
+def final_evaluation(policy, ref, tok, test_pairs, questions, rater, cfg, device):
+    """The figures of metrics.json, printed: the implicit reward's accuracy on held-out pairs, KL(policy ||
+    SFT) on replies sampled from the policy, the gold rater's win rate against SFT, held-out QA of both."""
+    result = {}
+    # every distinct held-out prompt, those of pairs too long to train on too: the prompts PPO is judged on
+    prompts = sorted({r["prompt"] for _, r in common.numbered_records(cfg.test_data)}) if test_pairs else []
+    prompts = [p for p in prompts if len(tok.render_prompt([{"role": "user", "content": p}])) < policy.config.block_size]
     if test_pairs:
-        results["test"] = evaluate_pairs(model, ref, test_pairs, cfg, device)
+        test = result["test"] = evaluate_pairs(policy, ref, test_pairs, cfg, device)
         gen = torch.Generator(device=device).manual_seed(cfg.seed)
-        results["kl_to_reference"] = evals.kl_to_reference(model, ref, tok, prompts, cfg.max_new_tokens, generator=gen)
-    if cfg.world and prompts:
-        win = evals.gold_win_rate(model, ref, tok, prompts, cfg.max_new_tokens, world=load_world(cfg.world))
-        results["win_rate"] = {**win, "n": len(prompts)}
-    if cfg.qa_data:
-        records = read_jsonl(cfg.qa_data)
-        results["qa"] = evals.qa_accuracy(model, tok, records, cfg.max_new_tokens)
-        results["qa_reference"] = evals.qa_accuracy(ref, tok, records, cfg.max_new_tokens)
-    return results
-
-
-def report(results):
-    """The end-of-run figures, printed with a few examples (which metrics.json keeps)."""
-    if "test" in results:
-        t = results["test"]
-        print0(f"dpo: held-out pairs: implicit-reward accuracy {t['rewards/accuracy']:.1%}, margin "
-               f"{t['rewards/margin']:.3f}, loss {t['loss']:.4f}; KL to the reference {results['kl_to_reference']:.3f} "
-               "nats per reply")
-    if "win_rate" in results:
-        w = results["win_rate"]
-        print0(f"dpo: gold-rater win rate against the reference {w['win_rate']:.1%} on {w['n']} held-out prompts "
-               f"(mean score {w['score']:.3f} vs {w['baseline_score']:.3f})")
-        for question, mine, theirs in w["examples"]:
-            print0(f"    {question!r}\n        dpo: {mine[:100]!r}\n        sft: {theirs[:100]!r}")
-    if "qa" in results:
-        for name in ("qa", "qa_reference"):
-            q = results[name]
-            splits = "".join(f", {s} {q[s]:.1%}" for s in ("seen", "unseen") if s in q)
-            print0(f"dpo: held-out QA of the {'policy' if name == 'qa' else 'reference'} {q['accuracy']:.1%}{splits}; "
-                   f"replies ending with <|end|> {q['format']:.1%}")
-    if "peak_memory_gb" in results:
-        print0(f"dpo: peak GPU memory {results['peak_memory_gb']:.2f} GiB")
+        kl = result["kl_to_sft"] = evals.kl_to_reference(policy, ref, tok, prompts, cfg.max_new_tokens, generator=gen)
+        print0(f"dpo: on {len(test_pairs)} held-out pairs, the implicit reward ranks the chosen reply first in "
+               f"{test['rewards/accuracy']:.1%} (margin {test['rewards/margin']:.3f}, loss {test['loss']:.4f}); "
+               f"KL to SFT {kl:.2f} nats per reply")
+    if rater is not None:
+        versus = evals.gold_win_rate(policy, ref, tok, prompts, cfg.max_new_tokens, world=rater)
+        result.update(win_rate_vs_sft=versus["win_rate"], gold_score=versus["score"],
+                      sft_gold_score=versus["baseline_score"], win_rate_prompts=len(prompts))
+        print0(f"dpo: on {len(prompts)} held-out prompts, wins {versus['win_rate']:.1%} against SFT by the gold rater "
+               f"(mean gold score {versus['score']:.2f} vs {versus['baseline_score']:.2f})")
+        for q, mine, theirs in versus["examples"]:
+            print0(f"    {q!r}\n      dpo: {mine[:100]!r}\n      sft: {theirs[:100]!r}")
+    if questions:
+        for name, net in (("sft", ref), ("dpo", policy)):
+            qa = result[f"qa_{name}"] = evals.qa_accuracy(net, tok, questions, cfg.max_new_tokens)
+            qa.pop("examples")
+            splits = "".join(f", {s} {qa[s]:.1%}" for s in ("seen", "unseen") if s in qa)
+            print0(f"dpo: held-out QA of {name}: {qa['accuracy']:.1%}{splits}; replies ending with <|end|> "
+                   f"{qa['format']:.1%}")
+    if device.startswith("cuda"):
+        print0(f"dpo: peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
+    return result
 
 
 if __name__ == "__main__":

@@ -110,14 +110,17 @@ def tiny_dpo(tiny_world, tiny_sft, tmp_path_factory):
     return out, r.stdout
 
 
-def test_tiny_run_trains_evaluates_and_saves(tiny_dpo):
+def test_tiny_run_trains_evaluates_and_saves(tiny_dpo, tiny_world):
     out, stdout = tiny_dpo
-    assert "dpo 4/4" in stdout and "win rate against the reference" in stdout
+    assert "dpo 4/4" in stdout and "against SFT by the gold rater" in stdout
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["steps"] == 4 and set(metrics["train"]) >= {"loss", "rewards/margin", "rewards/accuracy"}
-    assert 0 <= metrics["test"]["rewards/accuracy"] <= 1 and 0 <= metrics["win_rate"]["win_rate"] <= 1
-    assert set(metrics["qa"]) >= {"accuracy", "seen", "unseen", "format"} and "qa_reference" in metrics
-    assert math.isfinite(metrics["kl_to_reference"]) and metrics["wall_seconds"] >= metrics["train_seconds"]
+    assert metrics["steps"] == 4 and set(metrics["final"]) >= {"loss", "rewards/margin", "rewards/accuracy"}
+    assert 0 <= metrics["test"]["rewards/accuracy"] <= 1 and 0 <= metrics["win_rate_vs_sft"] <= 1
+    held_out = (tiny_world["data"] / "prefs_test.jsonl").read_text().splitlines()
+    assert metrics["win_rate_prompts"] == len({json.loads(line)["prompt"] for line in held_out})  # each prompt once
+    for name in ("qa_sft", "qa_dpo"):
+        assert set(metrics[name]) >= {"accuracy", "seen", "unseen", "format"}
+    assert math.isfinite(metrics["kl_to_sft"]) and metrics["wall_seconds"] >= metrics["train_seconds"]
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [1, 2, 3, 4]
     ckpt = common.load_checkpoint(out / "ckpt.pt", ["dpo"])
@@ -143,7 +146,7 @@ def test_a_pair_missing_a_field_names_the_file_and_line(tiny_world, tiny_sft, tm
     good = (tiny_world["data"] / "prefs_train.jsonl").read_text().splitlines()[0]
     bad.write_text(good + "\n\n" + json.dumps({"prompt": "Where does Ada live?", "chosen": "In Oakvale."}) + "\n")
     line = error_line(run_script("train_dpo.py", *dpo_flags(tiny_world, tiny_sft, tmp_path / "o", f"--data={bad}")))
-    assert f"{bad}:3" in line and "rejected" in line
+    assert f"{bad}:3" in line and '"rejected" is missing' in line
 
 
 def test_init_from_a_checkpoint_that_is_not_sft(tiny_world, tiny_pretrained, tmp_path):
