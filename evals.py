@@ -67,18 +67,54 @@ def chat_replies(model, tok, questions, max_new_tokens=64, temperature=0.0, gene
     return prompts, outs, texts
 
 
+def gold_scores(model, tok, questions, max_new_tokens=64, world=None):
+    """TinyWorld's gold rater on the model's greedy replies. Returns (scores, replies)."""
+    world = world or tinyworld.default_world()
+    texts = chat_replies(model, tok, questions, max_new_tokens)[2]
+    return [tinyworld.gold_score(q, t, world) for q, t in zip(questions, texts)], texts
+
+
+def win_rate(scores, baseline_scores):
+    """The fraction of head-to-head comparisons won, a tie counting half."""
+    wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores, baseline_scores))
+    return wins / len(scores)
+
+
 def gold_win_rate(model, baseline, tok, questions, max_new_tokens=64, world=None, n_examples=3):
     """Head-to-head by TinyWorld's gold rater: the fraction of questions on which model's greedy reply
     scores higher than baseline's, a tie counting half. Returns {"win_rate", "score" and
     "baseline_score" (mean gold scores), "examples": (question, model's reply, baseline's reply)}."""
-    world = world or tinyworld.default_world()
-    mine = chat_replies(model, tok, questions, max_new_tokens)[2]
-    theirs = chat_replies(baseline, tok, questions, max_new_tokens)[2]
-    a = [tinyworld.gold_score(q, t, world) for q, t in zip(questions, mine)]
-    b = [tinyworld.gold_score(q, t, world) for q, t in zip(questions, theirs)]
-    wins = sum(1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b))
-    return {"win_rate": wins / len(questions), "score": sum(a) / len(a), "baseline_score": sum(b) / len(b),
+    a, mine = gold_scores(model, tok, questions, max_new_tokens, world)
+    b, theirs = gold_scores(baseline, tok, questions, max_new_tokens, world)
+    return {"win_rate": win_rate(a, b), "score": sum(a) / len(a), "baseline_score": sum(b) / len(b),
             "examples": list(zip(questions, mine, theirs))[:n_examples]}
+
+
+def math_accuracy(model, tok, records, max_new_tokens=96):
+    """Greedy pass@1 on {"question", "answer"} math problems: the number after the reply's "####"
+    must equal the answer's (`tinyworld.check_answer`)."""
+    texts = chat_replies(model, tok, [r["question"] for r in records], max_new_tokens)[2]
+    return sum(tinyworld.check_answer(t, r["answer"]) for t, r in zip(texts, records)) / len(records)
+
+
+@torch.no_grad()
+def text_loss(model, ids, n_windows=64, batch_size=16):
+    """Mean next-token loss on the first n_windows non-overlapping windows of a token tensor: the
+    same windows for every model, so the losses compare."""
+    T = model.config.block_size
+    n = min(n_windows, (len(ids) - 1) // T)
+    if n == 0:
+        raise ValueError(f"a text of {len(ids)} tokens has no full window of {T + 1}")
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    for i in range(0, n, batch_size):
+        starts = range(i * T, min(i + batch_size, n) * T, T)
+        x = torch.stack([ids[s:s + T] for s in starts]).to(model.lm_head.weight.device)
+        y = torch.stack([ids[s + 1:s + T + 1] for s in starts]).to(x.device)
+        total += model(x, y).item() * len(starts)
+    model.train(was_training)
+    return total / n
 
 
 @torch.no_grad()

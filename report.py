@@ -1,0 +1,190 @@
+"""The journey in one page: every stage's checkpoint on the same measures and the same prompts.
+
+    python report.py                  # reads out/*/ckpt.pt, writes out/report.md and the figures beside it
+    python report.py --out=/tmp/run --data=/tmp/world
+
+For each stage whose checkpoint exists (0 random init, 1 pre-training, 2 SFT, 3 PPO, 3 DPO, 4 GRPO)
+every measure is computed fresh from the checkpoint by the functions the stages use (evals.py) on
+TinyWorld's held-out sets: validation loss on the corpus, fact completion, held-out answers about
+seen and unseen characters and their format, head-to-head wins against SFT by the gold rater, math
+accuracy, and KL to SFT; the reward model gets its pairwise accuracy. Then the same three prompts are
+put to every stage, and each stage's training curves are drawn from its log.jsonl.
+"""
+import json
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import common
+import evals
+from common import UserError
+from data import read_documents, read_jsonl, tinyworld
+from data.tokenizer import load_tokenizer
+from model import GPT, GPTConfig
+
+
+@dataclass
+class Config:
+    out: str = "out"                   # the stages' output directories are here; report.md goes here too
+    data: str = "data/tinyworld"       # TinyWorld's files: the held-out sets the measures use
+    max_new_tokens: int = 96           # reply length limit (the context's room permitting)
+    device: str = "auto"               # auto (cuda, mps, cpu), or a torch device name
+    seed: int = 1337                   # seeds the random model and the sampled replies of the KL
+
+
+STAGES = [("0 random init", None), ("1 pre-trained", "pretrain"), ("2 SFT", "sft"), ("3 PPO", "ppo"),
+          ("3 DPO", "dpo"), ("4 GRPO", "grpo")]
+COLUMNS = [("val_loss", "val loss", "{:.2f}"), ("facts", "facts", "{:.0%}"), ("seen", "QA seen", "{:.0%}"),
+           ("unseen", "QA unseen", "{:.0%}"), ("format", "format", "{:.0%}"), ("win", "wins vs SFT", "{:.0%}"),
+           ("math", "math", "{:.0%}"), ("rm_acc", "RM accuracy", "{:.0%}"), ("kl", "KL to SFT", "{:.1f}"),
+           ("seconds", "train s", "{:.0f}")]
+CURVES = {"pretrain": ["loss", "val_loss"], "sft": ["loss", "replay_loss"], "rm": ["accuracy", "test_accuracy"],
+          "ppo": ["score", "gold", "kl"], "dpo": ["loss", "reward_accuracy"], "grpo": ["reward", "accuracy"]}
+
+
+@torch.no_grad()
+def reward_accuracy(rm, tok, records):
+    """Fraction of preference pairs whose chosen reply the reward model scores higher."""
+    device = rm.lm_head.weight.device
+    right, n = 0, 0
+    for r in records:
+        prompt = tok.render_prompt([{"role": "user", "content": r["prompt"]}])
+        seqs = [prompt + tok.encode(r[k]) + [tok.end_id] for k in ("chosen", "rejected")]
+        if max(map(len, seqs)) > rm.config.block_size:
+            continue
+        scores = rm(common.pad_right(seqs).to(device))[torch.arange(2), torch.tensor([len(s) - 1 for s in seqs])]
+        right, n = right + int(scores[0] > scores[1]), n + 1
+    return right / max(n, 1)
+
+
+def measure(model, tok, sets, sft, sft_gold, cfg):
+    """Every column of the table for one model."""
+    qa = evals.qa_accuracy(model, tok, sets["qa"], cfg.max_new_tokens)
+    gold, _ = evals.gold_scores(model, tok, sets["questions"], cfg.max_new_tokens, sets["world"])
+    gen = torch.Generator(device=model.lm_head.weight.device).manual_seed(cfg.seed)
+    return {"val_loss": evals.text_loss(model, sets["val_ids"]), "facts": evals.fact_accuracy(model, tok, sets["world"])[0],
+            "seen": qa.get("seen"), "unseen": qa.get("unseen"), "format": qa["format"],
+            "win": evals.win_rate(gold, sft_gold) if sft_gold else None,
+            "math": evals.math_accuracy(model, tok, sets["math"], cfg.max_new_tokens),
+            "kl": evals.kl_to_reference(model, sft, tok, sets["questions"], generator=gen) if sft else None}
+
+
+def plot(log_path, names, title, png):
+    """One stage's curves from its log.jsonl: each name that the log has, against the step."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [json.loads(line) for line in open(log_path)]
+    names = [n for n in names if any(n in r for r in rows)]
+    if not names:
+        return False
+    fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 2.8), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        points = [(r["step"], r[name]) for r in rows if isinstance(r.get(name), (int, float))]
+        ax.plot([s for s, _ in points], [v for _, v in points], marker="." if len(points) < 30 else None)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("step")
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def reply(model, label, tok, prompt, cfg):
+    """A stage's answer to a prompt. The chat stages get it through the chat template, greedy; the
+    pre-trained model has never seen the template, so it continues the prompt as text; the random
+    model's greedy choice is one token repeated, so it samples at temperature 1 to show its soup."""
+    if label.startswith(("0", "1")):
+        gen = torch.Generator(device=model.lm_head.weight.device).manual_seed(cfg.seed)
+        out = evals.generate_batched(model, [[tok.eot_id] + tok.encode(prompt)], 48, stop_tokens=[tok.eot_id],
+                                     temperature=1.0 if label.startswith("0") else 0.0, generator=gen)[0]
+        return "(continues) " + tok.decode(t for t in out if t != tok.eot_id)
+    return evals.chat_replies(model, tok, [prompt], cfg.max_new_tokens)[2][0]
+
+
+def cell(text):
+    text = text if len(text) <= 300 else text[:300] + " ..."
+    return text.replace("|", "\\|").replace("\n", "<br>") or "(nothing)"
+
+
+def main(cfg):
+    t0 = time.time()
+    out, data = Path(cfg.out), Path(cfg.data)
+    device = common.pick_device(cfg.device)
+    if not (out / "pretrain" / "ckpt.pt").is_file():
+        raise UserError(f"no pre-trained checkpoint in {out / 'pretrain'}: run `make demo` (or train_pretrain.py) first")
+    world = tinyworld.load_world(data)
+    base = common.load_checkpoint(out / "pretrain" / "ckpt.pt")
+    tok = load_tokenizer(base["tokenizer"])
+    sets = {"world": world, "qa": read_jsonl(data / "sft_test.jsonl"), "math": read_jsonl(data / "math_test.jsonl"),
+            "questions": sorted({r["prompt"] for r in read_jsonl(data / "prefs_test.jsonl")}),
+            "val_ids": torch.tensor([i for d in read_documents(data / "corpus_val.txt") for i in tok.encode_document(d)])}
+
+    models = {}
+    for label, stage in STAGES:
+        if stage is None:
+            torch.manual_seed(cfg.seed)
+            models[label] = (GPT(GPTConfig(**base["model_args"])), {})
+        elif (out / stage / "ckpt.pt").is_file():
+            ckpt = common.load_checkpoint(out / stage / "ckpt.pt", [stage])
+            metrics = out / stage / "metrics.json"
+            models[label] = (common.gpt_from_checkpoint(ckpt, tok), json.loads(metrics.read_text()) if metrics.is_file() else {})
+    sft = models.get("2 SFT", (None,))[0]
+    sft = sft.to(device).eval() if sft is not None else None
+    sft_gold = evals.gold_scores(sft, tok, sets["questions"], cfg.max_new_tokens, world)[0] if sft is not None else None
+
+    rows = {}
+    for label, (model, metrics) in models.items():
+        print(f"report: measuring {label} ...", flush=True)
+        model.to(device).eval()
+        rows[label] = {**measure(model, tok, sets, sft, sft_gold, cfg), "seconds": metrics.get("train_seconds")}
+    if (out / "rm" / "ckpt.pt").is_file():
+        print("report: measuring 3 reward model ...", flush=True)
+        rm = common.gpt_from_checkpoint(common.load_checkpoint(out / "rm" / "ckpt.pt", ["rm"]), tok, value_head=True)
+        rm_metrics = json.loads((out / "rm" / "metrics.json").read_text()) if (out / "rm" / "metrics.json").is_file() else {}
+        rows["3 reward model"] = {"rm_acc": reward_accuracy(rm.to(device).eval(), tok, read_jsonl(data / "prefs_test.jsonl")),
+                                  "seconds": rm_metrics.get("train_seconds")}
+    order = [label for label, _ in STAGES[:3]] + ["3 reward model"] + [label for label, _ in STAGES[3:]]
+    header = "| stage | " + " | ".join(name for _, name, _ in COLUMNS) + " |"
+    table = [header, "|" + "---|" * (len(COLUMNS) + 1)]
+    for label in (l for l in order if l in rows):
+        values = [fmt.format(rows[label][k]) if rows[label].get(k) is not None else "" for k, _, fmt in COLUMNS]
+        table.append(f"| {label} | " + " | ".join(values) + " |")
+
+    # the journey: the same prompts, every stage's greedy reply
+    unseen = next((r for r in sets["qa"] if r.get("split") == "unseen"), sets["qa"][0])
+    prompts = ["What is an LLM?", unseen["messages"][-1]["content"], sets["math"][0]["question"]]
+    journey = []
+    for prompt in prompts:
+        journey += [f"**{prompt}**", "", "| stage | reply |", "|---|---|"]
+        for label, (model, _) in models.items():
+            journey.append(f"| {label} | {cell(reply(model, label, tok, prompt, cfg))} |")
+        journey.append("")
+
+    figures = []
+    for stage, names in CURVES.items():
+        log = out / stage / "log.jsonl"
+        if log.is_file() and plot(log, names, f"{stage}: training curves", out / f"report-{stage}.png"):
+            figures += [f"![{stage}](report-{stage}.png)", ""]
+
+    machine = torch.cuda.get_device_name(device) if device.startswith("cuda") else \
+        f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    md = ["# The journey: from random weights to an assistant", "",
+          f"Measured by `python report.py` on {machine} in {time.time() - t0:.0f} s, from the checkpoints in "
+          f"`{out}/`. Columns: validation loss on the corpus; greedy fact completion (all characters); held-out "
+          "questions about characters seen in SFT and unseen (whose facts only pre-training supplied), and the share "
+          "of replies that end with <|end|>; head-to-head wins against SFT by the gold rater (ties count half); "
+          "greedy math accuracy; the reward model's accuracy on held-out preference pairs; KL to SFT in nats per "
+          "sampled reply; seconds of training.", "", *table, "",
+          "## The same prompts, every stage", "", *journey, "## Training curves", "", *figures]
+    (out / "report.md").write_text("\n".join(md) + "\n")
+    print("\n".join(table))
+    print(f"report: {out / 'report.md'} in {time.time() - t0:.0f}s")
+
+
+if __name__ == "__main__":
+    common.run_main(main, Config)
