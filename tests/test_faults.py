@@ -45,9 +45,9 @@ from common import UserError
 from conftest import ROOT, error_line, run_script
 from data.tokenizer import load_ranks, save_tokenizer
 
-# Every tiny run has the same schedule, so the tests can name steps: 12 steps, a checkpoint and a
-# printed line every 2, on the CPU (where a run repeats exactly).
-STEPS, EVERY = 12, 2
+# Every tiny run has the same schedule, so the tests can name steps: 16 steps (enough to be stopped
+# twice, mid-run), a checkpoint and a printed line every 2, on the CPU (where a run repeats exactly).
+STEPS, EVERY = 16, 2
 SCHEDULE = [f"--max_steps={STEPS}", f"--eval_every={EVERY}", f"--log_every={EVERY}", "--warmup_steps=2",
             "--device=cpu"]
 
@@ -443,16 +443,17 @@ def reference(request, tmp_path_factory):
 
 
 def interrupt(script, start, resume, out):
-    """A run stopped twice: Ctrl-C once it has started; then, resumed, a kill at a random moment (seeded,
-    so the same moment every time); then resumed again to the end. Returns
-    {"ctrl_c": (exit code, stdout, stderr, step first printed, checkpoint step after),
-     "kill": (last step printed before the kill, checkpoint step after), "out": the out dir}."""
-    result, rng = {"out": out}, random.Random(f"kill {script}")
+    """A run stopped twice at random moments (seeded, so the same moments every time, as far as timing
+    allows): Ctrl-C, most likely in the middle of a step; then, resumed, a kill; then resumed again to
+    the end. Returns {"ctrl_c": (exit code, stdout, stderr, last step printed before it, checkpoint step
+    after), "kill": (last step printed before it, checkpoint step after), "out": the out dir}."""
+    result, rng = {"out": out}, random.Random(f"interrupt {script}")
     run = Background(start)
-    _, first = run.wait_for_step_line()
+    lines = [run.wait_for_step_line() for _ in range(2)]
+    time.sleep(rng.uniform(0, lines[-1][0] - lines[-2][0]))
     run.p.send_signal(signal.SIGINT)
     code, stdout, stderr = run.finish()
-    result["ctrl_c"] = (code, stdout, stderr, first, step_of(out / "ckpt.pt"))
+    result["ctrl_c"] = (code, stdout, stderr, lines[-1][1], step_of(out / "ckpt.pt"))
 
     run = Background(resume)
     lines = [run.wait_for_step_line() for _ in range(rng.choice([2, 3]))]
@@ -521,9 +522,9 @@ def test_the_same_seed_gives_the_same_losses(reference, script):
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_ctrl_c_saves_at_the_end_of_the_step_and_says_how_to_resume(interrupted, script):
     result = interrupted[script]
-    code, stdout, stderr, first, step = result["ctrl_c"]
+    code, stdout, stderr, printed, step = result["ctrl_c"]
     assert code == 130 and "Traceback" not in stderr, stderr
-    assert isinstance(step, int) and first <= step < STEPS, step  # saved where it stopped, not at a checkpoint
+    assert isinstance(step, int) and printed <= step < STEPS, step  # saved where it stopped, not at a checkpoint
     assert f"interrupted at step {step}: checkpoint saved to {result['out'] / 'ckpt.pt'}" in stdout
     assert f"continue with: python {script} --resume" in stdout
 
@@ -560,8 +561,8 @@ def test_a_save_that_dies_midway_leaves_the_previous_checkpoint(tmp_path, monkey
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(request, reference, script, tmp_path):
     """A finished run continued for 4 more steps at an absurd learning rate, checkpointing every step.
-    The loss before the first update is fine, the weights after it give NaN: the checkpoint of step 12
-    must stay as it was, not be replaced by those weights."""
+    The loss before the first update is fine, the weights after it give NaN: the checkpoint of the last
+    step must stay as it was, not be replaced by those weights."""
     out = tmp_path / "out"
     shutil.copytree(reference[script][0], out)
     kept = (out / "ckpt.pt").read_bytes()
