@@ -100,7 +100,11 @@ def reply(model, label, tok, prompt, cfg):
     model's greedy choice is one token repeated, so it samples at temperature 1 to show its soup."""
     if label.startswith(("0", "1")):
         gen = torch.Generator(device=model.lm_head.weight.device).manual_seed(cfg.seed)
-        out = evals.generate_batched(model, [[tok.eot_id] + tok.encode(prompt)], 48, stop_tokens=[tok.eot_id],
+        ids = [tok.eot_id] + tok.encode(prompt)
+        room = min(48, model.config.block_size - len(ids))
+        if room <= 0:
+            return "(the prompt fills the context)"
+        out = evals.generate_batched(model, [ids], room, stop_tokens=[tok.eot_id],
                                      temperature=1.0 if label.startswith("0") else 0.0, generator=gen)[0]
         return "(continues) " + tok.decode(t for t in out if t != tok.eot_id)
     return evals.chat_replies(model, tok, [prompt], cfg.max_new_tokens)[2][0]

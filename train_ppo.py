@@ -69,7 +69,7 @@ class Config:
     grad_clip: float = 1.0             # clip each network's gradient norm to this (0: off)
     eval_every: int = 25               # steps between checkpoints
     log_every: int = 5                 # steps between printed lines
-    gold: bool = True                  # score rollouts with TinyWorld's gold rater too (TinyWorld prompts only)
+    world: str = "data/tinyworld"      # the TinyWorld whose gold rater scores rollouts and the win rate (empty: none)
     device: str = "auto"               # auto (cuda, mps, cpu), or a torch device name
     compile: bool = False              # torch.compile the policy
     seed: int = 1337                   # seeds prompt order and sampling
@@ -79,7 +79,7 @@ PRESETS = {
     # HH-RLHF prompts (python -m data.prepare_hh_rlhf), from GPU runs of train_sft.py and train_rm.py
     "gpu": dict(data="data/real/hh_train.jsonl", test_data="", qa_data="", batch_size=64, minibatch_size=16,
                 max_steps=300, lr=1e-5, critic_lr=1e-5, min_lr=1e-6, warmup_steps=10, max_new_tokens=128,
-                eval_every=50, log_every=5, gold=False),
+                eval_every=50, log_every=5, world=""),
 }
 
 
@@ -254,7 +254,8 @@ def main(cfg):
     if longest + cfg.max_new_tokens > policy.config.block_size:
         raise UserError(f"a prompt of {longest} tokens and --max_new_tokens={cfg.max_new_tokens} do not fit in the "
                         f"context ({policy.config.block_size}): lower --max_new_tokens or shorten the prompts")
-    gold = cfg.gold and tinyworld.default_world().parse_question(questions[0]) is not None
+    rater = tinyworld.load_world(cfg.world) if cfg.world else None  # the world the gold rater knows
+    gold = rater is not None and rater.parse_question(questions[0]) is not None
     print0(f"ppo: {len(questions):,} prompts from {cfg.data}; policy and reference from {cfg.init}, "
            f"critic and reward model from {cfg.reward_model}")
 
@@ -318,7 +319,7 @@ def main(cfg):
 
             metrics = {"score": batch["score"].mean().item(), "kl": kl.sum(1).mean().item()}
             if gold:
-                metrics["gold"] = np.mean([tinyworld.gold_score(questions[i], t)
+                metrics["gold"] = np.mean([tinyworld.gold_score(questions[i], t, rater)
                                            for i, t in zip(picks, batch["texts"])])
             metrics.update({k: float(np.mean([s[k] for s in stats])) for k in stats[0]})
             metrics.update(length=mask.sum(1).mean().item(), ended=batch["ended"].mean().item(), lr=lr)
@@ -339,9 +340,9 @@ def main(cfg):
     if common.is_master():
         if gold:
             plot_curves(Path(cfg.out) / "log.jsonl", Path(cfg.out) / "reward_vs_gold.png")
-        if cfg.test_data:  # held-out prompts: PPO's greedy reply against SFT's, judged by the gold rater
+        if cfg.test_data and gold:  # held-out prompts: PPO's greedy reply against SFT's, judged by the gold rater
             held_out = load_questions(cfg.test_data)
-            versus = evals.gold_win_rate(policy, ref, tok, held_out, cfg.max_new_tokens)
+            versus = evals.gold_win_rate(policy, ref, tok, held_out, cfg.max_new_tokens, rater)
             kl_ref = evals.kl_to_reference(policy, ref, tok, held_out, cfg.max_new_tokens)
             result.update(win_rate_vs_sft=versus["win_rate"], gold_score=versus["score"],
                           sft_gold_score=versus["baseline_score"], kl_to_sft=kl_ref)

@@ -54,7 +54,7 @@ class Config:
     eval_every: int = 50               # steps between held-out accuracies and checkpoints
     log_every: int = 10                # steps between printed lines
     zero_prompts: int = 256            # SFT replies sampled to set the score's zero (0: no shift)
-    fresh_pairs: bool = True           # check agreement with the gold rater on sampled pairs (TinyWorld only)
+    world: str = "data/tinyworld"      # the TinyWorld whose gold rater ranks fresh pairs of SFT replies (empty: skip)
     max_new_tokens: int = 64           # length limit of the sampled replies
     device: str = "auto"               # auto (cuda, mps, cpu), or a torch device name
     compile: bool = False              # torch.compile the model
@@ -65,7 +65,7 @@ PRESETS = {
     # HH-RLHF helpful-base (python -m data.prepare_hh_rlhf), from a GPU SFT run of the 12x768 model
     "gpu": dict(data="data/real/hh_train.jsonl", test_data="data/real/hh_test.jsonl", batch_size=64,
                 max_steps=1500, lr=1e-5, min_lr=1e-6, warmup_steps=50, eval_every=250, log_every=25,
-                fresh_pairs=False, compile=True),
+                world="", compile=True),
 }
 
 
@@ -139,12 +139,12 @@ def sampled_scores(rm, policy, tok, questions, cfg, device, gen):
     return texts, r
 
 
-def gold_agreement(rm, policy, tok, questions, cfg, device, gen):
+def gold_agreement(rm, policy, tok, questions, rater, cfg, device, gen):
     """On two replies sampled from the SFT policy per question, how often the reward model orders them
     as the gold rater does (pairs the gold rater scores equal are left out)."""
     texts, r = sampled_scores(rm, policy, tok, questions + questions, cfg, device, gen)
     n = len(questions)
-    gold = [tinyworld.gold_score(q, t) for q, t in zip(questions + questions, texts)]
+    gold = [tinyworld.gold_score(q, t, rater) for q, t in zip(questions + questions, texts)]
     agree = [(gold[i] > gold[n + i]) == (r[i] > r[n + i]).item() for i in range(n) if gold[i] != gold[n + i]]
     return sum(agree) / max(len(agree), 1), len(agree)
 
@@ -250,9 +250,10 @@ def main(cfg):
             metrics.update(score_shift=shift, sft_score_std=r.std().item())
             print0(f"rm: scores shifted by {-shift:+.3f} so that the SFT policy's replies score 0 on average "
                    f"(their spread: std {r.std().item():.3f})")
-        if cfg.fresh_pairs and cfg.test_data and tinyworld.default_world().parse_question(questions[0]) is not None:
+        rater = tinyworld.load_world(cfg.world) if cfg.world else None  # the world the gold rater knows
+        if rater is not None and cfg.test_data and rater.parse_question(questions[0]) is not None:
             held_out = sorted({r["prompt"] for r in read_jsonl(cfg.test_data)})
-            agree, n = gold_agreement(raw_model, policy, tok, held_out, cfg, device, gen)
+            agree, n = gold_agreement(raw_model, policy, tok, held_out, rater, cfg, device, gen)
             metrics.update(gold_agreement=agree, gold_pairs=n)
             print0(f"rm: agrees with the gold rater on {agree:.1%} of {n} fresh pairs of SFT replies")
     save(step, score_shift=metrics.get("score_shift", 0.0))

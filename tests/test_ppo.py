@@ -112,7 +112,7 @@ def tiny_rm(tiny_world, tiny_sft, tmp_path_factory):
     out = tmp_path_factory.mktemp("rm")
     d = tiny_world["data"]
     r = run_script("train_rm.py", f"--data={d / 'prefs_train.jsonl'}", "--test_data=", f"--init={tiny_sft}",
-                   f"--out={out}", "--batch_size=4", "--max_steps=2", "--warmup_steps=1", "--zero_prompts=4",
+                   f"--out={out}", "--world=", "--batch_size=4", "--max_steps=2", "--warmup_steps=1", "--zero_prompts=4",
                    "--max_new_tokens=8")
     assert r.returncode == 0, r.stderr
     return out / "ckpt.pt"
@@ -121,7 +121,7 @@ def tiny_rm(tiny_world, tiny_sft, tmp_path_factory):
 def ppo_flags(tiny_world, sft, rm, out, *extra):
     d = tiny_world["data"]
     return [f"--data={d / 'prefs_train.jsonl'}", f"--test_data={d / 'prefs_test.jsonl'}",
-            f"--qa_data={d / 'sft_test.jsonl'}", f"--init={sft}", f"--reward_model={rm}", f"--out={out}",
+            f"--qa_data={d / 'sft_test.jsonl'}", f"--world={d}", f"--init={sft}", f"--reward_model={rm}", f"--out={out}",
             "--batch_size=4", "--minibatch_size=2", "--ppo_epochs=2", "--max_new_tokens=8", "--warmup_steps=1",
             "--log_every=1", *extra]
 

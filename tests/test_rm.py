@@ -56,7 +56,7 @@ def test_the_loss_sees_only_differences_without_centering(pairs):
 def rm_flags(tiny_world, init, out, *extra):
     d = tiny_world["data"]
     return [f"--data={d / 'prefs_train.jsonl'}", f"--test_data={d / 'prefs_test.jsonl'}", f"--init={init}",
-            f"--out={out}", "--batch_size=4", "--warmup_steps=1", "--log_every=2", "--zero_prompts=8",
+            f"--out={out}", f"--world={d}", "--batch_size=4", "--warmup_steps=1", "--log_every=2", "--zero_prompts=8",
             "--max_new_tokens=8", *extra]
 
 
@@ -67,6 +67,7 @@ def test_tiny_reward_model_trains_scores_and_saves(tiny_world, tiny_sft, tmp_pat
     assert "rm 4/4" in r.stdout and "held-out pairwise accuracy" in r.stdout
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0.0 <= metrics["test_accuracy"] <= 1.0 and metrics["steps"] == 4
+    assert 0.0 <= metrics["gold_agreement"] <= 1.0 and "agrees with the gold rater" in r.stdout
     ckpt = common.load_checkpoint(out / "ckpt.pt", ["rm"])
     assert ckpt["score_shift"] == pytest.approx(metrics["score_shift"])
     model = common.gpt_from_checkpoint(ckpt, value_head=True)  # the head comes back with the trunk
