@@ -79,24 +79,21 @@ LOSS_TYPES = ("sigmoid", "ipo", "robust")
 # ----------------------------------------------------------------------------- the loss
 
 def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta, kind="sigmoid", label_smoothing=0.0):
-    """The mean over pairs of a loss of h = (pi_chosen - ref_chosen) - (pi_rejected - ref_rejected).
+    """The mean over pairs of a loss of h = (pi_chosen - ref_chosen) - (pi_rejected - ref_rejected), where
+    each argument (N,) is a reply's log-probability summed over its tokens. eps = label_smoothing is the
+    assumed probability that a label is flipped.
 
-    Each argument (N,) is a reply's log-probability summed over its tokens, under the policy (pi_*) or
-    the reference (ref_*). With eps = label_smoothing, the probability that a label is flipped:
+      sigmoid  -log sigmoid(beta h) (Rafailov et al., 2023); with eps > 0, "conservative" DPO:
+               (1 - eps) (-log sigmoid(beta h)) + eps (-log sigmoid(-beta h)), the plain loss averaged
+               over the noise, whose optimum is a finite margin instead of an ever larger one;
+      ipo      (h - 1 / (2 beta))^2 (Azar et al., 2023): aims at a fixed margin, so pairs already
+               ranked right stop pulling;
+      robust   ((1 - eps) (-log sigmoid(beta h)) - eps (-log sigmoid(-beta h))) / (1 - 2 eps)
+               (Chowdhury et al., 2024): averaged over the noise it is the plain loss on the true label
+               (unbiased); the sigmoid loss at eps = 0.
 
-        sigmoid   -log sigmoid(beta h)                        (Rafailov et al., 2023), at eps = 0;
-                  (1 - eps) (-log sigmoid(beta h)) + eps (-log sigmoid(-beta h))  with eps > 0: the
-                  expected loss if the label is wrong with probability eps ("conservative" DPO), so
-                  the optimum stops at a finite margin instead of growing without end;
-        ipo       (h - 1 / (2 beta))^2                        (Azar et al., 2023): a squared loss that
-                  aims at a fixed margin, so it never drives h to infinity on pairs it already gets right;
-        robust    ((1 - eps) (-log sigmoid(beta h)) - eps (-log sigmoid(-beta h))) / (1 - 2 eps)
-                  (Chowdhury et al., 2024): unbiased under flips at rate eps, i.e. its expectation over
-                  noisy labels is the clean sigmoid loss; equal to the sigmoid loss at eps = 0.
-
-    Returns (loss, metrics): metrics are detached means over pairs of the implicit rewards
-    beta (pi - ref) of the chosen and rejected replies, their margin, and the fraction of pairs whose
-    chosen reply has the larger reward (strictly: at the start, when pi = ref, it is 0).
+    Returns (loss, metrics): means over pairs of the implicit rewards beta (pi - ref) of the chosen and
+    rejected replies, their margin, and the fraction of pairs ranked right (strictly, so 0 at pi = ref).
     """
     chosen = pi_chosen - ref_chosen
     rejected = pi_rejected - ref_rejected
@@ -148,20 +145,18 @@ def load_pairs(path, tok, block_size):
 
 
 def load_questions(path, tok, block_size):
-    """The held-out QA records ({"messages": [user turn], "answer", "split"}), checked before training
-    rather than failing after it."""
+    """The held-out QA records ({"messages": [user turn], "answer", "split"}), checked now rather than
+    failing after training."""
     records = []
-    for line, record in common.numbered_records(path):
+    for line, r in common.numbered_records(path):
         try:
-            if not (isinstance(record, dict) and isinstance(record.get("answer"), str)):
+            if not (isinstance(r, dict) and isinstance(r.get("messages"), list) and isinstance(r.get("answer"), str)):
                 raise ValueError('a held-out question needs "messages" (ending with the user\'s turn) and "answer"')
-            prompt = tok.render_prompt(record.get("messages") or [])
+            if len(tok.render_prompt(r["messages"])) >= block_size:
+                raise ValueError(f"the question leaves no room for an answer in the context ({block_size} tokens)")
         except ValueError as e:
             raise UserError(f"{path}:{line}: {e}: fix that line, or pass --qa_data= to skip the evaluation") from None
-        if len(prompt) >= block_size:
-            raise UserError(f"{path}:{line}: the question is {len(prompt)} tokens, which leaves no room for an answer "
-                            f"in the model's context of {block_size}: shorten it or delete that line")
-        records.append(record)
+        records.append(r)
     if not records:
         raise UserError(f"{path} holds no questions: give a JSONL file of them, or pass --qa_data=")
     return records
