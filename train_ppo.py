@@ -167,15 +167,15 @@ def token_logprobs(model, x, y, temperature):
 def load_questions(path):
     """The distinct user prompts of a JSONL file of preference pairs ("prompt") or conversations ("messages")."""
     questions = []
-    for i, r in enumerate(read_jsonl(path), 1):
+    for line, r in common.numbered_records(path):
         if isinstance(r, dict) and isinstance(r.get("prompt"), str):
             questions.append(r["prompt"])
         elif isinstance(r, dict) and isinstance(r.get("messages"), list) and r["messages"] \
                 and isinstance(r["messages"][0], dict) and isinstance(r["messages"][0].get("content"), str):
             questions.append(r["messages"][0]["content"])
         else:
-            raise UserError(f"{path}: record {i} has neither a \"prompt\" string nor a \"messages\" list: give "
-                            "preference pairs or conversations")
+            raise UserError(f"{path}:{line}: a record with neither a \"prompt\" string nor a \"messages\" list: "
+                            "give preference pairs or conversations")
     return sorted(set(questions))
 
 
@@ -218,11 +218,8 @@ def plot_curves(log_path, png_path):
 # ----------------------------------------------------------------------------- training
 
 def main(cfg):
-    for name in ("batch_size", "minibatch_size", "ppo_epochs", "max_steps", "eval_every", "log_every", "max_new_tokens"):
-        if getattr(cfg, name) <= 0:
-            raise UserError(f"--{name} must be positive, got {getattr(cfg, name)}")
-    if cfg.temperature <= 0:
-        raise UserError(f"--temperature must be positive (PPO needs a sampling policy), got {cfg.temperature}")
+    common.require_positive(cfg, "batch_size", "minibatch_size", "ppo_epochs", "max_steps", "eval_every", "log_every",
+                            "max_new_tokens", "lr", "critic_lr", "temperature")
     if cfg.kl_estimator not in ("k1", "k3"):
         raise UserError(f"--kl_estimator must be k1 or k3, got {cfg.kl_estimator!r}")
     rank, world, device = common.setup_ddp(common.pick_device(cfg.device))
@@ -250,6 +247,8 @@ def main(cfg):
                         "train the reward model from this SFT checkpoint")
 
     questions = load_questions(cfg.data)
+    if not questions:
+        raise UserError(f"{cfg.data} holds no prompts: give a JSONL file of preference pairs or conversations")
     longest = max(len(tok.render_prompt([{"role": "user", "content": q}])) for q in questions)
     if longest + cfg.max_new_tokens > policy.config.block_size:
         raise UserError(f"a prompt of {longest} tokens and --max_new_tokens={cfg.max_new_tokens} do not fit in the "
@@ -272,13 +271,13 @@ def main(cfg):
             common.save_checkpoint(ckpt_path, common.training_checkpoint(
                 "ppo", policy, optimizer, step, cfg, tokenizer, data_gen, critic=critic.state_dict(),
                 critic_optimizer=critic_opt.state_dict(), init=ckpt["init"] if ckpt else cfg.init,
-                reward_model=ckpt["reward_model"] if ckpt else cfg.reward_model))
+                reward_model=ckpt["reward_model"] if ckpt else cfg.reward_model, tokenizer_fingerprint=tok.fingerprint))
 
-    log = common.Logger(cfg.out, "ppo", cfg.max_steps, resume=cfg.resume)
+    log = common.Logger(cfg.out, "ppo", cfg.max_steps, resume=cfg.resume, start_step=step)
     end = cfg.stop_at if 0 < cfg.stop_at < cfg.max_steps else cfg.max_steps
     t_start, metrics = time.time(), {}
-    try:
-        while step < end:
+    with common.StopOnSignal() as stop:
+        while step < end and not stop.requested():
             lr = common.lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -304,9 +303,7 @@ def main(cfg):
                         values = critic_model(batch["x"][mb])
                     pg_loss, pg_stats = ppo_policy_loss(logp, batch["logp"][mb], adv[mb], m, cfg.clip)
                     vf_loss = ppo_value_loss(values, batch["values"][mb], returns[mb], m, cfg.value_clip)
-                    if not np.isfinite(pg_loss.item() + vf_loss.item()):
-                        raise UserError(f"the loss became {pg_loss.item() + vf_loss.item()} at step {step + 1}; the "
-                                        f"last good checkpoint (if any) is kept in {ckpt_path}: lower --lr")
+                    common.check_finite(pg_loss.item() + vf_loss.item(), step + 1, ckpt_path)
                     for loss, net, opt in ((pg_loss, model, optimizer), (vf_loss, critic_model, critic_opt)):
                         loss.backward()
                         if cfg.grad_clip > 0:
@@ -324,15 +321,21 @@ def main(cfg):
             metrics.update({k: float(np.mean([s[k] for s in stats])) for k in stats[0]})
             metrics.update(length=mask.sum(1).mean().item(), ended=batch["ended"].mean().item(), lr=lr)
             metrics = {k: common.all_mean(v) for k, v in metrics.items()}
-            if step % cfg.eval_every == 0:
-                save(step)
+            # the weights after the update can be broken while the losses before it were fine, and the
+            # next rollout would sample from NaN probabilities
+            with torch.no_grad():
+                after = token_logprobs(policy, batch["x"][:1], batch["y"][:1], cfg.temperature)[0].sum().item()
+            common.check_finite(after, step, ckpt_path, "policy's log-probability after the update")
+            checkpoint = step % cfg.eval_every == 0
             log.log(step, printed=step % cfg.log_every == 0 or step == end, **metrics)
-    except KeyboardInterrupt:
+            if checkpoint:  # after the row: a kill between the two leaves a row that --resume redoes
+                save(step)
+    if stop.stopped:
         save(step)
         print0(f"\ninterrupted at step {step}: checkpoint saved to {ckpt_path}; "
                f"continue with: python train_ppo.py --resume (and the same flags)")
         common.teardown_ddp()
-        raise SystemExit(130)
+        raise SystemExit(stop.exit_code)
     train_seconds = time.time() - t_start
     save(step)
 

@@ -22,7 +22,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -91,9 +90,12 @@ def load_pairs(path, tok, block_size):
     """Each pair as (prompt ids, chosen ids, rejected ids); a reply is its tokens and <|end|>. Pairs
     whose longer side does not fit in the context are dropped. Returns (pairs, dropped)."""
     pairs, dropped = [], 0
-    for i, r in enumerate(read_jsonl(path), 1):
+    for line, r in common.numbered_records(path):
+        if isinstance(r, dict) and "messages" in r:
+            raise UserError(f"{path}:{line}: this is a conversation (SFT data), not a preference pair: give a file of "
+                            '{"prompt", "chosen", "rejected"} records, such as data/tinyworld/prefs_train.jsonl')
         if not isinstance(r, dict) or not all(isinstance(r.get(k), str) for k in ("prompt", "chosen", "rejected")):
-            raise UserError(f"{path}: record {i} is not a preference pair: each line must be "
+            raise UserError(f"{path}:{line}: not a preference pair: each line must be "
                             '{"prompt": ..., "chosen": ..., "rejected": ...} with string values')
         prompt = tok.render_prompt([{"role": "user", "content": r["prompt"]}])
         chosen, rejected = tok.encode(r["chosen"]) + [tok.end_id], tok.encode(r["rejected"]) + [tok.end_id]
@@ -152,9 +154,7 @@ def gold_agreement(rm, policy, tok, questions, rater, cfg, device, gen):
 # ----------------------------------------------------------------------------- training
 
 def main(cfg):
-    for name in ("batch_size", "max_steps", "eval_every", "log_every", "max_new_tokens"):
-        if getattr(cfg, name) <= 0:
-            raise UserError(f"--{name} must be positive, got {getattr(cfg, name)}")
+    common.require_positive(cfg, "batch_size", "max_steps", "eval_every", "log_every", "max_new_tokens", "lr")
     rank, world, device = common.setup_ddp(common.pick_device(cfg.device))
     if cfg.batch_size % world:
         raise UserError(f"--batch_size={cfg.batch_size} must be a multiple of the number of processes ({world})")
@@ -170,10 +170,14 @@ def main(cfg):
         ckpt = init = common.load_checkpoint(cfg.init, ["sft"], made_by="python train_sft.py")
     tokenizer = cfg.tokenizer or ckpt["tokenizer"]
     tok = load_tokenizer(tokenizer)
+    torch.manual_seed(cfg.seed)  # the fresh head's initial weights
     model = common.gpt_from_checkpoint(ckpt, tok, value_head=True, dropout=0.0)
     block_size = model.config.block_size
 
     pairs, dropped = load_pairs(cfg.data, tok, block_size)
+    if not pairs and not dropped:
+        raise UserError(f"{cfg.data} holds no preference pairs: give a JSONL file of "
+                        '{"prompt", "chosen", "rejected"} records')
     if not pairs:
         raise UserError(f"{cfg.data} has no preference pair that fits in the context ({block_size} tokens, "
                         f"{dropped} dropped): give shorter pairs")
@@ -189,9 +193,9 @@ def main(cfg):
         if common.is_master():
             common.save_checkpoint(ckpt_path, common.training_checkpoint(
                 "rm", raw_model, optimizer, step, cfg, tokenizer, data_gen, init=cfg.init if not cfg.resume
-                else ckpt["init"], **extra))
+                else ckpt["init"], tokenizer_fingerprint=tok.fingerprint, **extra))
 
-    log = common.Logger(cfg.out, "rm", cfg.max_steps, resume=cfg.resume)
+    log = common.Logger(cfg.out, "rm", cfg.max_steps, resume=cfg.resume, start_step=step)
     test_acc = None
     if step == 0 and test_pairs:
         test_acc = accuracy(model, test_pairs, cfg, device, rank, world)
@@ -199,20 +203,19 @@ def main(cfg):
         log.log(0, printed=False, test_accuracy=test_acc)
 
     end = cfg.stop_at if 0 < cfg.stop_at < cfg.max_steps else cfg.max_steps
-    t_start = time.time()
-    try:
-        while step < end:
+    t_start, train_loss = time.time(), None
+    with common.StopOnSignal() as stop:
+        while step < end and not stop.requested():
             lr = common.lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             picks = torch.randint(len(pairs), (cfg.batch_size,), generator=data_gen)[rank::world]
-            r_c, r_r = pair_scores(model, [pairs[i] for i in picks.tolist()], device)
+            batch = [pairs[i] for i in picks.tolist()]
+            r_c, r_r = pair_scores(model, batch, device)
             loss = reward_loss(r_c, r_r, cfg.margin, cfg.center_coef)
             loss.backward()
             train_loss = common.all_mean(loss.item())
-            if not np.isfinite(train_loss):
-                raise UserError(f"the loss became {train_loss} at step {step + 1}; the last good checkpoint "
-                                f"(if any) is kept in {ckpt_path}: lower --lr or check the data")
+            common.check_finite(train_loss, step + 1, ckpt_path)
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
@@ -220,17 +223,22 @@ def main(cfg):
             step += 1
             metrics = {"loss": train_loss, "accuracy": common.all_mean((r_c > r_r).float().mean().item()),
                        "margin": common.all_mean((r_c - r_r).mean().item()), "lr": lr}
-            if test_pairs and (step % cfg.eval_every == 0 or step == end):
+            checkpoint = step % cfg.eval_every == 0
+            if test_pairs and (checkpoint or step == end):
                 test_acc = metrics["test_accuracy"] = accuracy(model, test_pairs, cfg, device, rank, world)
-            if step % cfg.eval_every == 0:
-                save(step)
+            if checkpoint:  # the weights after the update can be broken while the loss before it was fine
+                with torch.no_grad():
+                    after = reward_loss(*pair_scores(raw_model, batch, device)).item()
+                common.check_finite(after, step, ckpt_path, "loss after the update")
             log.log(step, printed=step % cfg.log_every == 0 or "test_accuracy" in metrics or step == end, **metrics)
-    except KeyboardInterrupt:
+            if checkpoint:  # after the row: a kill between the two leaves a row that --resume redoes
+                save(step)
+    if stop.stopped:
         save(step)
         print0(f"\ninterrupted at step {step}: checkpoint saved to {ckpt_path}; "
                f"continue with: python train_rm.py --resume (and the same flags)")
         common.teardown_ddp()
-        raise SystemExit(130)
+        raise SystemExit(stop.exit_code)
     train_seconds = time.time() - t_start
 
     metrics = {"loss": train_loss, "test_accuracy": test_acc, "steps": step, "train_seconds": train_seconds,

@@ -84,3 +84,15 @@ def tiny_sft(tiny_world, tiny_pretrained, tmp_path_factory):
                    "--eval_every=4")
     assert r.returncode == 0, r.stderr
     return out / "ckpt.pt"
+
+
+@pytest.fixture(scope="session")
+def tiny_rm(tiny_world, tiny_sft, tmp_path_factory):
+    """A tiny reward model, for the PPO tests."""
+    out = tmp_path_factory.mktemp("rm")
+    d = tiny_world["data"]
+    r = run_script("train_rm.py", f"--data={d / 'prefs_train.jsonl'}", "--test_data=", f"--init={tiny_sft}",
+                   f"--out={out}", "--world=", "--batch_size=4", "--max_steps=2", "--warmup_steps=1", "--zero_prompts=4",
+                   "--max_new_tokens=8")
+    assert r.returncode == 0, r.stderr
+    return out / "ckpt.pt"

@@ -166,6 +166,64 @@ SFT_CASES = {
         [f"--replay_data={tmp / 'none.txt'}"], [str(tmp / "none.txt"), "run `python -m data.tinyworld`"]),
 }
 
+# ----------------------------------------------------------------------------- the rows: reward model and PPO
+
+
+def rm_flags(fx, out):
+    d = fx.tiny_world["data"]
+    return [f"--data={d / 'prefs_train.jsonl'}", "--test_data=", "--world=", f"--init={fx.tiny_sft}", f"--out={out}",
+            "--batch_size=4", "--zero_prompts=4", "--max_new_tokens=8"]
+
+
+def good_pair(fx):
+    return (fx.tiny_world["data"] / "prefs_train.jsonl").read_text().splitlines()[0]
+
+
+LONG_PAIR = {"prompt": "tell me " * 200, "chosen": "No.", "rejected": "Yes."}
+
+RM_CASES = {
+    "a missing data file": lambda fx, tmp: Case(
+        [f"--data={tmp / 'none.jsonl'}"], [str(tmp / "none.jsonl"), "run `python -m data.tinyworld`"]),
+    "an empty data file": lambda fx, tmp: Case(
+        [f"--data={write(tmp / 'empty.jsonl', '')}"], [str(tmp / "empty.jsonl"), "holds no preference pairs", "give"]),
+    "a malformed JSONL line": lambda fx, tmp: Case(
+        [f"--data={write(tmp / 'bad.jsonl', jsonl(good_pair(fx), MALFORMED))}"],
+        [f"{tmp / 'bad.jsonl'}:2", "malformed JSON", "fix or delete that line"]),
+    "a pair without its rejected reply": lambda fx, tmp: Case(
+        [f"--data={write(tmp / 'bad.jsonl', jsonl(good_pair(fx), '', {'prompt': 'Hi?', 'chosen': 'Hello.'}))}"],
+        [f"{tmp / 'bad.jsonl'}:3", "not a preference pair", '"rejected"']),
+    "pairs longer than the context": lambda fx, tmp: Case(
+        [f"--data={write(tmp / 'long.jsonl', jsonl(LONG_PAIR))}"], [str(tmp / "long.jsonl"), "fits in the context",
+                                                                   "give shorter pairs"]),
+    "conversations given to the reward model": lambda fx, tmp: Case(
+        [f"--data={fx.tiny_world['data'] / 'sft_train.jsonl'}"],
+        [f"{fx.tiny_world['data'] / 'sft_train.jsonl'}:1", "conversation (SFT data)", "prefs_train.jsonl"]),
+}
+
+
+def ppo_flags(fx, out):
+    d = fx.tiny_world["data"]
+    return [f"--data={d / 'prefs_train.jsonl'}", "--test_data=", "--qa_data=", "--world=", f"--init={fx.tiny_sft}",
+            f"--reward_model={fx.tiny_rm}", f"--out={out}", "--batch_size=4", "--minibatch_size=2", "--ppo_epochs=1",
+            "--max_new_tokens=8"]
+
+
+PPO_CASES = {
+    "a missing prompt file": lambda fx, tmp: Case(
+        [f"--data={tmp / 'none.jsonl'}"], [str(tmp / "none.jsonl"), "run `python -m data.tinyworld`"]),
+    "an empty prompt file": lambda fx, tmp: Case(
+        [f"--data={write(tmp / 'empty.jsonl', '')}"], [str(tmp / "empty.jsonl"), "holds no prompts", "give"]),
+    "a record with no prompt": lambda fx, tmp: Case(
+        [f"--data={write(tmp / 'bad.jsonl', jsonl(good_pair(fx), {'question': 'Hi?'}))}"],
+        [f"{tmp / 'bad.jsonl'}:2", 'neither a "prompt"', "give preference pairs or conversations"]),
+    "a prompt longer than the context": lambda fx, tmp: Case(
+        [f"--data={write(tmp / 'long.jsonl', jsonl(LONG_PAIR))}"], ["do not fit in the context",
+                                                                   "lower --max_new_tokens or shorten the prompts"]),
+    "an SFT checkpoint as the reward model": lambda fx, tmp: Case(
+        [f"--reward_model={fx.tiny_sft}"], [str(fx.tiny_sft), "'sft' checkpoint", "['rm']"]),
+}
+
+
 # ----------------------------------------------------------------------------- the table
 
 
@@ -181,6 +239,8 @@ class Script:
 SCRIPTS = {
     "train_pretrain.py": Script(pretrain_flags, init="tiny_pretrained", wrong_stage="sft", cases=PRETRAIN_CASES),
     "train_sft.py": Script(sft_flags, init="tiny_pretrained", wrong_stage="rm", cases=SFT_CASES),
+    "train_rm.py": Script(rm_flags, init="tiny_sft", wrong_stage="pretrain", cases=RM_CASES),
+    "train_ppo.py": Script(ppo_flags, init="tiny_sft", wrong_stage="rm", cases=PPO_CASES, curve="score"),
 }
 
 

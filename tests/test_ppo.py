@@ -107,17 +107,6 @@ def test_shaped_rewards_add_up_to_the_score_minus_the_kl_penalty(r, beta, estima
 # ----------------------------------------------------------------------------- end to end
 
 
-@pytest.fixture(scope="module")
-def tiny_rm(tiny_world, tiny_sft, tmp_path_factory):
-    out = tmp_path_factory.mktemp("rm")
-    d = tiny_world["data"]
-    r = run_script("train_rm.py", f"--data={d / 'prefs_train.jsonl'}", "--test_data=", f"--init={tiny_sft}",
-                   f"--out={out}", "--world=", "--batch_size=4", "--max_steps=2", "--warmup_steps=1", "--zero_prompts=4",
-                   "--max_new_tokens=8")
-    assert r.returncode == 0, r.stderr
-    return out / "ckpt.pt"
-
-
 def ppo_flags(tiny_world, sft, rm, out, *extra):
     d = tiny_world["data"]
     return [f"--data={d / 'prefs_train.jsonl'}", f"--test_data={d / 'prefs_test.jsonl'}",
