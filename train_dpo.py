@@ -326,7 +326,7 @@ def main(cfg):
     result = {"steps": step, "train_seconds": train_seconds, "pairs": len(pairs), "dropped": len(dropped),
               "final": {k: v for k, v in metrics.items() if k != "pairs/s"}}
     if common.is_master():
-        result.update(final_evaluation(raw_model, ref, tok, test_pairs, questions, rater, cfg, device))
+        result.update(final_evaluation(raw_model, ref, tok, pairs, test_pairs, questions, rater, cfg, device))
         if device.startswith("cuda"):
             result["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
         result["wall_seconds"] = time.time() - t_start
@@ -336,9 +336,10 @@ def main(cfg):
     common.teardown_ddp()
 
 
-def final_evaluation(policy, ref, tok, test_pairs, questions, rater, cfg, device):
+def final_evaluation(policy, ref, tok, pairs, test_pairs, questions, rater, cfg, device):
     """The figures of metrics.json, printed: the implicit reward's accuracy on held-out pairs, KL(policy ||
-    SFT) on replies sampled from the policy, the gold rater's win rate against SFT, held-out QA of both."""
+    SFT) on replies sampled from the policy, the gold rater's win rate against SFT, held-out QA of both:
+    of all the questions, and of those that are no training pair's prompt (on TinyWorld most are)."""
     result = {}
     # every distinct held-out prompt, those of pairs too long to train on too: the prompts PPO is judged on
     prompts = sorted({r["prompt"] for _, r in common.numbered_records(cfg.test_data)}) if test_pairs else []
@@ -358,17 +359,29 @@ def final_evaluation(policy, ref, tok, test_pairs, questions, rater, cfg, device
                f"(mean gold score {versus['score']:.2f} vs {versus['baseline_score']:.2f})")
         for q, mine, theirs in versus["examples"]:
             print0(f"    {q!r}\n      dpo: {mine[:100]!r}\n      sft: {theirs[:100]!r}")
-    if questions:
+    if questions:  # also apart: the questions no training pair asks (TinyWorld's pairs ask most of them)
+        fresh = [q for q in questions if q["messages"][-1]["content"] not in {text for *_, text in pairs}]
         for name, net in (("sft", ref), ("dpo", policy)):
-            qa = result[f"qa_{name}"] = evals.qa_accuracy(net, tok, questions, cfg.max_new_tokens)
-            qa.pop("examples")
-            splits = "".join(f", {s} {qa[s]:.1%}" for s in ("seen", "unseen") if s in qa)
-            print0(f"dpo: held-out QA of {name}: {qa['accuracy']:.1%}{splits}; replies ending with <|end|> "
-                   f"{qa['format']:.1%}")
+            result.update(qa_eval(net, name, tok, questions, fresh, cfg))
     if device.startswith("cuda"):
         print0(f"dpo: peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
     return result
 
+
+
+def qa_eval(model, name, tok, questions, fresh, cfg):
+    """Held-out QA accuracy of one model, on all the questions and on those no training pair asks."""
+    result = {}
+    for key, records in ((f"qa_{name}", questions), (f"qa_{name}_not_trained", fresh)):
+        if records:
+            result[key] = evals.qa_accuracy(model, tok, records, cfg.max_new_tokens)
+            result[key].pop("examples")
+    qa = result[f"qa_{name}"]
+    splits = "".join(f", {s} {qa[s]:.1%}" for s in ("seen", "unseen") if s in qa)
+    if fresh:
+        splits += f"; {result[f'qa_{name}_not_trained']['accuracy']:.1%} of the {len(fresh)} no training pair asks"
+    print0(f"dpo: held-out QA of {name}: {qa['accuracy']:.1%}{splits}; replies ending with <|end|> {qa['format']:.1%}")
+    return result
 
 if __name__ == "__main__":
     common.run_main(main, Config, PRESETS)

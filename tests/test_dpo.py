@@ -118,7 +118,7 @@ def test_tiny_run_trains_evaluates_and_saves(tiny_dpo, tiny_world):
     assert 0 <= metrics["test"]["rewards/accuracy"] <= 1 and 0 <= metrics["win_rate_vs_sft"] <= 1
     held_out = (tiny_world["data"] / "prefs_test.jsonl").read_text().splitlines()
     assert metrics["win_rate_prompts"] == len({json.loads(line)["prompt"] for line in held_out})  # each prompt once
-    for name in ("qa_sft", "qa_dpo"):
+    for name in ("qa_sft", "qa_dpo", "qa_sft_not_trained", "qa_dpo_not_trained"):
         assert set(metrics[name]) >= {"accuracy", "seen", "unseen", "format"}
     assert math.isfinite(metrics["kl_to_sft"]) and metrics["wall_seconds"] >= metrics["train_seconds"]
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
