@@ -7,21 +7,22 @@
     torchrun --standalone --nproc_per_node=8 train_dpo.py --preset=gpu
 
 A preference pair is a prompt with a chosen and a rejected reply. The policy and a frozen reference
-both start from the SFT checkpoint. For each reply, log pi(y | x) is summed over the reply's tokens
-(its <|end|> included); the reference's is computed without gradients. The quantity DPO works on is
+both start from the SFT checkpoint; a reply's log pi(y | x) is summed over its tokens (<|end|>
+included), the reference's without gradients. beta * (log pi(y) - log pi_ref(y)) is the reply's
+implicit reward, the one for which the KL-regularised RLHF objective has this policy as its optimum;
+the loss (`dpo_loss`) pushes the chosen reply's above the rejected one's, so the pairs train the
+policy as a reward model and PPO would, in one supervised loop with no sampling.
 
-    h = [log pi(y_w) - log pi_ref(y_w)] - [log pi(y_l) - log pi_ref(y_l)]
+At the end: on held-out pairs (clean labels, prompts no training pair asks), the implicit reward's
+accuracy; on their prompts, the gold rater's win rate of the policy's greedy replies against SFT's and
+the KL to SFT on sampled replies; held-out QA accuracy (preferences should change the manner of the
+answers, not their facts). Writes out/dpo/ckpt.pt, log.jsonl and metrics.json.
 
-and beta * (log pi(y) - log pi_ref(y)) is the reply's implicit reward: the reward for which the
-KL-regularised RLHF objective has this policy as its optimum. The loss pushes the chosen reply's
-implicit reward above the rejected one's, so the pairs train the policy the way a reward model and
-PPO would, in one supervised loop with no sampling.
-
-At the end the policy is judged on TinyWorld's held-out prompts (none of them is in the training
-pairs): the pairwise accuracy of its implicit reward on the held-out pairs (their labels are clean),
-the gold rater's head-to-head win rate of its greedy replies against the reference's, the held-out
-QA accuracy (preferences should change the manner of the answers, not their facts), and the KL to
-the reference on sampled replies. Writes out/dpo/ckpt.pt, log.jsonl and metrics.json.
+Which loss, on TinyWorld (10% of the training labels flipped): in the CPU budget of 60 steps, a third
+of an epoch, sigmoid, conservative and robust DPO (label smoothing 0.1) win about equally often, a
+few points more than IPO. The margins stay small there, where the three sigmoid losses differ only
+in the size of their gradient ((1 - 2 eps) and 1 / (1 - 2 eps) times the plain one at h = 0): in
+effect a change of learning rate, not yet a defence against noise.
 """
 import time
 from dataclasses import dataclass
