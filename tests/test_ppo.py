@@ -8,7 +8,7 @@ import torch
 from hypothesis import assume, given, strategies as st
 
 import common
-from conftest import error_line, run_script
+from conftest import run_script
 from train_ppo import gae, kl_penalty, masked_whiten, ppo_policy_loss, ppo_value_loss, shape_rewards
 
 
@@ -128,19 +128,3 @@ def test_tiny_ppo_run_trains_logs_and_saves(tiny_world, tiny_sft, tiny_rm, tmp_p
     assert 0.0 <= metrics["win_rate_vs_sft"] <= 1.0 and "qa_ppo" in metrics
     ckpt = common.load_checkpoint(out / "ckpt.pt", ["ppo"])
     assert ckpt["step"] == 3 and "critic" in ckpt
-
-
-def test_ppo_resumes_where_it_stopped(tiny_world, tiny_sft, tiny_rm, tmp_path):
-    full, part = tmp_path / "full", tmp_path / "part"
-    flags = ("--max_steps=2", "--test_data=", "--qa_data=")
-    assert run_script("train_ppo.py", *ppo_flags(tiny_world, tiny_sft, tiny_rm, full, *flags)).returncode == 0
-    assert run_script("train_ppo.py", *ppo_flags(tiny_world, tiny_sft, tiny_rm, part, *flags, "--stop_at=1")).returncode == 0
-    r = run_script("train_ppo.py", *ppo_flags(tiny_world, tiny_sft, tiny_rm, part, *flags, "--resume"))
-    assert r.returncode == 0, r.stderr
-    last = [json.loads(line) for line in (part / "log.jsonl").read_text().splitlines()][-1]
-    assert last == [json.loads(line) for line in (full / "log.jsonl").read_text().splitlines()][-1]
-
-
-def test_the_reward_model_must_be_one(tiny_world, tiny_sft, tmp_path):
-    line = error_line(run_script("train_ppo.py", *ppo_flags(tiny_world, tiny_sft, tiny_sft, tmp_path / "o")))
-    assert "'sft' checkpoint" in line and "rm" in line

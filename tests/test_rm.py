@@ -1,4 +1,4 @@
-"""Stage 3a: the reward loss's properties, a tiny reward model end to end, bad input."""
+"""Stage 3a: the reward loss's properties and a tiny reward model end to end (bad input: tests/test_faults.py)."""
 import json
 import math
 
@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, strategies as st
 
 import common
-from conftest import error_line, run_script
+from conftest import run_script
 from train_rm import reward_loss
 
 finite = st.floats(-20, 20, allow_nan=False)
@@ -72,15 +72,3 @@ def test_tiny_reward_model_trains_scores_and_saves(tiny_world, tiny_sft, tmp_pat
     assert ckpt["score_shift"] == pytest.approx(metrics["score_shift"])
     model = common.gpt_from_checkpoint(ckpt, value_head=True)  # the head comes back with the trunk
     assert torch.equal(model.head.bias, ckpt["model"]["head.bias"])
-
-
-def test_a_pair_missing_a_field_is_one_error_line(tiny_world, tiny_sft, tmp_path):
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"prompt": "hi", "chosen": "hello"}) + "\n")
-    line = error_line(run_script("train_rm.py", *rm_flags(tiny_world, tiny_sft, tmp_path / "o", f"--data={bad}")))
-    assert f"{bad}:1:" in line and "rejected" in line
-
-
-def test_the_reward_model_starts_from_sft_only(tiny_world, tiny_pretrained, tmp_path):
-    line = error_line(run_script("train_rm.py", *rm_flags(tiny_world, tiny_pretrained, tmp_path / "o")))
-    assert "'pretrain' checkpoint" in line and "sft" in line
