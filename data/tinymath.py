@@ -59,6 +59,7 @@ def earn_and_spend(r, n, m, o, it):
 
 def pick_and_give(r, n, m, o, it):
     a, b, c = r.randint(5, 30), r.randint(5, 30), r.randint(2, 5)
+    c = min(c, (a + b - 1) // 2)  # two friends' share must leave something: 5 + 5 picked, 5 each, would not
     d = r.randint(2, min(5, (a + b - 1) // c))  # something is left
     q = (f"{n.name} picks {a} {it} in the morning and {b} in the afternoon. Then {n.pronoun} gives {c} {it} to each "
          f"of {d} friends. How many {it} does {n.name} have left?")
