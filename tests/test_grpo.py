@@ -1,6 +1,7 @@
 """Stage 4: group advantages, the clipped GRPO loss and its aggregations, the reward, a tiny run end to
 end (and its exact resume), bad input."""
 import json
+import re
 
 import pytest
 import torch
@@ -142,7 +143,8 @@ def test_the_aggregations_weigh_long_and_short_answers_differently():
     logp = torch.zeros(2, 3, dtype=torch.float64)
     mask = torch.tensor([[1.0, 0, 0], [1, 1, 1]])
     adv = torch.tensor([-1.0, -1.0], dtype=torch.float64)
-    loss = {t: grpo_loss(logp, logp, None, adv, mask, loss_type=t, max_len=4)[0].item() for t in ("grpo", "dr_grpo", "dapo")}
+    loss = {t: grpo_loss(logp, logp, None, adv, mask, loss_type=t, max_len=4)[0].item()
+            for t in ("grpo", "dr_grpo", "dapo")}
     assert loss == pytest.approx({"grpo": (1 + 1) / 2, "dr_grpo": (1 + 3) / (2 * 4), "dapo": (1 + 3) / 4})
 
 
@@ -189,9 +191,9 @@ def test_the_format_reward_needs_a_finished_turn_with_a_number():
 
 def grpo_flags(tiny_world, init, out, *extra):
     d = tiny_world["data"]
-    return [f"--init={init}", f"--out={out}", f"--data={d / 'math_train.jsonl'}", f"--test_data={d / 'math_test.jsonl'}",
-            "--prompts_per_step=2", "--group_size=4", "--max_new_tokens=16", "--pass_k=2", "--test_limit=4",
-            "--log_every=1", *extra]
+    return [f"--init={init}", f"--out={out}", f"--data={d / 'math_train.jsonl'}",
+            f"--test_data={d / 'math_test.jsonl'}", "--prompts_per_step=2", "--group_size=4", "--max_new_tokens=16",
+            "--pass_k=2", "--test_limit=4", "--log_every=1", *extra]
 
 
 def test_tiny_run_samples_rewards_evaluates_and_saves(tiny_world, tiny_sft, tmp_path, capsys):
@@ -242,11 +244,15 @@ def test_resume_continues_exactly(tiny_world, tiny_sft, tmp_path, monkeypatch):
 def test_bad_input_is_one_line(tiny_world, tiny_sft, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "What is 2 + 2?", "answer": "four"}\n')
+    bad.with_name("empty.jsonl").write_text("")
     line = error_line(run_script("train_grpo.py", *grpo_flags(tiny_world, tiny_sft, tmp_path / "o", f"--data={bad}")))
-    assert f"{bad}:1: a problem is" in line
+    assert f"{bad}:1: not a math problem" in line
     common.save_checkpoint(tmp_path / "pre.pt", {"stage": "pretrain", "model": {}, "model_args": {}})
-    for flags, message in [(["--loss_type=ppo"], "--loss_type must be grpo, dr_grpo or dapo"),
+    sft_data = tiny_world["data"] / "sft_train.jsonl"
+    for flags, message in [(["--loss_type=ppo"], "--loss_type must be grpo or dr_grpo or dapo"),
+                           ([f"--data={sft_data}"], f"{sft_data}:1: this is a conversation (SFT data)"),
+                           ([f"--data={bad.with_name('empty.jsonl')}"], "holds no problems"),
                            (["--max_new_tokens=500"], "--max_new_tokens=500 leaves no room"),
                            ([f"--init={tmp_path / 'pre.pt'}"], "'pretrain' checkpoint")]:
-        with pytest.raises(common.UserError, match=message):
+        with pytest.raises(common.UserError, match=re.escape(message)):
             train_grpo.main(common.parse_config(Config, grpo_flags(tiny_world, tiny_sft, tmp_path / "o", *flags)))
