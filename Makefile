@@ -15,7 +15,7 @@ venv: .venv/.installed
 	touch $@
 
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto --dist loadfile tests
 
 bench: venv
 	$(PY) bench/kernels.py
