@@ -26,8 +26,7 @@ TW := data/tinyworld/meta.json
 STAGE = @printf "\n=== %s ===\n" "$(1)" && $(PY) $(2)
 
 demo: venv out/report.md
-	@sed -n '/^| stage/,/^$$/p' out/report.md
-	@echo "the whole journey: out/report.md"
+	@echo "the whole journey: out/report.md (make clean && make demo runs every stage again)"
 
 $(TW): data/tinyworld.py data/tinyworld_facts.py data/tinyworld_chat.py data/tinymath.py | venv
 	$(call STAGE,TinyWorld: the data,-m data.tinyworld)
@@ -43,9 +42,10 @@ out/ppo/metrics.json: out/rm/metrics.json train_ppo.py
 	$(call STAGE,stage 3b: RLHF with PPO,train_ppo.py)
 out/dpo/metrics.json: out/sft/metrics.json train_dpo.py
 	$(call STAGE,stage 3c: DPO,train_dpo.py)
-out/grpo/metrics.json: out/ppo/metrics.json train_grpo.py
+# GRPO starts from PPO's policy; DPO only runs before it, as the stages are numbered
+out/grpo/metrics.json: out/ppo/metrics.json train_grpo.py | out/dpo/metrics.json
 	$(call STAGE,stage 4: reasoning RL with GRPO,train_grpo.py)
-out/report.md: out/dpo/metrics.json out/grpo/metrics.json report.py evals.py
+out/report.md: out/grpo/metrics.json out/dpo/metrics.json report.py evals.py
 	$(call STAGE,the report,report.py)
 
 clean:

@@ -11,6 +11,7 @@ accuracy, and KL to SFT; the reward model gets its pairwise accuracy. Then the s
 put to every stage, and each stage's training curves are drawn from its log.jsonl.
 """
 import json
+import math
 import platform
 import time
 from dataclasses import dataclass
@@ -115,6 +116,40 @@ def cell(text):
     return text.replace("|", "\\|").replace("\n", "<br>") or "(nothing)"
 
 
+def story(rows, vocab_size, grpo_from):
+    """What each stage changed, in a sentence each, from the measured rows (a stage not run is left out).
+    grpo_from: the label of the stage whose checkpoint GRPO started from."""
+    def pct(label, key):
+        v = rows.get(label, {}).get(key)
+        return "?" if v is None else f"{v:.0%}"
+
+    def num(label, key, fmt="{:.2f}"):
+        v = rows.get(label, {}).get(key)
+        return "?" if v is None else fmt.format(v)
+
+    r, p, s = "0 random init", "1 pre-trained", "2 SFT"
+    lines = {
+        p: f"**Pre-training** (next-token prediction on the corpus): validation loss {num(r, 'val_loss')} -> "
+           f"{num(p, 'val_loss')} (a uniform guess over {vocab_size:,} tokens scores ln {vocab_size} = "
+           f"{math.log(vocab_size):.2f}); facts completed {pct(r, 'facts')} -> {pct(p, 'facts')}. It has never seen "
+           f"the chat format: replies that end their turn {pct(p, 'format')}.",
+        s: f"**SFT** (the loss on assistant replies only): replies that end their turn {pct(p, 'format')} -> "
+           f"{pct(s, 'format')}; right answers about characters seen in SFT {pct(p, 'seen')} -> {pct(s, 'seen')}, "
+           f"about unseen ones {pct(p, 'unseen')} -> {pct(s, 'unseen')} (their facts are only in the pre-training text).",
+        "3 reward model": f"**The reward model** (Bradley-Terry on preference pairs) orders "
+                          f"{pct('3 reward model', 'rm_acc')} of held-out pairs as the gold rater does.",
+        "3 PPO": f"**PPO** (maximise the learned reward, minus a KL penalty to SFT): wins {pct('3 PPO', 'win')} "
+                 f"against SFT by the gold rater, {num('3 PPO', 'kl', '{:.1f}')} nats per reply from SFT. Where "
+                 "its replies in the journey below pick up habits, those are what the reward model scores highly, "
+                 "whether or not the gold rater does.",
+        "3 DPO": f"**DPO** (the same pairs, no reward model): wins {pct('3 DPO', 'win')} against SFT, "
+                 f"{num('3 DPO', 'kl', '{:.1f}')} nats per reply from it.",
+        "4 GRPO": f"**GRPO** (reinforce the sampled solutions a checker marks right): greedy math accuracy "
+                  f"{pct(grpo_from, 'math')} ({grpo_from[2:]}, where it started) -> {pct('4 GRPO', 'math')}.",
+    }
+    return [f"- {line}" for label, line in lines.items() if label in rows]
+
+
 def main(cfg):
     t0 = time.time()
     out, data = Path(cfg.out), Path(cfg.data)
@@ -174,7 +209,13 @@ def main(cfg):
         log = out / stage / "log.jsonl"
         if log.is_file() and plot(log, names, f"{stage}: training curves", out / f"report-{stage}.png"):
             figures += [f"![{stage}](report-{stage}.png)", ""]
+    if (out / "ppo" / "no_kl" / "reward_vs_gold.png").is_file():  # the README's run of PPO without its KL penalty
+        figures += ["PPO without its KL penalty (`train_ppo.py --kl_coef=0 --max_steps=120 --out=out/ppo/no_kl`): "
+                    "the learned reward climbs while the gold rater's score falls, reward hacking:", "",
+                    "![reward hacking](ppo/no_kl/reward_vs_gold.png)", ""]
 
+    started = Path(models.get("4 GRPO", (None, {}))[1].get("init", "")).parent.name  # out/<stage>/ckpt.pt
+    grpo_from = next((label for label, stage in STAGES if stage == started), "2 SFT")
     machine = torch.cuda.get_device_name(device) if device.startswith("cuda") else \
         f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
     md = ["# The journey: from random weights to an assistant", "",
@@ -183,7 +224,8 @@ def main(cfg):
           "questions about characters seen in SFT and unseen (whose facts only pre-training supplied), and the share "
           "of replies that end with <|end|>; head-to-head wins against SFT by the gold rater (ties count half); "
           "greedy math accuracy; the reward model's accuracy on held-out preference pairs; KL to SFT in nats per "
-          "sampled reply; seconds of training.", "", *table, "",
+          "sampled reply; seconds of training.", "", *table, "", "## What each stage did", "",
+          *story(rows, base["model_args"]["vocab_size"], grpo_from), "",
           "## The same prompts, every stage", "", *journey, "## Training curves", "", *figures]
     (out / "report.md").write_text("\n".join(md) + "\n")
     print("\n".join(table))

@@ -34,5 +34,9 @@ def test_every_stage_chains_into_the_next_and_the_report_reads_them_all(tiny_wor
     report = (out / "report.md").read_text()
     for row in ("0 random init", "1 pre-trained", "2 SFT", "3 reward model", "3 PPO", "3 DPO", "4 GRPO"):
         assert f"| {row} |" in report, row
+    for stage in ("Pre-training", "SFT", "The reward model", "PPO", "DPO", "GRPO"):  # a sentence each, measured
+        line = next(line for line in report.splitlines() if line.startswith(f"- **{stage}**"))
+        assert "?" not in line.replace("?)", ""), line
+    assert "(PPO, where it started)" in report  # GRPO's --init above
     assert "What is an LLM?" in report and "report-ppo.png" in report and (out / "report-ppo.png").is_file()
     assert json.loads((out / "grpo" / "metrics.json").read_text())["steps"] == 2
