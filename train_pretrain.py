@@ -213,7 +213,8 @@ def main(cfg):
     else:
         val_loss, first_val = ckpt["val_loss"], ckpt["val_loss_init"]
     end = cfg.stop_at if 0 < cfg.stop_at < cfg.max_steps else cfg.max_steps
-    t_last, last_printed = time.time(), step
+    t_start = t_last = time.time()
+    last_printed = step
     with common.StopOnSignal() as stop:
         while step < end and not stop.requested():
             lr = common.lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
@@ -259,6 +260,7 @@ def main(cfg):
                f"continue with: python train_pretrain.py --resume (and the same flags)")
         common.teardown_ddp()
         raise SystemExit(stop.exit_code)
+    train_seconds = time.time() - t_start  # this run's, evaluations and checkpoints included
     save(step, val_loss)
 
     # a few samples so the reader sees what the model learned
@@ -270,13 +272,14 @@ def main(cfg):
                                   generator=torch.Generator(device=device).manual_seed(cfg.seed))
         for p, o in zip(prompts, outs):
             print0(f"--- {tok.decode(p[1:] + o)!r}")
-    metrics = {"val_loss": val_loss, "val_loss_init": first_val, "steps": step, "params": raw_model.num_params()}
+    metrics = {"val_loss": val_loss, "val_loss_init": first_val, "steps": step, "params": raw_model.num_params(),
+               "train_seconds": train_seconds}
     if facts_of is not None and common.is_master():
         metrics["fact_accuracy"], examples = evals.fact_accuracy(raw_model, tok, facts_of)
         print0(f"pretrain: fact completion {metrics['fact_accuracy']:.1%} of {len(examples)} facts, e.g. "
                + "; ".join(f"{p!r} -> {t!r}" for p, _, t in examples[:3]))
     log.finish(metrics)
-    print0(f"pretrain: done, validation loss {val_loss:.4f}, checkpoint {ckpt_path}")
+    print0(f"pretrain: done in {train_seconds:.0f}s of training, validation loss {val_loss:.4f}, checkpoint {ckpt_path}")
     common.teardown_ddp()
 
 

@@ -1,9 +1,13 @@
 """Test set-up: with no GPU, Triton kernels run through Triton's interpreter on CPU tensors.
 
 TRITON_INTERPRET must be set before triton is first imported, so it is set here, before any test
-module imports `kernels`.
+module imports `kernels`. Each process of the suite (pytest's workers, one per core, and the scripts
+they run) computes on one thread: the tiny models gain nothing from more, and idle threads waiting for
+work cost a quarter of the suite's CPU time.
 """
 import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported, here and in every script run
 
 import torch
 
@@ -15,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import fcntl
 import subprocess
 
 import pytest
@@ -30,10 +35,31 @@ def run_script(*args, env=None, timeout=300, input=None):
                           timeout=timeout, input=input)
 
 
+def made_once(tmp_path_factory, name, make):
+    """The directory of a session fixture, made by make(directory) once for the whole run: when pytest-xdist
+    runs the tests in several worker processes, the first to ask makes it (under a lock) and the others
+    reuse it. Tests read these directories; none writes into them."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # shared by the workers of this run
+    path = root / f"shared-{name}"
+    with open(root / f"shared-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (path / ".made").is_file():
+            path.mkdir(parents=True, exist_ok=True)
+            make(path)
+            (path / ".made").touch()
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory):
     """A small TinyWorld and a small tokenizer trained on it, made once per test session."""
-    root = tmp_path_factory.mktemp("tinyworld")
+    root = made_once(tmp_path_factory, "tinyworld", make_tiny_world)
+    return {"data": root / "data", "tokenizer": root / "tokenizer"}
+
+
+def make_tiny_world(root):
     data, tok = root / "data", root / "tokenizer"
     r = run_script("-m", "data.tinyworld", f"--out={data}", "--n_characters=8", "--profile_docs=4", "--quizzes=40",
                    "--fact_sheets=40", "--stories=40", "--arithmetic_docs=40", "--llm_docs=10", "--math_sft=20",
@@ -41,20 +67,21 @@ def tiny_world(tmp_path_factory):
     assert r.returncode == 0, r.stderr
     r = run_script("-m", "data.tokenizer", f"--input={data / 'corpus_train.txt'}", "--vocab_size=320", f"--out={tok}")
     assert r.returncode == 0, r.stderr
-    return {"data": data, "tokenizer": tok}
 
 
 @pytest.fixture(scope="session")
 def tiny_pretrained(tiny_world, tmp_path_factory):
     """A tiny pre-trained checkpoint for the later stages and sample.py (a few steps: the point is the plumbing)."""
-    out = tmp_path_factory.mktemp("pretrain")
+    return made_once(tmp_path_factory, "pretrain", lambda out: make_tiny_pretrained(tiny_world, out)) / "ckpt.pt"
+
+
+def make_tiny_pretrained(tiny_world, out):
     d = tiny_world["data"]
     r = run_script("train_pretrain.py", f"--data={d / 'corpus_train.txt'}", f"--val_data={d / 'corpus_val.txt'}",
                    f"--tokenizer={tiny_world['tokenizer']}", f"--out={out}", "--n_layer=1", "--n_head=2",
                    "--n_embd=32", "--block_size=128", "--batch_size=4", "--max_steps=6", "--eval_every=6",
                    "--eval_batches=1", "--warmup_steps=2", "--eval_facts=false")
     assert r.returncode == 0, r.stderr
-    return out / "ckpt.pt"
 
 
 def error_line(r):
@@ -77,22 +104,26 @@ KERNEL_DEVICES = [
 @pytest.fixture(scope="session")
 def tiny_sft(tiny_world, tiny_pretrained, tmp_path_factory):
     """A tiny SFT checkpoint, the starting point of the reward model, PPO, DPO and GRPO tests."""
-    out = tmp_path_factory.mktemp("sft")
+    return made_once(tmp_path_factory, "sft", lambda out: make_tiny_sft(tiny_world, tiny_pretrained, out)) / "ckpt.pt"
+
+
+def make_tiny_sft(tiny_world, tiny_pretrained, out):
     d = tiny_world["data"]
     r = run_script("train_sft.py", f"--data={d / 'sft_train.jsonl'}", f"--init={tiny_pretrained}", f"--out={out}",
                    "--qa_data=", "--replay_data=", "--batch_size=4", "--max_steps=4", "--warmup_steps=1",
                    "--eval_every=4")
     assert r.returncode == 0, r.stderr
-    return out / "ckpt.pt"
 
 
 @pytest.fixture(scope="session")
 def tiny_rm(tiny_world, tiny_sft, tmp_path_factory):
     """A tiny reward model, for the PPO tests."""
-    out = tmp_path_factory.mktemp("rm")
+    return made_once(tmp_path_factory, "rm", lambda out: make_tiny_rm(tiny_world, tiny_sft, out)) / "ckpt.pt"
+
+
+def make_tiny_rm(tiny_world, tiny_sft, out):
     d = tiny_world["data"]
     r = run_script("train_rm.py", f"--data={d / 'prefs_train.jsonl'}", "--test_data=", f"--init={tiny_sft}",
                    f"--out={out}", "--world=", "--batch_size=4", "--max_steps=2", "--warmup_steps=1", "--zero_prompts=4",
                    "--max_new_tokens=8")
     assert r.returncode == 0, r.stderr
-    return out / "ckpt.pt"
