@@ -349,6 +349,10 @@ def main(cfg):
                 batch = tuple(t.to(device) for t in (x, y, mask, adv))
                 loss, clipfrac, kl = update(model, ref, optimizer, batch, denom, cfg, device, world)
                 common.check_finite(loss, step + 1, ckpt_path)
+                # finite weights can still give logits that overflow, which the next rollout cannot sample from
+                with torch.no_grad(), common.autocast(device):
+                    after = raw_model.token_logprobs(batch[0][:1], batch[1][:1]).sum().item()
+                common.check_finite(common.all_mean(after), step + 1, ckpt_path, "log-probability after the update")
             step += 1
 
             metrics = {"loss": loss, "lr": lr, "reward": common.all_mean(rewards.mean().item()),

@@ -1,7 +1,8 @@
 """Faults and bad input, for every training script: nothing lost, every mistake explained.
 
 Each training script is a row of SCRIPTS: the flags of a tiny CPU run, the checkpoint it may start
-from, and the mistakes only it can meet (its own kinds of data file). The tests run over every row:
+from, and the mistakes only it can meet (its data files, as it reads them, and its own flags). The tests
+run over every row:
 
 - interrupted training: SIGKILL at a random moment leaves a checkpoint that loads, and --resume ends
   with the losses of a run never interrupted; Ctrl-C saves, says how to resume, and resumes exactly;
@@ -12,10 +13,13 @@ from, and the mistakes only it can meet (its own kinds of data file). The tests 
 - the same seed and flags give the same losses, twice.
 
 Adding a script is adding a row: a function giving the flags of its tiny run (as sft_flags), the
-fixture of a checkpoint it starts from, a stage it must refuse, and, if it reads a kind of file no
-other row reads, a dict of its own mistakes (as SFT_CASES). The script is expected to follow the
-project's conventions: --out, --init, --resume, --max_steps, --eval_every (a checkpoint), --log_every
-(a line "stage step/total | ..."), and a log.jsonl row per step.
+fixture of a checkpoint it starts from, a stage it must refuse, a dict of its own mistakes (as
+SFT_CASES), and where they are not "loss" and --batch_size, the log.jsonl value its runs must agree on
+(curve) and the flag of its batch (batch). The tiny run must change the weights: one whose steps do
+not (as GRPO's from tiny_sft, whose answers the verifier never rewards) shows nothing by resuming
+exactly, and no learning rate makes it NaN. The script is expected to follow the project's
+conventions: --out, --init, --resume, --max_steps, --eval_every (a checkpoint), --log_every (a line
+"stage step/total | ..."), and a log.jsonl row per step.
 
 The mistakes of one script run in one Python process (`runpy`, as `python script.py ...` runs the
 script), so that its two dozen of them pay for importing torch once; each run that trains is a
@@ -224,6 +228,119 @@ PPO_CASES = {
         [f"--reward_model={fx.tiny_sft}"], [str(fx.tiny_sft), "'sft' checkpoint", "['rm']"]),
 }
 
+# ----------------------------------------------------------------------------- the rows: DPO and GRPO
+
+
+def dpo_flags(fx, out):
+    d = fx.tiny_world["data"]
+    return [f"--data={d / 'prefs_train.jsonl'}", "--test_data=", "--qa_data=", "--world=", f"--init={fx.tiny_sft}",
+            f"--out={out}", "--batch_size=4"]
+
+
+# DPO reads preference pairs as the reward model does, but with a loader and errors of its own
+DPO_CASES = {
+    "a missing data file": lambda fx, tmp: Case(
+        [f"--data={tmp / 'none.jsonl'}"], [str(tmp / "none.jsonl"), "run `python -m data.tinyworld`"]),
+    "an empty data file": lambda fx, tmp: Case(
+        [f"--data={write(tmp / 'empty.jsonl', '')}"], [str(tmp / "empty.jsonl"), "holds no pairs", "give"]),
+    "a malformed JSONL line": lambda fx, tmp: Case(
+        [f"--data={write(tmp / 'bad.jsonl', jsonl(good_pair(fx), MALFORMED))}"],
+        [f"{tmp / 'bad.jsonl'}:2", "malformed JSON", "fix or delete that line"]),
+    "a pair without its rejected reply": lambda fx, tmp: Case(
+        [f"--data={write(tmp / 'bad.jsonl', jsonl(good_pair(fx), '', {'prompt': 'Hi?', 'chosen': 'Hello.'}))}"],
+        [f"{tmp / 'bad.jsonl'}:3", '"rejected" is missing', "each line of a preference file must be"]),
+    "pairs longer than the context": lambda fx, tmp: Case(
+        [f"--data={write(tmp / 'long.jsonl', jsonl(LONG_PAIR))}"],
+        [str(tmp / "long.jsonl"), "every pair is longer than the context", "line 1", "shorten them"]),
+    "conversations given to DPO": lambda fx, tmp: Case(
+        [f"--data={fx.tiny_world['data'] / 'sft_train.jsonl'}"],
+        [f"{fx.tiny_world['data'] / 'sft_train.jsonl'}:1", "a conversation (SFT's data), not a preference pair"]),
+    "math problems given to DPO": lambda fx, tmp: Case(
+        [f"--data={fx.tiny_world['data'] / 'math_train.jsonl'}"],
+        [f"{fx.tiny_world['data'] / 'math_train.jsonl'}:1", "a math problem (GRPO's data), not a preference pair"]),
+    "held-out pairs that do not fit the context": lambda fx, tmp: Case(
+        [f"--test_data={write(tmp / 'long.jsonl', jsonl(LONG_PAIR))}"],
+        [f"--test_data={tmp / 'long.jsonl'}", "holds no pair that fits the context", "--test_data= for none"]),
+    "conversations given as held-out questions": lambda fx, tmp: Case(
+        [f"--qa_data={fx.tiny_world['data'] / 'sft_train.jsonl'}"],
+        [f"{fx.tiny_world['data'] / 'sft_train.jsonl'}:1", 'needs "messages"', '"answer"', "--qa_data= to skip"]),
+    "a win rate without held-out prompts": lambda fx, tmp: Case(
+        [f"--world={fx.tiny_world['data']}"], ["--world", "--test_data", "give one, or --world="]),
+    "a --world that is not a TinyWorld": lambda fx, tmp: Case(
+        [f"--test_data={fx.tiny_world['data'] / 'prefs_test.jsonl'}", f"--world={tmp}"],
+        [f"no TinyWorld in {tmp}", "python -m data.tinyworld"]),
+    "an unknown loss": lambda fx, tmp: Case(["--loss_type=kto"], ["--loss_type=kto", "sigmoid, ipo, robust"]),
+    "label smoothing of one half": lambda fx, tmp: Case(
+        ["--label_smoothing=0.5"], ["--label_smoothing is a probability below 0.5"]),
+    "label smoothing given to IPO": lambda fx, tmp: Case(
+        ["--loss_type=ipo", "--label_smoothing=0.1"], ["--loss_type=ipo takes no --label_smoothing"]),
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_solver(tiny_world, tiny_sft, tmp_path_factory):
+    """GRPO's start: tiny_sft fine-tuned to answer TinyWorld's math problems "#### 1" or "#### 2", and beside
+    it problems.jsonl, those problems each with the answer 1. (tiny_sft itself never writes "####", so the
+    verifier would reward nothing, no group would differ and no step would update: nothing to resume
+    exactly, no NaN to catch.) Here about one answer in five is right at first, and the tiny run learns to
+    answer 1: nearly one in two by its end."""
+    out = tmp_path_factory.mktemp("solver")
+    d = tiny_world["data"]
+    questions = [json.loads(line)["question"] for line in (d / "math_train.jsonl").read_text().splitlines()]
+    answers = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": f"#### {n}"}]}
+               for q in questions for n in (1, 2)]
+    write(out / "problems.jsonl", jsonl(*({"question": q, "answer": "#### 1"} for q in questions)))
+    r = run_script("train_sft.py", f"--data={write(out / 'answers.jsonl', jsonl(*answers))}", f"--init={tiny_sft}",
+                   f"--out={out}", "--qa_data=", "--replay_data=", "--batch_size=8", "--max_steps=60", "--lr=1e-2",
+                   "--warmup_steps=2", "--eval_every=60", "--device=cpu")
+    assert r.returncode == 0, r.stderr
+    return out / "ckpt.pt"
+
+
+def grpo_flags(fx, out):
+    return [f"--data={fx.tiny_solver.parent / 'problems.jsonl'}", "--test_data=", f"--init={fx.tiny_solver}",
+            f"--out={out}", "--prompts_per_step=2", "--group_size=4", "--max_new_tokens=8"]
+
+
+def good_problem(fx):
+    return (fx.tiny_world["data"] / "math_train.jsonl").read_text().splitlines()[0]
+
+
+LONG_PROBLEM = {"question": "tell me " * 200, "answer": "#### 1"}
+WORDS = {"question": "What is 2 + 2?", "answer": "four"}  # no "#### <number>" for the verifier to read
+
+GRPO_CASES = {
+    "a missing problem file": lambda fx, tmp: Case(
+        [f"--data={tmp / 'none.jsonl'}"], [str(tmp / "none.jsonl"), "run `python -m data.tinyworld`"]),
+    "an empty problem file": lambda fx, tmp: Case(
+        [f"--data={write(tmp / 'empty.jsonl', '')}"], [str(tmp / "empty.jsonl"), "holds no problems", "give"]),
+    "a malformed JSONL line": lambda fx, tmp: Case(
+        [f"--data={write(tmp / 'bad.jsonl', jsonl(good_problem(fx), MALFORMED))}"],
+        [f"{tmp / 'bad.jsonl'}:2", "malformed JSON", "fix or delete that line"]),
+    "a problem without its answer": lambda fx, tmp: Case(
+        [f"--data={write(tmp / 'bad.jsonl', jsonl(good_problem(fx), '', {'question': 'What is 2 + 2?'}))}"],
+        [f"{tmp / 'bad.jsonl'}:3", "not a math problem", '"answer": "... #### <number>"']),
+    "an answer without its number": lambda fx, tmp: Case(
+        [f"--data={write(tmp / 'bad.jsonl', jsonl(good_problem(fx), WORDS))}"],
+        [f"{tmp / 'bad.jsonl'}:2", "not a math problem", '"answer": "... #### <number>"']),
+    "conversations given to GRPO": lambda fx, tmp: Case(
+        [f"--data={fx.tiny_world['data'] / 'sft_train.jsonl'}"],
+        [f"{fx.tiny_world['data'] / 'sft_train.jsonl'}:1", "a conversation (SFT data), not a math problem"]),
+    "preference pairs given to GRPO": lambda fx, tmp: Case(
+        [f"--data={fx.tiny_world['data'] / 'prefs_train.jsonl'}"],
+        [f"{fx.tiny_world['data'] / 'prefs_train.jsonl'}:1", "a preference pair", "not a math problem"]),
+    "problems longer than the context": lambda fx, tmp: Case(
+        [f"--data={write(tmp / 'long.jsonl', jsonl(LONG_PROBLEM))}"],
+        [f"no problem in {tmp / 'long.jsonl'} fits the context", "lower --max_new_tokens or give shorter problems"]),
+    "answers as long as the context": lambda fx, tmp: Case(
+        ["--max_new_tokens=128"], ["--max_new_tokens=128 leaves no room for a prompt", "lower it"]),
+    "a missing held-out problem file": lambda fx, tmp: Case(
+        [f"--test_data={tmp / 'none.jsonl'}"], [str(tmp / "none.jsonl"), "run `python -m data.tinyworld`"]),
+    "a group of one answer": lambda fx, tmp: Case(
+        ["--group_size=1"], ["--group_size must be 2 or more", "judged against its group"]),
+    "an unknown loss": lambda fx, tmp: Case(["--loss_type=ppo"], ["--loss_type must be grpo or dr_grpo or dapo"]),
+}
+
 
 # ----------------------------------------------------------------------------- the table
 
@@ -235,6 +352,7 @@ class Script:
     wrong_stage: str  # a stage whose checkpoints it must refuse for --init
     cases: dict = field(default_factory=dict)  # its own mistakes, as PRETRAIN_CASES
     curve: str = "loss"  # the value of each log.jsonl row that runs must agree on
+    batch: str = "batch_size"  # the flag of its batch size (a count that must be positive)
 
 
 SCRIPTS = {
@@ -242,6 +360,9 @@ SCRIPTS = {
     "train_sft.py": Script(sft_flags, init="tiny_pretrained", wrong_stage="rm", cases=SFT_CASES),
     "train_rm.py": Script(rm_flags, init="tiny_sft", wrong_stage="pretrain", cases=RM_CASES),
     "train_ppo.py": Script(ppo_flags, init="tiny_sft", wrong_stage="rm", cases=PPO_CASES, curve="score"),
+    "train_dpo.py": Script(dpo_flags, init="tiny_sft", wrong_stage="pretrain", cases=DPO_CASES),
+    "train_grpo.py": Script(grpo_flags, init="tiny_solver", wrong_stage="rm", cases=GRPO_CASES,
+                            batch="prompts_per_step"),
 }
 
 
@@ -285,9 +406,9 @@ COMMON_CASES = {
     "an unknown flag": lambda fx, tmp, row: Case(
         ["--max_step=3"], ["unknown flag --max_step", "--max_steps"]),
     "a flag of the wrong type": lambda fx, tmp, row: Case(
-        ["--batch_size=four"], ["--batch_size expects int", "'four'"]),
+        [f"--{row.batch}=four"], [f"--{row.batch} expects int", "'four'"]),
     "a batch size of 0": lambda fx, tmp, row: Case(
-        ["--batch_size=0"], ["--batch_size must be a positive number"]),
+        [f"--{row.batch}=0"], [f"--{row.batch} must be a positive number"]),
     "a learning rate that is not a number": lambda fx, tmp, row: Case(
         ["--lr=nan"], ["--lr must be a positive number"]),
     "a device that does not exist": lambda fx, tmp, row: Case(
@@ -335,7 +456,8 @@ def cases_of(script):
 
 
 class Fixtures:
-    """The session fixtures (tiny_world, tiny_pretrained, tiny_sft), each made when a row first asks for it."""
+    """The fixtures (the session's tiny_world, tiny_pretrained, tiny_sft and tiny_rm, this module's tiny_solver),
+    each made when a row first asks for it."""
 
     def __init__(self, request):
         self.request = request
