@@ -757,16 +757,29 @@ def test_a_save_that_dies_midway_leaves_the_previous_checkpoint(tmp_path, monkey
     assert common.load_checkpoint(path)["step"] == 2
 
 
+@pytest.fixture(scope="module")
+def blown_up(request, reference, tmp_path_factory):
+    """script -> (result, its out dir, the checkpoint's bytes before): each finished reference run continued
+    for 4 more steps at an absurd learning rate, checkpointing every step; the rows side by side."""
+    fx, made = Fixtures(request), {}
+    for script in SCRIPTS:
+        out = tmp_path_factory.mktemp("nan") / "out"
+        shutil.copytree(reference[script], out)
+        argv = tiny(script, fx, out, "--resume", f"--max_steps={STEPS + 4}", "--lr=1e10", "--eval_every=1")
+        made[script] = (argv, out, (out / "ckpt.pt").read_bytes())
+
+    def run(script):
+        argv, out, kept = made[script]
+        code, stdout, stderr = Background(argv).finish()
+        return subprocess.CompletedProcess(argv, code, stdout, stderr), out, kept
+    return side_by_side({script: lambda s=script: run(s) for script in SCRIPTS})
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(request, reference, script, tmp_path):
-    """A finished run continued for 4 more steps at an absurd learning rate, checkpointing every step.
-    The loss before the first update is fine, the weights after it give NaN: the checkpoint of the last
+def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(blown_up, script):
+    """The loss before the first update is fine, the weights after it give NaN: the checkpoint of the last
     step must stay as it was, not be replaced by those weights."""
-    out = tmp_path / "out"
-    shutil.copytree(reference[script], out)
-    kept = (out / "ckpt.pt").read_bytes()
-    r = run_script(*tiny(script, Fixtures(request), out, "--resume", f"--max_steps={STEPS + 4}", "--lr=1e10",
-                         "--eval_every=1"))
+    r, out, kept = blown_up[script]
     line = error_line(r)
     m = re.search(r"became (nan|inf|-inf) at step (\d+); the last good checkpoint is kept in (\S+):", line)
     assert m and int(m.group(2)) > STEPS and m.group(3) == str(out / "ckpt.pt"), line
