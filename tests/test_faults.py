@@ -122,6 +122,20 @@ def sft_flags(fx, out):
             f"--replay_data={d / 'corpus_train.txt'}", "--replay_batch=2", "--batch_size=4"]
 
 
+def data_file_cases(good_record, records):
+    """The mistakes every reader of --data meets: the file missing, empty ("holds no <records>"), or a
+    malformed line after a good record (good_record: fixtures -> one line of a right file)."""
+    return {
+        "a missing data file": lambda fx, tmp: Case(
+            [f"--data={tmp / 'none.jsonl'}"], [str(tmp / "none.jsonl"), "run `python -m data.tinyworld`"]),
+        "an empty data file": lambda fx, tmp: Case(
+            [f"--data={write(tmp / 'empty.jsonl', '')}"], [str(tmp / "empty.jsonl"), f"holds no {records}", "give"]),
+        "a malformed JSONL line": lambda fx, tmp: Case(
+            [f"--data={write(tmp / 'bad.jsonl', jsonl(good_record(fx), MALFORMED))}"],
+            [f"{tmp / 'bad.jsonl'}:2", "malformed JSON", "fix or delete that line"]),
+    }
+
+
 def good_conversation(fx):
     return (fx.tiny_world["data"] / "sft_train.jsonl").read_text().splitlines()[0]
 
@@ -132,13 +146,7 @@ MALFORMED = '{"messages": [oops'
 LATIN1 = '{"messages": [{"role": "user", "content": "Caf\u00e9?"}]}'.encode("latin-1")  # not UTF-8
 
 SFT_CASES = {
-    "a missing data file": lambda fx, tmp: Case(
-        [f"--data={tmp / 'none.jsonl'}"], [str(tmp / "none.jsonl"), "run `python -m data.tinyworld`"]),
-    "an empty data file": lambda fx, tmp: Case(
-        [f"--data={write(tmp / 'empty.jsonl', '')}"], [str(tmp / "empty.jsonl"), "holds no conversations", "give"]),
-    "a malformed JSONL line": lambda fx, tmp: Case(
-        [f"--data={write(tmp / 'bad.jsonl', jsonl(good_conversation(fx), MALFORMED))}"],
-        [f"{tmp / 'bad.jsonl'}:2", "malformed JSON", "fix or delete that line"]),
+    **data_file_cases(good_conversation, "conversations"),
     # the blank line: a record's number is not its line, and the error names the line
     "a record without messages": lambda fx, tmp: Case(
         [f"--data={write(tmp / 'bad.jsonl', jsonl(good_conversation(fx), '', {'conversation': [USER]}))}"],
@@ -187,13 +195,7 @@ def good_pair(fx):
 LONG_PAIR = {"prompt": "tell me " * 200, "chosen": "No.", "rejected": "Yes."}
 
 RM_CASES = {
-    "a missing data file": lambda fx, tmp: Case(
-        [f"--data={tmp / 'none.jsonl'}"], [str(tmp / "none.jsonl"), "run `python -m data.tinyworld`"]),
-    "an empty data file": lambda fx, tmp: Case(
-        [f"--data={write(tmp / 'empty.jsonl', '')}"], [str(tmp / "empty.jsonl"), "holds no preference pairs", "give"]),
-    "a malformed JSONL line": lambda fx, tmp: Case(
-        [f"--data={write(tmp / 'bad.jsonl', jsonl(good_pair(fx), MALFORMED))}"],
-        [f"{tmp / 'bad.jsonl'}:2", "malformed JSON", "fix or delete that line"]),
+    **data_file_cases(good_pair, "preference pairs"),
     "a pair without its rejected reply": lambda fx, tmp: Case(
         [f"--data={write(tmp / 'bad.jsonl', jsonl(good_pair(fx), '', {'prompt': 'Hi?', 'chosen': 'Hello.'}))}"],
         [f"{tmp / 'bad.jsonl'}:3", "not a preference pair", '"rejected"']),
@@ -214,10 +216,7 @@ def ppo_flags(fx, out):
 
 
 PPO_CASES = {
-    "a missing prompt file": lambda fx, tmp: Case(
-        [f"--data={tmp / 'none.jsonl'}"], [str(tmp / "none.jsonl"), "run `python -m data.tinyworld`"]),
-    "an empty prompt file": lambda fx, tmp: Case(
-        [f"--data={write(tmp / 'empty.jsonl', '')}"], [str(tmp / "empty.jsonl"), "holds no prompts", "give"]),
+    **data_file_cases(good_pair, "prompts"),
     "a record with no prompt": lambda fx, tmp: Case(
         [f"--data={write(tmp / 'bad.jsonl', jsonl(good_pair(fx), {'question': 'Hi?'}))}"],
         [f"{tmp / 'bad.jsonl'}:2", 'neither a "prompt"', "give preference pairs or conversations"]),
@@ -239,13 +238,7 @@ def dpo_flags(fx, out):
 
 # DPO reads preference pairs as the reward model does, but with a loader and errors of its own
 DPO_CASES = {
-    "a missing data file": lambda fx, tmp: Case(
-        [f"--data={tmp / 'none.jsonl'}"], [str(tmp / "none.jsonl"), "run `python -m data.tinyworld`"]),
-    "an empty data file": lambda fx, tmp: Case(
-        [f"--data={write(tmp / 'empty.jsonl', '')}"], [str(tmp / "empty.jsonl"), "holds no pairs", "give"]),
-    "a malformed JSONL line": lambda fx, tmp: Case(
-        [f"--data={write(tmp / 'bad.jsonl', jsonl(good_pair(fx), MALFORMED))}"],
-        [f"{tmp / 'bad.jsonl'}:2", "malformed JSON", "fix or delete that line"]),
+    **data_file_cases(good_pair, "pairs"),
     "a pair without its rejected reply": lambda fx, tmp: Case(
         [f"--data={write(tmp / 'bad.jsonl', jsonl(good_pair(fx), '', {'prompt': 'Hi?', 'chosen': 'Hello.'}))}"],
         [f"{tmp / 'bad.jsonl'}:3", '"rejected" is missing', "each line of a preference file must be"]),
@@ -310,13 +303,7 @@ LONG_PROBLEM = {"question": "tell me " * 200, "answer": "#### 1"}
 WORDS = {"question": "What is 2 + 2?", "answer": "four"}  # no "#### <number>" for the verifier to read
 
 GRPO_CASES = {
-    "a missing problem file": lambda fx, tmp: Case(
-        [f"--data={tmp / 'none.jsonl'}"], [str(tmp / "none.jsonl"), "run `python -m data.tinyworld`"]),
-    "an empty problem file": lambda fx, tmp: Case(
-        [f"--data={write(tmp / 'empty.jsonl', '')}"], [str(tmp / "empty.jsonl"), "holds no problems", "give"]),
-    "a malformed JSONL line": lambda fx, tmp: Case(
-        [f"--data={write(tmp / 'bad.jsonl', jsonl(good_problem(fx), MALFORMED))}"],
-        [f"{tmp / 'bad.jsonl'}:2", "malformed JSON", "fix or delete that line"]),
+    **data_file_cases(good_problem, "problems"),
     "a problem without its answer": lambda fx, tmp: Case(
         [f"--data={write(tmp / 'bad.jsonl', jsonl(good_problem(fx), '', {'question': 'What is 2 + 2?'}))}"],
         [f"{tmp / 'bad.jsonl'}:3", "not a math problem", '"answer": "... #### <number>"']),
