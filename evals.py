@@ -2,6 +2,7 @@
 so that every figure of a stage is computed by the same function wherever it appears."""
 import torch
 
+import common
 from data import tinyworld
 
 
@@ -95,6 +96,36 @@ def math_accuracy(model, tok, records, max_new_tokens=96):
     must equal the answer's (`tinyworld.check_answer`)."""
     texts = chat_replies(model, tok, [r["question"] for r in records], max_new_tokens)[2]
     return sum(tinyworld.check_answer(t, r["answer"]) for t, r in zip(texts, records)) / len(records)
+
+
+@torch.no_grad()
+def reward_accuracy(rm, tok, records, world=None, batch_size=32):
+    """How often the reward model scores a pair's chosen reply above its rejected one, over the
+    {"prompt", "chosen", "rejected"} records that fit in the context: {"all": fraction}, and given a
+    TinyWorld world, apart for its two kinds of pair: "facts" (one reply right, the other wrong) and
+    "style" (both right, differing in manner: polite, plain, curt, rambling or rude)."""
+    device = rm.head.weight.device
+    was_training = rm.training
+    rm.eval()
+    pairs = []
+    for r in records:
+        prompt = tok.render_prompt([{"role": "user", "content": r["prompt"]}])
+        seqs = [prompt + tok.encode(r[k]) + [tok.end_id] for k in ("chosen", "rejected")]
+        if max(map(len, seqs)) <= rm.config.block_size:
+            asked = world.parse_question(r["prompt"]) if world is not None else None
+            right = {tinyworld.answers_right(asked, r[k]) for k in ("chosen", "rejected")}
+            pairs.append((seqs, "facts" if right == {True, False} else "style" if right == {True} else None))
+    hits = {"all": [], "facts": [], "style": []}
+    for i in range(0, len(pairs), batch_size):
+        seqs = [s for p, _ in pairs[i:i + batch_size] for s in p]
+        last = torch.tensor([len(s) - 1 for s in seqs], device=device)
+        r = rm(common.pad_right(seqs).to(device))[torch.arange(len(seqs), device=device), last].view(-1, 2)
+        for (_, kind), won in zip(pairs[i:i + batch_size], (r[:, 0] > r[:, 1]).tolist()):
+            hits["all"].append(won)
+            if kind is not None:
+                hits[kind].append(won)
+    rm.train(was_training)
+    return {k: sum(v) / len(v) for k, v in hits.items() if v}
 
 
 @torch.no_grad()

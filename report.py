@@ -46,21 +46,6 @@ CURVES = {"pretrain": ["loss", "val_loss"], "sft": ["loss", "replay_loss"], "rm"
           "ppo": ["score", "gold", "kl"], "dpo": ["loss", "reward_accuracy"], "grpo": ["reward", "accuracy"]}
 
 
-@torch.no_grad()
-def reward_accuracy(rm, tok, records):
-    """Fraction of preference pairs whose chosen reply the reward model scores higher."""
-    device = rm.lm_head.weight.device
-    right, n = 0, 0
-    for r in records:
-        prompt = tok.render_prompt([{"role": "user", "content": r["prompt"]}])
-        seqs = [prompt + tok.encode(r[k]) + [tok.end_id] for k in ("chosen", "rejected")]
-        if max(map(len, seqs)) > rm.config.block_size:
-            continue
-        scores = rm(common.pad_right(seqs).to(device))[torch.arange(2), torch.tensor([len(s) - 1 for s in seqs])]
-        right, n = right + int(scores[0] > scores[1]), n + 1
-    return right / max(n, 1)
-
-
 def measure(model, tok, sets, sft, sft_gold, cfg):
     """Every column of the table for one model."""
     qa = evals.qa_accuracy(model, tok, sets["qa"], cfg.max_new_tokens)
@@ -137,7 +122,9 @@ def story(rows, vocab_size, grpo_from):
            f"{pct(s, 'format')}; right answers about characters seen in SFT {pct(p, 'seen')} -> {pct(s, 'seen')}, "
            f"about unseen ones {pct(p, 'unseen')} -> {pct(s, 'unseen')} (their facts are only in the pre-training text).",
         "3 reward model": f"**The reward model** (Bradley-Terry on preference pairs) orders "
-                          f"{pct('3 reward model', 'rm_acc')} of held-out pairs as the gold rater does.",
+                          f"{pct('3 reward model', 'rm_acc')} of held-out pairs as the gold rater does: "
+                          f"{pct('3 reward model', 'rm_style')} of those where both replies are right and differ in "
+                          f"manner, {pct('3 reward model', 'rm_facts')} of those where one of them is wrong.",
         "3 PPO": f"**PPO** (maximise the learned reward, minus a KL penalty to SFT): wins {pct('3 PPO', 'win')} "
                  f"against SFT by the gold rater, {num('3 PPO', 'kl', '{:.1f}')} nats per reply from SFT. Where "
                  "its replies in the journey below pick up habits, those are what the reward model scores highly, "
@@ -185,7 +172,8 @@ def main(cfg):
         print("report: measuring 3 reward model ...", flush=True)
         rm = common.gpt_from_checkpoint(common.load_checkpoint(out / "rm" / "ckpt.pt", ["rm"]), tok, value_head=True)
         rm_metrics = json.loads((out / "rm" / "metrics.json").read_text()) if (out / "rm" / "metrics.json").is_file() else {}
-        rows["3 reward model"] = {"rm_acc": reward_accuracy(rm.to(device).eval(), tok, read_jsonl(data / "prefs_test.jsonl")),
+        acc = evals.reward_accuracy(rm.to(device), tok, read_jsonl(data / "prefs_test.jsonl"), world)
+        rows["3 reward model"] = {"rm_acc": acc["all"], "rm_facts": acc.get("facts"), "rm_style": acc.get("style"),
                                   "seconds": rm_metrics.get("train_seconds")}
     order = [label for label, _ in STAGES[:3]] + ["3 reward model"] + [label for label, _ in STAGES[3:]]
     header = "| stage | " + " | ".join(name for _, name, _ in COLUMNS) + " |"

@@ -17,6 +17,15 @@ TinyWorld's training labels are flipped with probability 0.1 (a noisy rater); th
 clean. Besides their accuracy, the model is checked on fresh pairs: two replies sampled from the SFT
 policy for each held-out prompt, ranked by TinyWorld's gold rater, which is what PPO will ask of it.
 Writes out/rm/ckpt.pt, log.jsonl and metrics.json.
+
+What to expect on TinyWorld: about 80% of the held-out pairs, all but a few of those where both
+replies are right and differ in manner (polite, plain, curt, rambling, rude), and half of those where
+one of them is wrong: a coin toss. The model learns the rater's taste, not its facts, and more epochs
+do not change that (after 400 steps it orders 61% of the right-against-wrong training pairs it has
+seen four times, 50% of the held-out ones). Yet the SFT model it starts from knows the facts (98% of
+questions about characters seen in SFT answered right). Knowing is not checking: to tell "Lucy lives
+in Oakvale." from "Lucy lives in Millbrook." the network must recall Lucy's town and compare it with
+the one stated, and this 4-layer model does not learn that from 3,000 noisy pairs.
 """
 import time
 from dataclasses import dataclass
@@ -260,6 +269,8 @@ def main(cfg):
                    f"(their spread: std {r.std().item():.3f})")
         rater = tinyworld.load_world(cfg.world) if cfg.world else None  # the world the gold rater knows
         if rater is not None and cfg.test_data and rater.parse_question(questions[0]) is not None:
+            kinds = evals.reward_accuracy(raw_model, tok, read_jsonl(cfg.test_data), rater)
+            metrics.update(test_accuracy_style=kinds.get("style"), test_accuracy_facts=kinds.get("facts"))
             held_out = sorted({r["prompt"] for r in read_jsonl(cfg.test_data)})
             agree, n = gold_agreement(raw_model, policy, tok, held_out, rater, cfg, device, gen)
             metrics.update(gold_agreement=agree, gold_pairs=n)
@@ -268,6 +279,9 @@ def main(cfg):
     log.finish(metrics)
     if test_acc is not None:
         print0(f"rm: held-out pairwise accuracy {test_acc:.1%} ({len(test_pairs)} pairs)")
+        if metrics.get("test_accuracy_facts") is not None:
+            print0(f"rm: {metrics['test_accuracy_style']:.1%} where both replies are right and differ in manner, "
+                   f"{metrics['test_accuracy_facts']:.1%} where one of them is wrong")
     print0(f"rm: done in {train_seconds:.0f}s of training, checkpoint {ckpt_path}")
     common.teardown_ddp()
 

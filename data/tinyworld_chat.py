@@ -68,11 +68,24 @@ POLITE = re.compile(r"\b(sure|good question|happy to help|of course|hope that he
 RUDE = re.compile(r"\b(ugh|obvious(ly)?|whatever|stop bothering|look it up yourself|stupid|shut up)\b", re.I)
 
 
+def answers_right(asked, response: str):
+    """Is the response the right answer to what World.parse_question found asked? None if nothing was.
+
+    A fact: its true value and no other value of that kind ("It is red or blue." is not an answer).
+    What an LLM is: says "language model" and that it predicts the next word or token.
+    """
+    if asked is None:
+        return None
+    if asked == ("llm", None):
+        return bool(re.search(r"language model", response, re.I) and re.search(r"predict|next (word|token)", response, re.I))
+    c, kind = asked
+    return [v for v in VALUES[kind] if answer_correct(response, v)] == [c.fact(kind)]
+
+
 def gold_score(prompt: str, response: str, world: World = None) -> float:
     """How good a response is: correct, polite and concise beats wrong, rude and rambling.
 
-    + 2    the right answer (for a fact: the true value and no other value of that kind; for an
-           LLM question: "language model" and prediction of the next word/token)
+    + 2    the right answer (`answers_right`)
     + 0.25 a full sentence (names the character, or says "LLM")
     + 0.5  a polite phrase;   - 1 a rude one
     - 0.03 per word beyond 25, at most - 1;   an empty response scores - 2
@@ -83,17 +96,12 @@ def gold_score(prompt: str, response: str, world: World = None) -> float:
     words = len(text.split())
     if words == 0:
         return -2.0
-    score = 0.0
     asked = world.parse_question(prompt)
+    score = 2.0 * bool(answers_right(asked, text))
     if asked == ("llm", None):
-        if re.search(r"language model", text, re.I) and re.search(r"predict|next (word|token)", text, re.I):
-            score += 2.0
         score += 0.25 * bool(re.search(r"\bLLM\b", text))
     elif asked is not None:
-        c, kind = asked
-        named = [v for v in VALUES[kind] if answer_correct(text, v)]
-        score += 2.0 * (named == [c.fact(kind)])
-        score += 0.25 * bool(re.search(rf"\b{c.name}\b", text))
+        score += 0.25 * bool(re.search(rf"\b{asked[0].name}\b", text))
     score += 0.5 * bool(POLITE.search(text))
     score -= 1.0 * bool(RUDE.search(text))
     score -= min(1.0, 0.03 * max(0, words - 25))

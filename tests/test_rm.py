@@ -1,13 +1,17 @@
 """Stage 3a: the reward loss's properties and a tiny reward model end to end (bad input: tests/test_faults.py)."""
 import json
 import math
+import types
 
 import pytest
 import torch
 from hypothesis import given, strategies as st
 
 import common
+import evals
 from conftest import run_script
+from data.tinyworld_facts import VALUES, fact_sentence, load_world, question
+from data.tokenizer import load_tokenizer
 from train_rm import reward_loss
 
 finite = st.floats(-20, 20, allow_nan=False)
@@ -68,7 +72,37 @@ def test_tiny_reward_model_trains_scores_and_saves(tiny_world, tiny_sft, tmp_pat
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0.0 <= metrics["test_accuracy"] <= 1.0 and metrics["steps"] == 4
     assert 0.0 <= metrics["gold_agreement"] <= 1.0 and "agrees with the gold rater" in r.stdout
+    # the held-out accuracy apart for pairs that differ in manner and pairs with a wrong reply
+    assert 0.0 <= metrics["test_accuracy_style"] <= 1.0 and 0.0 <= metrics["test_accuracy_facts"] <= 1.0
+    assert "where one of them is wrong" in r.stdout
     ckpt = common.load_checkpoint(out / "ckpt.pt", ["rm"])
     assert ckpt["score_shift"] == pytest.approx(metrics["score_shift"])
     model = common.gpt_from_checkpoint(ckpt, value_head=True)  # the head comes back with the trunk
     assert torch.equal(model.head.bias, ckpt["model"]["head.bias"])
+
+
+class LongerWins(torch.nn.Module):
+    """A stand-in reward model that scores each position by its index: the longer reply of a pair wins."""
+
+    def __init__(self, block_size):
+        super().__init__()
+        self.head, self.config = torch.nn.Linear(1, 1), types.SimpleNamespace(block_size=block_size)
+
+    def forward(self, idx):
+        return torch.arange(idx.shape[1], dtype=torch.float32).expand(idx.shape[0], -1)
+
+
+def test_reward_accuracy_counts_each_kind_of_pair_apart(tiny_world):
+    world, tok = load_world(tiny_world["data"]), load_tokenizer(tiny_world["tokenizer"])
+    c = world.characters[0]
+    q, right = question(c, "pet", 0), fact_sentence(c, "pet")
+    wrong = fact_sentence(c, "pet", value=next(v for v in VALUES["pet"] if v != c.pet))
+    pair = lambda prompt, chosen, rejected: {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    records = [pair(q, "Sure! " + right, wrong),                                 # facts, won
+               pair(q, right, "Sure! " + wrong + " I hope that helps!"),         # facts, lost
+               pair(q, "Sure! " + right, right),                                 # style, won
+               pair(q, right, right + " It is a long story, and I like it."),    # style, lost
+               pair("How are you?", "Fine, thank you.", "Ugh."),                 # neither kind, won
+               pair(q, right + " word" * 200, right)]                            # longer than the context: left out
+    assert evals.reward_accuracy(LongerWins(128), tok, records, world) == {"all": 3 / 5, "facts": 0.5, "style": 0.5}
+    assert evals.reward_accuracy(LongerWins(128), tok, records) == {"all": 3 / 5}  # no world: no kinds

@@ -79,7 +79,7 @@ def test_user_errors_exit_2_with_one_line(tmp_path):
 def test_oracles_import_from_tinyworld_whose_parts_never_import_it():
     from data import tinyworld
     for name in ("World", "load_world", "default_world", "make_world", "fact_prompts", "completes_fact", "answer_correct",
-                 "gold_score", "extract_answer", "check_answer"):
+                 "gold_score", "answers_right", "extract_answer", "check_answer"):
         assert hasattr(tinyworld, name), name
     # the imports point one way: data.tinyworld imports its parts, never the reverse
     code = "import sys, data.tinyworld_facts, data.tinyworld_chat, data.tinymath; print('data.tinyworld' in sys.modules)"
