@@ -1,6 +1,6 @@
 """Stage 3a, the reward model: learn to score answers the way a rater ranks them.
 
-    python train_rm.py                  # TinyWorld's preference pairs on a CPU, about half a minute, from out/sft/ckpt.pt
+    python train_rm.py                  # TinyWorld's preference pairs on a CPU, under a minute, from out/sft/ckpt.pt
     python train_rm.py --preset=gpu     # Anthropic HH-RLHF on one GPU (python -m data.prepare_hh_rlhf first),
                                         # from a GPU SFT run (train_sft.py --preset=gpu)
     torchrun --standalone --nproc_per_node=8 train_rm.py --preset=gpu
@@ -21,11 +21,11 @@ Writes out/rm/ckpt.pt, log.jsonl and metrics.json.
 What to expect on TinyWorld: about 80% of the held-out pairs, all but a few of those where both
 replies are right and differ in manner (polite, plain, curt, rambling, rude), and half of those where
 one of them is wrong: a coin toss. The model learns the rater's taste, not its facts, and more epochs
-do not change that (after 400 steps it orders 61% of the right-against-wrong training pairs it has
-seen four times, 50% of the held-out ones). Yet the SFT model it starts from knows the facts (98% of
-questions about characters seen in SFT answered right). Knowing is not checking: to tell "Lucy lives
-in Oakvale." from "Lucy lives in Millbrook." the network must recall Lucy's town and compare it with
-the one stated, and this 4-layer model does not learn that from 3,000 noisy pairs.
+do not change that (after 400 steps instead of 60 it orders 61% of the right-against-wrong training
+pairs, seen four times, and 50% of the held-out ones). Yet the SFT model it starts from knows the
+facts (98% of questions about characters seen in SFT answered right). Knowing is not checking: to
+tell "Lucy lives in Oakvale." from "Lucy lives in Millbrook." the network must recall Lucy's town and
+compare it with the one stated, and this 4-layer model does not learn that from TinyWorld's pairs.
 """
 import time
 from dataclasses import dataclass
@@ -50,7 +50,7 @@ class Config:
     out: str = "out/rm"                # where ckpt.pt, log.jsonl and metrics.json go
     resume: bool = False               # continue exactly from out/ckpt.pt (optimizer, step, RNG)
     batch_size: int = 32               # pairs per step, over all processes
-    max_steps: int = 100               # optimizer steps (100 x 32 is about one pass over TinyWorld's 3,000 pairs)
+    max_steps: int = 60                # optimizer steps (60 x 32: two thirds of TinyWorld's 3,000 pairs; more do not help)
     stop_at: int = 0                   # stop early at this step with a checkpoint (0: run to max_steps)
     lr: float = 5e-4                   # peak learning rate
     min_lr: float = 5e-5               # learning rate at the end of the cosine
@@ -59,7 +59,7 @@ class Config:
     margin: float = 0.0                # required gap between chosen and rejected scores
     center_coef: float = 0.01          # weight of mean((r_chosen + r_rejected)^2): keeps scores near 0
     grad_clip: float = 1.0             # clip the gradient norm to this (0: off)
-    eval_every: int = 50               # steps between held-out accuracies and checkpoints
+    eval_every: int = 30               # steps between held-out accuracies and checkpoints
     log_every: int = 10                # steps between printed lines
     zero_prompts: int = 256            # SFT replies sampled to set the score's zero (0: no shift)
     world: str = "data/tinyworld"      # the TinyWorld whose gold rater ranks fresh pairs of SFT replies (empty: skip)
