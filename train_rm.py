@@ -50,7 +50,7 @@ class Config:
     out: str = "out/rm"                # where ckpt.pt, log.jsonl and metrics.json go
     resume: bool = False               # continue exactly from out/ckpt.pt (optimizer, step, RNG)
     batch_size: int = 32               # pairs per step, over all processes
-    max_steps: int = 60                # optimizer steps (60 x 32: two thirds of TinyWorld's 3,000 pairs; more do not help)
+    max_steps: int = 60                # optimizer steps (60 x 32: two thirds of TinyWorld's 3,000 pairs)
     stop_at: int = 0                   # stop early at this step with a checkpoint (0: run to max_steps)
     lr: float = 5e-4                   # peak learning rate
     min_lr: float = 5e-5               # learning rate at the end of the cosine
