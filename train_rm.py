@@ -269,9 +269,10 @@ def main(cfg):
                    f"(their spread: std {r.std().item():.3f})")
         rater = tinyworld.load_world(cfg.world) if cfg.world else None  # the world the gold rater knows
         if rater is not None and cfg.test_data and rater.parse_question(questions[0]) is not None:
-            kinds = evals.reward_accuracy(raw_model, tok, read_jsonl(cfg.test_data), rater)
+            test_records = read_jsonl(cfg.test_data)
+            kinds = evals.reward_accuracy(raw_model, tok, test_records, rater)
             metrics.update(test_accuracy_style=kinds.get("style"), test_accuracy_facts=kinds.get("facts"))
-            held_out = sorted({r["prompt"] for r in read_jsonl(cfg.test_data)})
+            held_out = sorted({r["prompt"] for r in test_records})
             agree, n = gold_agreement(raw_model, policy, tok, held_out, rater, cfg, device, gen)
             metrics.update(gold_agreement=agree, gold_pairs=n)
             print0(f"rm: agrees with the gold rater on {agree:.1%} of {n} fresh pairs of SFT replies")
