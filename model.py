@@ -28,6 +28,7 @@ class GPTConfig:
     n_embd: int = 128        # width of the residual stream
     dropout: float = 0.0     # on embeddings, attention output and MLP output (not inside attention)
     bias: bool = True        # biases in Linear and LayerNorm, as in GPT-2
+    rope: bool = False       # rotary positions in attention instead of GPT-2's learned position table
 
 
 class CausalSelfAttention(nn.Module):
@@ -39,11 +40,13 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, mask=None, cache=None, layer=0):
+    def forward(self, x, mask=None, cache=None, layer=0, rotary=None):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         # (B, T, C) -> (B, H, T, D): each head attends on its own slice of the channels
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if rotary is not None:
+            q, k = rotate(q, *rotary), rotate(k, *rotary)
         if cache is not None:
             k, v = cache.append(layer, k, v)  # keys and values of every token so far
         if mask is None:
@@ -53,6 +56,22 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.dropout(self.c_proj(y))
+
+
+def rotary_angles(pos, head_dim, base=10000.0):
+    """cos and sin of position * frequency, for each position (any leading shape) and each pair of
+    channels, shaped (..., 1, T, D/2) to broadcast over the heads of q and k (B, H, T, D)."""
+    freq = base ** (-torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim)
+    angle = pos.float()[..., None] * freq  # (..., T, D/2)
+    return angle.cos().unsqueeze(-3), angle.sin().unsqueeze(-3)
+
+
+def rotate(x, cos, sin):
+    """Rotary positions (RoFormer): turn each pair of channels (x1, x2) of q or k by position * frequency.
+    A query-key product then depends on the two tokens' distance, not where they are, so attending to
+    "the name two tokens back" is one pattern for every position rather than one per position."""
+    x1, x2 = x.to(torch.promote_types(x.dtype, torch.float32)).chunk(2, dim=-1)  # bf16 turned in fp32
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
 
 
 class MLP(nn.Module):
@@ -77,8 +96,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, mask=None, cache=None, layer=0):
-        x = x + self.attn(self.ln_1(x), mask, cache, layer)
+    def forward(self, x, mask=None, cache=None, layer=0, rotary=None):
+        x = x + self.attn(self.ln_1(x), mask, cache, layer, rotary)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -104,7 +123,7 @@ class GPT(nn.Module):
         self.config = cfg
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
-            wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
+            **({} if cfg.rope else {"wpe": nn.Embedding(cfg.block_size, cfg.n_embd)}),
             drop=nn.Dropout(cfg.dropout),
             h=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
             ln_f=nn.LayerNorm(cfg.n_embd, bias=cfg.bias),
@@ -127,7 +146,7 @@ class GPT(nn.Module):
     def num_params(self, non_embedding=True):
         """Parameters; by default without the position table (the token table is the tied lm_head)."""
         n = sum(p.numel() for p in self.parameters())
-        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+        return n - self.transformer.wpe.weight.numel() if non_embedding and not self.config.rope else n
 
     def hidden(self, idx, pos=None, mask=None, cache=None):
         """The final hidden states (B, T, C), after ln_f. The reward model reads its score from these."""
@@ -137,9 +156,14 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {start + T} tokens is longer than the context ({self.config.block_size})")
         if pos is None:
             pos = torch.arange(start, start + T, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        rotary = None
+        if self.config.rope:
+            x = self.transformer.drop(self.transformer.wte(idx))
+            rotary = rotary_angles(pos, self.config.n_embd // self.config.n_head)
+        else:
+            x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for i, block in enumerate(self.transformer.h):
-            x = block(x, mask, cache, i)
+            x = block(x, mask, cache, i, rotary)
         if cache is not None:
             cache.len += T
         return self.transformer.ln_f(x)

@@ -37,6 +37,7 @@ class Config:
     n_layer: int = 4                   # transformer blocks
     n_head: int = 4                    # attention heads
     n_embd: int = 128                  # residual stream width
+    rope: bool = True                  # rotary positions (false: GPT-2's learned position table)
     block_size: int = 128              # context length in tokens
     dropout: float = 0.0               # dropout probability (0: we see the data less than 3 times)
     batch_size: int = 16               # sequences per micro-step, over all processes
@@ -170,7 +171,7 @@ def main(cfg):
 
     # the model: fresh, continued from a pre-training checkpoint, or resumed exactly
     model_cfg = GPTConfig(vocab_size=tok.n_vocab, block_size=cfg.block_size, n_layer=cfg.n_layer,
-                          n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout)
+                          n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, rope=cfg.rope)
     torch.manual_seed(cfg.seed)
     ckpt = None
     if cfg.resume:

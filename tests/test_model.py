@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
-from model import GPT, GPTConfig, sample_next
+from model import GPT, GPTConfig, rotary_angles, rotate, sample_next
 
 TINY = GPTConfig(vocab_size=61, block_size=48, n_layer=2, n_head=2, n_embd=32)
 
@@ -28,19 +28,39 @@ def greedy_by_recomputation(model, prompt, n, stop=()):
 
 @settings(max_examples=15, deadline=None)
 @given(seed=st.integers(0, 10_000), prompt=st.lists(st.integers(0, 60), min_size=1, max_size=20),
-       n=st.integers(1, 20))
-def test_cached_greedy_equals_recomputation(seed, prompt, n):
-    model = tiny_model(seed % 5)
+       n=st.integers(1, 20), rope=st.booleans())
+def test_cached_greedy_equals_recomputation(seed, prompt, n, rope):
+    model = tiny_model(seed % 5, rope=rope)
     assert model.generate([prompt], n, temperature=0)[0] == greedy_by_recomputation(model, prompt, n)
 
 
 @settings(max_examples=10, deadline=None)
-@given(prompts=st.lists(st.lists(st.integers(0, 60), min_size=1, max_size=16), min_size=2, max_size=4))
-def test_batch_of_different_lengths_equals_one_by_one(prompts):
-    model = tiny_model(1)
+@given(prompts=st.lists(st.lists(st.integers(0, 60), min_size=1, max_size=16), min_size=2, max_size=4),
+       rope=st.booleans())
+def test_batch_of_different_lengths_equals_one_by_one(prompts, rope):
+    model = tiny_model(1, rope=rope)
     batched = model.generate(prompts, 12, temperature=0)
     alone = [model.generate([p], 12, temperature=0)[0] for p in prompts]
     assert batched == alone
+
+
+@given(seed=st.integers(0, 100), shift=st.integers(1, 20))
+def test_rotary_scores_depend_on_distance_only(seed, shift):
+    """q_i . k_j after rotation is the same for positions (i, j) and (i + s, j + s)."""
+    g = torch.Generator().manual_seed(seed)
+    q, k = torch.randn(1, 1, 1, 16, generator=g, dtype=torch.float64), torch.randn(1, 1, 1, 16, generator=g, dtype=torch.float64)
+    score = lambda i, j: (rotate(q, *rotary_angles(torch.tensor([i]), 16)) * rotate(k, *rotary_angles(torch.tensor([j]), 16))).sum()
+    assert score(7, 3).item() == pytest.approx(score(7 + shift, 3 + shift).item(), rel=1e-5, abs=1e-5)
+    assert rotate(q, *rotary_angles(torch.tensor([0]), 16)).equal(q)  # position 0 is not turned
+
+
+def test_a_rotary_model_has_no_position_table_and_round_trips_its_state():
+    model = tiny_model(0, rope=True)
+    assert "transformer.wpe.weight" not in model.state_dict()
+    again = GPT(model.config).double()
+    again.load_state_dict(model.state_dict())
+    x = torch.randint(0, 61, (2, 9))
+    assert torch.equal(again.eval()(x), model(x))
 
 
 def test_generation_stops_at_stop_token_and_keeps_it():
