@@ -7,7 +7,7 @@ Train a tokenizer on the TinyWorld corpus (after `python -m data.tinyworld`):
 
 Byte-pair encoding starts from the 256 byte values and repeatedly fuses the most frequent adjacent
 pair of tokens into a new token. The text is first cut into chunks by a regular expression (words,
-numbers of up to three digits, punctuation runs, whitespace), and pairs never cross a chunk, so a
+numbers of up to three digits with their leading space, punctuation runs, whitespace), and pairs never cross a chunk, so a
 token never spans, say, the end of one word and the start of the next.
 
 A trained tokenizer is a directory with two files:
@@ -35,11 +35,13 @@ import tiktoken
 
 from data import UserError, run_main, write_atomic
 
-# GPT-4's split pattern: contractions; a letter run with at most one leading non-letter (so
-# " the" and "(the" are chunks); 1-3 digits; a punctuation run with an optional leading space;
-# newlines; whitespace, leaving one space to start the next word.
-GPT4_PATTERN = (
-    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}|"""
+# GPT-4's split pattern, but for numbers: contractions; a letter run with at most one leading
+# non-letter (so " the" and "(the" are chunks); 1-3 digits with an optional leading space, as GPT-2
+# keeps it (so " 42" is one chunk, and a number is one token that a small model can copy by the word
+# before it, where " " then "42" would need the two words before); a punctuation run with an
+# optional leading space; newlines; whitespace, leaving one space to start the next word.
+SPLIT_PATTERN = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+| ?\p{N}{1,3}|"""
     r""" ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
@@ -50,7 +52,7 @@ ROLES = ("user", "assistant", "system")
 # Training
 
 
-def train_bpe(text: str, vocab_size: int, pattern: str = GPT4_PATTERN, verbose: bool = False) -> dict[bytes, int]:
+def train_bpe(text: str, vocab_size: int, pattern: str = SPLIT_PATTERN, verbose: bool = False) -> dict[bytes, int]:
     """Learn vocab_size - 256 merges; returns tiktoken's mergeable ranks {token bytes: rank}.
 
     The work is done on distinct chunks, each with its count, so a chunk that occurs a thousand
@@ -210,7 +212,7 @@ def check_message(m) -> tuple[str, str]:
 # Saving and loading
 
 
-def save_tokenizer(ranks: dict[bytes, int], out_dir, pattern: str = GPT4_PATTERN) -> None:
+def save_tokenizer(ranks: dict[bytes, int], out_dir, pattern: str = SPLIT_PATTERN) -> None:
     """Write out_dir/tokenizer.bpe (tiktoken's rank file) and out_dir/tokenizer.json."""
     out_dir = Path(out_dir)
     lines = [f"{base64.b64encode(b).decode()} {r}\n" for b, r in sorted(ranks.items(), key=lambda kv: kv[1])]

@@ -10,7 +10,7 @@ import regex
 from hypothesis import given, settings, strategies as st
 
 from data import UserError
-from data.tokenizer import GPT4_PATTERN, SPECIAL_TOKENS, load_tokenizer, save_tokenizer, train_bpe
+from data.tokenizer import SPLIT_PATTERN, SPECIAL_TOKENS, load_tokenizer, save_tokenizer, train_bpe
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,7 +27,7 @@ What is an LLM? A large language model predicts the next token. It'll learn; we'
 
 def naive_train(text, vocab_size):
     """Recount every pair after every merge; the most frequent wins, ties to the smallest pair."""
-    chunks = [list(c.encode()) for c in regex.findall(GPT4_PATTERN, text)]
+    chunks = [list(c.encode()) for c in regex.findall(SPLIT_PATTERN, text)]
     token_bytes = [bytes([i]) for i in range(256)]
     ranks = {b: i for i, b in enumerate(token_bytes)}
     while len(token_bytes) < vocab_size:
@@ -51,7 +51,7 @@ def naive_train(text, vocab_size):
 def naive_encode(text, ranks):
     """Per chunk: merge the adjacent pair whose bytes have the lowest rank (leftmost on ties) until none."""
     out = []
-    for chunk in regex.findall(GPT4_PATTERN, text):
+    for chunk in regex.findall(SPLIT_PATTERN, text):
         parts = [bytes([b]) for b in chunk.encode()]
         while True:
             scored = [(ranks.get(parts[i] + parts[i + 1], float("inf")), i) for i in range(len(parts) - 1)]
