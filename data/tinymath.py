@@ -1,109 +1,177 @@
-"""TinyWorld's math: word problems of two or three steps, worked, ending in "#### n" (as in GSM8K).
+"""TinyWorld's reasoning problems: the characters' facts plus small numbers, worked one checkable
+step per line and ending in "#### n", as GSM8K's solutions do.
 
-`make_math` draws distinct problems for each split (SFT, GRPO, test, the corpus); `extract_answer`
-and `check_answer` are the correctness checker that GRPO and the evals use, on TinyWorld's problems
-and on GSM8K's alike (data/prepare_gsm8k.py).
+A problem's level is the number of characters whose facts it needs (1 to 3). Two kinds:
+
+    rule (levels 1-3)   Each baker gets 4 apples and each nurse receives 2 apples. How many apples
+                        do Lucy and Sam get together?
+                            Lucy works as a baker.
+                            Each baker gets 4 apples.
+                            Sam works as a nurse.
+                            Each nurse receives 2 apples.
+                            They get 4 + 2 = 6 apples.
+                            #### 6
+    count (levels 2-3)  How many of Lucy, Sam and Max have a dog?
+                            Lucy's pet is a dog, so 1.
+                            Sam's pet is a cat, so 0.
+                            Max's pet is a dog, so 1.
+                            That makes 1 + 0 + 1 = 2.
+                            #### 2
+
+Every fact step is a sentence pre-training states many times (the completion form of
+`fact_prompts`); the rule a fact calls for is restated before it is used, so that each number is
+copied from a line that names it. Each rule of a question has its own verb (gets, receives, earns):
+the word before a number then points to one rule, which a small model copies far more easily than a
+number found by the two words before it. A problem asks the model to recall what it knows, look up and add
+at most three small numbers: within reach of the small CPU model, sometimes.
+
+`make_math` draws distinct problems for each split; `check_steps` marks each written step right or
+wrong against the world; `extract_answer` and `check_answer` are the verifier that GRPO and the
+evals use, on TinyWorld's problems and on GSM8K's alike (data/prepare_gsm8k.py).
 """
 import re
 from decimal import Decimal, InvalidOperation
 
 from data import UserError
+from data.tinyworld_facts import VALUES, fact_sentence
 
 ITEMS = ["apples", "marbles", "stickers", "pencils", "cookies", "shells", "stamps", "cards", "beads", "buttons"]
+LEVELS = (1, 2, 3)
+KINDS = ("pet", "job", "town", "colour")  # the facts problems are built on: short, unambiguous words
+# how a rule names the people with a value, and how a count asks for them
+RULE_GROUP = {"pet": "each {v} owner", "job": "each {v}", "town": "everyone from {v}", "colour": "everyone who loves {v}"}
+VERBS = ["gets", "receives", "earns"]
+COUNT_ASK = {"pet": "have a {v}", "job": "work as a {v}", "town": "live in {v}", "colour": "love {v} most"}
 
 
-# Each template takes (rng, three characters, an item) and returns (numbers, question, steps); the
-# last step's result is the answer. The numbers, with the template's name, identify a problem.
-
-def bags(r, n, m, o, it):
-    a, b, c = r.randint(2, 30), r.randint(2, 9), r.randint(2, 9)
-    q = f"{n.name} has {a} {it}. {n.pronoun.capitalize()} buys {b} bags with {c} {it} in each bag. How many {it} does {n.name} have now?"
-    return (a, b, c), q, [f"The bags hold {b} * {c} = {b * c} {it}.", f"{n.name} now has {a} + {b * c} = {a + b * c} {it}."]
+def and_list(words):
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
 
 
-def give_and_find(r, n, m, o, it):
-    a = r.randint(10, 40)
-    b, c = r.randint(2, a - 1), r.randint(2, 20)
-    q = f"{n.name} had {a} {it}. {n.pronoun.capitalize()} gave {b} of them to {m.name} and then found {c} more. How many {it} does {n.name} have now?"
-    return (a, b, c), q, [f"After giving {b} away, {n.name} has {a} - {b} = {a - b} {it}.",
-                          f"After finding {c} more, {n.name} has {a - b} + {c} = {a - b + c} {it}."]
+def rule(rng, cast, level, item):
+    """Each of max(2, level) values of a fact gets a number; add up what `level` characters get."""
+    kind = rng.choice(KINDS)
+    people = rng.sample(cast, level)
+    values = list(dict.fromkeys(c.fact(kind) for c in people))
+    values += rng.sample([v for v in VALUES[kind] if v not in values], max(2, level) - len(values))
+    rng.shuffle(values)
+    number = dict(zip(values, rng.sample(range(2, 8), len(values))))
+    verb = dict(zip(values, rng.sample(VERBS, len(values))))  # one verb per rule: each rule reads apart
+    gets = lambda v: f"{RULE_GROUP[kind].format(v=v)} {verb[v]} {number[v]} {item}"
+    rules = and_list([gets(v) for v in values])
+    names = [c.name for c in people]
+    ask = f"does {names[0]} get?" if level == 1 else f"do {and_list(names)} get together?"
+    steps = []
+    for c in people:  # the fact, then the rule it calls for, restated
+        steps += [fact_sentence(c, kind), gets(c.fact(kind))[0].upper() + gets(c.fact(kind))[1:] + "."]
+    got = [number[c.fact(kind)] for c in people]
+    if level > 1:
+        steps.append(f"They get {' + '.join(map(str, got))} = {sum(got)} {item}.")
+    key = ("rule", kind, tuple(names), tuple(sorted(number.items())))
+    return key, f"{rules[0].upper()}{rules[1:]}. How many {item} {ask}", steps
 
 
-def share(r, n, m, o, it):
-    a, b = r.randint(2, 9), r.randint(2, 9)
-    c = r.choice([d for d in range(2, 10) if a * b % d == 0])
-    q = f"{n.name} buys {a} packs of {it} with {b} {it} in each pack and shares them equally among {c} friends. How many {it} does each friend get?"
-    return (a, b, c), q, [f"{n.name} buys {a} * {b} = {a * b} {it}.", f"Each friend gets {a * b} / {c} = {a * b // c} {it}."]
+def count(rng, cast, level, item):
+    """How many of `level` characters share a value of a fact; about half of them do, on average."""
+    kind = rng.choice(KINDS)
+    value = rng.choice(VALUES[kind])
+    people = []
+    for _ in range(level):
+        want = rng.random() < 0.5
+        pool = [c for c in cast if (c.fact(kind) == value) == want and c not in people]
+        if not pool:
+            return None  # this world has too few characters with that value: draw again
+        people.append(rng.choice(pool))
+    names = [c.name for c in people]
+    ones = [int(c.fact(kind) == value) for c in people]
+    question = f"How many of {and_list(names)} {COUNT_ASK[kind].format(v=value)}?"
+    steps = [f"{fact_sentence(c, kind)[:-1]}, so {one}." for c, one in zip(people, ones)]
+    steps.append(f"That makes {' + '.join(map(str, ones))} = {sum(ones)}.")
+    key = ("count", kind, tuple(names), value)
+    return key, question, steps
 
 
-def boxes(r, n, m, o, it):
-    a, b = r.randint(3, 12), r.randint(2, 9)
-    c = r.randint(1, a - 1)
-    q = f"A box holds {a} {it}. {n.name} fills {b} boxes and has {c} {it} left over. How many {it} does {n.name} have in total?"
-    return (a, b, c), q, [f"The boxes hold {b} * {a} = {a * b} {it}.", f"With {c} left over, {n.name} has {a * b} + {c} = {a * b + c} {it}."]
+KIND_LEVELS = [(rule, 1), (rule, 2), (count, 2), (rule, 3), (count, 3)]
 
 
-def more_and_times(r, n, m, o, it):
-    a, b, c = r.randint(2, 30), r.randint(2, 20), r.randint(2, 3)
-    q = (f"{n.name} has {a} {it}. {m.name} has {b} more {it} than {n.name}. {o.name} has {['twice', 'three times'][c - 2]} "
-         f"as many {it} as {m.name}. How many {it} does {o.name} have?")
-    return (a, b, c), q, [f"{m.name} has {a} + {b} = {a + b} {it}.", f"{o.name} has {c} * {a + b} = {c * (a + b)} {it}."]
-
-
-def earn_and_spend(r, n, m, o, it):
-    a, b = r.randint(2, 9), r.randint(2, 9)
-    c = r.randint(1, a * b - 1)
-    q = f"{n.name} earns {a} coins each day for {b} days, then spends {c} coins on a present. How many coins does {n.name} have left?"
-    return (a, b, c), q, [f"{n.name} earns {a} * {b} = {a * b} coins.", f"After spending {c}, {n.name} has {a * b} - {c} = {a * b - c} coins left."]
-
-
-def pick_and_give(r, n, m, o, it):
-    a, b, c = r.randint(5, 30), r.randint(5, 30), r.randint(2, 5)
-    c = min(c, (a + b - 1) // 2)  # two friends' share must leave something: 5 + 5 picked, 5 each, would not
-    d = r.randint(2, min(5, (a + b - 1) // c))  # something is left
-    q = (f"{n.name} picks {a} {it} in the morning and {b} in the afternoon. Then {n.pronoun} gives {c} {it} to each "
-         f"of {d} friends. How many {it} does {n.name} have left?")
-    return (a, b, c, d), q, [f"{n.name} picks {a} + {b} = {a + b} {it}.", f"{n.pronoun.capitalize()} gives away {c} * {d} = {c * d} {it}.",
-                             f"{n.name} has {a + b} - {c * d} = {a + b - c * d} {it} left."]
-
-
-def jars(r, n, m, o, it):
-    c, each = r.randint(2, 6), r.randint(2, 12)
-    a = r.randint(1, c * each - 1)
-    b = c * each - a
-    q = (f"{n.name} has {a} {it}. {n.pronoun.capitalize()} gets {b} more and puts all of them into {c} jars, the same "
-         f"number in each jar. How many {it} are in each jar?")
-    return (a, b, c), q, [f"{n.name} has {a} + {b} = {a + b} {it}.", f"Each jar holds {a + b} / {c} = {each} {it}."]
-
-
-def shopping(r, n, m, o, it):
-    a, b, c, d = r.randint(2, 9), r.randint(2, 9), r.randint(2, 9), r.randint(2, 9)
-    it2 = r.choice([x for x in ITEMS if x != it])
-    q = f"{n.name} buys {a} {it} for {b} coins each and {c} {it2} for {d} coins each. How many coins does {n.name} spend?"
-    return (a, b, c, d), q, [f"The {it} cost {a} * {b} = {a * b} coins.", f"The {it2} cost {c} * {d} = {c * d} coins.",
-                             f"{n.name} spends {a * b} + {c * d} = {a * b + c * d} coins."]
-
-
-PROBLEMS = [bags, give_and_find, share, boxes, more_and_times, earn_and_spend, pick_and_give, jars, shopping]
-
-
-def make_math(world, sizes: list[int], rng) -> list[list[dict]]:
-    """Problems for each size in sizes: {"question", "answer"}; no problem (template and numbers) in two lists."""
+def make_math(world, sizes: list[int], rng, casts=None) -> list[list[dict]]:
+    """Problems for each size in sizes, as {"question", "answer", "level"}: levels in equal shares
+    (rule and count alike where both exist), no problem in two lists (its item aside). casts: the
+    characters each list's problems are about (default: the whole cast)."""
     used, splits = set(), []
-    for size in sizes:
+    for i, size in enumerate(sizes):
+        cast = casts[i] if casts else world.characters
         split, tries = [], 0
         while len(split) < size:
-            template = rng.choice(PROBLEMS)
-            numbers, q, steps = template(rng, *rng.sample(world.characters, 3), rng.choice(ITEMS))
+            level = LEVELS[len(split) % len(LEVELS)]
+            make = rng.choice([m for m, lv in KIND_LEVELS if lv == level])
+            drawn = make(rng, cast, level, rng.choice(ITEMS))
             tries += 1
             if tries > 100 * size:
                 raise UserError(f"cannot draw {size} more distinct math problems: ask for fewer")
-            if (template.__name__, numbers) not in used:
-                used.add((template.__name__, numbers))
-                answer = steps[-1].split(" = ")[-1].split()[0]
-                split.append({"question": q, "answer": "\n".join(steps) + f"\n#### {answer}"})
+            if drawn is None or drawn[0] in used:
+                continue
+            key, question, steps = drawn
+            used.add(key)
+            split.append({"question": question, "answer": "\n".join(steps) + f"\n#### {numbers(steps[-1])[-1]}",
+                          "level": level})
+        rng.shuffle(split)
         splits.append(split)
     return splits
+
+
+# ----------------------------------------------------------------------------------------------
+# Checking: the final answer (the verifier) and each step (the step checker)
+
+def numbers(line):
+    return [int(n) for n in re.findall(r"\d+", line)]
+
+
+def fact_claims(line, world):
+    """(character, kind, values) for each fact the line states: the character it names and the values
+    of a kind it mentions. A line naming no character, or no value, claims nothing."""
+    names = [c for c in world.characters if re.search(rf"\b{c.name}\b", line)]
+    claims = []
+    for kind, values in VALUES.items():
+        said = [v for v in values if re.search(rf"(?<!\w){re.escape(v)}(?!\w)", line, re.I)]
+        if said and len(names) == 1:
+            claims.append((names[0].name, kind, said))
+    return claims
+
+
+def step_keys(line, world):
+    """What a line states, as keys to compare: ("fact", name, kind) for each fact of a line that states
+    facts and nothing else; ("line", its words) for any other line with a number; none for chatter."""
+    claims = fact_claims(line, world)
+    if claims and not numbers(line):
+        return [("fact", name, kind) for name, kind, _ in claims]
+    return [("line", " ".join(line.split()))] if numbers(line) else []
+
+
+def check_steps(completion: str, reference: str, world):
+    """Mark the steps of a written solution against the world, and say how many of the reference's
+    steps it got right. Returns (marks, right, total):
+      marks: one (line, verdict) per written line before "####": True when the line is a step and it
+        is right, False when it is a step and wrong, None for a line that is not a step;
+      right: how many of the reference's steps (its lines before "####") the solution states
+        correctly, each counted once; total: how many there are.
+    A fact ("Lucy's pet is a dog.", in any words) is right when the world says so: the character's
+    true value, and no other value of that kind. A line with numbers ("Each baker gets 3 apples.",
+    "They get 3 + 5 = 8 apples.", "Lucy's pet is a dog, so 1.") is right when it is one of the
+    reference's own steps, word for word, and its facts are true.
+    """
+    ref = {k for s in reference.split("####")[0].splitlines() for k in step_keys(s, world)}
+    marks, found = [], set()
+    for line in completion.split("####")[0].splitlines():
+        keys = step_keys(line, world)
+        if not keys:  # chatter, or a blank line
+            marks.append((line, None))
+            continue
+        right = all(vals == [world.fact(name, kind)] for name, kind, vals in fact_claims(line, world))
+        right = right and all(k[0] == "fact" or k in ref for k in keys)
+        found |= set(keys) & ref if right else set()
+        marks.append((line, right))
+    return [m for m in marks if m[0].strip()], len(found), len(ref)
 
 
 def extract_answer(text: str):

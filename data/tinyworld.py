@@ -10,18 +10,20 @@ pre-training supplied the knowledge and instruction tuning only the format.
 
 Files written to --out (the corpus format and JSONL helpers are in data/__init__.py):
 - corpus_train.txt, corpus_val.txt: documents separated by blank lines: pages about characters,
-  interviews, quizzes, fact sheets, short stories, worked arithmetic, texts on what an LLM is. Each
-  fact is stated many times, always including the completion form of `fact_prompts`
-  ("Alice's favourite colour is blue."). The validation text is drawn the same way, from its own
+  interviews, quizzes, fact sheets, short stories, sums in prose, worked reasoning problems, texts on
+  what an LLM is. Each fact is stated many times, always including the completion form of
+  `fact_prompts` ("Alice's favourite colour is blue."). The validation text is drawn the same way, from its own
   random stream, without any document of the training text.
 - sft_train.jsonl: {"messages": [user, assistant]}: fact questions about seen characters, answered
   in mixed styles (plain, polite, curt, rambling); questions on what an LLM is; math from the SFT split.
+- sft_answers_only.jsonl: the same, with each math answer cut to "#### n" (no steps): a contrast run.
 - sft_test.jsonl: {"messages": [user], "answer", "split": "seen"|"unseen", "character", "fact"}:
   for seen characters, a question phrasing held out of SFT for each fact; for unseen, every fact.
 - prefs_train.jsonl, prefs_test.jsonl: {"prompt", "chosen", "rejected"}, labelled by `gold_score`;
   training labels are flipped with probability --label_noise, test labels are clean.
-- math_train.jsonl (for GRPO), math_test.jsonl: {"question", "answer"}, the answer worked in
-  steps ending in "#### n". SFT's math problems are in sft_train.jsonl; no problem is in two splits.
+- math_train.jsonl (for GRPO), math_test.jsonl: {"question", "answer", "level"}, the answer worked
+  one step per line, ending in "#### n" (data/tinymath.py). SFT's problems are in sft_train.jsonl;
+  no problem is in two splits, and all three are about seen characters.
 - meta.json: the config and the cast, so `load_world()` rebuilds the world the files describe.
 
 The oracles the stages use, all importable from here: `fact_prompts` with `completes_fact`
@@ -30,7 +32,7 @@ preference rater), `extract_answer` and `check_answer` (math), and `World` / `lo
 look-ups. This file makes the pre-training corpus and writes every file; the rest lives in three
 modules, each importing only those listed before it:
 - data/tinyworld_facts.py: the cast and their facts, the sentences that state them, the questions;
-- data/tinymath.py: the math word problems and their checker;
+- data/tinymath.py: the reasoning problems, their verifier and their step checker;
 - data/tinyworld_chat.py: answers in styles, the gold rater, the SFT and preference sets.
 """
 import dataclasses
@@ -164,8 +166,8 @@ def make_corpus(world, cfg, rng, scale: float, problems: list[dict]) -> list[str
     docs += [quiz_doc(world, rng) for _ in range(n(cfg.quizzes))]
     docs += [fact_sheet_doc(world, rng) for _ in range(n(cfg.fact_sheets))]
     docs += [story_doc(world, rng) for _ in range(n(cfg.stories))]
-    docs += [arithmetic_doc(world, rng, problems.pop() if problems and rng.random() < 0.6 else None)
-             for _ in range(n(cfg.arithmetic_docs))]
+    docs += [arithmetic_doc(world, rng, None) for _ in range(n(cfg.arithmetic_docs))]
+    docs += [arithmetic_doc(world, rng, problems.pop()) for _ in range(n(cfg.math_docs))]
     docs += [llm_doc(rng) for _ in range(n(cfg.llm_docs))]
     rng.shuffle(docs)
     return docs
@@ -184,7 +186,8 @@ class Config:
     quizzes: int = 1500  # quiz documents: questions and fact answers about random characters
     fact_sheets: int = 1500  # documents listing facts of random characters
     stories: int = 2500  # short stories that mention the facts of one or two characters
-    arithmetic_docs: int = 1500  # worked word problems, sums, counting in prose
+    arithmetic_docs: int = 600  # sums and small stories of adding and taking away, in prose
+    math_docs: int = 900  # worked reasoning problems (data/tinymath.py), none of them in the math sets
     llm_docs: int = 200  # short texts on what a language model is
     val_fraction: float = 0.05  # corpus_val.txt's size relative to corpus_train.txt
     math_sft: int = 400  # math problems in sft_train.jsonl
@@ -195,13 +198,23 @@ class Config:
     label_noise: float = 0.1  # probability that a training pair's label is flipped
 
 
+def answers_only(conversations):
+    """The SFT set with each worked math answer cut to its last line, "#### n": the contrast that shows
+    what writing the steps buys (the same conversations otherwise, in the same order)."""
+    cut = lambda m: {**m, "content": "#### " + extract_answer(m["content"])} if "####" in m["content"] else m
+    return [{"messages": [r["messages"][0], cut(r["messages"][1])]} for r in conversations]
+
+
 def generate(cfg: Config) -> dict:
     """Everything, in memory: {file name: records or documents}. Each part has its own random stream."""
     world = make_world(cfg.seed, cfg.n_characters)
     stream = lambda part: random.Random(f"{cfg.seed}/{part}")
-    n_corpus_problems = round(cfg.arithmetic_docs * (1 + cfg.val_fraction))
+    n_corpus_problems = round(cfg.math_docs * (1 + cfg.val_fraction)) + 1
+    # the problems of SFT, GRPO and the test are about seen characters: the unseen ones' facts stay in the
+    # pre-training text alone, where the corpus's worked problems may mention anyone
     math_test, math_grpo, math_sft, corpus_math = make_math(
-        world, [cfg.math_test, cfg.math_grpo, cfg.math_sft, n_corpus_problems], stream("math"))
+        world, [cfg.math_test, cfg.math_grpo, cfg.math_sft, n_corpus_problems], stream("math"),
+        casts=[world.seen] * 3 + [world.characters])
     train_docs = make_corpus(world, cfg, stream("corpus/train"), 1.0, corpus_math)
     seen_docs = set(train_docs)
     val_docs = [d for d in make_corpus(world, cfg, stream("corpus/val"), cfg.val_fraction, corpus_math) if d not in seen_docs]
@@ -210,7 +223,7 @@ def generate(cfg: Config) -> dict:
     return {
         "world": world,
         "corpus_train.txt": train_docs, "corpus_val.txt": val_docs,
-        "sft_train.jsonl": sft_train, "sft_test.jsonl": sft_test,
+        "sft_train.jsonl": sft_train, "sft_answers_only.jsonl": answers_only(sft_train), "sft_test.jsonl": sft_test,
         "prefs_train.jsonl": make_prefs(world, train_prompts, cfg.prefs_train, stream("prefs/train"),
                                         stream("prefs/noise"), cfg.label_noise),
         "prefs_test.jsonl": make_prefs(world, test_prompts, cfg.prefs_test, stream("prefs/test"), stream("unused"), 0.0),
