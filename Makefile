@@ -1,10 +1,11 @@
 # make test: create .venv if missing, install requirements.txt, run the tests.
 # make demo: every stage in order on TinyWorld, then the report (CPU, or a GPU when present).
+# make demo SEED=N: another world and other initialisations (N is passed to TinyWorld and every stage).
 # make clean: remove out/ and data/tinyworld/, so that the next demo redoes every stage.
 # make bench: the speed and memory benchmarks (CPU here; GPU where one is present).
 PY := .venv/bin/python
 
-.PHONY: test bench venv demo clean
+.PHONY: test bench venv demo clean FORCE
 
 venv: .venv/.installed
 
@@ -24,29 +25,39 @@ bench: venv
 # skipped; it runs again when its script or an earlier stage's output is newer. `make clean` redoes all.
 TW := data/tinyworld/meta.json
 STAGE = @printf "\n=== %s ===\n" "$(1)" && $(PY) $(2)
+# SEED=N draws world N and seeds every stage with 1337 + N; the default, 0, is the seeds the scripts default to.
+# out/.seed remembers the last one, so that a new SEED redoes every stage and the same SEED redoes none.
+SEED ?= 0
+RUN_SEED := --seed=$(shell expr 1337 + $(SEED))
 
 demo: venv out/report.md
 	@echo "the whole journey: out/report.md (make clean && make demo runs every stage again)"
 
-$(TW): data/tinyworld.py data/tinyworld_facts.py data/tinyworld_chat.py data/tinymath.py | venv
-	$(call STAGE,TinyWorld: the data,-m data.tinyworld)
+out/.seed: FORCE
+	@mkdir -p out && (echo $(SEED) | cmp -s - $@ || echo $(SEED) > $@)
+FORCE:
+$(TW): out/.seed data/tinyworld.py data/tinyworld_facts.py data/tinyworld_chat.py data/tinymath.py | venv
+	$(call STAGE,TinyWorld: the data (seed $(SEED)),-m data.tinyworld --seed=$(SEED))
 out/tokenizer/tokenizer.json: $(TW) data/tokenizer.py
 	$(call STAGE,the tokenizer,-m data.tokenizer)
 out/pretrain/metrics.json: out/tokenizer/tokenizer.json train_pretrain.py
-	$(call STAGE,stage 1: pre-training,train_pretrain.py)
+	$(call STAGE,stage 1: pre-training,train_pretrain.py $(RUN_SEED))
 out/sft/metrics.json: out/pretrain/metrics.json train_sft.py
-	$(call STAGE,stage 2: instruction fine-tuning,train_sft.py)
+	$(call STAGE,stage 2: instruction fine-tuning,train_sft.py $(RUN_SEED))
+# the contrast: the same SFT budget on the same set with each worked answer cut to "#### n" (report.py compares)
+out/sft_answers_only/metrics.json: out/pretrain/metrics.json train_sft.py
+	$(call STAGE,stage 2 contrast: SFT with answers only,train_sft.py --data=data/tinyworld/sft_answers_only.jsonl --qa_data= --out=out/sft_answers_only $(RUN_SEED))
 out/rm/metrics.json: out/sft/metrics.json train_rm.py
-	$(call STAGE,stage 3a: the reward model,train_rm.py)
+	$(call STAGE,stage 3a: the reward model,train_rm.py $(RUN_SEED))
 out/ppo/metrics.json: out/rm/metrics.json train_ppo.py
-	$(call STAGE,stage 3b: RLHF with PPO,train_ppo.py)
+	$(call STAGE,stage 3b: RLHF with PPO,train_ppo.py $(RUN_SEED))
 out/dpo/metrics.json: out/sft/metrics.json train_dpo.py
-	$(call STAGE,stage 3c: DPO,train_dpo.py)
+	$(call STAGE,stage 3c: DPO,train_dpo.py $(RUN_SEED))
 # GRPO starts from PPO's policy; DPO only runs before it, as the stages are numbered
 out/grpo/metrics.json: out/ppo/metrics.json train_grpo.py | out/dpo/metrics.json
-	$(call STAGE,stage 4: reasoning RL with GRPO,train_grpo.py)
-out/report.md: out/grpo/metrics.json out/dpo/metrics.json report.py evals.py
-	$(call STAGE,the report,report.py)
+	$(call STAGE,stage 4: reasoning RL with GRPO,train_grpo.py $(RUN_SEED))
+out/report.md: out/grpo/metrics.json out/dpo/metrics.json out/sft_answers_only/metrics.json report.py evals.py
+	$(call STAGE,the report,report.py $(RUN_SEED))
 
 clean:
 	rm -rf out data/tinyworld

@@ -3,12 +3,14 @@ so that every figure of a stage is computed by the same function wherever it app
 import torch
 
 import common
-from data import tinyworld
+from data import tinymath, tinyworld
 
 
 @torch.no_grad()
 def generate_batched(model, prompts, max_new_tokens, stop_tokens=(), batch_size=64, temperature=0.0, generator=None):
     """model.generate over a long list of prompts, batch_size at a time (greedy by default)."""
+    if max_new_tokens <= 0:  # the prompts fill the context: nothing to say
+        return [[] for _ in prompts]
     was_training = model.training
     model.eval()
     outs = []
@@ -57,13 +59,13 @@ def qa_accuracy(model, tok, records, max_new_tokens=96, n_examples=2):
     return result
 
 
-def chat_replies(model, tok, questions, max_new_tokens=64, temperature=0.0, generator=None):
+def chat_replies(model, tok, questions, max_new_tokens=64, temperature=0.0, generator=None, batch_size=64):
     """Replies to single-turn user questions through the chat template, greedy unless a temperature
     is given. Returns (prompt ids, reply ids as generated, reply texts without the special tokens)."""
     prompts = [tok.render_prompt([{"role": "user", "content": q}]) for q in questions]
     limit = min(max_new_tokens, model.config.block_size - max(map(len, prompts)))
     outs = generate_batched(model, prompts, limit, stop_tokens=[tok.end_id, tok.eot_id],
-                            temperature=temperature, generator=generator)
+                            temperature=temperature, generator=generator, batch_size=batch_size)
     texts = [tok.decode(t for t in o if t not in (tok.end_id, tok.eot_id)) for o in outs]
     return prompts, outs, texts
 
@@ -91,11 +93,39 @@ def gold_win_rate(model, baseline, tok, questions, max_new_tokens=64, world=None
             "examples": list(zip(questions, mine, theirs))[:n_examples]}
 
 
-def math_accuracy(model, tok, records, max_new_tokens=96):
-    """Greedy pass@1 on {"question", "answer"} math problems: the number after the reply's "####"
-    must equal the answer's (`tinyworld.check_answer`)."""
-    texts = chat_replies(model, tok, [r["question"] for r in records], max_new_tokens)[2]
-    return sum(tinyworld.check_answer(t, r["answer"]) for t, r in zip(texts, records)) / len(records)
+def math_eval(model, tok, records, max_new_tokens=48, k=8, seed=1337, world=None, n_examples=2):
+    """Held-out problems ({"question", "answer" ending in "#### n", optional "level"}): greedy accuracy
+    (pass@1); the share solved by at least one of k answers sampled at temperature 1 (pass@k, when
+    k > 0); given a TinyWorld world, the share of the reference's steps the greedy answers state
+    correctly (`tinymath.check_steps`); the greedy answers' mean length in tokens. Overall, and for
+    each level in "levels". The same samples for the same seed."""
+    questions = [r["question"] for r in records]
+    _, outs, greedy = chat_replies(model, tok, questions, max_new_tokens)
+    right = [tinyworld.check_answer(t, r["answer"]) for t, r in zip(greedy, records)]
+    steps = [tinymath.check_steps(t, r["answer"], world)[1:] if world is not None else None
+             for t, r in zip(greedy, records)]
+    solved = right
+    if k > 0:
+        gen = torch.Generator(device=model.lm_head.weight.device).manual_seed(seed)
+        sampled = chat_replies(model, tok, [q for q in questions for _ in range(k)], max_new_tokens,
+                               temperature=1.0, generator=gen, batch_size=256)[2]
+        solved = [any(tinyworld.check_answer(t, r["answer"]) for t in sampled[i * k:(i + 1) * k])
+                  for i, r in enumerate(records)]
+
+    def measures(rows):
+        m = {"pass@1": sum(right[i] for i in rows) / len(rows), "n": len(rows)}
+        if k > 0:
+            m[f"pass@{k}"] = sum(solved[i] for i in rows) / len(rows)
+        if world is not None:
+            m["steps"] = sum(steps[i][0] for i in rows) / max(1, sum(steps[i][1] for i in rows))
+        m["length"] = sum(len(outs[i]) for i in rows) / len(rows)
+        return m
+
+    levels = sorted({r["level"] for r in records if "level" in r})
+    result = measures(range(len(records)))
+    result["levels"] = {lv: measures([i for i, r in enumerate(records) if r.get("level") == lv]) for lv in levels}
+    result["examples"] = list(zip(questions, greedy))[:n_examples]
+    return result
 
 
 @torch.no_grad()

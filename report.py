@@ -23,6 +23,7 @@ import common
 import evals
 from common import UserError
 from data import read_documents, read_jsonl, tinyworld
+from data.tinymath import check_answer
 from data.tokenizer import load_tokenizer
 from model import GPT, GPTConfig
 
@@ -32,6 +33,7 @@ class Config:
     out: str = "out"                   # the stages' output directories are here; report.md goes here too
     data: str = "data/tinyworld"       # TinyWorld's files: the held-out sets the measures use
     max_new_tokens: int = 96           # reply length limit (the context's room permitting)
+    math_tokens: int = 72              # answer length limit on the reasoning problems, as train_grpo.py's
     device: str = "auto"               # auto (cuda, mps, cpu), or a torch device name
     seed: int = 1337                   # seeds the random model and the sampled replies of the KL
 
@@ -40,10 +42,44 @@ STAGES = [("0 random init", None), ("1 pre-trained", "pretrain"), ("2 SFT", "sft
           ("3 DPO", "dpo"), ("4 GRPO", "grpo")]
 COLUMNS = [("val_loss", "val loss", "{:.2f}"), ("facts", "facts", "{:.0%}"), ("seen", "QA seen", "{:.0%}"),
            ("unseen", "QA unseen", "{:.0%}"), ("format", "format", "{:.0%}"), ("win", "wins vs SFT", "{:.0%}"),
-           ("math", "math", "{:.0%}"), ("rm_acc", "RM accuracy", "{:.0%}"), ("kl", "KL to SFT", "{:.1f}"),
+           ("math", "math", "{:.0%}"), ("steps", "steps right", "{:.0%}"), ("rm_acc", "RM accuracy", "{:.0%}"), ("kl", "KL to SFT", "{:.1f}"),
            ("seconds", "train s", "{:.0f}")]
 CURVES = {"pretrain": ["loss", "val_loss"], "sft": ["loss", "replay_loss"], "rm": ["accuracy", "test_accuracy"],
           "ppo": ["score", "gold", "kl"], "dpo": ["loss", "reward_accuracy"], "grpo": ["reward", "accuracy"]}
+
+
+def math_measures(model, tok, sets, cfg):
+    """Greedy pass@1 on the held-out problems, the share of their steps stated right, both per level too,
+    and which problems were solved."""
+    m = evals.math_eval(model, tok, sets["math"], cfg.math_tokens, k=0, world=sets["world"], n_examples=len(sets["math"]))
+    solved = [check_answer(text, r["answer"]) for (_, text), r in zip(m["examples"], sets["math"])]
+    return {"math": m["pass@1"], "steps": m["steps"], "levels": m["levels"], "solved": solved}
+
+
+def reasoning_table(rows, grpo_metrics, contrast):
+    """Greedy pass@1 and steps right per level for the stages that write answers, the answers-only SFT
+    contrast when it ran, and GRPO's own pass@k before and after (train_grpo.py's measure)."""
+    labels = [l for l in rows if not l.startswith(("0", "1")) and rows[l].get("levels")]
+    levels = sorted(next(iter(rows[l]["levels"] for l in labels), {}))
+    if not levels:
+        return []
+    lines = ["| stage | " + " | ".join(f"level {lv}: pass@1, steps right" for lv in levels) + " |",
+             "|---|" + "---|" * len(levels)]
+    for label, r in [(l, rows[l]) for l in labels] + ([("2 SFT, answers only (contrast)", contrast)] if contrast else []):
+        cells = [f"{r['levels'][lv]['pass@1']:.0%}, {r['levels'][lv]['steps']:.0%}" for lv in levels]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    before, after = grpo_metrics.get("before"), grpo_metrics.get("after")
+    if before and after:
+        k = next(key for key in after if key.startswith("pass@") and key != "pass@1")
+        measured = sorted(set(before.get("levels", {})) & set(after.get("levels", {})), key=int)  # JSON keys: "1", ...
+        lines += ["", f"GRPO's own measure on its held-out problems (greedy pass@1, and {k}: solved by at least one "
+                      f"of {k[5:]} answers sampled at temperature 1), before -> after:", "",
+                  "| | " + " | ".join(f"level {lv}" for lv in measured) + " | all |",
+                  "|---|" + "---|" * (len(measured) + 1)]
+        for key in ("pass@1", k):
+            cells = [f"{before['levels'][lv][key]:.0%} -> {after['levels'][lv][key]:.0%}" for lv in measured]
+            lines.append(f"| {key} | " + " | ".join(cells) + f" | {before[key]:.0%} -> {after[key]:.0%} |")
+    return lines
 
 
 def measure(model, tok, sets, sft, sft_gold, cfg):
@@ -51,10 +87,11 @@ def measure(model, tok, sets, sft, sft_gold, cfg):
     qa = evals.qa_accuracy(model, tok, sets["qa"], cfg.max_new_tokens)
     gold, _ = evals.gold_scores(model, tok, sets["questions"], cfg.max_new_tokens, sets["world"])
     gen = torch.Generator(device=model.lm_head.weight.device).manual_seed(cfg.seed)
+    reasoning = math_measures(model, tok, sets, cfg)
     return {"val_loss": evals.text_loss(model, sets["val_ids"]), "facts": evals.fact_accuracy(model, tok, sets["world"])[0],
             "seen": qa.get("seen"), "unseen": qa.get("unseen"), "format": qa["format"],
             "win": evals.win_rate(gold, sft_gold) if sft_gold else None,
-            "math": evals.math_accuracy(model, tok, sets["math"], cfg.max_new_tokens),
+            **reasoning,
             "kl": evals.kl_to_reference(model, sft, tok, sets["questions"], generator=gen) if sft else None}
 
 
@@ -131,8 +168,10 @@ def story(rows, vocab_size, grpo_from):
                  "whether or not the gold rater does.",
         "3 DPO": f"**DPO** (the same pairs, no reward model): wins {pct('3 DPO', 'win')} against SFT, "
                  f"{num('3 DPO', 'kl', '{:.1f}')} nats per reply from it.",
-        "4 GRPO": f"**GRPO** (reinforce the sampled solutions a checker marks right): greedy math accuracy "
-                  f"{pct(grpo_from, 'math')} ({grpo_from[2:]}, where it started) -> {pct('4 GRPO', 'math')}.",
+        "4 GRPO": f"**GRPO** (reinforce the sampled solutions a checker marks right): held-out problems solved "
+                  f"greedily {pct(grpo_from, 'math')} ({grpo_from[2:]}, where it started) -> {pct('4 GRPO', 'math')}, "
+                  f"their steps stated right {pct(grpo_from, 'steps')} -> {pct('4 GRPO', 'steps')}: problems it could "
+                  "not solve before, it now solves (by level below).",
     }
     return [f"- {line}" for label, line in lines.items() if label in rows]
 
@@ -175,6 +214,11 @@ def main(cfg):
         acc = evals.reward_accuracy(rm.to(device), tok, read_jsonl(data / "prefs_test.jsonl"), world)
         rows["3 reward model"] = {"rm_acc": acc["all"], "rm_facts": acc.get("facts"), "rm_style": acc.get("style"),
                                   "seconds": rm_metrics.get("train_seconds")}
+    contrast = None
+    if (out / "sft_answers_only" / "ckpt.pt").is_file():  # SFT on the same set with "#### n" for each worked answer
+        print("report: measuring the answers-only SFT contrast ...", flush=True)
+        short = common.gpt_from_checkpoint(common.load_checkpoint(out / "sft_answers_only" / "ckpt.pt", ["sft"]), tok)
+        contrast = math_measures(short.to(device).eval(), tok, sets, cfg)
     order = [label for label, _ in STAGES[:3]] + ["3 reward model"] + [label for label, _ in STAGES[3:]]
     header = "| stage | " + " | ".join(name for _, name, _ in COLUMNS) + " |"
     table = [header, "|" + "---|" * (len(COLUMNS) + 1)]
@@ -182,9 +226,15 @@ def main(cfg):
         values = [fmt.format(rows[label][k]) if rows[label].get(k) is not None else "" for k, _, fmt in COLUMNS]
         table.append(f"| {label} | " + " | ".join(values) + " |")
 
-    # the journey: the same prompts, every stage's greedy reply
+    # the journey: the same prompts, every stage's greedy reply. The problem is the first held-out one that
+    # GRPO solves and its starting checkpoint did not, when there is one: the change stage 4 makes, shown.
+    started = Path(models.get("4 GRPO", (None, {}))[1].get("init", "")).parent.name  # out/<stage>/ckpt.pt
+    grpo_from = next((label for label, stage in STAGES if stage == started), "2 SFT")
     unseen = next((r for r in sets["qa"] if r.get("split") == "unseen"), sets["qa"][0])
-    prompts = ["What is an LLM?", unseen["messages"][-1]["content"], sets["math"][0]["question"]]
+    newly = [i for i, (a, b) in enumerate(zip(rows.get("4 GRPO", {}).get("solved", []),
+                                              rows.get(grpo_from, {}).get("solved", []))) if a and not b]
+    problem = sets["math"][newly[0] if newly else 0]["question"]
+    prompts = ["What is an LLM?", unseen["messages"][-1]["content"], problem]
     journey = []
     for prompt in prompts:
         journey += [f"**{prompt}**", "", "| stage | reply |", "|---|---|"]
@@ -202,8 +252,6 @@ def main(cfg):
                     "the learned reward climbs while the gold rater's score falls, reward hacking:", "",
                     "![reward hacking](ppo/no_kl/reward_vs_gold.png)", ""]
 
-    started = Path(models.get("4 GRPO", (None, {}))[1].get("init", "")).parent.name  # out/<stage>/ckpt.pt
-    grpo_from = next((label for label, stage in STAGES if stage == started), "2 SFT")
     machine = torch.cuda.get_device_name(device) if device.startswith("cuda") else \
         f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
     md = ["# The journey: from random weights to an assistant", "",
@@ -214,6 +262,12 @@ def main(cfg):
           "greedy math accuracy; the reward model's accuracy on held-out preference pairs; KL to SFT in nats per "
           "sampled reply; seconds of training.", "", *table, "", "## What each stage did", "",
           *story(rows, base["model_args"]["vocab_size"], grpo_from), "",
+          "## Reasoning, level by level", "",
+          "Held-out problems about the characters' facts (level = how many characters a problem is about), greedy: "
+          "the share solved and the share of their steps stated right (`tinymath.check_steps`). The contrast row, when "
+          "present, is SFT with the same budget on the same set whose worked answers were cut to `#### n`: what writing "
+          "the steps buys.", "", *reasoning_table(rows, models.get("4 GRPO", (None, {}))[1], contrast), "",
+          f"The journey's problem below is {'the first held-out one GRPO solves and ' + grpo_from[2:] + ' did not' if newly else 'the first held-out one'}.", "",
           "## The same prompts, every stage", "", *journey, "## Training curves", "", *figures]
     (out / "report.md").write_text("\n".join(md) + "\n")
     print("\n".join(table))

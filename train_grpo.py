@@ -34,7 +34,8 @@ import torch
 import common
 import evals
 from common import UserError, print0
-from data.tinymath import check_answer, extract_answer
+from data.tinymath import check_answer, check_steps, extract_answer
+from data.tinyworld_facts import load_world
 from data.tokenizer import load_tokenizer
 
 
@@ -48,9 +49,10 @@ class Config:
     resume: bool = False               # continue exactly from out/ckpt.pt (optimizer, step, RNG)
     prompts_per_step: int = 8          # problems per step, over all processes
     group_size: int = 8                # answers sampled per problem (G)
-    max_new_tokens: int = 48           # answer length limit, in training and evaluation (TinyWorld's: 45 at most)
+    max_new_tokens: int = 72           # answer length limit, in training and evaluation (TinyWorld's: 69 at most)
     temperature: float = 1.0           # sampling temperature of the rollouts
     format_reward: float = 0.0         # extra reward for an answer that ends its turn with "#### <number>"
+    step_reward: float = 0.0           # extra reward per share of the reference's steps stated right (TinyWorld)
     scale: str = "group"               # advantages divided by the group's std (group), or not (none: Dr. GRPO)
     skip_all_equal: bool = True        # leave groups with all-equal rewards out of the update (DAPO)
     loss_type: str = "grpo"            # grpo (mean per answer), dr_grpo (sum / G*max_new_tokens), dapo (token mean)
@@ -68,6 +70,7 @@ class Config:
     grad_clip: float = 1.0             # clip the gradient norm to this (0: off)
     pass_k: int = 8                    # samples per held-out problem for pass@k
     test_limit: int = 0                # held-out problems evaluated (0: all)
+    world: str = "data/tinyworld"      # the TinyWorld whose facts the step checker knows (empty: none, as for GSM8K)
     eval_every: int = 20               # steps between checkpoints
     log_every: int = 10                # steps between printed lines
     device: str = "auto"               # auto (cuda, mps, cpu), or a torch device name
@@ -79,17 +82,23 @@ PRESETS = {
     # GSM8K (python -m data.prepare_gsm8k) on a model fine-tuned with train_sft.py --preset=gpu
     "gpu": dict(data="data/real/gsm8k_train.jsonl", test_data="data/real/gsm8k_test.jsonl", prompts_per_step=32,
                 group_size=8, max_new_tokens=256, format_reward=0.1, eps_high=0.28, lr=1e-6, min_lr=1e-6,
-                max_steps=500, micro_batch=32, test_limit=500, eval_every=50, log_every=5, compile=True),
+                max_steps=500, micro_batch=32, test_limit=500, world="", eval_every=50, log_every=5, compile=True),
 }
 
 
 # ----------------------------------------------------------------------------- the reward and the loss
 
-def reward(completion, answer, ended, format_reward=0.0):
+def reward(completion, answer, ended, format_reward=0.0, step_reward=0.0, world=None):
     """1 if the completion's number after its last "####" equals the answer's, else 0; plus
-    format_reward when the completion ended its turn (<|end|>) with such a number, right or wrong."""
+    format_reward when the completion ended its turn (<|end|>) with such a number, right or wrong;
+    plus step_reward times the share of the reference's steps the completion states right (given
+    the TinyWorld world that `check_steps` marks them against)."""
     well_formed = ended and extract_answer(completion) is not None
-    return float(check_answer(completion, answer)) + format_reward * well_formed
+    r = float(check_answer(completion, answer)) + format_reward * well_formed
+    if step_reward and world is not None:
+        _, right, total = check_steps(completion, answer, world)
+        r += step_reward * right / max(total, 1)
+    return r
 
 
 def group_advantages(rewards, group_size, scale="group", eps=1e-4):
@@ -177,26 +186,18 @@ def decode(tok, ids):  # an answer's text, without the special tokens that end i
     return tok.decode(t for t in ids if t not in (tok.end_id, tok.eot_id))
 
 
-def math_eval(model, tok, problems, cfg, device):
-    """Greedy accuracy (pass@1), the share solved by at least one of pass_k samples at temperature 1
-    (pass@k), and the greedy answers' mean length in tokens. Same sampling seed every time."""
-    stops = [tok.end_id, tok.eot_id]
-    prompts = [p["prompt"] for p in problems]
-    greedy = evals.generate_batched(model, prompts, cfg.max_new_tokens, stop_tokens=stops)
-    right = [check_answer(decode(tok, g), p["answer"]) for g, p in zip(greedy, problems)]
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    samples = evals.generate_batched(model, [q for q in prompts for _ in range(cfg.pass_k)], cfg.max_new_tokens,
-                                     stop_tokens=stops, temperature=1.0, generator=gen, batch_size=256)
-    solved = [any(check_answer(decode(tok, s), p["answer"]) for s in samples[i * cfg.pass_k:(i + 1) * cfg.pass_k])
-              for i, p in enumerate(problems)]
-    return {"pass@1": sum(right) / len(problems), f"pass@{cfg.pass_k}": sum(solved) / len(problems),
-            "length": sum(map(len, greedy)) / len(greedy), "n": len(problems),
-            "examples": [(p["question"], decode(tok, g)) for p, g in zip(problems[:2], greedy)]}
+def evaluate(model, tok, problems, cfg, world):
+    """pass@1, pass@k and steps right on the held-out problems, overall and per level (evals.math_eval)."""
+    return evals.math_eval(model, tok, problems, cfg.max_new_tokens, cfg.pass_k, cfg.seed, world)
 
 
 def report(result, label, k):
-    print0(f"grpo: {label}: held-out pass@1 {result['pass@1']:.1%}, pass@{k} {result[f'pass@{k}']:.1%}, "
-           f"greedy answers {result['length']:.1f} tokens long (of {result['n']} problems)")
+    levels = result["levels"]
+    by_level = "; ".join(f"level {lv}: {m['pass@1']:.0%} / {m[f'pass@{k}']:.0%}" for lv, m in levels.items())
+    steps = f", steps right {result['steps']:.1%}" if "steps" in result else ""
+    print0(f"grpo: {label}: held-out pass@1 {result['pass@1']:.1%}, pass@{k} {result[f'pass@{k}']:.1%}{steps}, "
+           f"greedy answers {result['length']:.1f} tokens long (of {result['n']} problems)"
+           + (f"\n    pass@1 / pass@{k} by {by_level}" if levels else ""))
     for question, answer in result.pop("examples"):
         print0(f"    {question!r}\n      -> {answer!r}")
 
@@ -206,7 +207,7 @@ def default_init():
     return next((p for p in ("out/ppo/ckpt.pt", "out/dpo/ckpt.pt") if Path(p).is_file()), "out/sft/ckpt.pt")
 
 
-def rollouts(model, tok, problems, picks, cfg):
+def rollouts(model, tok, problems, picks, cfg, world):
     """G answers to each picked problem, sampled together with the KV cache, and the verifier's
     rewards. Returns (prompts, answers, rewards, correct), one entry per answer, grouped by problem."""
     prompts = [problems[i]["prompt"] for i in picks for _ in range(cfg.group_size)]
@@ -214,7 +215,7 @@ def rollouts(model, tok, problems, picks, cfg):
     answers = evals.generate_batched(model, prompts, cfg.max_new_tokens, stop_tokens=[tok.end_id, tok.eot_id],
                                      batch_size=len(prompts), temperature=cfg.temperature)
     texts = [decode(tok, a) for a in answers]
-    rewards = torch.tensor([reward(t, r, a[-1:] == [tok.end_id], cfg.format_reward)
+    rewards = torch.tensor([reward(t, r, a[-1:] == [tok.end_id], cfg.format_reward, cfg.step_reward, world)
                             for t, r, a in zip(texts, refs, answers)])
     return prompts, answers, rewards, [check_answer(t, r) for t, r in zip(texts, refs)]
 
@@ -297,6 +298,7 @@ def main(cfg):
         raise UserError(f"no problem in {cfg.data} fits the context with --max_new_tokens={cfg.max_new_tokens} "
                         f"({dropped} too long): lower --max_new_tokens or give shorter problems")
     test = load_problems(cfg.test_data, tok, room)[0][:cfg.test_limit or None] if cfg.test_data else []
+    rater = load_world(cfg.world) if cfg.world else None  # the world whose facts the steps are marked against
     print0(f"grpo: {len(problems):,} problems from {cfg.data}, {dropped} dropped as too long for the context; "
            f"{cfg.prompts_per_step} problems x {cfg.group_size} answers per step")
 
@@ -316,7 +318,7 @@ def main(cfg):
     log = common.Logger(cfg.out, "grpo", cfg.max_steps, resume=cfg.resume, start_step=step)
     before = ckpt.get("eval_before") if cfg.resume else None
     if step == 0 and test and common.is_master():
-        before = math_eval(raw_model, tok, test, cfg, device)
+        before = evaluate(raw_model, tok, test, cfg, rater)
         report(before, "before", cfg.pass_k)
         log.log(0, printed=False, **{f"test/{k}": v for k, v in before.items()})
 
@@ -330,7 +332,7 @@ def main(cfg):
                 group["lr"] = lr
             # 1-2. this rank's share of the step's problems, G answers to each, and their rewards
             picks = torch.randint(len(problems), (cfg.prompts_per_step,), generator=data_gen)[rank::world].tolist()
-            prompts, answers, rewards, correct = rollouts(raw_model, tok, problems, picks, cfg)
+            prompts, answers, rewards, correct = rollouts(raw_model, tok, problems, picks, cfg, rater)
             tokens_since += sum(map(len, answers))
 
             # 3. advantages within each group; all-equal groups carry no signal
@@ -379,7 +381,7 @@ def main(cfg):
 
     summary = {"steps": step, "train_seconds": train_seconds, "init": init, "loss_type": cfg.loss_type}
     if test and common.is_master():
-        after = math_eval(raw_model, tok, test, cfg, device)
+        after = evaluate(raw_model, tok, test, cfg, rater)
         report(after, "after", cfg.pass_k)
         log.log(step, printed=False, **{f"test/{k}": v for k, v in after.items()})
         summary.update(before=before, after=after)

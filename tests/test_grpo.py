@@ -10,6 +10,7 @@ from hypothesis import assume, given, strategies as st
 import common
 import train_grpo
 from conftest import error_line, run_script
+from data.tinyworld_facts import make_world
 from train_grpo import Config, group_advantages, grpo_loss, k3, reward
 
 # ----------------------------------------------------------------------------- group advantages
@@ -111,7 +112,8 @@ def test_raising_eps_high_loosens_only_the_upper_clip(log_ratio, a, eps_low, eps
         assert loose.item() == pytest.approx(-a * min(rho, 1 + eps_high + more), abs=1e-9)
 
 
-@given(st.floats(-3, 3), st.floats(-2, 2), st.floats(0.05, 0.5))
+# advantages are 0 or of a size a gradient can carry: 5e-324 times a ratio of 1 underflows to a zero gradient
+@given(st.floats(-3, 3), st.floats(-2, 2).filter(lambda a: a == 0 or abs(a) > 1e-100), st.floats(0.05, 0.5))
 def test_a_token_past_the_clip_in_its_advantage_s_direction_has_no_gradient(log_ratio, a, eps):
     logp = torch.tensor([[log_ratio]], dtype=torch.float64, requires_grad=True)
     loss, stats = grpo_loss(logp, torch.zeros(1, 1, dtype=torch.float64), None, torch.tensor([a], dtype=torch.float64),
@@ -186,6 +188,34 @@ def test_the_format_reward_needs_a_finished_turn_with_a_number():
     assert reward("#### 5", 7, ended=False, format_reward=0.1) == 0.0  # cut off at the length limit
     assert reward("the answer is 7", 7, ended=True, format_reward=0.1) == 0.0
 
+WORLD = make_world(0, 48)
+LUCY = WORLD.seen[0]
+PROBLEM = f"{LUCY.name}'s pet is a {LUCY.pet}.\n{LUCY.name} gets 4 apples.\n#### 4"
+OTHER_PET = next(p for p in ("cat", "dog", "pony") if p != LUCY.pet)
+ANSWERS = [  # (a model's answer, how many of the reference's two steps it states right)
+    ("", 0), ("#### 4", 0), (f"{LUCY.name}'s pet is a {OTHER_PET}.\n#### 4", 0),
+    (f"{LUCY.name}'s pet is a {LUCY.pet}.\n#### 5", 1), (f"{LUCY.name} gets 4 apples.\n#### 4", 1),
+    (f"{LUCY.name}'s pet is a {LUCY.pet}.\n{LUCY.name} gets 4 apples.\n#### 4", 2),
+    (f"{LUCY.name}'s pet is a {LUCY.pet}.\n{LUCY.name} gets 4 apples.\n#### 5", 2)]
+
+
+@given(st.sampled_from(ANSWERS), st.floats(0, 1), st.floats(0, 1), st.booleans())
+def test_the_step_reward_is_bounded_and_grows_with_the_steps_right(answer, step_reward, format_reward, ended):
+    text, steps_right = answer
+    r = reward(text, PROBLEM, ended, format_reward, step_reward, WORLD)
+    right = text.endswith("#### 4")
+    assert 0 <= r <= 1 + format_reward + step_reward
+    assert r == pytest.approx(right + format_reward * (ended and "####" in text) + step_reward * steps_right / 2)
+    assert reward("", PROBLEM, ended, format_reward, step_reward, WORLD) == 0.0
+    for other, other_steps in ANSWERS:  # more steps right, same final answer and format: never less reward
+        if other_steps > steps_right and other.endswith("#### 4") == right and ("####" in other) == ("####" in text):
+            assert reward(other, PROBLEM, ended, format_reward, step_reward, WORLD) >= r
+
+
+def test_the_step_reward_needs_a_world():
+    assert reward(PROBLEM, PROBLEM, True, step_reward=0.5) == 1.0
+    assert reward(PROBLEM, PROBLEM, True, step_reward=0.5, world=WORLD) == 1.5
+
 # ----------------------------------------------------------------------------- end to end
 
 
@@ -219,7 +249,7 @@ def test_tiny_run_samples_rewards_evaluates_and_saves(tiny_world, tiny_sft, tmp_
     assert "a grpo checkpoint" in capsys.readouterr().out and cfg.lr == train_grpo.PRESETS["gpu"]["lr"]
 
 
-def fake_reward(completion, answer, ended, format_reward=0.0):
+def fake_reward(completion, answer, ended, format_reward=0.0, step_reward=0.0, world=None):
     """A tiny model never gets a sum right; reward answers by length instead, so the update has signal."""
     return float(len(completion) % 3 == 0)
 
