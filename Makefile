@@ -25,6 +25,9 @@ bench: venv
 # skipped; it runs again when its script or an earlier stage's output is newer. `make clean` redoes all.
 TW := data/tinyworld/meta.json
 STAGE = @printf "\n=== %s ===\n" "$(1)" && $(PY) $(2)
+# report.py measures every stage on the held-out sets, so the demo skips the stages' own copies of those
+# measures (the held-out QA and head-to-heads each script prints when run alone): each is computed once.
+SKIP_EVALS := --qa_data=
 # SEED=N draws world N and seeds every stage with 1337 + N; the default, 0, is the seeds the scripts default to.
 # out/.seed remembers the last one, so that a new SEED redoes every stage and the same SEED redoes none.
 SEED ?= 0
@@ -43,16 +46,16 @@ out/tokenizer/tokenizer.json: $(TW) data/tokenizer.py
 out/pretrain/metrics.json: out/tokenizer/tokenizer.json train_pretrain.py
 	$(call STAGE,stage 1: pre-training,train_pretrain.py $(RUN_SEED))
 out/sft/metrics.json: out/pretrain/metrics.json train_sft.py
-	$(call STAGE,stage 2: instruction fine-tuning,train_sft.py $(RUN_SEED))
+	$(call STAGE,stage 2: instruction fine-tuning,train_sft.py $(SKIP_EVALS) $(RUN_SEED))
 # the contrast: the same SFT budget on the same set with each worked answer cut to "#### n" (report.py compares)
 out/sft_answers_only/metrics.json: out/pretrain/metrics.json train_sft.py
 	$(call STAGE,stage 2 contrast: SFT with answers only,train_sft.py --data=data/tinyworld/sft_answers_only.jsonl --qa_data= --out=out/sft_answers_only $(RUN_SEED))
 out/rm/metrics.json: out/sft/metrics.json train_rm.py
 	$(call STAGE,stage 3a: the reward model,train_rm.py $(RUN_SEED))
 out/ppo/metrics.json: out/rm/metrics.json train_ppo.py
-	$(call STAGE,stage 3b: RLHF with PPO,train_ppo.py $(RUN_SEED))
+	$(call STAGE,stage 3b: RLHF with PPO,train_ppo.py $(SKIP_EVALS) --test_data= $(RUN_SEED))
 out/dpo/metrics.json: out/sft/metrics.json train_dpo.py
-	$(call STAGE,stage 3c: DPO,train_dpo.py $(RUN_SEED))
+	$(call STAGE,stage 3c: DPO,train_dpo.py $(SKIP_EVALS) --test_data= --world= $(RUN_SEED))
 # GRPO starts from PPO's policy; DPO only runs before it, as the stages are numbered
 out/grpo/metrics.json: out/ppo/metrics.json train_grpo.py | out/dpo/metrics.json
 	$(call STAGE,stage 4: reasoning RL with GRPO,train_grpo.py $(RUN_SEED))

@@ -6,9 +6,10 @@
 For each stage whose checkpoint exists (0 random init, 1 pre-training, 2 SFT, 3 PPO, 3 DPO, 4 GRPO)
 every measure is computed fresh from the checkpoint by the functions the stages use (evals.py) on
 TinyWorld's held-out sets: validation loss on the corpus, fact completion, held-out answers about
-seen and unseen characters and their format, head-to-head wins against SFT by the gold rater, math
-accuracy, and KL to SFT; the reward model gets its pairwise accuracy. Then the same three prompts are
-put to every stage, and each stage's training curves are drawn from its log.jsonl.
+seen and unseen characters and their format, head-to-head wins against SFT by the gold rater, the
+reasoning problems solved and their steps right (per level too, beside the answers-only SFT run when
+out/sft_answers_only exists), and KL to SFT; the reward model gets its pairwise accuracy. Then the
+same three prompts are put to every stage, and each stage's training curves are drawn from its log.jsonl.
 """
 import json
 import math
@@ -259,7 +260,8 @@ def main(cfg):
           f"`{out}/`. Columns: validation loss on the corpus; greedy fact completion (all characters); held-out "
           "questions about characters seen in SFT and unseen (whose facts only pre-training supplied), and the share "
           "of replies that end with <|end|>; head-to-head wins against SFT by the gold rater (ties count half); "
-          "greedy math accuracy; the reward model's accuracy on held-out preference pairs; KL to SFT in nats per "
+          "held-out reasoning problems solved greedily, and the share of their steps stated right; the reward "
+          "model's accuracy on held-out preference pairs; KL to SFT in nats per "
           "sampled reply; seconds of training.", "", *table, "", "## What each stage did", "",
           *story(rows, base["model_args"]["vocab_size"], grpo_from), "",
           "## Reasoning, level by level", "",

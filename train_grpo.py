@@ -1,28 +1,33 @@
 """Stage 4, reasoning RL with verifiable rewards (GRPO): reinforce the answers a checker marks right.
 
-    python train_grpo.py                    # TinyWorld math on a CPU, about a minute of training, from
-                                            # out/ppo, else out/dpo, else out/sft
+    python train_grpo.py                    # TinyWorld's reasoning problems on a CPU, about a minute of
+                                            # training, from out/ppo, else out/dpo, else out/sft
     python train_grpo.py --loss_type=dr_grpo
     python train_grpo.py --preset=gpu       # GSM8K on one GPU (python -m data.prepare_gsm8k first)
     torchrun --standalone --nproc_per_node=8 train_grpo.py --preset=gpu
 
 Each step takes a few problems, asks each through the chat template and samples a group of G answers
 at temperature 1, all at once with the KV cache. A verifier scores them: 1 when the number after the
-last "####" is the reference's, else 0, plus an optional small reward for the format alone. There is
-no critic: an answer's advantage is its reward against its own group's, (r - mean) / (std + eps)
+last "####" is the reference's, else 0; optional extras reward the format alone (--format_reward) or
+each of the reference's steps stated right (--step_reward, TinyWorld's step checker). There is no
+critic: an answer's advantage is its reward against its own group's, (r - mean) / (std + eps)
 (`group_advantages`), so a group whose answers are all right or all wrong says nothing; those are
 counted and left out of the update. The loss is PPO's clipped surrogate on every answer token plus a
 k3 KL penalty to the starting model (`grpo_loss`), averaged per answer (grpo), over a fixed length
 (dr_grpo) or per token (dapo), which weigh long and short answers differently.
 
 Before and after, the held-out problems are answered greedily (pass@1) and sampled --pass_k times at
-temperature 1 (pass@k: solved at least once). Writes out/grpo/ckpt.pt, log.jsonl and metrics.json.
+temperature 1 (pass@k: solved at least once), overall and per level, with the share of their steps
+stated right. Writes out/grpo/ckpt.pt, log.jsonl and metrics.json.
 
-What to expect on TinyWorld: little. The 1M-parameter model from the earlier stages solves about 4%
-of the held-out problems (copying the question's numbers and items into its work is what it gets
-wrong most), and the default minute of GRPO gains a few points: from PPO's checkpoint in the demo,
-1.5% -> 6.0% greedy and pass@8 9% -> 19.5%. On problems it solves now and then (every number at
-most 20: 9.5% greedy, a third within 8 samples) the same run gains about 6 points (9.5% -> 15.0%).
+What to expect on TinyWorld (data/tinymath.py): little, yet. The model from the earlier stages solves
+a good share of the held-out problems greedily and most of them within 8 samples, so there is room;
+but what it gets wrong is mostly which number of the question goes with which rule, and there it
+guesses: the 1M-parameter model has not learned to copy from its context. RL sharpens what a model
+does sometimes for a reason; it cannot sharpen a guess. So far, at 8 or 16 problems a step and
+learning rates from 1e-4 to 1e-3, pass@1 stays about where it started and pass@8 falls (the answers
+grow alike); the README has the measured figures. Partial credit for the steps (--step_reward) is
+off: no run has shown it to help.
 """
 import math
 import time
