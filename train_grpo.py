@@ -303,7 +303,8 @@ def main(cfg):
         raise UserError(f"no problem in {cfg.data} fits the context with --max_new_tokens={cfg.max_new_tokens} "
                         f"({dropped} too long): lower --max_new_tokens or give shorter problems")
     test = load_problems(cfg.test_data, tok, room)[0][:cfg.test_limit or None] if cfg.test_data else []
-    rater = load_world(cfg.world) if cfg.world else None  # the world whose facts the steps are marked against
+    # the world whose facts the steps are marked against: wanted by the evaluation and the step reward
+    rater = load_world(cfg.world) if cfg.world and (test or cfg.step_reward) else None
     print0(f"grpo: {len(problems):,} problems from {cfg.data}, {dropped} dropped as too long for the context; "
            f"{cfg.prompts_per_step} problems x {cfg.group_size} answers per step")
 

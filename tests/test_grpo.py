@@ -222,7 +222,7 @@ def test_the_step_reward_needs_a_world():
 def grpo_flags(tiny_world, init, out, *extra):
     d = tiny_world["data"]
     return [f"--init={init}", f"--out={out}", f"--data={d / 'math_train.jsonl'}",
-            f"--test_data={d / 'math_test.jsonl'}", "--prompts_per_step=2", "--group_size=4", "--max_new_tokens=16",
+            f"--test_data={d / 'math_test.jsonl'}", f"--world={d}", "--prompts_per_step=2", "--group_size=4", "--max_new_tokens=16",
             "--pass_k=2", "--test_limit=4", "--log_every=1", *extra]
 
 

@@ -19,7 +19,7 @@ def test_every_stage_chains_into_the_next_and_the_report_reads_them_all(tiny_wor
          f"--init={out / 'sft' / 'ckpt.pt'}", f"--reward_model={out / 'rm' / 'ckpt.pt'}", *small),
         ("train_dpo.py", f"--data={d / 'prefs_train.jsonl'}", "--test_data=", "--qa_data=", "--world=",
          "--batch_size=4", f"--init={out / 'sft' / 'ckpt.pt'}", *small),
-        ("train_grpo.py", f"--data={d / 'math_train.jsonl'}", f"--test_data={d / 'math_test.jsonl'}",
+        ("train_grpo.py", f"--data={d / 'math_train.jsonl'}", f"--test_data={d / 'math_test.jsonl'}", f"--world={d}",
          "--prompts_per_step=2", "--group_size=2", "--max_new_tokens=8", "--pass_k=2", "--test_limit=2",
          f"--init={out / 'ppo' / 'ckpt.pt'}", *small),
     ]
