@@ -98,7 +98,8 @@ def math_eval(model, tok, records, max_new_tokens=48, k=8, seed=1337, world=None
     (pass@1); the share solved by at least one of k answers sampled at temperature 1 (pass@k, when
     k > 0); given a TinyWorld world, the share of the reference's steps the greedy answers state
     correctly (`tinymath.check_steps`); the greedy answers' mean length in tokens. Overall, and for
-    each level in "levels". The same samples for the same seed."""
+    each level in "levels"; and "solved", each problem's greedy verdict. The same samples for the
+    same seed."""
     questions = [r["question"] for r in records]
     _, outs, greedy = chat_replies(model, tok, questions, max_new_tokens)
     right = [tinyworld.check_answer(t, r["answer"]) for t, r in zip(greedy, records)]
@@ -125,6 +126,7 @@ def math_eval(model, tok, records, max_new_tokens=48, k=8, seed=1337, world=None
     result = measures(range(len(records)))
     result["levels"] = {lv: measures([i for i, r in enumerate(records) if r.get("level") == lv]) for lv in levels}
     result["examples"] = list(zip(questions, greedy))[:n_examples]
+    result["solved"] = right  # each problem's greedy verdict, in order
     return result
 
 
