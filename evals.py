@@ -7,7 +7,7 @@ from data import tinymath, tinyworld
 
 
 @torch.no_grad()
-def generate_batched(model, prompts, max_new_tokens, stop_tokens=(), batch_size=64, temperature=0.0, generator=None):
+def generate_batched(model, prompts, max_new_tokens, stop_tokens=(), batch_size=256, temperature=0.0, generator=None):
     """model.generate over a long list of prompts, batch_size at a time (greedy by default)."""
     if max_new_tokens <= 0:  # the prompts fill the context: nothing to say
         return [[] for _ in prompts]
@@ -59,7 +59,7 @@ def qa_accuracy(model, tok, records, max_new_tokens=96, n_examples=2):
     return result
 
 
-def chat_replies(model, tok, questions, max_new_tokens=64, temperature=0.0, generator=None, batch_size=64):
+def chat_replies(model, tok, questions, max_new_tokens=64, temperature=0.0, generator=None, batch_size=256):
     """Replies to single-turn user questions through the chat template, greedy unless a temperature
     is given. Returns (prompt ids, reply ids as generated, reply texts without the special tokens)."""
     prompts = [tok.render_prompt([{"role": "user", "content": q}]) for q in questions]

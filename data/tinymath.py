@@ -29,6 +29,7 @@ at most three small numbers: within reach of the small CPU model, sometimes.
 wrong against the world; `extract_answer` and `check_answer` are the verifier that GRPO and the
 evals use, on TinyWorld's problems and on GSM8K's alike (data/prepare_gsm8k.py).
 """
+import functools
 import re
 from decimal import Decimal, InvalidOperation
 
@@ -127,15 +128,30 @@ def numbers(line):
     return [int(n) for n in re.findall(r"\d+", line)]
 
 
+# compiled once: the step checker reads every line of every answer an evaluation writes. A kind's
+# values are first looked for all at once, and one by one only in a line that has one of them.
+def word_pattern(words, flags=0):
+    return re.compile(r"(?<!\w)(" + "|".join(map(re.escape, words)) + r")(?!\w)", flags)
+
+
+VALUE_PATTERNS = {kind: (word_pattern(values, re.I), [(v, word_pattern([v], re.I)) for v in values])
+                  for kind, values in VALUES.items()}
+
+
+@functools.lru_cache(maxsize=16)
+def name_pattern(names):
+    return word_pattern(names)
+
+
 def fact_claims(line, world):
     """(character, kind, values) for each fact the line states: the character it names and the values
     of a kind it mentions. A line naming no character, or no value, claims nothing."""
-    names = [c for c in world.characters if re.search(rf"\b{c.name}\b", line)]
+    names = set(name_pattern(tuple(c.name for c in world.characters)).findall(line))
     claims = []
-    for kind, values in VALUES.items():
-        said = [v for v in values if re.search(rf"(?<!\w){re.escape(v)}(?!\w)", line, re.I)]
+    for kind, (any_value, patterns) in VALUE_PATTERNS.items():
+        said = [v for v, pattern in patterns if pattern.search(line)] if any_value.search(line) else []
         if said and len(names) == 1:
-            claims.append((names[0].name, kind, said))
+            claims.append((next(iter(names)), kind, said))
     return claims
 
 

@@ -44,6 +44,17 @@ def test_batch_of_different_lengths_equals_one_by_one(prompts, rope):
     assert batched == alone
 
 
+@settings(max_examples=10, deadline=None)
+@given(prompts=st.lists(st.lists(st.integers(0, 60), min_size=1, max_size=16), min_size=4, max_size=8),
+       stops=st.lists(st.integers(0, 60), min_size=1, max_size=12))
+def test_rows_that_stop_early_leave_the_others_unchanged(prompts, stops):
+    """Rows that said a stop token are dropped from the batch as it goes: the rest must not notice."""
+    model = tiny_model(2, rope=True)
+    batched = model.generate(prompts, 16, temperature=0, stop_tokens=stops)
+    alone = [model.generate([p], 16, temperature=0, stop_tokens=stops)[0] for p in prompts]
+    assert batched == alone
+
+
 @given(seed=st.integers(0, 100), shift=st.integers(1, 20))
 def test_rotary_scores_depend_on_distance_only(seed, shift):
     """q_i . k_j after rotation is the same for positions (i, j) and (i + s, j + s)."""
@@ -164,3 +175,15 @@ def test_sampling_stays_inside_top_k_and_top_p(seed, k, p):
         rank = order.tolist().index(t)
         assert probs[:rank].sum() < p  # the mass of the tokens ranked above it had not yet reached p
     assert torch.equal(sample_next(logits, 0), logits.argmax(-1))
+
+
+def test_samples_follow_the_softmax():
+    """20,000 draws from fixed logits, one token of them impossible (top_k), against the softmax's
+    probabilities: a chi-square test at a fixed seed, which a sampler off by a token's share fails."""
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]]).repeat(20_000, 1)
+    g = torch.Generator().manual_seed(0)
+    counts = torch.bincount(sample_next(logits, 1.0, top_k=5, generator=g), minlength=6).double()
+    assert counts[5] == 0
+    expected = logits[0, :5].softmax(-1).double() * 20_000
+    chi2 = ((counts[:5] - expected) ** 2 / expected).sum()
+    assert chi2 < 18.5  # the 0.1% tail of chi-square with 4 degrees of freedom
