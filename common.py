@@ -192,14 +192,16 @@ def load_checkpoint(path, stages=None, made_by=None):
     return ckpt
 
 
-def gpt_from_checkpoint(ckpt, tok=None, value_head=False, **overrides):
+def gpt_from_checkpoint(ckpt, tok=None, value_head=False, reward=False, **overrides):
     """The GPT a checkpoint holds, checked against the tokenizer's vocabulary when one is given.
     Extra heads, such as a reward model's, are left out; with value_head=True it is a
-    model.ValueModel instead, whose scalar head is loaded when the checkpoint has one and freshly
-    initialised when not. overrides change the model's config (dropout=0.0, say)."""
-    from model import GPT, GPTConfig, ValueModel
+    model.ValueModel instead, and with reward=True a model.RewardModel, whose heads are loaded when
+    the checkpoint has them and freshly initialised when not. overrides change the model's config
+    (dropout=0.0, say)."""
+    from model import GPT, GPTConfig, RewardModel, ValueModel
     try:
-        model = (ValueModel if value_head else GPT)(GPTConfig(**{**ckpt["model_args"], **overrides}))
+        kind = RewardModel if reward else ValueModel if value_head else GPT
+        model = kind(GPTConfig(**{**ckpt["model_args"], **overrides}))
     except (KeyError, TypeError, ValueError, AssertionError) as e:
         raise UserError(f"the checkpoint's model_args do not describe a GPT ({type(e).__name__}: {e}): "
                         "use a ckpt.pt written by one of the train_*.py scripts") from None
@@ -216,7 +218,7 @@ def gpt_from_checkpoint(ckpt, tok=None, value_head=False, **overrides):
         first = next((line.strip().rstrip(".") for line in str(e).splitlines() if "size mismatch" in line), str(e))
         raise UserError(f"the checkpoint's weights do not fit its model_args ({first}): "
                         "use a ckpt.pt written by one of the train_*.py scripts, unedited") from None
-    missing = [k for k in missing if not k.startswith("head.")]
+    missing = [k for k in missing if not k.startswith(("head.", "gate."))]
     if missing:
         raise UserError(f"the checkpoint lacks weights such as {missing[0]}: it was not written by this project")
     return model
@@ -367,6 +369,17 @@ def pad_right(seqs, value=0):
     for i, s in enumerate(seqs):
         out[i, :len(s)] = torch.tensor(s, dtype=torch.long)
     return out
+
+
+def score_replies(rm, prompts, replies):
+    """A model.RewardModel's scores of prompt + reply token lists, in one right-padded batch.
+    Returns (scores (B,), each reply token's log-prob (B, T-1), the number of reply tokens (B,))."""
+    device = next(rm.parameters()).device
+    seqs = [p + r for p, r in zip(prompts, replies)]
+    start = torch.tensor([len(p) for p in prompts], device=device)
+    end = torch.tensor([len(s) - 1 for s in seqs], device=device)
+    scores, logp = rm(pad_right(seqs).to(device), start, end)
+    return scores, logp, end - start + 1
 
 
 # ----------------------------------------------------------------------------- schedule and logging

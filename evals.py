@@ -132,27 +132,30 @@ def math_eval(model, tok, records, max_new_tokens=48, k=8, seed=1337, world=None
 
 @torch.no_grad()
 def reward_accuracy(rm, tok, records, world=None, batch_size=32):
-    """How often the reward model scores a pair's chosen reply above its rejected one, over the
-    {"prompt", "chosen", "rejected"} records that fit in the context: {"all": fraction}, and given a
-    TinyWorld world, apart for its two kinds of pair: "facts" (one reply right, the other wrong) and
-    "style" (both right, differing in manner: polite, plain, curt, rambling or rude)."""
-    device = rm.head.weight.device
+    """How often the reward model (a model.RewardModel) scores a pair's chosen reply above its rejected
+    one, over the {"prompt", "chosen", "rejected"} records that fit in the context: {"all": fraction},
+    and given a TinyWorld world, apart for its kinds of pair: "style" (both replies right, differing in
+    manner: polite, plain, curt, rambling or rude), "facts" (one right, the other wrong, about a
+    character that training pairs mention) and "facts_unseen" (the same about a character that no
+    training pair mentions: records marked "split": "unseen")."""
     was_training = rm.training
     rm.eval()
     pairs = []
     for r in records:
         prompt = tok.render_prompt([{"role": "user", "content": r["prompt"]}])
-        seqs = [prompt + tok.encode(r[k]) + [tok.end_id] for k in ("chosen", "rejected")]
-        if max(map(len, seqs)) <= rm.config.block_size:
-            asked = world.parse_question(r["prompt"]) if world is not None else None
-            right = {tinyworld.answers_right(asked, r[k]) for k in ("chosen", "rejected")}
-            pairs.append((seqs, "facts" if right == {True, False} else "style" if right == {True} else None))
-    hits = {"all": [], "facts": [], "style": []}
+        replies = [tok.encode(r[k]) + [tok.end_id] for k in ("chosen", "rejected")]
+        if len(prompt) + max(map(len, replies)) <= rm.config.block_size:
+            kind = None
+            if world is not None:
+                right = {tinyworld.answers_right(world.parse_question(r["prompt"]), r[k]) for k in ("chosen", "rejected")}
+                kind = ("facts_unseen" if r.get("split") == "unseen" else "facts") if right == {True, False} \
+                    else "style" if right == {True} else None
+            pairs.append((prompt, replies, kind))
+    hits = {"all": [], "style": [], "facts": [], "facts_unseen": []}
     for i in range(0, len(pairs), batch_size):
-        seqs = [s for p, _ in pairs[i:i + batch_size] for s in p]
-        last = torch.tensor([len(s) - 1 for s in seqs], device=device)
-        r = rm(common.pad_right(seqs).to(device))[torch.arange(len(seqs), device=device), last].view(-1, 2)
-        for (_, kind), won in zip(pairs[i:i + batch_size], (r[:, 0] > r[:, 1]).tolist()):
+        batch = pairs[i:i + batch_size]
+        r = common.score_replies(rm, [p for p, _, _ in batch for _ in range(2)], [x for _, xs, _ in batch for x in xs])[0]
+        for (_, _, kind), won in zip(batch, (r[0::2] > r[1::2]).tolist()):
             hits["all"].append(won)
             if kind is not None:
                 hits[kind].append(won)

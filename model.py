@@ -303,6 +303,42 @@ class ValueModel(GPT):
         return self.head(self.hidden(idx)).squeeze(-1).float()
 
 
+class RewardModel(ValueModel):
+    """The reward model: a ValueModel whose score also weighs how likely it finds each reply token.
+
+    score = head(h at the last token) + sum over reply tokens t of gate(h_{t-1}) * log p(token t | before),
+    gate = softplus(a linear map) >= 0. The head reads the manner of the whole reply; the gate, read
+    where the next token is predicted, learns which tokens carry a checkable claim (the town after
+    "Lucy lives in") and charges the reply for how unlikely the trunk finds the token written there.
+    A language model that knows Lucy's town finds a wrong one unlikely, so the score can check facts
+    that no training pair mentioned: comparing a stated fact with a recalled one is what a head on
+    the last token alone did not learn from the pairs. The gate is never negative, so no token can
+    raise the score by being unlikely, and padding a reply with likely tokens earns nothing. It
+    starts small (softplus(-2) = 0.13): large enough to learn from the first pairs, small enough that
+    the head first learns the manner rather than paying for every unlikely word.
+    (Its forward is the score, so that DDP sees it; the critic PPO starts from it is a plain ValueModel.)
+    """
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.gate = nn.Linear(cfg.n_embd, 1)
+        nn.init.zeros_(self.gate.weight)
+        nn.init.constant_(self.gate.bias, -2.0)
+
+    def forward(self, idx, start, end):
+        """Scores (B,) float32 of right-padded prompt+reply rows idx (B, T): each reply runs from start[b]
+        to end[b] inclusive (end: the last real token). Also returns the log-prob of each reply token,
+        (B, T-1) aligned with idx[:, 1:] and 0 outside the replies: a language-modelling loss's input."""
+        h = self.hidden(idx)
+        rows = torch.arange(idx.size(0), device=idx.device)
+        head = self.head(h[rows, end]).squeeze(-1).float()
+        logp = F.log_softmax(self.lm_head(h[:, :-1]).float(), -1).gather(-1, idx[:, 1:, None]).squeeze(-1)
+        t = torch.arange(idx.size(1) - 1, device=idx.device)[None]
+        in_reply = (t >= start[:, None] - 1) & (t < end[:, None])  # position t predicts token t + 1
+        logp = logp * in_reply
+        return head + (F.softplus(self.gate(h[:, :-1]).squeeze(-1).float()) * logp).sum(1), logp
+
+
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """One token per row from logits (B, V): greedy at temperature 0, else softmax sampling, optionally
     restricted to the top_k most likely tokens and to the smallest set whose probability reaches top_p."""

@@ -160,7 +160,9 @@ def story(rows, vocab_size, grpo_from):
         "3 reward model": f"**The reward model** (Bradley-Terry on preference pairs) orders "
                           f"{pct('3 reward model', 'rm_acc')} of held-out pairs as the gold rater does: "
                           f"{pct('3 reward model', 'rm_style')} of those where both replies are right and differ in "
-                          f"manner, {pct('3 reward model', 'rm_facts')} of those where one of them is wrong.",
+                          f"manner, {pct('3 reward model', 'rm_facts')} of those where one of them is wrong, and "
+                          f"{pct('3 reward model', 'rm_facts_unseen')} of those about characters that no training pair "
+                          "mentions: there it can only check a reply against what pre-training taught the trunk.",
         "3 PPO": f"**PPO** (maximise the learned reward, minus a KL penalty to SFT): wins {pct('3 PPO', 'win')} "
                  f"against SFT by the gold rater, {num('3 PPO', 'kl', '{:.1f}')} nats per reply from SFT. Where "
                  "its replies in the journey below pick up habits, those are what the reward model scores highly, "
@@ -208,11 +210,11 @@ def main(cfg):
         rows[label] = {**measure(model, tok, sets, sft, sft_gold, cfg), "seconds": metrics.get("train_seconds")}
     if (out / "rm" / "ckpt.pt").is_file():
         print("report: measuring 3 reward model ...", flush=True)
-        rm = common.gpt_from_checkpoint(common.load_checkpoint(out / "rm" / "ckpt.pt", ["rm"]), tok, value_head=True)
+        rm = common.gpt_from_checkpoint(common.load_checkpoint(out / "rm" / "ckpt.pt", ["rm"]), tok, reward=True)
         rm_metrics = json.loads((out / "rm" / "metrics.json").read_text()) if (out / "rm" / "metrics.json").is_file() else {}
         acc = evals.reward_accuracy(rm.to(device), tok, read_jsonl(data / "prefs_test.jsonl"), world)
         rows["3 reward model"] = {"rm_acc": acc["all"], "rm_facts": acc.get("facts"), "rm_style": acc.get("style"),
-                                  "seconds": rm_metrics.get("train_seconds")}
+                                  "rm_facts_unseen": acc.get("facts_unseen"), "seconds": rm_metrics.get("train_seconds")}
     contrast = None
     if (out / "sft_answers_only" / "ckpt.pt").is_file():  # SFT on the same set with "#### n" for each worked answer
         print("report: measuring the answers-only SFT contrast ...", flush=True)

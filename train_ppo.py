@@ -185,8 +185,7 @@ def rollout(policy, ref, critic, rm, tok, questions, cfg, device):
     prompts, outs, texts = evals.chat_replies(policy, tok, questions, cfg.max_new_tokens, temperature=cfg.temperature)
     x, y, mask = (t.to(device) for t in common.pack_responses(prompts, outs))
     ended = torch.tensor([o[-1] == tok.end_id for o in outs], device=device)
-    last = torch.tensor([len(p) + len(o) - 1 for p, o in zip(prompts, outs)], device=device)
-    score = rm(common.pad_right([p + o for p, o in zip(prompts, outs)]).to(device))[torch.arange(len(outs), device=device), last]
+    score = common.score_replies(rm, prompts, outs)[0]
     score = torch.where(ended, score, torch.full_like(score, cfg.missing_end_penalty))
     with common.autocast(device):
         logp = token_logprobs(policy, x, y, cfg.temperature)[0]
@@ -238,7 +237,7 @@ def main(cfg):
     tok = load_tokenizer(tokenizer)
     policy = common.gpt_from_checkpoint(ckpt or sft, tok, dropout=0.0).to(device)
     ref = common.gpt_from_checkpoint(sft, tok).to(device).eval().requires_grad_(False)
-    rm = common.gpt_from_checkpoint(rm_ckpt, tok, value_head=True).to(device).eval().requires_grad_(False)
+    rm = common.gpt_from_checkpoint(rm_ckpt, tok, reward=True).to(device).eval().requires_grad_(False)
     critic = common.gpt_from_checkpoint(rm_ckpt, tok, value_head=True, dropout=0.0).to(device)
     if ckpt:
         critic.load_state_dict(ckpt["critic"])

@@ -1,31 +1,33 @@
 """Stage 3a, the reward model: learn to score answers the way a rater ranks them.
 
-    python train_rm.py                  # TinyWorld's preference pairs on a CPU, under a minute, from out/sft/ckpt.pt
+    python train_rm.py                  # TinyWorld's preference pairs on a CPU, about two minutes, from out/sft/ckpt.pt
     python train_rm.py --preset=gpu     # Anthropic HH-RLHF on one GPU (python -m data.prepare_hh_rlhf first),
                                         # from a GPU SFT run (train_sft.py --preset=gpu)
     torchrun --standalone --nproc_per_node=8 train_rm.py --preset=gpu
 
 A preference pair is a prompt and two replies, one chosen by a rater over the other. The reward model
-is the SFT model's trunk with a scalar head (model.ValueModel), read at the last token of
-prompt+reply: its score. Bradley-Terry says the rater prefers a to b with probability
-sigmoid(r(a) - r(b)), so the loss is -log of that for the pair as labelled (`reward_loss`). Only
-differences of scores matter to it; so after training the scores are shifted to make the SFT
-policy's own replies score 0 on average, which is where PPO starts (the shift is folded into the
-head's bias and recorded in the checkpoint as "score_shift").
+(model.RewardModel) is the SFT model with two small heads. Its score is a scalar head read at the last
+token of prompt+reply (the reply's manner), plus, for every reply token, a learned non-negative gate
+times the log-probability the trunk gives that token (its facts: "Lucy lives in Ashford." costs a
+lot when the trunk knows she lives in Millbrook). Bradley-Terry says the rater prefers a to b with
+probability sigmoid(r(a) - r(b)), so the loss is -log of that for the pair as labelled
+(`reward_loss`), plus a language-modelling loss on the chosen replies that keeps those
+log-probabilities meaningful. Only differences of scores matter to it; so after training the scores
+are shifted to make the SFT policy's own replies score 0 on average, which is where PPO starts (the
+shift is folded into the head's bias and recorded in the checkpoint as "score_shift").
+
+Why the gate: a head on the last token alone learns the rater's taste but not its facts (on
+TinyWorld it orders pairs with a wrong reply no better than a coin toss, however long it trains),
+although the SFT model knows them: to tell a right reply from a wrong one it must recall the fact and
+compare it with the one stated, which that head does not learn from the pairs. The trunk's own
+probability of the stated value already is that comparison; the gate only learns where to read it.
 
 TinyWorld's training labels are flipped with probability 0.1 (a noisy rater); the held-out pairs are
-clean. Besides their accuracy, the model is checked on fresh pairs: two replies sampled from the SFT
-policy for each held-out prompt, ranked by TinyWorld's gold rater, which is what PPO will ask of it.
+clean, and a quarter of the characters appear in no training pair: the accuracy on right-against-wrong
+pairs about them shows whether the model checks what pre-training taught or recalls the pairs.
+Besides their accuracy, the model is checked on fresh pairs: two replies sampled from the SFT policy
+for each held-out prompt, ranked by TinyWorld's gold rater, which is what PPO will ask of it.
 Writes out/rm/ckpt.pt, log.jsonl and metrics.json.
-
-What to expect on TinyWorld: about 80% of the held-out pairs, all but a few of those where both
-replies are right and differ in manner (polite, plain, curt, rambling, rude), and half of those where
-one of them is wrong: a coin toss. The model learns the rater's taste, not its facts, and more epochs
-do not change that (after 400 steps instead of 60 it orders 61% of the right-against-wrong training
-pairs, seen four times, and 50% of the held-out ones). Yet the SFT model it starts from knows the
-facts (98% of questions about characters seen in SFT answered right). Knowing is not checking: to
-tell "Lucy lives in Oakvale." from "Lucy lives in Millbrook." the network must recall Lucy's town and
-compare it with the one stated, and this 4-layer model does not learn that from TinyWorld's pairs.
 """
 import time
 from dataclasses import dataclass
@@ -50,7 +52,7 @@ class Config:
     out: str = "out/rm"                # where ckpt.pt, log.jsonl and metrics.json go
     resume: bool = False               # continue exactly from out/ckpt.pt (optimizer, step, RNG)
     batch_size: int = 32               # pairs per step, over all processes
-    max_steps: int = 60                # optimizer steps (60 x 32: two thirds of TinyWorld's 3,000 pairs)
+    max_steps: int = 120               # optimizer steps (120 x 32: TinyWorld's 3,000 pairs, about 1.3 times)
     stop_at: int = 0                   # stop early at this step with a checkpoint (0: run to max_steps)
     lr: float = 5e-4                   # peak learning rate
     min_lr: float = 5e-5               # learning rate at the end of the cosine
@@ -58,8 +60,9 @@ class Config:
     weight_decay: float = 0.0          # AdamW decay on matrices
     margin: float = 0.0                # required gap between chosen and rejected scores
     center_coef: float = 0.01          # weight of mean((r_chosen + r_rejected)^2): keeps scores near 0
+    lm_coef: float = 1.0               # weight of the language-modelling loss on the chosen replies (0: off)
     grad_clip: float = 1.0             # clip the gradient norm to this (0: off)
-    eval_every: int = 30               # steps between held-out accuracies and checkpoints
+    eval_every: int = 60               # steps between held-out accuracies and checkpoints
     log_every: int = 10                # steps between printed lines
     zero_prompts: int = 256            # SFT replies sampled to set the score's zero (0: no shift)
     world: str = "data/tinyworld"      # the TinyWorld whose gold rater ranks fresh pairs of SFT replies (empty: skip)
@@ -79,17 +82,22 @@ PRESETS = {
 
 # ----------------------------------------------------------------------------- the loss
 
-def reward_loss(r_chosen, r_rejected, margin=0.0, center_coef=0.0):
-    """mean(-log sigmoid(r_chosen - r_rejected - margin)) + center_coef * mean((r_chosen + r_rejected)^2).
+def reward_loss(r_chosen, r_rejected, margin=0.0, center_coef=0.0, lm_nll=None, lm_coef=0.0):
+    """mean(-log sigmoid(r_chosen - r_rejected - margin)) + center_coef * mean((r_chosen + r_rejected)^2)
+    + lm_coef * lm_nll.
 
     The first term is the negative log-likelihood of the labels under Bradley-Terry: the chosen reply
     wins with probability sigmoid(r_c - r_r). It is log 2 when the scores tie and falls as the
     chosen one pulls ahead; a margin (a float, or one per pair) asks for a lead of at least that much.
-    It cannot see a shift of all scores, so the second term, small, keeps them centred on zero.
+    It cannot see a shift of all scores, so the second term, small, keeps them centred on zero. The
+    third keeps the trunk a language model of good replies (lm_nll: the chosen replies' mean -log p
+    per token), since the score reads how likely the trunk finds each reply token.
     """
     loss = -F.logsigmoid(r_chosen - r_rejected - margin).mean()
     if center_coef:
         loss = loss + center_coef * ((r_chosen + r_rejected) ** 2).mean()
+    if lm_coef:
+        loss = loss + lm_coef * lm_nll
     return loss
 
 
@@ -115,18 +123,12 @@ def load_pairs(path, tok, block_size):
     return pairs, dropped
 
 
-def scores(model, prompts, replies, device):
-    """The model's scalar at the last token of each prompt+reply: the reward model's score."""
-    seqs = [p + r for p, r in zip(prompts, replies)]
-    last = torch.tensor([len(s) - 1 for s in seqs], device=device)
-    return model(common.pad_right(seqs).to(device))[torch.arange(len(seqs), device=device), last]
-
-
-def pair_scores(model, batch, device):
-    """(r_chosen, r_rejected) for a list of pairs, in one forward pass over both sides."""
-    prompts = [p for p, _, _ in batch]
-    r = scores(model, prompts + prompts, [c for _, c, _ in batch] + [x for _, _, x in batch], device)
-    return r[:len(batch)], r[len(batch):]
+def pair_scores(model, batch):
+    """(r_chosen, r_rejected, the chosen replies' mean -log p per token) for a list of pairs, in one
+    forward pass over both sides."""
+    prompts, n = [p for p, _, _ in batch], len(batch)
+    r, logp, lengths = common.score_replies(model, prompts + prompts, [c for _, c, _ in batch] + [x for _, _, x in batch])
+    return r[:n], r[n:], -logp[:n].sum() / lengths[:n].sum()
 
 
 @torch.no_grad()
@@ -135,7 +137,7 @@ def accuracy(model, pairs, cfg, device, rank, world):
     model.eval()
     right = 0
     for start in range(rank * cfg.batch_size, len(pairs), world * cfg.batch_size):
-        r_c, r_r = pair_scores(model, pairs[start:start + cfg.batch_size], device)
+        r_c, r_r, _ = pair_scores(model, pairs[start:start + cfg.batch_size])
         right += (r_c > r_r).sum().item()
     model.train()
     return common.all_mean(right) * world / max(len(pairs), 1)
@@ -146,7 +148,7 @@ def sampled_scores(rm, policy, tok, questions, cfg, device, gen):
     """Replies sampled from the policy at temperature 1, and the reward model's scores of them."""
     prompts, outs, texts = evals.chat_replies(policy, tok, questions, cfg.max_new_tokens, temperature=1.0, generator=gen)
     rm.eval()
-    r = torch.cat([scores(rm, prompts[i:i + 64], outs[i:i + 64], device) for i in range(0, len(prompts), 64)])
+    r = torch.cat([common.score_replies(rm, prompts[i:i + 64], outs[i:i + 64])[0] for i in range(0, len(prompts), 64)])
     return texts, r
 
 
@@ -180,7 +182,7 @@ def main(cfg):
     tokenizer = cfg.tokenizer or ckpt["tokenizer"]
     tok = load_tokenizer(tokenizer)
     torch.manual_seed(cfg.seed)  # the fresh head's initial weights
-    model = common.gpt_from_checkpoint(ckpt, tok, value_head=True, dropout=0.0)
+    model = common.gpt_from_checkpoint(ckpt, tok, reward=True, dropout=0.0)
     block_size = model.config.block_size
 
     pairs, dropped = load_pairs(cfg.data, tok, block_size)
@@ -220,8 +222,8 @@ def main(cfg):
                 group["lr"] = lr
             picks = torch.randint(len(pairs), (cfg.batch_size,), generator=data_gen)[rank::world]
             batch = [pairs[i] for i in picks.tolist()]
-            r_c, r_r = pair_scores(model, batch, device)
-            loss = reward_loss(r_c, r_r, cfg.margin, cfg.center_coef)
+            r_c, r_r, lm_nll = pair_scores(model, batch)
+            loss = reward_loss(r_c, r_r, cfg.margin, cfg.center_coef, lm_nll, cfg.lm_coef)
             loss.backward()
             train_loss = common.all_mean(loss.item())
             common.check_finite(train_loss, step + 1, ckpt_path)
@@ -237,7 +239,8 @@ def main(cfg):
                 test_acc = metrics["test_accuracy"] = accuracy(model, test_pairs, cfg, device, rank, world)
             if checkpoint:  # the weights after the update can be broken while the loss before it was fine
                 with torch.no_grad():
-                    after = reward_loss(*pair_scores(raw_model, batch, device)).item()
+                    r_c, r_r, lm_nll = pair_scores(raw_model, batch)
+                    after = reward_loss(r_c, r_r, cfg.margin, cfg.center_coef, lm_nll, cfg.lm_coef).item()
                 common.check_finite(after, step, ckpt_path, "loss after the update")
             log.log(step, printed=step % cfg.log_every == 0 or "test_accuracy" in metrics or step == end, **metrics)
             if checkpoint:  # after the row: a kill between the two leaves a row that --resume redoes
@@ -271,7 +274,8 @@ def main(cfg):
         if rater is not None and cfg.test_data and rater.parse_question(questions[0]) is not None:
             test_records = read_jsonl(cfg.test_data)
             kinds = evals.reward_accuracy(raw_model, tok, test_records, rater)
-            metrics.update(test_accuracy_style=kinds.get("style"), test_accuracy_facts=kinds.get("facts"))
+            metrics.update(test_accuracy_style=kinds.get("style"), test_accuracy_facts=kinds.get("facts"),
+                           test_accuracy_facts_unseen=kinds.get("facts_unseen"))
             held_out = sorted({r["prompt"] for r in test_records})
             agree, n = gold_agreement(raw_model, policy, tok, held_out, rater, cfg, device, gen)
             metrics.update(gold_agreement=agree, gold_pairs=n)
@@ -281,8 +285,10 @@ def main(cfg):
     if test_acc is not None:
         print0(f"rm: held-out pairwise accuracy {test_acc:.1%} ({len(test_pairs)} pairs)")
         if metrics.get("test_accuracy_facts") is not None:
+            unseen = metrics.get("test_accuracy_facts_unseen")
             print0(f"rm: {metrics['test_accuracy_style']:.1%} where both replies are right and differ in manner, "
-                   f"{metrics['test_accuracy_facts']:.1%} where one of them is wrong")
+                   f"{metrics['test_accuracy_facts']:.1%} where one of them is wrong"
+                   + (f" ({unseen:.1%} about characters no training pair mentions)" if unseen is not None else ""))
     print0(f"rm: done in {train_seconds:.0f}s of training, checkpoint {ckpt_path}")
     common.teardown_ddp()
 

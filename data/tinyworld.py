@@ -194,7 +194,8 @@ class Config:
     math_grpo: int = 2000  # math_train.jsonl, for GRPO
     math_test: int = 200  # math_test.jsonl
     prefs_train: int = 3000  # preference pairs in prefs_train.jsonl
-    prefs_test: int = 300  # preference pairs in prefs_test.jsonl (labels never flipped)
+    prefs_test: int = 300  # held-out pairs in prefs_test.jsonl about characters of training pairs (labels never flipped)
+    prefs_test_unseen: int = 150  # and more about characters that no training pair mentions
     label_noise: float = 0.1  # probability that a training pair's label is flipped
 
 
@@ -219,14 +220,15 @@ def generate(cfg: Config) -> dict:
     seen_docs = set(train_docs)
     val_docs = [d for d in make_corpus(world, cfg, stream("corpus/val"), cfg.val_fraction, corpus_math) if d not in seen_docs]
     sft_train, sft_test = make_sft(world, math_sft, stream("sft"))
-    train_prompts, test_prompts = pref_prompts(world, stream("prefs/split"))
+    train_prompts, test_prompts, unseen_prompts = pref_prompts(world, stream("prefs/split"))
     return {
         "world": world,
         "corpus_train.txt": train_docs, "corpus_val.txt": val_docs,
         "sft_train.jsonl": sft_train, "sft_answers_only.jsonl": answers_only(sft_train), "sft_test.jsonl": sft_test,
         "prefs_train.jsonl": make_prefs(world, train_prompts, cfg.prefs_train, stream("prefs/train"),
                                         stream("prefs/noise"), cfg.label_noise),
-        "prefs_test.jsonl": make_prefs(world, test_prompts, cfg.prefs_test, stream("prefs/test"), stream("unused"), 0.0),
+        "prefs_test.jsonl": make_prefs(world, test_prompts, cfg.prefs_test, stream("prefs/test"), stream("unused"), 0.0, "seen")
+        + make_prefs(world, unseen_prompts, cfg.prefs_test_unseen, stream("prefs/test_unseen"), stream("unused"), 0.0, "unseen"),
         "math_train.jsonl": math_grpo, "math_test.jsonl": math_test,
     }
 

@@ -153,8 +153,9 @@ def designed_pair(world, prompt_info, rng):
     return text, reply(c, kind, ladder[i], rng), reply(c, kind, ladder[j], rng)
 
 
-def make_prefs(world, prompts, n, rng, noise_rng, label_noise):
-    """n preference pairs over prompts, labelled by the gold rater, flipped with probability label_noise."""
+def make_prefs(world, prompts, n, rng, noise_rng, label_noise, split=None):
+    """n preference pairs over prompts, labelled by the gold rater, flipped with probability label_noise;
+    each marked with its split when one is given."""
     pairs = []
     llm = [p for p in prompts if p[0] == "llm"]
     facts = [p for p in prompts if p[0] != "llm"]
@@ -167,14 +168,22 @@ def make_prefs(world, prompts, n, rng, noise_rng, label_noise):
         chosen, rejected = (a, b) if sa > sb else (b, a)
         if noise_rng.random() < label_noise:
             chosen, rejected = rejected, chosen
-        pairs.append({"prompt": text, "chosen": chosen, "rejected": rejected})
+        pairs.append({"prompt": text, "chosen": chosen, "rejected": rejected, **({"split": split} if split else {})})
     return pairs
 
 
-def pref_prompts(world, rng):
-    """Every question about every character, and the LLM questions, split into train and test prompts."""
+def pref_prompts(world, rng, held_out=0.25):
+    """Every question about every character, and the LLM questions, in three lists: train and test
+    prompts (85% and 15% of those about most characters), and every prompt about the held-out share of
+    the characters, which no training pair mentions: the test that the reward model checks what
+    pre-training taught rather than the pairs it saw."""
+    names = sorted(c.name for c in world.characters)
+    rng.shuffle(names)
+    unseen = set(names[:round(len(names) * held_out)])
     prompts = [(c, kind, question(c, kind, t)) for c in world.characters for kind in FACT_KINDS
                for t in range(len(QUESTIONS[kind]))] + [("llm", None, q) for q in LLM_QUESTIONS]
     rng.shuffle(prompts)
-    cut = len(prompts) * 85 // 100
-    return prompts[:cut], prompts[cut:]
+    about_unseen = [p for p in prompts if p[0] != "llm" and p[0].name in unseen]
+    rest = [p for p in prompts if p not in about_unseen]
+    cut = len(rest) * 85 // 100
+    return rest[:cut], rest[cut:], about_unseen

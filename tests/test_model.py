@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
-from model import GPT, GPTConfig, rotary_angles, rotate, sample_next
+from model import GPT, GPTConfig, RewardModel, rotary_angles, rotate, sample_next
 
 TINY = GPTConfig(vocab_size=61, block_size=48, n_layer=2, n_head=2, n_embd=32)
 
@@ -187,3 +187,34 @@ def test_samples_follow_the_softmax():
     expected = logits[0, :5].softmax(-1).double() * 20_000
     chi2 = ((counts[:5] - expected) ** 2 / expected).sum()
     assert chi2 < 18.5  # the 0.1% tail of chi-square with 4 degrees of freedom
+
+
+def rows_of(seqs):
+    x = torch.zeros(len(seqs), max(map(len, seqs)), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        x[i, :len(s)] = torch.tensor(s)
+    return x
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 1000), lengths=st.lists(st.tuples(st.integers(1, 10), st.integers(1, 10)), min_size=1, max_size=4))
+def test_reward_score_is_the_head_plus_the_gated_log_probs_of_the_reply(seed, lengths):
+    torch.manual_seed(seed)
+    rm = RewardModel(TINY).double().eval()
+    g = torch.Generator().manual_seed(seed)
+    seqs = [torch.randint(0, 61, (p + r,), generator=g).tolist() for p, r in lengths]
+    start, end = torch.tensor([p for p, _ in lengths]), torch.tensor([p + r - 1 for p, r in lengths])
+    torch.nn.init.normal_(rm.gate.weight, std=0.5)
+    got, logp = rm(rows_of(seqs), start, end)
+    for i, s in enumerate(seqs):  # one row alone, token by token
+        h = rm.hidden(torch.tensor([s]))[0]
+        want = rm.head(h[-1]).squeeze()
+        for t in range(start[i], len(s)):
+            lp = F.log_softmax(rm.lm_head(h[t - 1]), -1)[s[t]]
+            want = want + F.softplus(rm.gate(h[t - 1]).squeeze()) * lp
+            assert logp[i, t - 1].item() == pytest.approx(lp.item(), rel=1e-5)  # scores are float32
+        assert got[i].item() == pytest.approx(want.item(), rel=1e-5, abs=1e-5)
+        assert (logp[i, :start[i] - 1] == 0).all() and (logp[i, len(s) - 1:] == 0).all()
+    # the gate is never negative: a reply only loses score for its unlikely tokens
+    rm.head.weight.data.zero_(), rm.head.bias.data.zero_()
+    assert (rm(rows_of(seqs), start, end)[0] <= 0).all()

@@ -48,6 +48,15 @@ def test_centering_adds_its_term_and_nothing_else(pairs, c):
     assert reward_loss(r_c, r_r, center_coef=c).item() == pytest.approx(reward_loss(r_c, r_r).item() + extra, rel=1e-9)
 
 
+@given(rewards, st.floats(0.0, 10.0), st.floats(0.0, 2.0))
+def test_the_language_modelling_term_adds_its_weight_times_the_nll_and_nothing_else(pairs, nll, coef):
+    r_c, r_r = tensors(pairs)
+    plain = reward_loss(r_c, r_r, 0.1, 0.01).item()
+    with_lm = reward_loss(r_c, r_r, 0.1, 0.01, lm_nll=torch.tensor(nll, dtype=torch.float64), lm_coef=coef).item()
+    assert with_lm == pytest.approx(plain + coef * nll, rel=1e-9, abs=1e-12)
+    assert reward_loss(r_c, r_r, 0.1, 0.01, lm_nll=None, lm_coef=0.0).item() == plain  # off: Bradley-Terry alone
+
+
 @given(rewards)
 def test_the_loss_sees_only_differences_without_centering(pairs):
     r_c, r_r = tensors(pairs)
@@ -74,22 +83,24 @@ def test_tiny_reward_model_trains_scores_and_saves(tiny_world, tiny_sft, tmp_pat
     assert 0.0 <= metrics["gold_agreement"] <= 1.0 and "agrees with the gold rater" in r.stdout
     # the held-out accuracy apart for pairs that differ in manner and pairs with a wrong reply
     assert 0.0 <= metrics["test_accuracy_style"] <= 1.0 and 0.0 <= metrics["test_accuracy_facts"] <= 1.0
-    assert "where one of them is wrong" in r.stdout
+    assert 0.0 <= metrics["test_accuracy_facts_unseen"] <= 1.0
+    assert "where one of them is wrong" in r.stdout and "no training pair mentions" in r.stdout
     ckpt = common.load_checkpoint(out / "ckpt.pt", ["rm"])
     assert ckpt["score_shift"] == pytest.approx(metrics["score_shift"])
-    model = common.gpt_from_checkpoint(ckpt, value_head=True)  # the head comes back with the trunk
+    model = common.gpt_from_checkpoint(ckpt, reward=True)  # the heads come back with the trunk
     assert torch.equal(model.head.bias, ckpt["model"]["head.bias"])
+    assert torch.equal(model.gate.weight, ckpt["model"]["gate.weight"])
 
 
 class LongerWins(torch.nn.Module):
-    """A stand-in reward model that scores each position by its index: the longer reply of a pair wins."""
+    """A stand-in reward model that scores a row by where it ends: the longer reply of a pair wins."""
 
     def __init__(self, block_size):
         super().__init__()
         self.head, self.config = torch.nn.Linear(1, 1), types.SimpleNamespace(block_size=block_size)
 
-    def forward(self, idx):
-        return torch.arange(idx.shape[1], dtype=torch.float32).expand(idx.shape[0], -1)
+    def forward(self, idx, start, end):
+        return end.float(), torch.zeros(idx.shape[0], idx.shape[1] - 1)
 
 
 def test_reward_accuracy_counts_each_kind_of_pair_apart(tiny_world):
@@ -103,6 +114,8 @@ def test_reward_accuracy_counts_each_kind_of_pair_apart(tiny_world):
                pair(q, "Sure! " + right, right),                                 # style, won
                pair(q, right, right + " It is a long story, and I like it."),    # style, lost
                pair("How are you?", "Fine, thank you.", "Ugh."),                 # neither kind, won
-               pair(q, right + " word" * 200, right)]                            # longer than the context: left out
-    assert evals.reward_accuracy(LongerWins(128), tok, records, world) == {"all": 3 / 5, "facts": 0.5, "style": 0.5}
-    assert evals.reward_accuracy(LongerWins(128), tok, records) == {"all": 3 / 5}  # no world: no kinds
+               pair(q, right + " word" * 200, right),                            # longer than the context: left out
+               {**pair(q, "Sure! " + right, wrong), "split": "unseen"}]          # facts about a character no pair mentions, won
+    assert evals.reward_accuracy(LongerWins(128), tok, records, world) == {"all": 4 / 6, "facts": 0.5, "style": 0.5,
+                                                                          "facts_unseen": 1.0}
+    assert evals.reward_accuracy(LongerWins(128), tok, records) == {"all": 4 / 6}  # no world: no kinds

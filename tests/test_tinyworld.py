@@ -20,7 +20,7 @@ from data.tinyworld_facts import LLM_QUESTIONS, NAMES
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["--n_characters=10", "--profile_docs=3", "--quizzes=20", "--fact_sheets=20", "--stories=60",
          "--arithmetic_docs=40", "--math_docs=40", "--llm_docs=5", "--math_sft=30", "--math_grpo=60", "--math_test=20",
-         "--prefs_train=200", "--prefs_test=40", "--val_fraction=0.2"]
+         "--prefs_train=200", "--prefs_test=40", "--prefs_test_unseen=20", "--val_fraction=0.2"]
 
 
 @pytest.fixture(scope="module")
@@ -201,7 +201,7 @@ def test_check_answer():
 def test_gold_rater_agrees_with_the_designed_order():
     world = make_world(0, 48)
     rng = random.Random(0)
-    prompts, _ = pref_prompts(world, rng)
+    prompts = [p for split in pref_prompts(world, rng) for p in split]
     for _ in range(3000):
         prompt, better, worse = designed_pair(world, rng.choice(prompts), rng)
         assert gold_score(prompt, better, world) > gold_score(prompt, worse, world), (prompt, better, worse)
@@ -237,6 +237,21 @@ def test_pref_files_are_labelled_by_the_gold_rater(data):
     flipped = sum(a["chosen"] != b["chosen"] for a, b in zip(clean, train)) / len(train)
     assert 0.07 < flipped < 0.13
     assert sum(r["prompt"] in LLM_QUESTIONS for r in train) > 50
+
+
+def test_a_quarter_of_the_characters_is_kept_out_of_the_training_pairs(data):
+    world = data["world"]
+    about = lambda records: {world.parse_question(r["prompt"])[0] for r in records} - {"llm"}
+    test, train = data["prefs_test.jsonl"], data["prefs_train.jsonl"]
+    unseen, seen = about(r for r in test if r["split"] == "unseen"), about(r for r in test if r["split"] == "seen")
+    assert len(unseen) == len(world.characters) // 4 and not unseen & about(train)
+    assert seen <= about(train)
+    assert {r["split"] for r in test} == {"seen", "unseen"} and "split" not in train[0]
+    # both kinds of pair in each test split: right against wrong, and manner alone
+    for split in ("seen", "unseen"):
+        rows = [r for r in test if r["split"] == split]
+        wrong = [r for r in rows if gold_score(r["prompt"], r["rejected"], world) < 1]
+        assert 0.2 < len(wrong) / len(rows) < 0.6
 
 
 def test_completes_fact():
