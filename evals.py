@@ -164,6 +164,52 @@ def reward_accuracy(rm, tok, records, world=None, batch_size=32):
 
 
 @torch.no_grad()
+def best_of_n(policy, rm, tok, questions, ns=(1, 2, 4, 8, 16), max_new_tokens=64, generator=None, world=None):
+    """Best of n, the cheap use of a reward model: sample max(ns) replies per question at temperature 1,
+    and for each n keep, of the first n, the one the reward model scores highest. Returns {"n": ns,
+    "rm": mean reward-model score of the kept replies, and given a TinyWorld world "gold": their mean
+    gold score}, one value per n. n = 1 is the plain sampled reply; where "gold" stops rising with
+    "rm", picking harder for the reward model is picking its mistakes."""
+    k = max(ns)
+    prompts, outs, texts = chat_replies(policy, tok, [q for q in questions for _ in range(k)], max_new_tokens,
+                                        temperature=1.0, generator=generator)
+    was_training = rm.training
+    rm.eval()
+    scores = torch.cat([common.score_replies(rm, prompts[i:i + 64], outs[i:i + 64])[0].cpu()
+                        for i in range(0, len(prompts), 64)]).view(len(questions), k)
+    rm.train(was_training)
+    result = {"n": list(ns), "rm": [], "gold": []}
+    for n in ns:
+        pick = scores[:, :n].argmax(1)
+        result["rm"].append(scores[torch.arange(len(questions)), pick].mean().item())
+        if world is not None:
+            kept = [texts[i * k + j] for i, j in enumerate(pick.tolist())]
+            result["gold"].append(sum(tinyworld.gold_score(q, t, world) for q, t in zip(questions, kept)) / len(questions))
+    if world is None:
+        del result["gold"]
+    return result
+
+
+def plot_best_of_n(result, png):
+    """The reward model's and the gold rater's mean score of the kept reply against n (log scale)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot(result["n"], result["rm"], marker="o", label="reward model score")
+    if "gold" in result:
+        ax.plot(result["n"], result["gold"], marker="o", label="gold rater score")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(result["n"], [str(n) for n in result["n"]])
+    ax.set_xlabel("n (replies sampled, the highest-scored kept)")
+    ax.set_ylabel("mean score of the kept reply")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+@torch.no_grad()
 def text_loss(model, ids, n_windows=64, batch_size=16):
     """Mean next-token loss on the first n_windows non-overlapping windows of a token tensor: the
     same windows for every model, so the losses compare."""

@@ -208,6 +208,7 @@ def main(cfg):
         print(f"report: measuring {label} ...", flush=True)
         model.to(device).eval()
         rows[label] = {**measure(model, tok, sets, sft, sft_gold, cfg), "seconds": metrics.get("train_seconds")}
+    rm_metrics = {}
     if (out / "rm" / "ckpt.pt").is_file():
         print("report: measuring 3 reward model ...", flush=True)
         rm = common.gpt_from_checkpoint(common.load_checkpoint(out / "rm" / "ckpt.pt", ["rm"]), tok, reward=True)
@@ -248,6 +249,14 @@ def main(cfg):
         log = out / stage / "log.jsonl"
         if log.is_file() and plot(log, names, f"{stage}: training curves", out / f"report-{stage}.png"):
             figures += [f"![{stage}](report-{stage}.png)", ""]
+    best = rm_metrics.get("best_of_n")
+    if best and "gold" in best and (out / "rm" / "best_of_n.png").is_file():  # written by train_rm.py
+        figures += [f"Best of n, the reward model's cheap use: sample n SFT replies per held-out question and keep "
+                    f"the one it scores highest. From n = {best['n'][0]} to {best['n'][-1]} its own score of the kept "
+                    f"reply goes {best['rm'][0]:.2f} -> {best['rm'][-1]:.2f}, the gold rater's {best['gold'][0]:.2f} -> "
+                    f"{best['gold'][-1]:.2f}; where the gold curve flattens or turns down while the reward model's "
+                    "still climbs, picking harder for the reward model picks its mistakes (over-optimisation, "
+                    "without any RL).", "", "![best of n](rm/best_of_n.png)", ""]
     if (out / "ppo" / "no_kl" / "reward_vs_gold.png").is_file():  # the README's run of PPO without its KL penalty
         figures += ["PPO without its KL penalty (`train_ppo.py --kl_coef=0 --max_steps=120 --out=out/ppo/no_kl`): "
                     "the learned reward climbs while the gold rater's score falls, reward hacking:", "",

@@ -65,6 +65,8 @@ class Config:
     eval_every: int = 60               # steps between held-out accuracies and checkpoints
     log_every: int = 10                # steps between printed lines
     zero_prompts: int = 256            # SFT replies sampled to set the score's zero (0: no shift)
+    best_of: int = 16                  # best of n for n = 1, 2, 4, ... up to this, on held-out questions (0: skip)
+    best_of_prompts: int = 64          # the held-out questions best of n is measured on
     world: str = "data/tinyworld"      # the TinyWorld whose gold rater ranks fresh pairs of SFT replies (empty: skip)
     max_new_tokens: int = 64           # length limit of the sampled replies
     device: str = "auto"               # auto (cuda, mps, cpu), or a torch device name
@@ -280,6 +282,15 @@ def main(cfg):
             agree, n = gold_agreement(raw_model, policy, tok, held_out, rater, cfg, device, gen)
             metrics.update(gold_agreement=agree, gold_pairs=n)
             print0(f"rm: agrees with the gold rater on {agree:.1%} of {n} fresh pairs of SFT replies")
+            if cfg.best_of > 0:
+                ns = [2 ** i for i in range(cfg.best_of.bit_length()) if 2 ** i <= cfg.best_of]
+                picks = torch.randperm(len(held_out), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.best_of_prompts]
+                best = evals.best_of_n(policy, raw_model, tok, [held_out[i] for i in picks], ns, cfg.max_new_tokens, gen, rater)
+                metrics["best_of_n"] = best
+                evals.plot_best_of_n(best, Path(cfg.out) / "best_of_n.png")
+                print0("rm: best of n SFT replies (n, reward model's score, gold rater's score): "
+                       + ", ".join(f"{n}: {r:.2f}, {g:.2f}" for n, r, g in zip(best["n"], best["rm"], best["gold"]))
+                       + f" (plot: {Path(cfg.out) / 'best_of_n.png'})")
     save(step, score_shift=metrics.get("score_shift", 0.0))
     log.finish(metrics)
     if test_acc is not None:

@@ -10,6 +10,7 @@ from hypothesis import given, strategies as st
 import common
 import evals
 from conftest import run_script
+from data.tinyworld_chat import gold_score
 from data.tinyworld_facts import VALUES, fact_sentence, load_world, question
 from data.tokenizer import load_tokenizer
 from train_rm import reward_loss
@@ -119,3 +120,24 @@ def test_reward_accuracy_counts_each_kind_of_pair_apart(tiny_world):
     assert evals.reward_accuracy(LongerWins(128), tok, records, world) == {"all": 4 / 6, "facts": 0.5, "style": 0.5,
                                                                           "facts_unseen": 1.0}
     assert evals.reward_accuracy(LongerWins(128), tok, records) == {"all": 4 / 6}  # no world: no kinds
+
+
+def test_best_of_n_keeps_the_highest_scored_of_the_first_n_replies(tiny_world, tiny_sft):
+    tok, world = load_tokenizer(tiny_world["tokenizer"]), load_world(tiny_world["data"])
+    ckpt = common.load_checkpoint(tiny_sft)
+    policy = common.gpt_from_checkpoint(ckpt, tok).eval()
+    torch.manual_seed(0)
+    rm = common.gpt_from_checkpoint(ckpt, tok, reward=True).eval()
+    torch.nn.init.normal_(rm.head.weight, std=1.0)  # scores that differ from reply to reply
+    questions = [question(c, "pet", 0) for c in world.characters[:3]]
+    best = evals.best_of_n(policy, rm, tok, questions, (1, 2, 4), 8, torch.Generator().manual_seed(5), world)
+    # the same samples again, scored one by one
+    prompts, outs, texts = evals.chat_replies(policy, tok, [q for q in questions for _ in range(4)], 8,
+                                              temperature=1.0, generator=torch.Generator().manual_seed(5))
+    scores = torch.stack([common.score_replies(rm, [p], [o])[0][0] for p, o in zip(prompts, outs)]).view(3, 4)
+    for i, n in enumerate((1, 2, 4)):
+        assert best["rm"][i] == pytest.approx(scores[:, :n].max(1).values.mean().item(), abs=1e-5)
+    # n = 1 is the plain sampled reply, scored by the gold rater
+    plain = [gold_score(q, texts[4 * i], world) for i, q in enumerate(questions)]
+    assert best["gold"][0] == pytest.approx(sum(plain) / 3)
+    assert best["rm"] == sorted(best["rm"])  # more replies to pick from never lowers the kept score
