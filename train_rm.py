@@ -212,7 +212,7 @@ def main(cfg):
     test_acc = None
     if step == 0 and test_pairs:
         test_acc = accuracy(model, test_pairs, cfg, device, rank, world)
-        print0(f"rm: held-out accuracy before training {test_acc:.1%} (the fresh head: a coin toss)")
+        print0(f"rm: held-out accuracy before training {test_acc:.1%} (an untrained head; the gate at its small start)")
         log.log(0, printed=False, test_accuracy=test_acc)
 
     end = cfg.stop_at if 0 < cfg.stop_at < cfg.max_steps else cfg.max_steps

@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ["KERNELS"] = "auto"  # measure the dispatch's own choice: Triton on CUDA tensors, PyTorch elsewhere
 import kernels  # noqa: E402
-from train_step import bench_train_step  # noqa: E402  (bench/ is on sys.path as the script's folder)
+from sampling import bench_sampling  # noqa: E402  (bench/ is on sys.path as the script's folder)
+from train_step import bench_train_step  # noqa: E402
 
 try:
     import triton
@@ -209,7 +210,7 @@ def main():
     torch.manual_seed(0)
     # each section returns (title, header, rows); the model's training-step comparison joins these lists
     sections = [gpu_attention, gpu_cross_entropy] if device.type == "cuda" else [cpu_dispatch]
-    sections.append(bench_train_step)
+    sections += [bench_train_step, bench_sampling]
     started = time.time()
     parts = [
         "# Kernel benchmarks",

@@ -137,15 +137,19 @@ def make_sft(world, math_sft, rng):
 
 
 def designed_pair(world, prompt_info, rng):
-    """(prompt, better, worse): better by construction: right beats wrong; among right answers,
-    polite > plain > curt > rambling or rude. The gold rater must agree (a test checks)."""
+    """(prompt, better, worse): better by construction: right beats wrong (a wrong value, or another
+    character's fact); among right answers, polite > plain > curt > rambling or rude. The gold rater
+    must agree (a test checks)."""
     c, kind, text = prompt_info
     if rng.random() < 0.4:  # right against wrong, any styles
         good, bad = rng.choice(STYLES), rng.choice(STYLES)
         if c == "llm":
             return text, llm_reply(good, rng), llm_reply(bad, rng, correct=False)
-        wrong = rng.choice([v for v in VALUES[kind] if v != c.fact(kind)])
-        return text, reply(c, kind, good, rng), reply(c, kind, bad, rng, value=wrong)
+        if rng.random() < 0.5:  # a wrong value; or a true fact about someone else, which dodges the question
+            wrong = rng.choice([v for v in VALUES[kind] if v != c.fact(kind)])
+            return text, reply(c, kind, good, rng), reply(c, kind, bad, rng, value=wrong)
+        other = rng.choice([d for d in world.characters if d.fact(kind) != c.fact(kind)])
+        return text, reply(c, kind, good, rng), reply(other, kind, bad, rng)
     ladder = ["polite", "plain", "curt", rng.choice(["rambling", "rude"])]
     i, j = sorted(rng.sample(range(4), 2))
     if c == "llm":
