@@ -143,8 +143,11 @@ def designed_pair(world, prompt_info, rng):
     c, kind, text = prompt_info
     if rng.random() < 0.4:  # right against wrong, any styles
         good, bad = rng.choice(STYLES), rng.choice(STYLES)
-        if c == "llm":
+        if c == "llm" and rng.random() < 0.5:
             return text, llm_reply(good, rng), llm_reply(bad, rng, correct=False)
+        if c == "llm":  # a character's fact instead of an answer
+            other = rng.choice(world.characters)
+            return text, llm_reply(good, rng), reply(other, rng.choice(FACT_KINDS), bad, rng)
         if rng.random() < 0.5:  # a wrong value; or a true fact about someone else, which dodges the question
             wrong = rng.choice([v for v in VALUES[kind] if v != c.fact(kind)])
             return text, reply(c, kind, good, rng), reply(c, kind, bad, rng, value=wrong)
