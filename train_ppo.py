@@ -52,7 +52,7 @@ class Config:
     ppo_epochs: int = 4                # passes over each batch of rollouts
     max_steps: int = 50                # rollout-and-update steps
     stop_at: int = 0                   # stop early at this step with a checkpoint (0: run to max_steps)
-    lr: float = 3e-4                   # the policy's peak learning rate
+    lr: float = 1e-4                   # the policy's peak learning rate
     critic_lr: float = 1e-3            # the critic's learning rate
     min_lr: float = 3e-5               # the policy's learning rate at the end of the cosine
     warmup_steps: int = 5              # linear warm-up steps
