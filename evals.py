@@ -147,14 +147,16 @@ def reward_accuracy(rm, tok, records, world=None, batch_size=32):
         if len(prompt) + max(map(len, replies)) <= rm.config.block_size:
             kind = None
             if world is not None:
-                right = {tinyworld.answers_right(world.parse_question(r["prompt"]), r[k]) for k in ("chosen", "rejected")}
+                asked = world.parse_question(r["prompt"])
+                right = {tinyworld.answers_right(asked, r[k]) for k in ("chosen", "rejected")}
                 kind = ("facts_unseen" if r.get("split") == "unseen" else "facts") if right == {True, False} \
                     else "style" if right == {True} else None
             pairs.append((prompt, replies, kind))
     hits = {"all": [], "style": [], "facts": [], "facts_unseen": []}
     for i in range(0, len(pairs), batch_size):
         batch = pairs[i:i + batch_size]
-        r = common.score_replies(rm, [p for p, _, _ in batch for _ in range(2)], [x for _, xs, _ in batch for x in xs])[0]
+        prompts, replies = [p for p, _, _ in batch for _ in range(2)], [x for _, xs, _ in batch for x in xs]
+        r = common.score_replies(rm, prompts, replies)[0]
         for (_, _, kind), won in zip(batch, (r[0::2] > r[1::2]).tolist()):
             hits["all"].append(won)
             if kind is not None:
@@ -184,7 +186,8 @@ def best_of_n(policy, rm, tok, questions, ns=(1, 2, 4, 8, 16), max_new_tokens=64
         result["rm"].append(scores[torch.arange(len(questions)), pick].mean().item())
         if world is not None:
             kept = [texts[i * k + j] for i, j in enumerate(pick.tolist())]
-            result["gold"].append(sum(tinyworld.gold_score(q, t, world) for q, t in zip(questions, kept)) / len(questions))
+            gold = [tinyworld.gold_score(q, t, world) for q, t in zip(questions, kept)]
+            result["gold"].append(sum(gold) / len(gold))
     if world is None:
         del result["gold"]
     return result

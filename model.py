@@ -222,7 +222,8 @@ class GPT(nn.Module):
         # the attention mask as an additive bias, built once: the prompt sees itself causally (a padding
         # position sees itself, so no row is all -inf); each new token sees every real position so far
         dtype = cache.k.dtype
-        blocked = torch.zeros(B, 1, 1, total, device=device, dtype=dtype).masked_fill(~valid[:, None, None], float("-inf"))
+        blocked = torch.zeros(B, 1, 1, total, device=device, dtype=dtype)
+        blocked = blocked.masked_fill(~valid[:, None, None], float("-inf"))
         seen = torch.ones(L, L, dtype=torch.bool, device=device).tril()[None] & valid[:, None, :L]
         seen |= torch.eye(L, dtype=torch.bool, device=device)[None]
         prefill = torch.zeros(B, 1, L, L, device=device, dtype=dtype).masked_fill(~seen[:, None], float("-inf"))

@@ -215,7 +215,8 @@ def main(cfg):
         rm_metrics = json.loads((out / "rm" / "metrics.json").read_text()) if (out / "rm" / "metrics.json").is_file() else {}
         acc = evals.reward_accuracy(rm.to(device), tok, read_jsonl(data / "prefs_test.jsonl"), world)
         rows["3 reward model"] = {"rm_acc": acc["all"], "rm_facts": acc.get("facts"), "rm_style": acc.get("style"),
-                                  "rm_facts_unseen": acc.get("facts_unseen"), "seconds": rm_metrics.get("train_seconds")}
+                                  "rm_facts_unseen": acc.get("facts_unseen"),
+                                  "seconds": rm_metrics.get("train_seconds")}
     contrast = None
     if (out / "sft_answers_only" / "ckpt.pt").is_file():  # SFT on the same set with "#### n" for each worked answer
         print("report: measuring the answers-only SFT contrast ...", flush=True)

@@ -284,8 +284,9 @@ def main(cfg):
             print0(f"rm: agrees with the gold rater on {agree:.1%} of {n} fresh pairs of SFT replies")
             if cfg.best_of > 0:
                 ns = [2 ** i for i in range(cfg.best_of.bit_length()) if 2 ** i <= cfg.best_of]
-                picks = torch.randperm(len(held_out), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.best_of_prompts]
-                best = evals.best_of_n(policy, raw_model, tok, [held_out[i] for i in picks], ns, cfg.max_new_tokens, gen, rater)
+                picks = torch.randperm(len(held_out), generator=torch.Generator().manual_seed(cfg.seed))
+                asked = [held_out[i] for i in picks[:cfg.best_of_prompts]]
+                best = evals.best_of_n(policy, raw_model, tok, asked, ns, cfg.max_new_tokens, gen, rater)
                 metrics["best_of_n"] = best
                 evals.plot_best_of_n(best, Path(cfg.out) / "best_of_n.png")
                 print0("rm: best of n SFT replies (n, reward model's score, gold rater's score): "

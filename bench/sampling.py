@@ -49,7 +49,8 @@ def bench_sampling(device, rounds=3):
     rows = []
     for label, kw in [("64 prompts x 64 new tokens, greedy", dict(temperature=0.0)),
                       ("64 prompts x 64 new tokens, sampled", dict(temperature=1.0)),
-                      ("a rollout: 64 prompts, each stops on its own (sampled)", dict(temperature=1.0, stop_tokens=stops))]:
+                      ("a rollout: 64 prompts, each stops on its own (sampled)",
+                       dict(temperature=1.0, stop_tokens=stops))]:
         rows.append([label, f"{tokens_per_second(model, prompts, 64, rounds, **kw):,.0f} new tokens/s"])
     probs = torch.randn(64, cfg.vocab_size, generator=g).mul(3).softmax(-1).to(device)
     gen = torch.Generator(device).manual_seed(0)

@@ -197,7 +197,8 @@ def rows_of(seqs):
 
 
 @settings(max_examples=10, deadline=None)
-@given(seed=st.integers(0, 1000), lengths=st.lists(st.tuples(st.integers(1, 10), st.integers(1, 10)), min_size=1, max_size=4))
+@given(seed=st.integers(0, 1000),
+       lengths=st.lists(st.tuples(st.integers(1, 10), st.integers(1, 10)), min_size=1, max_size=4))
 def test_reward_score_is_the_head_plus_the_gated_log_probs_of_the_reply(seed, lengths):
     torch.manual_seed(seed)
     rm = RewardModel(TINY).double().eval()

@@ -116,7 +116,7 @@ def test_reward_accuracy_counts_each_kind_of_pair_apart(tiny_world):
                pair(q, right, right + " It is a long story, and I like it."),    # style, lost
                pair("How are you?", "Fine, thank you.", "Ugh."),                 # neither kind, won
                pair(q, right + " word" * 200, right),                            # longer than the context: left out
-               {**pair(q, "Sure! " + right, wrong), "split": "unseen"}]          # facts about a character no pair mentions, won
+               {**pair(q, "Sure! " + right, wrong), "split": "unseen"}]          # facts, about an unseen character: won
     assert evals.reward_accuracy(LongerWins(128), tok, records, world) == {"all": 4 / 6, "facts": 0.5, "style": 0.5,
                                                                           "facts_unseen": 1.0}
     assert evals.reward_accuracy(LongerWins(128), tok, records) == {"all": 4 / 6}  # no world: no kinds
