@@ -29,6 +29,7 @@ Besides their accuracy, the model is checked on fresh pairs: two replies sampled
 for each held-out prompt, ranked by TinyWorld's gold rater, which is what PPO will ask of it.
 Writes out/rm/ckpt.pt, log.jsonl and metrics.json.
 """
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,6 +169,10 @@ def gold_agreement(rm, policy, tok, questions, rater, cfg, device, gen):
 
 def main(cfg):
     common.require_positive(cfg, "batch_size", "max_steps", "eval_every", "log_every", "max_new_tokens", "lr")
+    if not 0 <= cfg.lm_coef < math.inf:
+        raise UserError(f"--lm_coef must be 0 (off) or a positive number, got {cfg.lm_coef}")
+    if cfg.best_of > 0:
+        common.require_positive(cfg, "best_of_prompts")
     rank, world, device = common.setup_ddp(common.pick_device(cfg.device))
     if cfg.batch_size % world:
         raise UserError(f"--batch_size={cfg.batch_size} must be a multiple of the number of processes ({world})")

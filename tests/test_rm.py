@@ -141,3 +141,9 @@ def test_best_of_n_keeps_the_highest_scored_of_the_first_n_replies(tiny_world, t
     plain = [gold_score(q, texts[4 * i], world) for i, q in enumerate(questions)]
     assert best["gold"][0] == pytest.approx(sum(plain) / 3)
     assert best["rm"] == sorted(best["rm"])  # more replies to pick from never lowers the kept score
+
+
+@pytest.mark.parametrize("flag, says", [("--lm_coef=-1", "--lm_coef must be 0"), ("--best_of_prompts=0", "--best_of_prompts")])
+def test_a_bad_new_flag_is_one_line_and_exit_2(flag, says, tmp_path):
+    r = run_script("train_rm.py", flag, f"--out={tmp_path / 'rm'}")
+    assert r.returncode == 2 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
