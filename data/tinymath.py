@@ -1,121 +1,104 @@
-"""TinyWorld's reasoning problems: the characters' facts plus small numbers, worked one checkable
-step per line and ending in "#### n", as GSM8K's solutions do.
+"""TinyWorld's reasoning problems: the characters' facts plus the world's prices and pay, worked one
+checkable step per line and ending in "#### n", as GSM8K's solutions do.
 
-A problem's level is the number of characters whose facts it needs (1 to 3). Two kinds:
+A problem's level is the number of characters it asks about (1 to 3):
 
-    rule (levels 1-3)   Each baker gets 4 apples and each nurse receives 2 apples. How many apples
-                        do Lucy and Sam get together?
-                            Lucy works as a baker.
-                            Each baker gets 4 apples.
-                            Sam works as a nurse.
-                            Each nurse receives 2 apples.
-                            They get 4 + 2 = 6 apples.
-                            #### 6
-    count (levels 2-3)  How many of Lucy, Sam and Max have a dog?
-                            Lucy's pet is a dog, so 1.
-                            Sam's pet is a cat, so 0.
-                            Max's pet is a dog, so 1.
-                            That makes 1 + 0 + 1 = 2.
-                            #### 2
+    How many coins do Lucy and Sam earn a day together?
+        Lucy works as a baker.
+        A baker earns 4 coins a day.
+        Sam works as a nurse.
+        A nurse earns 6 coins a day.
+        They earn 4 + 6 = 10 coins a day.
+        #### 10
 
-Every fact step is a sentence pre-training states many times (the completion form of
-`fact_prompts`); the rule a fact calls for is restated before it is used, so that each number is
-copied from a line that names it. Each rule of a question has its own verb (gets, receives, earns):
-the word before a number then points to one rule, which a small model copies far more easily than a
-number found by the two words before it. A problem asks the model to recall what it knows, look up and add
-at most three small numbers: within reach of the small CPU model, sometimes.
+with three characters, two numbers at a time: "4 + 6 = 10, and they earn 10 + 3 = 13 coins a day."
+
+Each step is something pre-training taught: a character's fact in its completion form, a rate of the
+world (`RATES`: what each job earns, each pet eats, each food and paint colour costs, the same in every
+world), or a sum of two small numbers. Nothing has to be copied from the question but its names. Problems
+whose numbers stood in the question ("Each baker gets 4 apples and each nurse 2; how many does Lucy
+get?") were tried first and left: the small model never learned to find the rule that matches a fact
+in its context (it picked the right one of two about half the time, at SFT and after GRPO alike, and
+text twice as long was no easier on its second reading), so RL had nothing but a guess to sharpen.
 
 `make_math` draws distinct problems for each split; `check_steps` marks each written step right or
 wrong against the world; `extract_answer` and `check_answer` are the verifier that GRPO and the
 evals use, on TinyWorld's problems and on GSM8K's alike (data/prepare_gsm8k.py).
 """
 import functools
+import random
 import re
 from decimal import Decimal, InvalidOperation
 
 from data import UserError
 from data.tinyworld_facts import VALUES, fact_sentence
 
-ITEMS = ["apples", "marbles", "stickers", "pencils", "cookies", "shells", "stamps", "cards", "beads", "buttons"]
 LEVELS = (1, 2, 3)
-KINDS = ("pet", "job", "town", "colour")  # the facts problems are built on: short, unambiguous words
-# how a rule names the people with a value, and how a count asks for them
-RULE_GROUP = {"pet": "each {v} owner", "job": "each {v}", "town": "everyone from {v}", "colour": "everyone who loves {v}"}
-VERBS = ["gets", "receives", "earns"]
-COUNT_ASK = {"pet": "have a {v}", "job": "work as a {v}", "town": "live in {v}", "colour": "love {v} most"}
+# per kind of fact: the rate a value carries, the question for one character and for several, the sum
+RATE_TEXT = {
+    "job": ("A {v} earns {n} coins a day.", "How many coins does {names} earn a day?",
+            "How many coins do {names} earn a day together?", "They earn {sum} coins a day."),
+    "pet": ("A {v} eats {n} treats a day.", "How many treats does {names}'s pet eat a day?",
+            "How many treats do the pets of {names} eat a day together?", "Their pets eat {sum} treats a day."),
+    "food": ("A plate of {v} costs {n} coins.", "How many coins does a plate of {names}'s favourite food cost?",
+             "How many coins do plates of the favourite foods of {names} cost together?", "They cost {sum} coins."),
+    "colour": ("A tin of {v} paint costs {n} coins.",
+               "How many coins does a tin of paint in {names}'s favourite colour cost?",
+               "How many coins do tins of paint in the favourite colours of {names} cost together?",
+               "They cost {sum} coins."),
+}
+KINDS = tuple(RATE_TEXT)
+_draw = random.Random("tinyworld rates")
+RATES = {kind: {v: _draw.randint(2, 9) for v in VALUES[kind]} for kind in KINDS}  # the same in every world
+
+
+def rate_sentence(kind, value):
+    return RATE_TEXT[kind][0].format(v=value, n=RATES[kind][value])
 
 
 def and_list(words):
     return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
 
 
-def rule(rng, cast, level, item):
-    """Each of max(2, level) values of a fact gets a number; add up what `level` characters get."""
-    kind = rng.choice(KINDS)
-    people = rng.sample(cast, level)
-    values = list(dict.fromkeys(c.fact(kind) for c in people))
-    values += rng.sample([v for v in VALUES[kind] if v not in values], max(2, level) - len(values))
-    rng.shuffle(values)
-    number = dict(zip(values, rng.sample(range(2, 8), len(values))))
-    verb = dict(zip(values, rng.sample(VERBS, len(values))))  # one verb per rule: each rule reads apart
-    gets = lambda v: f"{RULE_GROUP[kind].format(v=v)} {verb[v]} {number[v]} {item}"
-    rules = and_list([gets(v) for v in values])
-    names = [c.name for c in people]
-    ask = f"does {names[0]} get?" if level == 1 else f"do {and_list(names)} get together?"
-    steps = []
-    for c in people:  # the fact, then the rule it calls for, restated
-        steps += [fact_sentence(c, kind), gets(c.fact(kind))[0].upper() + gets(c.fact(kind))[1:] + "."]
-    got = [number[c.fact(kind)] for c in people]
-    if level > 1:
-        steps.append(f"They get {' + '.join(map(str, got))} = {sum(got)} {item}.")
-    key = ("rule", kind, tuple(names), tuple(sorted(number.items())))
-    return key, f"{rules[0].upper()}{rules[1:]}. How many {item} {ask}", steps
-
-
-def count(rng, cast, level, item):
-    """How many of `level` characters share a value of a fact; about half of them do, on average."""
-    kind = rng.choice(KINDS)
-    value = rng.choice(VALUES[kind])
-    people = []
-    for _ in range(level):
-        want = rng.random() < 0.5
-        pool = [c for c in cast if (c.fact(kind) == value) == want and c not in people]
-        if not pool:
-            return None  # this world has too few characters with that value: draw again
-        people.append(rng.choice(pool))
-    names = [c.name for c in people]
-    ones = [int(c.fact(kind) == value) for c in people]
-    question = f"How many of {and_list(names)} {COUNT_ASK[kind].format(v=value)}?"
-    steps = [f"{fact_sentence(c, kind)[:-1]}, so {one}." for c, one in zip(people, ones)]
-    steps.append(f"That makes {' + '.join(map(str, ones))} = {sum(ones)}.")
-    key = ("count", kind, tuple(names), value)
-    return key, question, steps
-
-
-KIND_LEVELS = [(rule, 1), (rule, 2), (count, 2), (rule, 3), (count, 3)]
+def problem(people, kind):
+    """The question about these characters and its worked answer, one step per line."""
+    rate, ask_one, ask_many, total = RATE_TEXT[kind]
+    names = and_list([c.name for c in people])
+    question = (ask_one if len(people) == 1 else ask_many).format(names=names)
+    steps = [s for c in people for s in (fact_sentence(c, kind), rate_sentence(kind, c.fact(kind)))]
+    got = [RATES[kind][c.fact(kind)] for c in people]
+    if len(people) > 1:  # two numbers at a time: a sum of three in one go was where the model slipped
+        sums = [f"{sum(got[:i])} + {got[i]} = {sum(got[:i + 1])}" for i in range(1, len(got))]
+        steps.append(total.format(sum=sums[0]) if len(sums) == 1 else
+                     total.format(sum=f"{sums[-1]}").replace("They", f"{sums[0]}, and they", 1)
+                     .replace("Their", f"{sums[0]}, and their", 1))
+    return {"question": question, "answer": "\n".join(steps) + f"\n#### {sum(got)}", "level": len(people)}
 
 
 def make_math(world, sizes: list[int], rng, casts=None) -> list[list[dict]]:
-    """Problems for each size in sizes, as {"question", "answer", "level"}: levels in equal shares
-    (rule and count alike where both exist), no problem in two lists (its item aside). casts: the
-    characters each list's problems are about (default: the whole cast)."""
+    """Problems for each size in sizes, as {"question", "answer", "level"}, no problem in two lists.
+    casts: the characters each list's problems are about (default: the whole cast). Levels 2 and 3
+    come in equal shares; level 1 has few distinct problems (a kind and a character), so each list
+    gets a fair share of those left, at most a third of it."""
     used, splits = set(), []
     for i, size in enumerate(sizes):
         cast = casts[i] if casts else world.characters
-        split, tries = [], 0
+        ones = [(kind, (c.name,)) for kind in KINDS for c in cast if (kind, (c.name,)) not in used]
+        n_ones = min(size // 3, len(ones) // (len(sizes) - i))
+        picks = rng.sample(ones, n_ones)
+        used.update(picks)
+        split = [problem([world.by_name[name] for name in names], kind) for kind, names in picks]
+        tries = 0
         while len(split) < size:
-            level = LEVELS[len(split) % len(LEVELS)]
-            make = rng.choice([m for m, lv in KIND_LEVELS if lv == level])
-            drawn = make(rng, cast, level, rng.choice(ITEMS))
+            level = 2 + len(split) % 2
+            people, kind = rng.sample(cast, level), rng.choice(KINDS)
             tries += 1
             if tries > 100 * size:
                 raise UserError(f"cannot draw {size} more distinct math problems: ask for fewer")
-            if drawn is None or drawn[0] in used:
-                continue
-            key, question, steps = drawn
-            used.add(key)
-            split.append({"question": question, "answer": "\n".join(steps) + f"\n#### {numbers(steps[-1])[-1]}",
-                          "level": level})
+            key = (kind, tuple(c.name for c in people))
+            if key not in used:
+                used.add(key)
+                split.append(problem(people, kind))
         rng.shuffle(split)
         splits.append(split)
     return splits

@@ -10,8 +10,8 @@ pre-training supplied the knowledge and instruction tuning only the format.
 
 Files written to --out (the corpus format and JSONL helpers are in data/__init__.py):
 - corpus_train.txt, corpus_val.txt: documents separated by blank lines: pages about characters,
-  interviews, quizzes, fact sheets, short stories, sums in prose, worked reasoning problems, texts on
-  what an LLM is. Each fact is stated many times, always including the completion form of
+  interviews, quizzes, fact sheets, short stories, sums in prose, the world's prices and pay, worked
+  reasoning problems, texts on what an LLM is. Each fact is stated many times, always including the completion form of
   `fact_prompts` ("Alice's favourite colour is blue."). The validation text is drawn the same way, from its own
   random stream, without any document of the training text.
 - sft_train.jsonl: {"messages": [user, assistant]}: fact questions about seen characters, answered
@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 
 from data import run_main, write_atomic, write_documents, write_jsonl
-from data.tinymath import ITEMS, make_math
+from data.tinymath import KINDS, make_math, rate_sentence
 from data.tinyworld_chat import make_prefs, make_sft, pref_prompts
 from data.tinyworld_facts import FACT_KINDS, fact_sentence, make_world
 
@@ -133,6 +133,9 @@ def story_doc(world, rng):
     return " ".join(s.format(**slots) for s in sentences)
 
 
+ITEMS = ["apples", "marbles", "stickers", "pencils", "cookies", "shells", "stamps", "cards", "beads", "buttons"]
+
+
 def arithmetic_doc(world, rng, problem):
     if problem is not None:  # a worked problem, in the format of the math files
         return f"Question: {problem['question']}\nAnswer: {problem['answer']}"
@@ -147,10 +150,22 @@ def arithmetic_doc(world, rng, problem):
                 x, y = x % 9 + 2, y % 9 + 2
             sums.append(f"{x} {op} {y} is {x + y if op == 'plus' else x - y if op == 'minus' else x * y}.")
         return "Some sums. " + " ".join(sums)
+    if rng.random() < 0.5:  # the sums the reasoning problems write, in their form
+        return "Adding up. " + " ".join(f"{x} + {y} = {x + y}." for x, y in
+                                        ((rng.randint(2, 18), rng.randint(2, 9)) for _ in range(rng.randint(4, 8))))
     c, item = rng.choice(world.characters), rng.choice(ITEMS)
     x, y = rng.randint(2, 20), rng.randint(2, 20)
     return (f"{c.name} had {x} {item}. Then {c.pronoun} got {y} more. Now {c.name} has {x} + {y} = {x + y} {item}. "
             f"Later {c.pronoun} lost {y} of them, so {c.name} had {x + y} - {y} = {x} {item} again.")
+
+
+def rates_doc(rng):
+    """What the world's jobs pay, its pets eat and its foods and paints cost: the reasoning problems'
+    rates (data/tinymath.py), stated as their worked answers state them."""
+    kind = rng.choice(KINDS)
+    title = {"job": "Pay in TinyWorld.", "pet": "Feeding pets.", "food": "Prices at the cafe.", "colour": "Paint prices."}
+    values = rng.sample(VALUES[kind], rng.randint(3, 6))
+    return title[kind] + "\n" + " ".join(rate_sentence(kind, v) for v in values)
 
 
 def llm_doc(rng):
@@ -168,6 +183,7 @@ def make_corpus(world, cfg, rng, scale: float, problems: list[dict]) -> list[str
     docs += [story_doc(world, rng) for _ in range(n(cfg.stories))]
     docs += [arithmetic_doc(world, rng, None) for _ in range(n(cfg.arithmetic_docs))]
     docs += [arithmetic_doc(world, rng, problems.pop()) for _ in range(n(cfg.math_docs))]
+    docs += [rates_doc(rng) for _ in range(n(cfg.rates_docs))]
     docs += [llm_doc(rng) for _ in range(n(cfg.llm_docs))]
     rng.shuffle(docs)
     return docs
@@ -186,9 +202,10 @@ class Config:
     quizzes: int = 1500  # quiz documents: questions and fact answers about random characters
     fact_sheets: int = 1500  # documents listing facts of random characters
     stories: int = 2500  # short stories that mention the facts of one or two characters
-    arithmetic_docs: int = 600  # sums and small stories of adding and taking away, in prose
+    arithmetic_docs: int = 900  # sums and small stories of adding and taking away, in prose
     math_docs: int = 900  # worked reasoning problems (data/tinymath.py), none of them in the math sets
     llm_docs: int = 200  # short texts on what a language model is
+    rates_docs: int = 1000  # what jobs pay, pets eat, foods and paints cost: the reasoning problems' rates
     val_fraction: float = 0.05  # corpus_val.txt's size relative to corpus_train.txt
     math_sft: int = 400  # math problems in sft_train.jsonl
     math_grpo: int = 2000  # math_train.jsonl, for GRPO
