@@ -21,11 +21,12 @@ temperature 1 (pass@k: solved at least once), overall and per level, with the sh
 stated right. Writes out/grpo/ckpt.pt, log.jsonl and metrics.json.
 
 What to expect on TinyWorld (data/tinymath.py): the model from the earlier stages works most steps
-right (a fact, the rate it calls for, a sum of two numbers) and slips mostly on sums past ten; sampled
-answers solve nearly every problem within 8 tries, so there is room. At this learning rate GRPO moves
-the sampled answers' reward up slowly and greedy pass@1 by a few points; at a few times the rate, the
-reward falls: 64 answers a step give too noisy a gradient for Adam's larger steps. Partial credit for
-the steps (--step_reward) is off: no run has shown it to help.
+right (a fact, the rate it calls for, a sum of two numbers) and slips mostly on sums past ten;
+sampled answers solve most problems within 8 tries, so there is room. From PPO's policy, whose polite
+openings lead some problems astray, GRPO mostly brings the worked format back; from SFT's it moves
+greedy pass@1 by a few points: at this learning rate the sampled reward climbs slowly, and at a few
+times the rate it falls (64 answers a step give a noisy gradient for Adam's larger steps). Partial
+credit for the steps (--step_reward) is off: no run has shown it to help.
 """
 import math
 import time
