@@ -202,7 +202,7 @@ class Config:
     quizzes: int = 1500  # quiz documents: questions and fact answers about random characters
     fact_sheets: int = 1500  # documents listing facts of random characters
     stories: int = 2500  # short stories that mention the facts of one or two characters
-    arithmetic_docs: int = 900  # sums and small stories of adding and taking away, in prose
+    arithmetic_docs: int = 900  # sums, in words and as "a + b = c", and small stories of adding and taking away
     math_docs: int = 900  # worked reasoning problems (data/tinymath.py), none of them in the math sets
     llm_docs: int = 200  # short texts on what a language model is
     rates_docs: int = 1000  # what jobs pay, pets eat, foods and paints cost: the reasoning problems' rates
