@@ -13,10 +13,10 @@ A problem's level is the number of characters it asks about (1 to 3):
 
 with three characters, two numbers at a time: "4 + 6 = 10, and they earn 10 + 3 = 13 coins a day."
 
-Each step is something pre-training taught: a character's fact in its completion form, a rate of the
-world (`RATES`: what each job earns, each pet eats, each food and paint colour costs, the same in every
-world), or a sum of two small numbers. Nothing has to be copied from the question but its names. Problems
-whose numbers stood in the question ("Each baker gets 4 apples and each nurse 2; how many does Lucy
+Each step is something pre-training taught: a character's fact in its completion form, a rate of
+the world (`RATES`: what each job earns, each pet eats, each food and paint colour costs, the same in
+every world), or a sum of two small numbers. Nothing has to be copied from the question but its
+names. Problems whose numbers stood in the question ("Each baker gets 4 apples and each nurse 2; how many does Lucy
 get?") were tried first and left: the small model never learned to find the rule that matches a fact
 in its context (it picked the right one of two about half the time, at SFT and after GRPO alike, and
 text twice as long was no easier on its second reading), so RL had nothing but a guess to sharpen.
@@ -62,16 +62,15 @@ def and_list(words):
 
 def problem(people, kind):
     """The question about these characters and its worked answer, one step per line."""
-    rate, ask_one, ask_many, total = RATE_TEXT[kind]
+    _, ask_one, ask_many, total = RATE_TEXT[kind]
     names = and_list([c.name for c in people])
     question = (ask_one if len(people) == 1 else ask_many).format(names=names)
     steps = [s for c in people for s in (fact_sentence(c, kind), rate_sentence(kind, c.fact(kind)))]
     got = [RATES[kind][c.fact(kind)] for c in people]
     if len(people) > 1:  # two numbers at a time: a sum of three in one go was where the model slipped
         sums = [f"{sum(got[:i])} + {got[i]} = {sum(got[:i + 1])}" for i in range(1, len(got))]
-        steps.append(total.format(sum=sums[0]) if len(sums) == 1 else
-                     total.format(sum=f"{sums[-1]}").replace("They", f"{sums[0]}, and they", 1)
-                     .replace("Their", f"{sums[0]}, and their", 1))
+        line = total.format(sum=sums[-1])
+        steps.append(line if len(sums) == 1 else f"{sums[0]}, and {line[0].lower()}{line[1:]}")
     return {"question": question, "answer": "\n".join(steps) + f"\n#### {sum(got)}", "level": len(people)}
 
 

@@ -11,9 +11,9 @@ pre-training supplied the knowledge and instruction tuning only the format.
 Files written to --out (the corpus format and JSONL helpers are in data/__init__.py):
 - corpus_train.txt, corpus_val.txt: documents separated by blank lines: pages about characters,
   interviews, quizzes, fact sheets, short stories, sums in prose, the world's prices and pay, worked
-  reasoning problems, texts on what an LLM is. Each fact is stated many times, always including the completion form of
-  `fact_prompts` ("Alice's favourite colour is blue."). The validation text is drawn the same way, from its own
-  random stream, without any document of the training text.
+  reasoning problems, texts on what an LLM is. Each fact is stated many times, always including the
+  completion form of `fact_prompts` ("Alice's favourite colour is blue."). The validation text is
+  drawn the same way, from its own random stream, without any document of the training text.
 - sft_train.jsonl: {"messages": [user, assistant]}: fact questions about seen characters, answered
   in mixed styles (plain, polite, curt, rambling); questions on what an LLM is; math from the SFT split.
 - sft_answers_only.jsonl: the same, with each math answer cut to "#### n" (no steps): a contrast run.
@@ -159,13 +159,16 @@ def arithmetic_doc(world, rng, problem):
             f"Later {c.pronoun} lost {y} of them, so {c.name} had {x + y} - {y} = {x} {item} again.")
 
 
+RATES_TITLES = {"job": "Pay in TinyWorld.", "pet": "Feeding pets.", "food": "Prices at the cafe.",
+                "colour": "Paint prices."}
+
+
 def rates_doc(rng):
     """What the world's jobs pay, its pets eat and its foods and paints cost: the reasoning problems'
     rates (data/tinymath.py), stated as their worked answers state them."""
     kind = rng.choice(KINDS)
-    title = {"job": "Pay in TinyWorld.", "pet": "Feeding pets.", "food": "Prices at the cafe.", "colour": "Paint prices."}
     values = rng.sample(VALUES[kind], rng.randint(3, 6))
-    return title[kind] + "\n" + " ".join(rate_sentence(kind, v) for v in values)
+    return RATES_TITLES[kind] + "\n" + " ".join(rate_sentence(kind, v) for v in values)
 
 
 def llm_doc(rng):
