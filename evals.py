@@ -97,9 +97,10 @@ def math_eval(model, tok, records, max_new_tokens=48, k=8, seed=1337, world=None
     """Held-out problems ({"question", "answer" ending in "#### n", optional "level"}): greedy accuracy
     (pass@1); the share solved by at least one of k answers sampled at temperature 1 (pass@k, when
     k > 0); given a TinyWorld world, the share of the reference's steps the greedy answers state
-    correctly (`tinymath.check_steps`); the greedy answers' mean length in tokens. Overall, and for
-    each level in "levels"; and "solved", each problem's greedy verdict. The same samples for the
-    same seed."""
+    correctly (`tinymath.check_steps`); the share of greedy answers that write steps before their
+    "####" rather than the number alone ("worked"); the greedy answers' mean length in tokens.
+    Overall, and for each level in "levels"; and "solved", each problem's greedy verdict. The same
+    samples for the same seed."""
     questions = [r["question"] for r in records]
     _, outs, greedy = chat_replies(model, tok, questions, max_new_tokens)
     right = [tinyworld.check_answer(t, r["answer"]) for t, r in zip(greedy, records)]
@@ -119,6 +120,7 @@ def math_eval(model, tok, records, max_new_tokens=48, k=8, seed=1337, world=None
             m[f"pass@{k}"] = sum(solved[i] for i in rows) / len(rows)
         if world is not None:
             m["steps"] = sum(steps[i][0] for i in rows) / max(1, sum(steps[i][1] for i in rows))
+        m["worked"] = sum(tinymath.shows_work(greedy[i]) for i in rows) / len(rows)
         m["length"] = sum(len(outs[i]) for i in rows) / len(rows)
         return m
 

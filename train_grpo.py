@@ -7,7 +7,8 @@
     torchrun --standalone --nproc_per_node=8 train_grpo.py --preset=gpu
 
 Each step takes a few problems, asks each through the chat template and samples a group of G answers
-at temperature 1, all at once with the KV cache. A verifier scores them: 1 when the number after the
+at --temperature (0.7: the policy trained is the model's softmax at that temperature, whose greedy
+answer is the model's own), all at once with the KV cache. A verifier scores them: 1 when the number after the
 last "####" is the reference's, else 0; optional extras reward the format alone (--format_reward) or
 each of the reference's steps stated right (--step_reward, TinyWorld's step checker). There is no
 critic: an answer's advantage is its reward against its own group's, (r - mean) / (std + eps)
@@ -38,8 +39,9 @@ import torch
 
 import common
 import evals
+import kernels
 from common import UserError, print0
-from data.tinymath import check_answer, check_steps, extract_answer
+from data.tinymath import check_answer, check_steps, extract_answer, shows_work
 from data.tinyworld_facts import load_world
 from data.tokenizer import load_tokenizer
 
@@ -55,7 +57,7 @@ class Config:
     prompts_per_step: int = 8          # problems per step, over all processes
     group_size: int = 8                # answers sampled per problem (G)
     max_new_tokens: int = 72           # answer length limit, in training and evaluation (TinyWorld's: under 64)
-    temperature: float = 1.0           # sampling temperature of the rollouts
+    temperature: float = 0.7           # sampling temperature of the rollouts (the policy trained: logits / T)
     format_reward: float = 0.0         # extra reward for an answer that ends its turn with "#### <number>"
     step_reward: float = 0.0           # extra reward per share of the reference's steps stated right (TinyWorld)
     scale: str = "group"               # advantages divided by the group's std (group), or not (none: Dr. GRPO)
@@ -203,7 +205,8 @@ def report(result, label, k):
     by_level = "; ".join(f"level {lv}: {m['pass@1']:.0%} / {m[f'pass@{k}']:.0%}" for lv, m in levels.items())
     steps = f", steps right {result['steps']:.1%}" if "steps" in result else ""
     print0(f"grpo: {label}: held-out pass@1 {result['pass@1']:.1%}, pass@{k} {result[f'pass@{k}']:.1%}{steps}, "
-           f"greedy answers {result['length']:.1f} tokens long (of {result['n']} problems)"
+           f"greedy answers {result['length']:.1f} tokens long, {result['worked']:.0%} of them worked step by step "
+           f"(of {result['n']} problems)"
            + (f"\n    pass@1 / pass@{k} by {by_level}" if levels else ""))
     for question, answer in result.pop("examples"):
         print0(f"    {question!r}\n      -> {answer!r}")
@@ -216,7 +219,8 @@ def default_init():
 
 def rollouts(model, tok, problems, picks, cfg, world):
     """G answers to each picked problem, sampled together with the KV cache, and the verifier's
-    rewards. Returns (prompts, answers, rewards, correct), one entry per answer, grouped by problem."""
+    rewards. Returns (prompts, answers, rewards, correct, worked), one entry per answer, grouped by
+    problem; worked: the answer writes steps before its "####"."""
     prompts = [problems[i]["prompt"] for i in picks for _ in range(cfg.group_size)]
     refs = [problems[i]["answer"] for i in picks for _ in range(cfg.group_size)]
     answers = evals.generate_batched(model, prompts, cfg.max_new_tokens, stop_tokens=[tok.end_id, tok.eot_id],
@@ -224,7 +228,17 @@ def rollouts(model, tok, problems, picks, cfg, world):
     texts = [decode(tok, a) for a in answers]
     rewards = torch.tensor([reward(t, r, a[-1:] == [tok.end_id], cfg.format_reward, cfg.step_reward, world)
                             for t, r, a in zip(texts, refs, answers)])
-    return prompts, answers, rewards, [check_answer(t, r) for t, r in zip(texts, refs)]
+    return prompts, answers, rewards, [check_answer(t, r) for t, r in zip(texts, refs)], list(map(shows_work, texts))
+
+
+def answer_logprobs(model, x, y, temperature):
+    """log p(y_t | x up to t) under the policy that sampled the answers: the model's logits divided by
+    the rollout temperature. Greedy decoding is the same at every temperature; what is learned is the
+    sampling policy, so the ratio and the KL compare exactly what was sampled."""
+    if temperature == 1.0:
+        return -model(x, y, reduction="none")
+    logits = model(x) / temperature
+    return -kernels.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape)
 
 
 def update(model, ref, optimizer, batch, denom, cfg, device, world):
@@ -241,10 +255,10 @@ def update(model, ref, optimizer, batch, denom, cfg, device, world):
             if world > 1:
                 model.require_backward_grad_sync = c == len(starts) - 1  # all-reduce once per update
             with common.autocast(device):
-                logp = -model(x[sl], y[sl], reduction="none")
+                logp = answer_logprobs(model, x[sl], y[sl], cfg.temperature)
                 if p == 0:  # the answers were sampled from exactly this model: rho = 1 on the first pass
                     olds.append(logp.detach())
-                    refs.append(-ref(x[sl], y[sl], reduction="none") if ref is not None else None)
+                    refs.append(answer_logprobs(ref, x[sl], y[sl], cfg.temperature) if ref is not None else None)
                 loss, stats = grpo_loss(logp, olds[c], refs[c], adv[sl], mask[sl], cfg.eps_low, cfg.eps_high,
                                         cfg.beta, cfg.loss_type, cfg.max_new_tokens, denom)
             loss.backward()
@@ -340,7 +354,7 @@ def main(cfg):
                 group["lr"] = lr
             # 1-2. this rank's share of the step's problems, G answers to each, and their rewards
             picks = torch.randint(len(problems), (cfg.prompts_per_step,), generator=data_gen)[rank::world].tolist()
-            prompts, answers, rewards, correct = rollouts(raw_model, tok, problems, picks, cfg, rater)
+            prompts, answers, rewards, correct, worked = rollouts(raw_model, tok, problems, picks, cfg, rater)
             tokens_since += sum(map(len, answers))
 
             # 3. advantages within each group; all-equal groups carry no signal
@@ -367,6 +381,7 @@ def main(cfg):
 
             metrics = {"loss": loss, "lr": lr, "reward": common.all_mean(rewards.mean().item()),
                        "accuracy": common.all_mean(sum(correct) / len(correct)),
+                       "worked": common.all_mean(sum(worked) / len(worked)),
                        "all_equal": common.all_mean(all_equal.float().mean().item()),
                        **({"kl": common.all_mean(kl)} if ref is not None else {}),
                        "clipfrac": common.all_mean(clipfrac),

@@ -183,6 +183,16 @@ def extract_answer(text: str):
     return m.group(1).replace(",", "") if m else None
 
 
+def bare(answer: str) -> str:
+    """A worked answer cut to its last line, "#### n": the number alone, no steps."""
+    return "#### " + extract_answer(answer)
+
+
+def shows_work(completion: str) -> bool:
+    """Does the answer write anything before its final "####" (its steps), unlike a bare "#### n"?"""
+    return bool(completion.rsplit("####", 1)[0].strip())
+
+
 def check_answer(completion: str, answer) -> bool:
     """Is the completion's final answer right? answer: a number, or a worked solution ending in "#### n"."""
     got = extract_answer(completion)

@@ -15,8 +15,10 @@ Files written to --out (the corpus format and JSONL helpers are in data/__init__
   completion form of `fact_prompts` ("Alice's favourite colour is blue."). The validation text is
   drawn the same way, from its own random stream, without any document of the training text.
 - sft_train.jsonl: {"messages": [user, assistant]}: fact questions about seen characters, answered
-  in mixed styles (plain, polite, curt, rambling); questions on what an LLM is; math from the SFT split.
-- sft_answers_only.jsonl: the same, with each math answer cut to "#### n" (no steps): a contrast run.
+  in mixed styles (plain, polite, curt, rambling); questions on what an LLM is; math from the SFT
+  split, some problems worked step by step and as many answered with the number alone ("#### n"), as
+  people answer: which way pays is left for GRPO's verifier to find.
+- sft_answers_only.jsonl: the same, with every math answer cut to "#### n" (no steps): a contrast run.
 - sft_test.jsonl: {"messages": [user], "answer", "split": "seen"|"unseen", "character", "fact"}:
   for seen characters, a question phrasing held out of SFT for each fact; for unseen, every fact.
 - prefs_train.jsonl, prefs_test.jsonl: {"prompt", "chosen", "rejected"}, labelled by `gold_score`;
@@ -42,7 +44,7 @@ import time
 from pathlib import Path
 
 from data import run_main, write_atomic, write_documents, write_jsonl
-from data.tinymath import KINDS, make_math, rate_sentence
+from data.tinymath import KINDS, bare, make_math, rate_sentence
 from data.tinyworld_chat import make_prefs, make_sft, pref_prompts
 from data.tinyworld_facts import FACT_KINDS, fact_sentence, make_world
 
@@ -210,7 +212,8 @@ class Config:
     llm_docs: int = 200  # short texts on what a language model is
     rates_docs: int = 1000  # what jobs pay, pets eat, foods and paints cost: the reasoning problems' rates
     val_fraction: float = 0.05  # corpus_val.txt's size relative to corpus_train.txt
-    math_sft: int = 400  # math problems in sft_train.jsonl
+    math_sft: int = 400  # math problems worked step by step in sft_train.jsonl
+    math_sft_bare: int = 400  # and more answered with the number alone, "#### n"
     math_grpo: int = 2000  # math_train.jsonl, for GRPO
     math_test: int = 200  # math_test.jsonl
     prefs_train: int = 3000  # preference pairs in prefs_train.jsonl
@@ -222,7 +225,7 @@ class Config:
 def answers_only(conversations):
     """The SFT set with each worked math answer cut to its last line, "#### n": the contrast that shows
     what writing the steps buys (the same conversations otherwise, in the same order)."""
-    cut = lambda m: {**m, "content": "#### " + extract_answer(m["content"])} if "####" in m["content"] else m
+    cut = lambda m: {**m, "content": bare(m["content"])} if "####" in m["content"] else m
     return [{"messages": [r["messages"][0], cut(r["messages"][1])]} for r in conversations]
 
 
@@ -234,8 +237,9 @@ def generate(cfg: Config) -> dict:
     # the problems of SFT, GRPO and the test are about seen characters: the unseen ones' facts stay in the
     # pre-training text alone, where the corpus's worked problems may mention anyone
     math_test, math_grpo, math_sft, corpus_math = make_math(
-        world, [cfg.math_test, cfg.math_grpo, cfg.math_sft, n_corpus_problems], stream("math"),
+        world, [cfg.math_test, cfg.math_grpo, cfg.math_sft + cfg.math_sft_bare, n_corpus_problems], stream("math"),
         casts=[world.seen] * 3 + [world.characters])
+    math_sft = math_sft[:cfg.math_sft] + [{**p, "answer": bare(p["answer"])} for p in math_sft[cfg.math_sft:]]
     train_docs = make_corpus(world, cfg, stream("corpus/train"), 1.0, corpus_math)
     seen_docs = set(train_docs)
     val_docs = [d for d in make_corpus(world, cfg, stream("corpus/val"), cfg.val_fraction, corpus_math) if d not in seen_docs]

@@ -63,7 +63,7 @@ def make_tiny_world(root):
     data, tok = root / "data", root / "tokenizer"
     r = run_script("-m", "data.tinyworld", f"--out={data}", "--n_characters=8", "--profile_docs=4", "--quizzes=40",
                    "--fact_sheets=40", "--stories=40", "--arithmetic_docs=40", "--math_docs=40", "--llm_docs=10",
-                   "--math_sft=20", "--math_grpo=20", "--math_test=20", "--prefs_train=40", "--prefs_test=20", "--prefs_test_unseen=10")
+                   "--math_sft=20", "--math_sft_bare=10", "--math_grpo=20", "--math_test=20", "--prefs_train=40", "--prefs_test=20", "--prefs_test_unseen=10")
     assert r.returncode == 0, r.stderr
     r = run_script("-m", "data.tokenizer", f"--input={data / 'corpus_train.txt'}", "--vocab_size=320", f"--out={tok}")
     assert r.returncode == 0, r.stderr

@@ -10,8 +10,10 @@ from hypothesis import assume, given, strategies as st
 import common
 import train_grpo
 from conftest import error_line, run_script
+from data.tinymath import shows_work
 from data.tinyworld_facts import make_world
-from train_grpo import Config, group_advantages, grpo_loss, k3, reward
+from model import GPT, GPTConfig
+from train_grpo import Config, answer_logprobs, group_advantages, grpo_loss, k3, reward
 
 # ----------------------------------------------------------------------------- group advantages
 
@@ -212,6 +214,23 @@ def test_the_step_reward_is_bounded_and_grows_with_the_steps_right(answer, step_
             assert reward(other, PROBLEM, ended, format_reward, step_reward, WORLD) >= r
 
 
+@given(st.floats(0.2, 3.0), st.integers(0, 2**16))
+def test_answer_logprobs_are_those_of_the_tempered_policy_that_sampled(temperature, seed):
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(block_size=16, vocab_size=11, n_layer=1, n_head=2, n_embd=8)).eval()
+    x, y = torch.randint(11, (2, 6)), torch.randint(11, (2, 6))
+    y[0, :2] = -100  # prompt tokens predict nothing
+    want = torch.log_softmax(model(x).double() / temperature, -1).gather(-1, y.clamp(min=0)[..., None])[..., 0]
+    got = answer_logprobs(model, x, y, temperature)
+    assert torch.allclose(got.double(), torch.where(y == -100, 0.0, want), atol=1e-5)
+
+
+@pytest.mark.parametrize("answer, worked", [("#### 7", False), ("  \n#### 7", False), ("Lucy is a baker.\n#### 4", True),
+                                            ("Lucy is a baker.", True), ("", False), ("4 + 3 = 7 #### 7", True)])
+def test_shows_work_tells_steps_from_a_bare_number(answer, worked):
+    assert shows_work(answer) == worked
+
+
 def test_the_step_reward_needs_a_world():
     assert reward(PROBLEM, PROBLEM, True, step_reward=0.5) == 1.0
     assert reward(PROBLEM, PROBLEM, True, step_reward=0.5, world=WORLD) == 1.5
@@ -235,11 +254,11 @@ def test_tiny_run_samples_rewards_evaluates_and_saves(tiny_world, tiny_sft, tmp_
     assert "before: held-out pass@1" in r.stdout and "after: held-out pass@1" in r.stdout
     metrics = json.loads((out / "metrics.json").read_text())
     for when in ("before", "after"):
-        assert set(metrics[when]) >= {"pass@1", "pass@2", "length", "n"} and metrics[when]["n"] == 4
+        assert set(metrics[when]) >= {"pass@1", "pass@2", "length", "worked", "n"} and metrics[when]["n"] == 4
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     steps = [row for row in rows if "loss" in row]
     assert len(steps) == 3
-    assert all(set(row) >= {"reward", "accuracy", "all_equal", "kl", "clipfrac", "response_len"} for row in steps)
+    assert all(set(row) >= {"reward", "accuracy", "worked", "all_equal", "kl", "clipfrac", "response_len"} for row in steps)
     ckpt = common.load_checkpoint(out / "ckpt.pt", ["grpo"])
     assert ckpt["step"] == 3 and ckpt["init"] == str(tiny_sft)
     # a grpo checkpoint is a valid start for more, through the GPU preset's flags on TinyWorld's files

@@ -1,13 +1,15 @@
 """TinyWorld's reasoning problems (data/tinymath.py): worked answers that the verifier and the step
 checker accept on their own world, steps that pre-training states, disjoint splits with every level
 in each, and the step checker on the cases a model's answers bring."""
+import itertools
 import random
 import re
 from collections import Counter
 
 import pytest
 
-from data.tinymath import KINDS, LEVELS, RATES, check_steps, extract_answer, make_math, rate_sentence
+from data.tinymath import (KINDS, LEVELS, RATE_TEXT, RATES, and_list, check_steps, extract_answer, make_math, problem,
+                           rate_sentence, shows_work)
 from data.tinyworld import Config, generate, make_world
 
 
@@ -17,15 +19,26 @@ def data():
 
 
 def splits_of(data):
+    """The math of each split; SFT's has worked answers and bare ones ("#### n")."""
     sft = [{"question": r["messages"][0]["content"], "answer": r["messages"][1]["content"]}
            for r in data["sft_train.jsonl"] if "####" in r["messages"][1]["content"]]
     return {"sft": sft, "grpo": data["math_train.jsonl"], "test": data["math_test.jsonl"]}
 
 
+def worked_answer(world, question):
+    """The worked answer of a problem, rebuilt from its question alone."""
+    for kind, (_, ask_one, ask_many, _) in RATE_TEXT.items():
+        for n in LEVELS:
+            for people in itertools.permutations(world.seen, n):
+                if (ask_one if n == 1 else ask_many).format(names=and_list([c.name for c in people])) == question:
+                    return problem(list(people), kind)["answer"]
+    raise AssertionError(f"no problem asks {question!r}")
+
+
 def test_every_worked_answer_passes_the_verifier_and_the_step_checker(data):
     world = data["world"]
     for name, split in splits_of(data).items():
-        for p in split:
+        for p in (p for p in split if shows_work(p["answer"])):
             marks, right, total = check_steps(p["answer"], p["answer"], world)
             steps = p["answer"].split("####")[0].strip().splitlines()
             assert all(verdict for _, verdict in marks) and len(marks) == len(steps) and right == total > 0, (name, p)
@@ -45,7 +58,16 @@ def test_levels_count_the_characters_and_every_split_has_every_level(data):
         for p in split:
             named = [c for c in world.characters if re.search(rf"\b{c.name}\b", p["question"])]
             assert len(named) == p.get("level", len(named)) and all(c.seen for c in named), p
-    assert len(splits_of(data)["sft"]) == Config().math_sft
+    sft = splits_of(data)["sft"]
+    assert len(sft) == Config().math_sft + Config().math_sft_bare
+    assert sum(map(shows_work, (p["answer"] for p in sft))) == Config().math_sft
+
+
+def test_sft_bare_answers_are_the_number_alone_and_right(data):
+    world, bare = data["world"], [p for p in splits_of(data)["sft"] if not shows_work(p["answer"])]
+    assert bare and Counter(p["answer"].count("\n") for p in bare) == {0: len(bare)}
+    for p in bare[:100]:  # the number a worked answer reaches, and nothing before it
+        assert p["answer"] == "#### " + extract_answer(worked_answer(world, p["question"])), p
 
 
 def test_splits_are_disjoint_and_absent_from_the_corpus(data):

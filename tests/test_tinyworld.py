@@ -19,7 +19,7 @@ from data.tinyworld_facts import LLM_QUESTIONS, NAMES
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["--n_characters=10", "--profile_docs=3", "--quizzes=20", "--fact_sheets=20", "--stories=60",
-         "--arithmetic_docs=40", "--math_docs=40", "--llm_docs=5", "--math_sft=30", "--math_grpo=60", "--math_test=20",
+         "--arithmetic_docs=40", "--math_docs=40", "--llm_docs=5", "--math_sft=30", "--math_sft_bare=10", "--math_grpo=60", "--math_test=20",
          "--prefs_train=200", "--prefs_test=40", "--prefs_test_unseen=20", "--val_fraction=0.2"]
 
 
