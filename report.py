@@ -52,7 +52,7 @@ def math_measures(model, tok, sets, cfg):
     """Greedy pass@1 on the held-out problems, the share of their steps stated right, both per level too,
     and which problems were solved."""
     m = evals.math_eval(model, tok, sets["math"], cfg.math_tokens, k=0, world=sets["world"])
-    return {"math": m["pass@1"], "steps": m["steps"], "levels": m["levels"], "solved": m["solved"]}
+    return {"math": m["pass@1"], "steps": m["steps"], "worked": m["worked"], "levels": m["levels"], "solved": m["solved"]}
 
 
 def reasoning_table(rows, grpo_metrics, contrast):
@@ -62,11 +62,11 @@ def reasoning_table(rows, grpo_metrics, contrast):
     levels = sorted(next(iter(rows[l]["levels"] for l in labels), {}))
     if not levels:
         return []
-    lines = ["| stage | " + " | ".join(f"level {lv}: pass@1, steps right" for lv in levels) + " |",
-             "|---|" + "---|" * len(levels)]
+    lines = ["| stage | " + " | ".join(f"level {lv}: pass@1, steps right" for lv in levels) + " | worked step by step |",
+             "|---|" + "---|" * (len(levels) + 1)]
     for label, r in [(l, rows[l]) for l in labels] + ([("2 SFT, answers only (contrast)", contrast)] if contrast else []):
         cells = [f"{r['levels'][lv]['pass@1']:.0%}, {r['levels'][lv]['steps']:.0%}" for lv in levels]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {r['worked']:.0%} |")
     before, after = grpo_metrics.get("before"), grpo_metrics.get("after")
     if before and after:
         k = next(key for key in after if key.startswith("pass@") and key != "pass@1")
@@ -156,7 +156,9 @@ def story(rows, vocab_size, grpo_from):
            f"the chat format: replies that end their turn {pct(p, 'format')}.",
         s: f"**SFT** (the loss on assistant replies only): replies that end their turn {pct(p, 'format')} -> "
            f"{pct(s, 'format')}; right answers about characters seen in SFT {pct(p, 'seen')} -> {pct(s, 'seen')}, "
-           f"about unseen ones {pct(p, 'unseen')} -> {pct(s, 'unseen')} (their facts are only in the pre-training text).",
+           f"about unseen ones {pct(p, 'unseen')} -> {pct(s, 'unseen')} (their facts are only in the pre-training text). "
+           f"Its set answers some reasoning problems step by step and as many with the number alone; greedily it "
+           f"works {pct(s, 'worked')} of the held-out ones step by step and solves {pct(s, 'math')}.",
         "3 reward model": f"**The reward model** (Bradley-Terry on preference pairs) orders "
                           f"{pct('3 reward model', 'rm_acc')} of held-out pairs as the gold rater does: "
                           f"{pct('3 reward model', 'rm_style')} of those where both replies are right and differ in "
@@ -171,8 +173,12 @@ def story(rows, vocab_size, grpo_from):
                  f"{num('3 DPO', 'kl', '{:.1f}')} nats per reply from it.",
         "4 GRPO": f"**GRPO** (reinforce the sampled solutions a checker marks right): held-out problems solved "
                   f"greedily {pct(grpo_from, 'math')} ({grpo_from[2:]}, where it started) -> {pct('4 GRPO', 'math')}, "
-                  f"their steps stated right {pct(grpo_from, 'steps')} -> {pct('4 GRPO', 'steps')}: problems it could "
-                  "not solve before, it now solves (by level below).",
+                  f"answers that work the steps rather than give a number alone {pct(grpo_from, 'worked')} -> "
+                  f"{pct('4 GRPO', 'worked')}, their steps stated right {pct(grpo_from, 'steps')} -> "
+                  f"{pct('4 GRPO', 'steps')}. The reward is the final number alone"
+                  + (": nothing asked for the steps, yet working them out is what paid."
+                     if rows.get('4 GRPO', {}).get('worked', 0) > rows.get(grpo_from, {}).get('worked', 1) + 0.1 else ".")
+                  + " By level below.",
     }
     return [f"- {line}" for label, line in lines.items() if label in rows]
 
@@ -276,9 +282,10 @@ def main(cfg):
           *story(rows, base["model_args"]["vocab_size"], grpo_from), "",
           "## Reasoning, level by level", "",
           "Held-out problems about the characters' facts (level = how many characters a problem is about), greedy: "
-          "the share solved and the share of their steps stated right (`tinymath.check_steps`). The contrast row, when "
-          "present, is SFT with the same budget on the same set whose worked answers were cut to `#### n`: what writing "
-          "the steps buys.", "", *reasoning_table(rows, models.get("4 GRPO", (None, {}))[1], contrast), "",
+          "the share solved and the share of their steps stated right (`tinymath.check_steps`), and the share of answers "
+          "that write steps before `####` rather than the number alone. The contrast row, when present, is SFT with the "
+          "same budget on the same set whose worked answers were cut to `#### n`: what writing the steps buys.", "",
+          *reasoning_table(rows, models.get("4 GRPO", (None, {}))[1], contrast), "",
           f"The journey's problem below is {'the first held-out one GRPO solves and ' + grpo_from[2:] + ' did not' if newly else 'the first held-out one'}.", "",
           "## The same prompts, every stage", "", *journey, "## Training curves", "", *figures]
     (out / "report.md").write_text("\n".join(md) + "\n")

@@ -1,6 +1,6 @@
 """Stage 2, instruction fine-tuning (SFT): teach a pre-trained GPT to answer in a chat format.
 
-    python train_sft.py                 # TinyWorld on a CPU, about a minute of training, from out/pretrain/ckpt.pt
+    python train_sft.py                 # TinyWorld on a CPU, about two minutes of training, from out/pretrain/ckpt.pt
     python train_sft.py --preset=gpu    # Dolly 15k on one GPU (python -m data.prepare_chat first), starting
                                         # from a GPU pre-training run (train_pretrain.py --preset=gpu)
     torchrun --standalone --nproc_per_node=8 train_sft.py --preset=gpu
@@ -41,7 +41,7 @@ class Config:
     resume: bool = False               # continue exactly from out/ckpt.pt (optimizer, step, RNG)
     batch_size: int = 16               # conversations per micro-step, over all processes
     grad_accum: int = 1                # micro-steps per optimizer step
-    max_steps: int = 300               # optimizer steps
+    max_steps: int = 400               # optimizer steps
     stop_at: int = 0                   # stop early at this step with a checkpoint (0: run to max_steps)
     lr: float = 2e-3                   # peak learning rate
     min_lr: float = 2e-5               # learning rate at the end of the cosine

@@ -213,7 +213,7 @@ class Config:
     rates_docs: int = 1000  # what jobs pay, pets eat, foods and paints cost: the reasoning problems' rates
     val_fraction: float = 0.05  # corpus_val.txt's size relative to corpus_train.txt
     math_sft: int = 400  # math problems worked step by step in sft_train.jsonl
-    math_sft_bare: int = 400  # and more answered with the number alone, "#### n"
+    math_sft_bare: int = 400  # and as many answered with the number alone, "#### n"
     math_grpo: int = 2000  # math_train.jsonl, for GRPO
     math_test: int = 200  # math_test.jsonl
     prefs_train: int = 3000  # preference pairs in prefs_train.jsonl

@@ -38,5 +38,6 @@ def test_every_stage_chains_into_the_next_and_the_report_reads_them_all(tiny_wor
         line = next(line for line in report.splitlines() if line.startswith(f"- **{stage}**"))
         assert "?" not in line.replace("?)", ""), line
     assert "(PPO, where it started)" in report  # GRPO's --init above
+    assert "| worked step by step |" in report  # the reasoning table: answers that write steps, per stage
     assert "What is an LLM?" in report and "report-ppo.png" in report and (out / "report-ppo.png").is_file()
     assert json.loads((out / "grpo" / "metrics.json").read_text())["steps"] == 2
