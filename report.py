@@ -7,8 +7,8 @@ For each stage whose checkpoint exists (0 random init, 1 pre-training, 2 SFT, 3 
 every measure is computed fresh from the checkpoint by the functions the stages use (evals.py) on
 TinyWorld's held-out sets: validation loss on the corpus, fact completion, held-out answers about
 seen and unseen characters and their format, head-to-head wins against SFT by the gold rater, the
-reasoning problems solved and their steps right (per level too, beside the answers-only SFT run when
-out/sft_answers_only exists), and KL to SFT; the reward model gets its pairwise accuracy. Then the
+reasoning problems solved, their steps right and the share worked step by step (per level too,
+beside the answers-only SFT run when out/sft_answers_only exists), and KL to SFT; the reward model gets its pairwise accuracy. Then the
 same three prompts are put to every stage, and each stage's training curves are drawn from its log.jsonl.
 """
 import json
@@ -49,8 +49,8 @@ CURVES = {"pretrain": ["loss", "val_loss"], "sft": ["loss", "replay_loss"], "rm"
 
 
 def math_measures(model, tok, sets, cfg):
-    """Greedy pass@1 on the held-out problems, the share of their steps stated right, both per level too,
-    and which problems were solved."""
+    """Greedy pass@1 on the held-out problems, the share of their steps stated right and the share of
+    answers that write steps before "####", per level too, and which problems were solved."""
     m = evals.math_eval(model, tok, sets["math"], cfg.math_tokens, k=0, world=sets["world"])
     return {"math": m["pass@1"], "steps": m["steps"], "worked": m["worked"], "levels": m["levels"], "solved": m["solved"]}
 
@@ -157,7 +157,7 @@ def story(rows, vocab_size, grpo_from):
         s: f"**SFT** (the loss on assistant replies only): replies that end their turn {pct(p, 'format')} -> "
            f"{pct(s, 'format')}; right answers about characters seen in SFT {pct(p, 'seen')} -> {pct(s, 'seen')}, "
            f"about unseen ones {pct(p, 'unseen')} -> {pct(s, 'unseen')} (their facts are only in the pre-training text). "
-           f"Its set answers some reasoning problems step by step and as many with the number alone; greedily it "
+           f"Its set answers some reasoning problems step by step and others with the number alone; greedily it "
            f"works {pct(s, 'worked')} of the held-out ones step by step and solves {pct(s, 'math')}.",
         "3 reward model": f"**The reward model** (Bradley-Terry on preference pairs) orders "
                           f"{pct('3 reward model', 'rm_acc')} of held-out pairs as the gold rater does: "
@@ -177,7 +177,8 @@ def story(rows, vocab_size, grpo_from):
                   f"{pct('4 GRPO', 'worked')}, their steps stated right {pct(grpo_from, 'steps')} -> "
                   f"{pct('4 GRPO', 'steps')}. The reward is the final number alone"
                   + (": nothing asked for the steps, yet working them out is what paid."
-                     if rows.get('4 GRPO', {}).get('worked', 0) > rows.get(grpo_from, {}).get('worked', 1) + 0.1 else ".")
+                     if rows.get('4 GRPO', {}).get('worked', 0) > rows.get(grpo_from, {}).get('worked', 1) + 0.1
+                     and rows.get('4 GRPO', {}).get('math', 0) > rows.get(grpo_from, {}).get('math', 1) else ".")
                   + " By level below.",
     }
     return [f"- {line}" for label, line in lines.items() if label in rows]

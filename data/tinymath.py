@@ -189,8 +189,9 @@ def bare(answer: str) -> str:
 
 
 def shows_work(completion: str) -> bool:
-    """Does the answer write anything before its final "####" (its steps), unlike a bare "#### n"?"""
-    return bool(completion.rsplit("####", 1)[0].strip())
+    """Does the answer write something before its final "####" (its steps), unlike a bare "#### n"?
+    An answer with no "####" at all (chatter, or cut off at the length limit) does not count."""
+    return "####" in completion and bool(completion.rsplit("####", 1)[0].strip())
 
 
 def check_answer(completion: str, answer) -> bool:

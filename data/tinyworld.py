@@ -16,8 +16,9 @@ Files written to --out (the corpus format and JSONL helpers are in data/__init__
   drawn the same way, from its own random stream, without any document of the training text.
 - sft_train.jsonl: {"messages": [user, assistant]}: fact questions about seen characters, answered
   in mixed styles (plain, polite, curt, rambling); questions on what an LLM is; math from the SFT
-  split, some problems worked step by step and as many answered with the number alone ("#### n"), as
-  people answer: which way pays is left for GRPO's verifier to find.
+  split, some problems worked step by step and others (--math_sft_bare) answered with the number
+  alone ("#### n"), as people answer: which way pays is left for GRPO's verifier to find. (The bare
+  ones are drawn with the SFT split, before the corpus's problems: changing their count redraws those.)
 - sft_answers_only.jsonl: the same, with every math answer cut to "#### n" (no steps): a contrast run.
 - sft_test.jsonl: {"messages": [user], "answer", "split": "seen"|"unseen", "character", "fact"}:
   for seen characters, a question phrasing held out of SFT for each fact; for unseen, every fact.
@@ -213,7 +214,7 @@ class Config:
     rates_docs: int = 1000  # what jobs pay, pets eat, foods and paints cost: the reasoning problems' rates
     val_fraction: float = 0.05  # corpus_val.txt's size relative to corpus_train.txt
     math_sft: int = 400  # math problems worked step by step in sft_train.jsonl
-    math_sft_bare: int = 400  # and as many answered with the number alone, "#### n"
+    math_sft_bare: int = 400  # and more answered with the number alone, "#### n"
     math_grpo: int = 2000  # math_train.jsonl, for GRPO
     math_test: int = 200  # math_test.jsonl
     prefs_train: int = 3000  # preference pairs in prefs_train.jsonl

@@ -5,7 +5,7 @@ import re
 
 import pytest
 import torch
-from hypothesis import assume, given, strategies as st
+from hypothesis import assume, given, settings, strategies as st
 
 import common
 import train_grpo
@@ -214,6 +214,7 @@ def test_the_step_reward_is_bounded_and_grows_with_the_steps_right(answer, step_
             assert reward(other, PROBLEM, ended, format_reward, step_reward, WORLD) >= r
 
 
+@settings(max_examples=20, deadline=None)
 @given(st.floats(0.2, 3.0), st.integers(0, 2**16))
 def test_answer_logprobs_are_those_of_the_tempered_policy_that_sampled(temperature, seed):
     torch.manual_seed(seed)
@@ -226,7 +227,7 @@ def test_answer_logprobs_are_those_of_the_tempered_policy_that_sampled(temperatu
 
 
 @pytest.mark.parametrize("answer, worked", [("#### 7", False), ("  \n#### 7", False), ("Lucy is a baker.\n#### 4", True),
-                                            ("Lucy is a baker.", True), ("", False), ("4 + 3 = 7 #### 7", True)])
+                                            ("Lucy is a baker.", False), ("", False), ("4 + 3 = 7 #### 7", True)])
 def test_shows_work_tells_steps_from_a_bare_number(answer, worked):
     assert shows_work(answer) == worked
 
@@ -255,10 +256,12 @@ def test_tiny_run_samples_rewards_evaluates_and_saves(tiny_world, tiny_sft, tmp_
     metrics = json.loads((out / "metrics.json").read_text())
     for when in ("before", "after"):
         assert set(metrics[when]) >= {"pass@1", "pass@2", "length", "worked", "n"} and metrics[when]["n"] == 4
+        assert 0 <= metrics[when]["worked"] <= 1
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     steps = [row for row in rows if "loss" in row]
     assert len(steps) == 3
     assert all(set(row) >= {"reward", "accuracy", "worked", "all_equal", "kl", "clipfrac", "response_len"} for row in steps)
+    assert all(0 <= row["worked"] <= 1 for row in steps)
     ckpt = common.load_checkpoint(out / "ckpt.pt", ["grpo"])
     assert ckpt["step"] == 3 and ckpt["init"] == str(tiny_sft)
     # a grpo checkpoint is a valid start for more, through the GPU preset's flags on TinyWorld's files

