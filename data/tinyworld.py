@@ -44,7 +44,7 @@ import random
 import time
 from pathlib import Path
 
-from data import run_main, write_atomic, write_documents, write_jsonl
+from data import UserError, run_main, write_atomic, write_documents, write_jsonl
 from data.tinymath import KINDS, bare, make_math, rate_sentence
 from data.tinyworld_chat import make_prefs, make_sft, pref_prompts
 from data.tinyworld_facts import FACT_KINDS, fact_sentence, make_world
@@ -232,6 +232,10 @@ def answers_only(conversations):
 
 def generate(cfg: Config) -> dict:
     """Everything, in memory: {file name: records or documents}. Each part has its own random stream."""
+    counts = [f.name for f in dataclasses.fields(cfg) if f.name not in ("seed", "out")]
+    negative = next((name for name in counts if getattr(cfg, name) < 0), None)
+    if negative:
+        raise UserError(f"--{negative} must be 0 or more, got {getattr(cfg, negative)}")
     world = make_world(cfg.seed, cfg.n_characters)
     stream = lambda part: random.Random(f"{cfg.seed}/{part}")
     n_corpus_problems = round(cfg.math_docs * (1 + cfg.val_fraction)) + 1

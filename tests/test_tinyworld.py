@@ -69,7 +69,7 @@ def test_default_generation_is_fast(data):
 
 
 def test_user_errors_exit_2_with_one_line(tmp_path):
-    for args in (["--stories=many"], ["--colour=blue"], ["--n_characters=500"]):
+    for args in (["--stories=many"], ["--colour=blue"], ["--n_characters=500"], ["--math_sft_bare=-1"]):
         r = run(f"--out={tmp_path}", *args)
         assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     with pytest.raises(UserError, match="python -m data.tinyworld"):
