@@ -2,12 +2,21 @@
 # make demo: every stage in order on TinyWorld, then the report (CPU, or a GPU when present).
 # make demo SEED=N: another world and other initialisations (N is passed to TinyWorld and every stage).
 # make clean: remove out/ and data/tinyworld/, so that the next demo redoes every stage.
+# make demo PRESET=smoke: every stage at toy size, a check of the plumbing in about a minute.
 # make bench: the speed and memory benchmarks (CPU here; GPU where one is present).
+# make gpu: on a CUDA GPU, the kernel tests compiled, the GPU benchmarks and the journey at GPU size, all
+#   in bench/RESULTS-gpu.md (under 8 minutes); without one, the same run dry (tiny shapes, Triton's
+#   interpreter, the journey at PRESET=smoke) in out/gpu/RESULTS-dry.md.
+# PY=python3 (or any interpreter that has the requirements) uses it as it is and installs nothing.
 PY := .venv/bin/python
 
-.PHONY: test bench venv demo clean FORCE
+.PHONY: test bench gpu venv demo clean FORCE
 
+ifeq ($(PY),.venv/bin/python)
 venv: .venv/.installed
+else
+venv:
+endif
 
 .venv/.installed: requirements.txt
 	test -x $(PY) || python3 -m venv .venv
@@ -21,15 +30,20 @@ test: venv
 bench: venv
 	$(PY) bench/kernels.py
 
+# the GPU machines have every requirement installed and no network: make gpu uses .venv where it exists, else python3
+gpu:
+	$(if $(wildcard $(PY)),$(PY),python3) bench/gpu.py
+
 # The demo's stages are file targets: a stage whose outputs exist (metrics.json is written last) is
 # skipped; it runs again when its script or an earlier stage's output is newer. `make clean` redoes all.
 TW := data/tinyworld/meta.json
-STAGE = @printf "\n=== %s ===\n" "$(1)" && $(PY) $(2)
+PRESET ?=
+STAGE = @printf "\n=== %s ===\n" "$(1)" && $(PY) $(2) $(if $(PRESET),--preset=$(PRESET))
 # report.py measures every stage on the held-out sets, so the demo skips the stages' own copies of those
 # measures (the held-out QA and head-to-heads each script prints when run alone): each is computed once.
 SKIP_EVALS := --qa_data=
 # SEED=N draws world N and seeds every stage with 1337 + N; the default, 0, is the seeds the scripts default to.
-# out/.seed remembers the last one, so that a new SEED redoes every stage and the same SEED redoes none.
+# out/.seed remembers the last one (and PRESET), so that a new SEED redoes every stage and the same SEED none.
 SEED ?= 0
 RUN_SEED := --seed=$(shell expr 1337 + $(SEED))
 
@@ -37,7 +51,7 @@ demo: venv out/report.md
 	@echo "the whole journey: out/report.md (make clean && make demo runs every stage again)"
 
 out/.seed: FORCE
-	@mkdir -p out && (echo $(SEED) | cmp -s - $@ || echo $(SEED) > $@)
+	@mkdir -p out && (echo $(SEED) $(PRESET) | cmp -s - $@ || echo $(SEED) $(PRESET) > $@)
 FORCE:
 $(TW): out/.seed data/tinyworld.py data/tinyworld_facts.py data/tinyworld_chat.py data/tinymath.py | venv
 	$(call STAGE,TinyWorld: the data (seed $(SEED)),-m data.tinyworld --seed=$(SEED))

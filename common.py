@@ -63,7 +63,8 @@ def parse_value(name, text, kind):
 
 def parse_config(cls, argv=None, presets=None):
     """A config from `--field=value` arguments. `--preset=NAME` first applies a named set of
-    defaults from `presets`; fields given on the command line win over it."""
+    defaults from `presets`; fields given on the command line win over it. Where a script has a
+    `tinyworld_gpu` preset and a CUDA GPU is used, that preset is the default (`--preset=cpu`: none)."""
     argv = sys.argv[1:] if argv is None else argv
     fields = {f.name: f for f in dataclasses.fields(cls)}
     if "-h" in argv or "--help" in argv:
@@ -79,6 +80,9 @@ def parse_config(cls, argv=None, presets=None):
         given[name] = text if eq else "true"
     values = {}
     preset = given.pop("preset", None)
+    if preset is None and "tinyworld_gpu" in (presets or {}) and on_gpu(given.get("device", "auto")):
+        preset = "tinyworld_gpu"
+        print("a CUDA GPU: TinyWorld at GPU size (--preset=tinyworld_gpu; --preset=cpu for the CPU sizes)", flush=True)
     if preset is not None:
         if not presets or preset not in presets:
             raise UserError(f"unknown preset {preset!r}; presets: {', '.join(presets or {}) or 'none'}")
@@ -86,6 +90,11 @@ def parse_config(cls, argv=None, presets=None):
     for name, text in given.items():
         values[name] = parse_value(name, text, type(fields[name].default))
     return cls(**values)
+
+
+def on_gpu(device):
+    """Whether --device=DEVICE trains on a CUDA GPU (auto: where PyTorch sees one)."""
+    return device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
 
 
 def print_help(cls, presets=None):

@@ -294,5 +294,8 @@ def main(cfg):
     print(f"report: {out / 'report.md'} in {time.time() - t0:.0f}s")
 
 
+PRESETS = {"smoke": dict(max_new_tokens=8, math_tokens=8)}  # make demo PRESET=smoke: the plumbing in a minute
+
+
 if __name__ == "__main__":
-    common.run_main(main, Config)
+    common.run_main(main, Config, PRESETS)

@@ -73,6 +73,8 @@ PRESETS = {
     "gpu": dict(data="data/real/hh_train.jsonl", test_data="data/real/hh_test.jsonl", qa_data="", world="",
                 batch_size=32, grad_accum=2, max_steps=1000, lr=1e-6, min_lr=1e-7, warmup_steps=100,
                 eval_every=250, log_every=25, max_new_tokens=128, compile=True),
+    # the whole journey's plumbing in about a minute on a CPU, nothing learned (make demo PRESET=smoke)
+    "smoke": dict(batch_size=4, max_steps=2, warmup_steps=1, eval_every=2, log_every=1, max_new_tokens=8),
 }
 LOSS_TYPES = ("sigmoid", "ipo", "robust")
 

@@ -80,6 +80,9 @@ PRESETS = {
     "gpu": dict(data="data/real/hh_train.jsonl", test_data="", qa_data="", batch_size=64, minibatch_size=16,
                 max_steps=300, lr=1e-5, critic_lr=1e-5, min_lr=1e-6, warmup_steps=10, max_new_tokens=128,
                 eval_every=50, log_every=5, world=""),
+    # the whole journey's plumbing in about a minute on a CPU, nothing learned (make demo PRESET=smoke)
+    "smoke": dict(batch_size=4, minibatch_size=2, ppo_epochs=1, max_steps=2, warmup_steps=1, max_new_tokens=8,
+                  eval_every=2, log_every=1),
 }
 
 

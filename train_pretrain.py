@@ -64,6 +64,15 @@ PRESETS = {
                 n_layer=12, n_head=12, n_embd=768, block_size=512, batch_size=64, grad_accum=2,
                 max_steps=5000, lr=6e-4, min_lr=6e-5, warmup_steps=200, eval_every=500, eval_batches=20,
                 log_every=50, compile=True, eval_facts=False),
+    # TinyWorld on one CUDA GPU, the default there (make demo, make gpu): a 6x384 model (head dim 64, as the
+    # kernels like), 2.5x the tokens; sized from the FLOPs a GPU gives in about a minute, not yet measured on one.
+    # No dropout: the RL stages inherit the model, and dropout would make their log-prob ratios noisy.
+    "tinyworld_gpu": dict(n_layer=6, n_head=6, n_embd=384, batch_size=32, max_steps=1500, lr=1e-3, min_lr=1e-4,
+                          warmup_steps=100, eval_every=500, log_every=100),
+    "cpu": {},  # the CPU sizes above, on a GPU too
+    # the whole journey's plumbing in about a minute on a CPU, nothing learned (make demo PRESET=smoke)
+    "smoke": dict(n_layer=1, n_head=2, n_embd=32, batch_size=4, max_steps=6, eval_every=6, eval_batches=1,
+                  warmup_steps=2, log_every=2),
 }
 
 

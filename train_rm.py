@@ -80,6 +80,9 @@ PRESETS = {
     "gpu": dict(data="data/real/hh_train.jsonl", test_data="data/real/hh_test.jsonl", batch_size=64,
                 max_steps=1500, lr=1e-5, min_lr=1e-6, warmup_steps=50, eval_every=250, log_every=25,
                 world="", compile=True),
+    # the whole journey's plumbing in about a minute on a CPU, nothing learned (make demo PRESET=smoke)
+    "smoke": dict(batch_size=4, max_steps=2, warmup_steps=1, eval_every=2, log_every=1, zero_prompts=4, best_of=2,
+                  best_of_prompts=2, max_new_tokens=8),
 }
 
 

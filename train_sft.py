@@ -64,6 +64,9 @@ PRESETS = {
     "gpu": dict(data="data/real/chat_train.jsonl", val_data="data/real/chat_val.jsonl", qa_data="", replay_data="",
                 batch_size=32, grad_accum=2, max_steps=2000, lr=5e-5, min_lr=5e-6, warmup_steps=100,
                 eval_every=250, log_every=25, compile=True),
+    # the whole journey's plumbing in about a minute on a CPU, nothing learned (make demo PRESET=smoke)
+    "smoke": dict(batch_size=4, max_steps=4, warmup_steps=1, eval_every=4, log_every=2, replay_batch=2,
+                  max_new_tokens=8),
 }
 
 

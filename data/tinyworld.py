@@ -281,5 +281,13 @@ def main(cfg: Config) -> None:
     print(f"TinyWorld (seed {cfg.seed}, {cfg.n_characters} characters) written to {out} in {time.time() - t0:.1f}s")
 
 
+PRESETS = {
+    # the whole journey's plumbing in about a minute on a CPU, nothing learned (make demo PRESET=smoke)
+    "smoke": dict(n_characters=8, profile_docs=4, quizzes=40, fact_sheets=40, stories=40, arithmetic_docs=40,
+                  math_docs=40, llm_docs=10, rates_docs=40, math_sft=20, math_sft_bare=10, math_grpo=20, math_test=20,
+                  prefs_train=40, prefs_test=20, prefs_test_unseen=10),
+}
+
+
 if __name__ == "__main__":
-    run_main(main, Config)
+    run_main(main, Config, PRESETS)

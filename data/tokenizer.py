@@ -309,5 +309,8 @@ def main(cfg: Config) -> None:
               f"{len(val.encode('utf-8')) / max(n_tokens, 1):.2f} bytes/token")
 
 
+PRESETS = {"smoke": dict(vocab_size=320)}  # make demo PRESET=smoke: the journey's plumbing in a minute
+
+
 if __name__ == "__main__":
-    run_main(main, Config)
+    run_main(main, Config, PRESETS)

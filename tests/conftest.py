@@ -61,11 +61,9 @@ def tiny_world(tmp_path_factory):
 
 def make_tiny_world(root):
     data, tok = root / "data", root / "tokenizer"
-    r = run_script("-m", "data.tinyworld", f"--out={data}", "--n_characters=8", "--profile_docs=4", "--quizzes=40",
-                   "--fact_sheets=40", "--stories=40", "--arithmetic_docs=40", "--math_docs=40", "--llm_docs=10",
-                   "--math_sft=20", "--math_sft_bare=10", "--math_grpo=20", "--math_test=20", "--prefs_train=40", "--prefs_test=20", "--prefs_test_unseen=10")
+    r = run_script("-m", "data.tinyworld", f"--out={data}", "--preset=smoke")  # 8 characters, a few of each file
     assert r.returncode == 0, r.stderr
-    r = run_script("-m", "data.tokenizer", f"--input={data / 'corpus_train.txt'}", "--vocab_size=320", f"--out={tok}")
+    r = run_script("-m", "data.tokenizer", f"--input={data / 'corpus_train.txt'}", "--preset=smoke", f"--out={tok}")
     assert r.returncode == 0, r.stderr
 
 

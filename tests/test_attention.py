@@ -147,6 +147,15 @@ def test_attention_torch_backend(monkeypatch):
     assert_close(out, attention_reference(q, k, v, causal=True), 1e-5, "out")
 
 
+@pytest.mark.skipif(not CUDA, reason="needs a GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("D", [64, 128])
+def test_attention_long_sequences(D, dtype, monkeypatch):
+    """T = 8192, the longest `make gpu` benchmarks, with GPT-2's and Llama's head dims, in both half types."""
+    monkeypatch.setenv("KERNELS", "triton")
+    check_against_reference([(1, 2, 8192, D)] * 4, True, dtype, "cuda", ["bthd"] * 4, seed=D)
+
+
 @pytest.mark.skipif(not CUDA, reason="needs a GPU (about 40 GB)")
 def test_attention_int64_offsets(monkeypatch):
     """B*H*T*D over 2**31 elements: the last head lies past what int32 offsets can reach."""

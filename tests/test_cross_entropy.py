@@ -95,14 +95,15 @@ def test_cross_entropy_matches_reference(device, data, monkeypatch):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_cross_entropy_gpt2_vocabulary(device, monkeypatch):
-    """V = 50257, odd and many blocks wide."""
+@pytest.mark.parametrize("V", [50257, 128256])
+def test_cross_entropy_large_vocabularies(device, V, monkeypatch):
+    """GPT-2's V = 50257 (odd) and Llama 3's 128256: many blocks wide."""
     monkeypatch.setenv("KERNELS", "triton")
     gen = torch.Generator().manual_seed(0)
     N = 3 if device == "cpu" else 64
-    logits = (4 * torch.randn(N, 50257, generator=gen)).to(device).requires_grad_()
-    targets = torch.randint(0, 50257, (N,), generator=gen).to(device)
-    targets[1] = 50256
+    logits = (4 * torch.randn(N, V, generator=gen)).to(device).requires_grad_()
+    targets = torch.randint(0, V, (N,), generator=gen).to(device)
+    targets[1] = V - 1
     loss = kernels.cross_entropy(logits, targets)
     assert kernels.last_backend["cross_entropy"] == "triton"
     loss.backward()
@@ -111,6 +112,25 @@ def test_cross_entropy_gpt2_vocabulary(device, monkeypatch):
     ref.backward()
     assert_close(loss, ref, 1e-5, "loss")
     assert_close(logits.grad, ref_logits.grad, 1e-5, "dlogits")
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a GPU (about 20 GB)")
+def test_cross_entropy_int64_offsets(monkeypatch):
+    """N * V over 2**31 logits: the last rows lie past what an int32 offset can reach."""
+    monkeypatch.setenv("KERNELS", "triton")
+    N, V = 16800, 128256  # 2.15e9 logits
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    logits = torch.randn(N, V, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
+    targets = torch.randint(0, V, (N,), device="cuda", generator=gen)
+    loss = kernels.cross_entropy(logits, targets, reduction="none")
+    assert kernels.last_backend["cross_entropy"] == "triton"
+    loss.sum().backward()
+    last = slice(N - 4, N)
+    ref_logits = logits.detach()[last].float().requires_grad_()
+    ref = F.cross_entropy(ref_logits, targets[last], reduction="none")
+    ref.sum().backward()
+    assert_close(loss[last], ref, 1e-2, "loss")
+    assert_close(logits.grad[last], ref_logits.grad, 1e-2, "dlogits")
 
 
 def test_reference_equals_torch_cross_entropy():

@@ -1,0 +1,327 @@
+"""make gpu: the single-GPU path proven by one command, in under 8 minutes on one H100 or H200.
+
+    python3 bench/gpu.py        (or: make gpu PY=python3 where PyTorch, Triton and pytest are installed already)
+
+1. the kernel and model tests, compiled on the GPU: bf16 and fp16, head dims 64 and 128, T up to 8192,
+   V = 50257 and 128256, a cross-entropy over more than 2**31 logits;
+2. benchmarks side by side in one run: attention against SDPA's flash backend (TFLOP/s); cross-entropy
+   against F.cross_entropy, eager and compiled (time, peak memory); the chunked linear cross-entropy's
+   peak memory against materialised logits; GPT-2 small's training tokens/s and MFU, ours against the
+   same model on SDPA + F.cross_entropy, with and without torch.compile;
+3. the TinyWorld journey at GPU size: `make demo` in a scratch copy of the repository, and its table;
+4. bench/RESULTS-gpu.md with all of it, and a summary as the last lines.
+
+Without a GPU the same run is dry: the Triton kernels through the interpreter, tiny
+shapes, `torch.compile` with its eager backend, the journey at toy size (PRESET=smoke), and the file
+goes to --out, never over the committed GPU results. tests/test_gpu_bench.py runs it so CI keeps it working.
+"""
+import datetime
+import itertools
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+CUDA = torch.cuda.is_available()
+START_ENV = {k: os.environ[k] for k in ("KERNELS", "TRITON_INTERPRET") if k in os.environ}
+if not CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: the kernels run on CPU tensors
+import torch.nn.functional as F  # noqa: E402
+
+import common  # noqa: E402
+import kernels  # noqa: E402
+import model as model_module  # noqa: E402
+from measure import device_name, fmt, fwd_bwd, markdown_table, peak_extra_mb, time_ms  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
+from train_step import PLAIN  # noqa: E402
+
+TEST_FILES = ["tests/test_attention.py", "tests/test_cross_entropy.py", "tests/test_model.py"]
+
+
+@dataclass
+class Config:
+    out: str = "out/gpu"               # scratch (the journey's copy, logs); a dry run's RESULTS-dry.md goes here
+    tests: bool = True                 # run the kernel and model tests
+    journey: bool = True               # run the TinyWorld journey
+    journey_timeout: int = 300         # seconds before the journey is stopped and reported as over time
+
+
+# ----------------------------------------------------------------------------- 1. the tests
+
+def run_tests(dry):
+    """pytest on the kernel and model tests; (title, header, rows, summary line)."""
+    t0 = time.time()
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *TEST_FILES], cwd=ROOT,
+                       capture_output=True, text=True, env=clean_env())
+    lines = r.stdout.strip().splitlines() or ["(no output)"]
+    failed = [line.split(" - ")[0] for line in lines if line.startswith(("FAILED", "ERROR"))]
+    result = lines[-1].strip("= ")
+    rows = [[" ".join(TEST_FILES), "compiled on the GPU" if not dry else "Triton interpreter, CPU",
+             result, f"{time.time() - t0:.0f}"]] + [["", "", f, ""] for f in failed]
+    return ("The kernel and model tests", ["files", "kernels", "result", "seconds"], rows,
+            f"tests: {result}" + ("" if r.returncode == 0 else " (FAILED)"))
+
+
+# ----------------------------------------------------------------------------- 2. benchmarks
+
+def attention_section(device, dry):
+    """Causal attention, ours (Triton) against SDPA's flash backend, forward and forward+backward."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    B, H, dtype = (1, 1, torch.float32) if dry else (4, 16, torch.bfloat16)
+    shapes = [(16, 16), (32, 32)] if dry else [(T, D) for T in (1024, 2048, 4096, 8192) for D in (64, 128)]
+    reps = 1 if dry else 10
+
+    def sdpa_flash(q, k, v):
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    def ours(q, k, v):
+        out = kernels.attention(q, k, v, causal=True)
+        assert kernels.last_backend["attention"] == "triton"
+        return out
+
+    rows, speedups = [], []
+    for T, D in shapes:
+        q, k, v = (torch.randn(B, H, T, D, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+        do = torch.randn_like(q)
+        fwd_flops = 4 * B * H * T * T * D / 2  # two matmuls, half of the causal scores skipped
+        with torch.no_grad():
+            fwd = time_ms([lambda: ours(q, k, v), lambda: sdpa_flash(q, k, v)], device, warmup=reps, reps=reps)
+        both = time_ms([fwd_bwd(ours, (q, k, v), do), fwd_bwd(sdpa_flash, (q, k, v), do)], device, warmup=reps,
+                       reps=reps)
+        # the backward does five matmuls to the forward's two: 3.5 times the forward's flops in all
+        for name, (t_ours, t_sdpa), flops in (("fwd", fwd, fwd_flops), ("fwd+bwd", both, 3.5 * fwd_flops)):
+            rows.append([B, H, T, D, name, fmt(t_ours, 3), fmt(t_sdpa, 3), fmt(flops / t_ours / 1e9, 1),
+                         fmt(flops / t_sdpa / 1e9, 1), fmt(t_sdpa / t_ours)])
+            if name == "fwd+bwd":
+                speedups.append(t_sdpa / t_ours)
+    header = ["B", "H", "T", "D", "pass", "ours ms", "SDPA flash ms", "ours TFLOP/s", "SDPA TFLOP/s", "speed vs SDPA"]
+    title = f"Attention, causal, {str(dtype).replace('torch.', '')}: ours (Triton) vs SDPA's flash backend"
+    return title, header, rows, f"attention fwd+bwd: {min(speedups):.2f}x to {max(speedups):.2f}x SDPA flash"
+
+
+def compiled(fn, dry):
+    # a dry run checks the plumbing: the eager backend traces the same graph without inductor's minutes of codegen
+    return torch.compile(fn, backend="eager" if dry else "inductor", dynamic=False)
+
+
+def cross_entropy_section(device, dry):
+    """Cross-entropy forward+backward on given logits, and the linear one against materialised logits."""
+    N, C, dtype = (4, 16, torch.float32) if dry else (16384, 768, torch.bfloat16)
+    rows, ratios, reps = [], [], 1 if dry else 10
+    for V in ((100, 300) if dry else (50257, 128256)):
+        logits = torch.randn(N, V, device=device, dtype=dtype, requires_grad=True)
+        targets = torch.randint(0, V, (N,), device=device)
+        hidden = torch.randn(N, C, device=device, dtype=dtype, requires_grad=True)
+        weight = (0.02 * torch.randn(V, C, device=device, dtype=dtype)).requires_grad_()
+
+        def ours(x):
+            loss = kernels.cross_entropy(x, targets)
+            assert kernels.last_backend["cross_entropy"] == "triton"
+            return loss
+
+        eager = lambda x: F.cross_entropy(x, targets)  # noqa: E731
+        cases = [  # name, fn, inputs
+            ("F.cross_entropy, eager", eager, (logits,)),
+            ("F.cross_entropy, torch.compile", compiled(eager, dry), (logits,)),
+            ("kernels.cross_entropy (ours)", ours, (logits,)),
+            ("F.cross_entropy(hidden @ weight.T)", lambda h, w: F.cross_entropy(h @ w.T, targets), (hidden, weight)),
+            (f"kernels.linear_cross_entropy (ours, chunks of {N // 4})",
+             lambda h, w: kernels.linear_cross_entropy(h, w, targets, chunk_size=N // 4), (hidden, weight)),
+        ]
+        runs = [fwd_bwd(fn, inputs) for _, fn, inputs in cases]
+        times = time_ms(runs, device, warmup=reps, reps=reps)
+        mems = [peak_extra_mb(run, device) for run in runs]
+        rows += [[V, name, fmt(t, 3), fmt(m, 0)] for (name, _, _), t, m in zip(cases, times, mems)]
+        ratios.append((times[0] / times[2], mems[2] / mems[0] if mems[0] else None,
+                       mems[4] / mems[3] if mems[3] else None))
+    title = f"Cross-entropy forward+backward, N={N} tokens, {str(dtype).replace('torch.', '')} (linear: C={C})"
+    speed, mem, lin = ratios[-1]
+    summary = (f"cross-entropy (V={V}): {speed:.2f}x F.cross_entropy eager, peak memory "
+               f"{'n/a' if mem is None else f'{mem:.2f}x'}; linear cross-entropy peak memory "
+               f"{'n/a' if lin is None else f'{lin:.2f}x'} materialised logits")
+    return title, ["V", "op", "ms", "peak extra MiB"], rows, summary
+
+
+def training_section(device, dry):
+    """GPT-2 small (124M, T=1024, bf16) training steps: ours against SDPA + F.cross_entropy, eager and compiled."""
+    if dry:
+        cfg, batch, steps = GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=1, n_embd=16), 1, 1
+    else:
+        cfg, batch, steps = GPTConfig(vocab_size=50304, block_size=1024, n_layer=12, n_head=12, n_embd=768), 16, 10
+    torch.manual_seed(0)
+    gpt = GPT(cfg).to(device)
+    opt = gpt.configure_optimizer(1e-4, 0.1, device_type=device.type)
+    x, y = (torch.randint(0, cfg.vocab_size, (batch, cfg.block_size), device=device) for _ in range(2))
+    n_params = sum(p.numel() for p in gpt.parameters())
+    # 6 flops per parameter per token (forward and backward), plus attention's scores and weighted sums
+    flops_per_token = 6 * n_params + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+    peak = common.peak_flops(device.type)  # a GPU's bf16 data sheet; a CPU's own large fp32 matmul, measured now
+    seconds, backend, mode = {}, {}, os.environ["KERNELS"]
+    for is_compiled in (False, True):
+        for name in ("ours", "plain"):
+            model_module.kernels = kernels if name == "ours" else PLAIN
+            # dry, torch.compile would trace Triton's interpreter itself: the compiled rows take the torch path
+            os.environ["KERNELS"] = "torch" if dry and is_compiled else mode
+            try:
+                seconds[name, is_compiled] = step_seconds(compiled(gpt, dry) if is_compiled else gpt, opt, x, y,
+                                                          device, steps)
+            finally:
+                model_module.kernels = kernels
+            backend[name, is_compiled] = (f"{kernels.last_backend.get('attention', '?')}/"
+                                          f"{kernels.last_backend.get('cross_entropy', '?')}")
+    os.environ["KERNELS"] = mode
+    rows = []
+    tok_s = {key: batch * cfg.block_size / s for key, s in seconds.items()}
+    for (name, is_compiled), s in seconds.items():
+        mfu = tok_s[name, is_compiled] * flops_per_token / peak if peak else None
+        rows.append([f"ours (kernels: {backend[name, is_compiled]})" if name == "ours" else "plain (SDPA + F.cross_entropy)",
+                     "torch.compile" if is_compiled else "eager", fmt(s * 1e3, 1), f"{tok_s[name, is_compiled]:,.0f}",
+                     "n/a" if mfu is None else f"{mfu:.1%}", f"{seconds['plain', is_compiled] / s:.3f}x"])
+    title = (f"Training: GPT {cfg.n_layer} layers x {cfg.n_embd} wide ({n_params / 1e6:.1f}M), vocab {cfg.vocab_size}, "
+             f"T={cfg.block_size}, batch {batch}, {'fp32' if device.type == 'cpu' else 'bf16 autocast'}, AdamW")
+    best = max(tok_s, key=tok_s.get)
+    summary = (f"training: ours {tok_s['ours', False] / tok_s['plain', False]:.2f}x the SDPA baseline eager, "
+               f"{tok_s['ours', True] / tok_s['plain', True]:.2f}x compiled"
+               + (f"; best MFU {tok_s[best] * flops_per_token / peak:.1%}" if peak else ""))
+    return title, ["model", "mode", "ms/step", "tokens/s", "MFU", "speed vs plain"], rows, summary
+
+
+def step_seconds(fwd, opt, x, y, device, steps):
+    """Seconds per optimizer step (forward, backward, AdamW) after two warm-up steps (compilation happens there)."""
+    def one():
+        with common.autocast(device.type):
+            loss = fwd(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    for _ in range(min(steps, 2)):
+        one()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        one()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / steps
+
+
+# ----------------------------------------------------------------------------- 3. the journey
+
+SKIP_COPY = shutil.ignore_patterns(".git", ".venv", "out", "tinyworld", "real", "__pycache__", ".pytest_cache",
+                                   ".hypothesis", "tests", "bench")
+
+
+def run_journey(cfg, dry):
+    """`make demo` (PRESET=smoke when dry) in a fresh copy of the repository under --out; the report's table."""
+    work = Path(cfg.out) / "journey"
+    shutil.rmtree(work, ignore_errors=True)
+    shutil.copytree(ROOT, work, ignore=SKIP_COPY)
+    cmd = ["make", "-C", str(work), "demo", f"PY={sys.executable}"] + (["PRESET=smoke"] if dry else [])
+    log = Path(cfg.out) / "journey.log"
+    print(f"journey: {' '.join(cmd)} (log: {log})", flush=True)
+    t0 = time.time()
+    with open(log, "w") as f:
+        try:
+            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=cfg.journey_timeout,
+                                env=clean_env()).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+    seconds = time.time() - t0
+    report = work / "out" / "report.md"
+    if rc != 0 or not report.is_file():
+        tail = log.read_text().strip().splitlines()[-5:]
+        what = f"stopped after {cfg.journey_timeout} s" if rc == "timeout" else f"failed (exit {rc})"
+        return "The TinyWorld journey", [what], [[line] for line in tail], f"journey: {what}, see {log}"
+    lines = report.read_text().splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    table = list(itertools.takewhile(lambda line: line.startswith("|"), lines[first:]))  # the report's first table
+    header = [c.strip() for c in table[0].strip("|").split("|")]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table[2:]]
+    grpo = next((r for r in rows if r[0].startswith("4 GRPO")), None)
+    math = f", GRPO's math {grpo[header.index('math')]}" if grpo and "math" in header else ""
+    title = f"The TinyWorld journey, {'toy size (PRESET=smoke)' if dry else 'GPU size'}: make demo in {seconds:.0f} s"
+    return title, header, rows, f"journey: {seconds:.0f} s{math}"
+
+
+# ----------------------------------------------------------------------------- 4. the report
+
+def main(cfg):
+    dry = not CUDA
+    device = torch.device("cuda" if CUDA else "cpu")
+    # on a GPU the dispatch's own choice (Triton on CUDA tensors); dry, the Triton code itself through the interpreter
+    os.environ["KERNELS"] = "triton" if dry else "auto"
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    results = Path(cfg.out) / "RESULTS-dry.md" if dry else ROOT / "bench" / "RESULTS-gpu.md"
+    started = time.time()
+    parts = [
+        "# make gpu: the single-GPU path" + (" (dry run, CPU: plumbing only, no figure here is a GPU's)" if dry else ""),
+        "",
+        f"- device: {device_name(device)}" + (", dry run, CPU" if dry else ""),
+        f"- driver: {driver_version()}; torch {torch.__version__}, triton {triton_version()}, "
+        f"Python {platform.python_version()}",
+        f"- date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}",
+        "- command: `make gpu` (`python3 bench/gpu.py`); times are medians (CUDA events on a GPU, wall clock on a CPU)",
+    ]
+    sections = ([partial(run_tests, dry)] if cfg.tests else []) + [
+        partial(attention_section, device, dry), partial(cross_entropy_section, device, dry),
+        partial(training_section, device, dry)] + ([partial(run_journey, cfg, dry)] if cfg.journey else [])
+    summary = []
+    for section in sections:
+        t0 = time.time()
+        try:
+            title, header, rows, line = section()
+        except Exception as e:  # one broken section must not cost the GPU minutes the others measure
+            error = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+            traceback.print_exc()
+            title, header, rows, line = f"{section.func.__name__} failed", ["error"], [[error]], f"FAILED: {error}"
+        table = markdown_table(header, rows)
+        print(f"\n## {title}\n\n{table}\n({time.time() - t0:.0f} s)", flush=True)
+        parts += ["", f"## {title}", "", table]
+        summary.append(line)
+    parts += ["", f"Wall time: {time.time() - started:.0f} s", ""]
+    results.write_text("\n".join(parts))
+    print(f"\nmake gpu{' (dry run, CPU)' if dry else ''} on {device_name(device)} in {time.time() - started:.0f} s:")
+    for line in summary:
+        print("  " + line)
+    print(f"wrote {results}")
+    if any("FAILED" in line or "failed" in line or "stopped" in line for line in summary):
+        sys.exit(1)
+
+
+def clean_env():
+    """The environment this script started with: the tests and the journey choose their own kernels."""
+    return {k: v for k, v in os.environ.items() if k not in ("KERNELS", "TRITON_INTERPRET")} | START_ENV
+
+
+def driver_version():
+    if not CUDA:
+        return "none"
+    try:
+        return subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                              capture_output=True, text=True).stdout.strip() or "?"
+    except OSError:
+        return "?"
+
+
+def triton_version():
+    try:
+        import triton
+        return triton.__version__
+    except ImportError:
+        return "not installed"
+
+
+if __name__ == "__main__":
+    common.run_main(main, Config)

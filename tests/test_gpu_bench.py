@@ -1,0 +1,81 @@
+"""make gpu, dry: its plumbing on a CPU (Triton's interpreter, tiny shapes), and the whole journey at toy size.
+
+Without a GPU, bench/gpu.py runs every benchmark section and `make demo PRESET=smoke` in a fresh copy of the
+repository: every stage from TinyWorld's files to the report, chained as `make demo` chains them. The
+kernel tests it would run first are left out here (--tests=false): the suite runs them itself.
+"""
+import dataclasses
+import hashlib
+import json
+
+import pytest
+import torch
+
+import common
+import train_pretrain
+from conftest import ROOT, run_script
+
+
+DRY_ONLY = pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU, make gpu is the real run, not a dry one")
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu")
+    committed = ROOT / "bench" / "RESULTS-gpu.md"
+    before = hashlib.sha256(committed.read_bytes()).hexdigest() if committed.is_file() else None
+    r = run_script("bench/gpu.py", "--tests=false", f"--out={out}", timeout=600)
+    after = hashlib.sha256(committed.read_bytes()).hexdigest() if committed.is_file() else None
+    return r, out, before == after
+
+
+@DRY_ONLY
+def test_dry_run_writes_every_table_and_leaves_the_gpu_results_alone(dry_run):
+    r, out, untouched = dry_run
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    assert untouched  # a dry run never replaces the committed GPU results
+    results = (out / "RESULTS-dry.md").read_text()
+    assert "- device: CPU" in results and "dry run, CPU" in results
+    for title in ("## Attention, causal", "## Cross-entropy forward+backward", "## Training: GPT",
+                  "## The TinyWorld journey, toy size (PRESET=smoke)"):
+        assert title in results, title
+    assert "| ours (kernels: triton/triton) | eager |" in results  # the Triton code ran, not a fallback
+    assert "| plain (SDPA + F.cross_entropy) | torch.compile |" in results
+    summary = r.stdout.strip().splitlines()[-6:]  # the summary is the last lines
+    assert summary[0].startswith("make gpu (dry run, CPU)") and summary[-1].startswith("wrote ")
+    assert any(line.strip().startswith("journey: ") and "GRPO's math" in line for line in summary), summary
+
+
+@DRY_ONLY
+def test_the_toy_journey_chains_every_stage_and_the_report_reads_them_all(dry_run):
+    r, out, _ = dry_run
+    journey = out / "journey" / "out"
+    report = (journey / "report.md").read_text()
+    for row in ("0 random init", "1 pre-trained", "2 SFT", "3 reward model", "3 PPO", "3 DPO", "4 GRPO"):
+        assert f"| {row} |" in report, row
+    for stage in ("Pre-training", "SFT", "The reward model", "PPO", "DPO", "GRPO"):  # a sentence each, measured
+        line = next(line for line in report.splitlines() if line.startswith(f"- **{stage}**"))
+        assert "?" not in line.replace("?)", ""), line
+    assert "(PPO, where it started)" in report  # make demo's GRPO starts from PPO's policy
+    assert "| worked step by step |" in report  # the reasoning table: answers that write steps, per stage
+    sft_row = next(line for line in report.splitlines() if line.startswith("| 2 SFT | ") and "%, " in line)
+    assert 0 <= int(sft_row.rstrip(" |").rsplit("| ", 1)[1].rstrip("%")) <= 100, sft_row
+    assert "What is an LLM?" in report and (journey / "report-ppo.png").is_file()
+    for stage, steps in (("pretrain", 6), ("sft", 4), ("sft_answers_only", 4), ("rm", 2), ("ppo", 2), ("dpo", 2),
+                         ("grpo", 2)):  # each stage ran the smoke preset's steps and wrote its checkpoint
+        assert (journey / stage / "ckpt.pt").is_file(), stage
+        assert json.loads((journey / stage / "metrics.json").read_text())["steps"] == steps, stage
+
+
+def test_a_gpu_makes_tinyworld_gpu_sized_unless_told_otherwise(monkeypatch, capsys):
+    monkeypatch.setattr(common.torch.cuda, "is_available", lambda: True)
+    gpu = common.parse_config(train_pretrain.Config, [], train_pretrain.PRESETS)
+    assert (gpu.n_layer, gpu.n_embd) == (6, 384) and gpu.max_steps > train_pretrain.Config.max_steps
+    assert "--preset=tinyworld_gpu" in capsys.readouterr().out  # said, not silent
+    cpu = train_pretrain.Config()
+    assert common.parse_config(train_pretrain.Config, ["--preset=cpu"], train_pretrain.PRESETS) == cpu
+    on_cpu = common.parse_config(train_pretrain.Config, ["--device=cpu"], train_pretrain.PRESETS)
+    assert dataclasses.replace(on_cpu, device="auto") == cpu
+    assert common.parse_config(train_pretrain.Config, ["--n_layer=2"], train_pretrain.PRESETS).n_layer == 2
+    monkeypatch.setattr(common.torch.cuda, "is_available", lambda: False)
+    assert common.parse_config(train_pretrain.Config, [], train_pretrain.PRESETS) == cpu
