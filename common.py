@@ -237,11 +237,14 @@ def start_training(model, cfg, device, world, ckpt=None):
     """What every training loop starts from: AdamW over the model, the generator that orders the data,
     and the step; all restored exactly from ckpt under --resume. Returns (model to call, optimizer,
     data generator, step): the model to call is compiled and DDP-wrapped as the config asks."""
-    optimizer = model.configure_optimizer(cfg.lr, cfg.weight_decay, device_type=device.split(":")[0])
+    optimizer = model.configure_optimizer(cfg.lr, cfg.weight_decay)
     data_gen = torch.Generator().manual_seed(cfg.seed)
     step = 0
     if cfg.resume:
-        optimizer.load_state_dict(ckpt["optimizer"])
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except ValueError as e:
+            raise UserError(f"--resume: {e}") from None
         step = ckpt["step"]
         data_gen.set_state(ckpt["data_rng"])
         set_rng_state(ckpt["rng"])

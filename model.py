@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
+from optim import AdamW
 
 
 @dataclass
@@ -182,14 +183,14 @@ class GPT(nn.Module):
         """log p(targets[b, t] | idx[b, :t+1]) for every position, shape (B, T); 0 where targets is -100."""
         return -self(idx, targets, reduction="none")
 
-    def configure_optimizer(self, lr, weight_decay, betas=(0.9, 0.95), device_type="cpu"):
+    def configure_optimizer(self, lr, weight_decay, betas=(0.9, 0.95)):
         """AdamW with weight decay on matrices only: biases and LayerNorm gains are not decayed."""
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type == "cuda")
+        return AdamW(groups, lr=lr, betas=betas)
 
     def flops_per_token(self, seq_len):
         """Training FLOPs per token: 6 per parameter (forward 2, backward 4) plus attention's scores."""

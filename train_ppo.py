@@ -262,7 +262,7 @@ def main(cfg):
 
     torch.manual_seed(cfg.seed + rank)  # each rank samples its own replies
     model, optimizer, data_gen, step = common.start_training(policy, cfg, device, world, ckpt)
-    critic_opt = critic.configure_optimizer(cfg.critic_lr, cfg.weight_decay, device_type=device.split(":")[0])
+    critic_opt = critic.configure_optimizer(cfg.critic_lr, cfg.weight_decay)
     if ckpt:
         critic_opt.load_state_dict(ckpt["critic_optimizer"])
     critic_model = critic if world == 1 else torch.nn.parallel.DistributedDataParallel(

@@ -161,7 +161,7 @@ def training_section(device, dry):
         cfg, batch, steps = GPTConfig(vocab_size=50304, block_size=1024, n_layer=12, n_head=12, n_embd=768), 16, 10
     torch.manual_seed(0)
     gpt = GPT(cfg).to(device)
-    opt = gpt.configure_optimizer(1e-4, 0.1, device_type=device.type)
+    opt = gpt.configure_optimizer(1e-4, 0.1)
     x, y = (torch.randint(0, cfg.vocab_size, (batch, cfg.block_size), device=device) for _ in range(2))
     n_params = sum(p.numel() for p in gpt.parameters())
     # 6 flops per parameter per token (forward and backward), plus attention's scores and weighted sums

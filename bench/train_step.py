@@ -54,7 +54,7 @@ def bench_train_step(device, rounds=5, steps=3):
         cfg, batch = GPTConfig(vocab_size=1458, block_size=128, n_layer=4, n_head=4, n_embd=128), 16
     torch.manual_seed(0)
     gpt = GPT(cfg).to(device)
-    opt = gpt.configure_optimizer(1e-4, 0.1, device_type=device)
+    opt = gpt.configure_optimizer(1e-4, 0.1)
     x = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size), device=device)
     y = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size), device=device)
     times = {"ours": [], "plain": []}
