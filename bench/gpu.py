@@ -167,7 +167,7 @@ def training_section(device, dry):
     # 6 flops per parameter per token (forward and backward), plus attention's scores and weighted sums
     flops_per_token = 6 * n_params + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
     peak = common.peak_flops(device.type)  # a GPU's bf16 data sheet; a CPU's own large fp32 matmul, measured now
-    seconds, backend, mode = {}, {}, os.environ["KERNELS"]
+    seconds, backend, failed, mode = {}, {}, {}, os.environ["KERNELS"]
     for is_compiled in (False, True):
         for name in ("ours", "plain"):
             model_module.kernels = kernels if name == "ours" else PLAIN
@@ -176,24 +176,31 @@ def training_section(device, dry):
             try:
                 seconds[name, is_compiled] = step_seconds(compiled(gpt, dry) if is_compiled else gpt, opt, x, y,
                                                           device, steps)
+            except Exception as e:  # a compile that fails is a finding; the other rows still get measured
+                failed[name, is_compiled] = f"failed: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
             finally:
                 model_module.kernels = kernels
             backend[name, is_compiled] = (f"{kernels.last_backend.get('attention', '?')}/"
                                           f"{kernels.last_backend.get('cross_entropy', '?')}")
     os.environ["KERNELS"] = mode
-    rows = []
     tok_s = {key: batch * cfg.block_size / s for key, s in seconds.items()}
-    for (name, is_compiled), s in seconds.items():
-        mfu = tok_s[name, is_compiled] * flops_per_token / peak if peak else None
-        rows.append([f"ours (kernels: {backend[name, is_compiled]})" if name == "ours" else "plain (SDPA + F.cross_entropy)",
-                     "torch.compile" if is_compiled else "eager", fmt(s * 1e3, 1), f"{tok_s[name, is_compiled]:,.0f}",
-                     "n/a" if mfu is None else f"{mfu:.1%}", f"{seconds['plain', is_compiled] / s:.3f}x"])
+    mfu = {key: t * flops_per_token / peak if peak else None for key, t in tok_s.items()}
+    ratio = {(name, c): seconds[("plain", c)] / seconds[(name, c)] if ("plain", c) in seconds else None
+             for name, c in seconds}
+    rows = []
+    for name, is_compiled in backend:
+        key = (name, is_compiled)
+        cells = [fmt(seconds[key] * 1e3, 1), f"{tok_s[key]:,.0f}", "n/a" if mfu[key] is None else f"{mfu[key]:.1%}",
+                 "n/a" if ratio[key] is None else f"{ratio[key]:.3f}x"] if key in seconds else [failed[key], "", "", ""]
+        rows.append([f"ours (kernels: {backend[key]})" if name == "ours" else "plain (SDPA + F.cross_entropy)",
+                     "torch.compile" if is_compiled else "eager", *cells])
     title = (f"Training: GPT {cfg.n_layer} layers x {cfg.n_embd} wide ({n_params / 1e6:.1f}M), vocab {cfg.vocab_size}, "
              f"T={cfg.block_size}, batch {batch}, {'fp32' if device.type == 'cpu' else 'bf16 autocast'}, AdamW")
-    best = max(tok_s, key=tok_s.get)
-    summary = (f"training: ours {tok_s['ours', False] / tok_s['plain', False]:.2f}x the SDPA baseline eager, "
-               f"{tok_s['ours', True] / tok_s['plain', True]:.2f}x compiled"
-               + (f"; best MFU {tok_s[best] * flops_per_token / peak:.1%}" if peak else ""))
+    speeds = [f"{ratio['ours', c]:.2f}x the SDPA baseline {'compiled' if c else 'eager'}"
+              for c in (False, True) if ratio.get(("ours", c))]
+    summary = ("training: ours " + ", ".join(speeds) if speeds else "training: no comparison measured") + \
+        (f"; best MFU {max(v for v in mfu.values() if v is not None):.1%}" if peak and mfu else "") + \
+        (f"; FAILED: {len(failed)} of 4 runs" if failed else "")
     return title, ["model", "mode", "ms/step", "tokens/s", "MFU", "speed vs plain"], rows, summary
 
 
