@@ -82,16 +82,18 @@ def reasoning_table(rows, grpo_metrics, contrast):
 
 
 def measure(model, tok, sets, sft, sft_gold, cfg):
-    """Every column of the table for one model."""
+    """Every column of the table for one model. SFT's own gold scores and its KL to itself (zero, term by
+    term) are known without generating again."""
     qa = evals.qa_accuracy(model, tok, sets["qa"], cfg.max_new_tokens)
-    gold, _ = evals.gold_scores(model, tok, sets["questions"], cfg.max_new_tokens, sets["world"])
+    is_sft = model is sft
+    gold = sft_gold if is_sft else evals.gold_scores(model, tok, sets["questions"], cfg.max_new_tokens, sets["world"])[0]
     gen = torch.Generator(device=model.lm_head.weight.device).manual_seed(cfg.seed)
     reasoning = math_measures(model, tok, sets, cfg)
+    kl = None if sft is None else 0.0 if is_sft else evals.kl_to_reference(model, sft, tok, sets["questions"],
+                                                                              generator=gen)
     return {"val_loss": evals.text_loss(model, sets["val_ids"]), "facts": evals.fact_accuracy(model, tok, sets["world"])[0],
             "seen": qa.get("seen"), "unseen": qa.get("unseen"), "format": qa["format"],
-            "win": evals.win_rate(gold, sft_gold) if sft_gold else None,
-            **reasoning,
-            "kl": evals.kl_to_reference(model, sft, tok, sets["questions"], generator=gen) if sft else None}
+            "win": evals.win_rate(gold, sft_gold) if sft_gold else None, **reasoning, "kl": kl}
 
 
 def plot(log_path, names, title, png):
