@@ -28,7 +28,12 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-import torch
+try:
+    import torch
+except ImportError:  # make gpu takes python3 where there is no .venv: say what to do, in one line
+    print(f"error: {sys.executable} has no PyTorch: run `make venv` first, or `make gpu PY=<a python with torch>`",
+          file=sys.stderr)
+    sys.exit(2)
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
