@@ -423,15 +423,28 @@ def peak_flops(device):
     return 2 * 1024**3 * n / (time.perf_counter() - t0)
 
 
+def process_start():
+    """When this process began, imports included (Linux: from /proc); elsewhere, now."""
+    try:
+        ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])  # field 22: starttime
+        uptime = float(open("/proc/uptime").read().split()[0])
+        return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return time.time()
+
+
 class Logger:
     """The per-interval line on stdout, every step in out/<stage>/log.jsonl, metrics.json at the end.
-    Only rank 0 writes."""
+    Only rank 0 writes. It also times the run's phases: start-up (imports, data, model) until the logger
+    exists, then "training" and "evaluation" as the script names them (log.phase); metrics.json gets
+    the seconds of each."""
 
     def __init__(self, out_dir, stage, total_steps, resume=False, start_step=None):
         """resume=True appends to log.jsonl; start_step, the step resumed from, first drops the rows an
         interrupted run wrote after its last checkpoint (the resumed run logs those steps again)."""
         self.out, self.stage, self.total = Path(out_dir), stage, total_steps
         self.t0 = time.time()
+        self.seconds, self.current, self.since = {"start-up": self.t0 - process_start()}, "start-up", self.t0
         self.first_step = None
         if is_master():
             self.out.mkdir(parents=True, exist_ok=True)
@@ -470,7 +483,15 @@ class Logger:
             parts = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()]
             print(f"{self.stage} {step}/{self.total} | " + " | ".join(parts) + f" | eta {eta}", flush=True)
 
+    def phase(self, name):
+        """From now on the time counts as name ("training", "evaluation")."""
+        now = time.time()
+        self.seconds[self.current] = self.seconds.get(self.current, 0.0) + now - self.since
+        self.current, self.since = name, now
+
     def finish(self, metrics):
+        self.phase("done")
         if is_master():
             self.file.close()
-            (self.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+            seconds = {k: round(v, 1) for k, v in self.seconds.items()}
+            (self.out / "metrics.json").write_text(json.dumps({**metrics, "seconds": seconds}, indent=2) + "\n")

@@ -271,6 +271,7 @@ def main(cfg):
     end = cfg.stop_at if 0 < cfg.stop_at < cfg.max_steps else cfg.max_steps
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
+    log.phase("training")
     t_start = t_last = time.time()
     metrics, pairs_since = {}, 0
     with common.StopOnSignal() as stop:
@@ -324,6 +325,7 @@ def main(cfg):
         common.teardown_ddp()
         raise SystemExit(stop.exit_code)
     train_seconds = time.time() - t_start
+    log.phase("evaluation")
     save(step)
 
     result = {"steps": step, "train_seconds": train_seconds, "pairs": len(pairs), "dropped": len(dropped),
@@ -332,7 +334,6 @@ def main(cfg):
         result.update(final_evaluation(raw_model, ref, tok, pairs, test_pairs, questions, rater, cfg, device))
         if device.startswith("cuda"):
             result["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-        result["wall_seconds"] = time.time() - t_start
     log.finish(result)
     print0(f"dpo: {step} steps in {train_seconds:.0f}s of training ({time.time() - t_start:.0f}s with the "
            f"evaluation), checkpoint {ckpt_path}")

@@ -345,6 +345,7 @@ def main(cfg):
                 tokenizer_fingerprint=tok.fingerprint))
 
     log = common.Logger(cfg.out, "grpo", cfg.max_steps, resume=cfg.resume, start_step=step)
+    log.phase("evaluation")
     before = ckpt.get("eval_before") if cfg.resume else None
     if step == 0 and test and common.is_master():
         before = evaluate(raw_model, tok, test, cfg, rater)
@@ -352,6 +353,7 @@ def main(cfg):
         log.log(0, printed=False, **{f"test/{k}": v for k, v in before.items()})
 
     end = cfg.stop_at if 0 < cfg.stop_at < cfg.max_steps else cfg.max_steps
+    log.phase("training")
     t_start = t_last = time.time()
     tokens_since = 0
     with common.StopOnSignal() as stop:
@@ -407,6 +409,7 @@ def main(cfg):
         common.teardown_ddp()
         raise SystemExit(stop.exit_code)
     train_seconds = time.time() - t_start
+    log.phase("evaluation")
     save(step)
 
     summary = {"steps": step, "train_seconds": train_seconds, "init": init, "loss_type": cfg.loss_type}

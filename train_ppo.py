@@ -277,6 +277,7 @@ def main(cfg):
 
     log = common.Logger(cfg.out, "ppo", cfg.max_steps, resume=cfg.resume, start_step=step)
     end = cfg.stop_at if 0 < cfg.stop_at < cfg.max_steps else cfg.max_steps
+    log.phase("training")
     t_start, metrics = time.time(), {}
     with common.StopOnSignal() as stop:
         while step < end and not stop.requested():
@@ -339,6 +340,7 @@ def main(cfg):
         common.teardown_ddp()
         raise SystemExit(stop.exit_code)
     train_seconds = time.time() - t_start
+    log.phase("evaluation")
     save(step)
 
     result = {"steps": step, "train_seconds": train_seconds, "final": metrics}

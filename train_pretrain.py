@@ -217,12 +217,14 @@ def main(cfg):
            f"training tokens, {tokens_per_step:,} tokens per step, {cfg.max_steps} steps on {device} x{world}")
     log = common.Logger(cfg.out, "pretrain", cfg.max_steps, resume=cfg.resume, start_step=step)
     if step == 0:
+        log.phase("evaluation")
         val_loss = first_val = evaluate(model, val_data, cfg, device, rank, world)
         print0(f"pretrain: validation loss at init {val_loss:.4f} (ln V = {np.log(tok.n_vocab):.4f})")
         log.log(0, printed=False, val_loss=val_loss)
     else:
         val_loss, first_val = ckpt["val_loss"], ckpt["val_loss_init"]
     end = cfg.stop_at if 0 < cfg.stop_at < cfg.max_steps else cfg.max_steps
+    log.phase("training")
     t_start = t_last = time.time()
     last_printed = step
     with common.StopOnSignal() as stop:
@@ -271,6 +273,7 @@ def main(cfg):
         common.teardown_ddp()
         raise SystemExit(stop.exit_code)
     train_seconds = time.time() - t_start  # this run's, evaluations and checkpoints included
+    log.phase("evaluation")
     save(step, val_loss)
 
     # a few samples so the reader sees what the model learned

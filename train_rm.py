@@ -217,6 +217,7 @@ def main(cfg):
                 else ckpt["init"], tokenizer_fingerprint=tok.fingerprint, **extra))
 
     log = common.Logger(cfg.out, "rm", cfg.max_steps, resume=cfg.resume, start_step=step)
+    log.phase("evaluation")
     test_acc = None
     if step == 0 and test_pairs:
         test_acc = accuracy(model, test_pairs, cfg, device, rank, world)
@@ -224,6 +225,7 @@ def main(cfg):
         log.log(0, printed=False, test_accuracy=test_acc)
 
     end = cfg.stop_at if 0 < cfg.stop_at < cfg.max_steps else cfg.max_steps
+    log.phase("training")
     t_start, train_loss = time.time(), None
     with common.StopOnSignal() as stop:
         while step < end and not stop.requested():
@@ -262,6 +264,7 @@ def main(cfg):
         common.teardown_ddp()
         raise SystemExit(stop.exit_code)
     train_seconds = time.time() - t_start
+    log.phase("evaluation")
 
     metrics = {"loss": train_loss, "test_accuracy": test_acc, "steps": step, "train_seconds": train_seconds,
                "pairs": len(pairs), "dropped": dropped}

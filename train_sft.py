@@ -278,6 +278,7 @@ def main(cfg):
                 tokenizer_fingerprint=tok.fingerprint))
 
     log = common.Logger(cfg.out, "sft", cfg.max_steps, resume=cfg.resume, start_step=step)
+    log.phase("evaluation")
     before = ckpt.get("qa_before") if cfg.resume else None
     if step == 0 and cfg.qa_data and common.is_master():  # the starting point, for the before -> after
         before = qa_eval(raw_model, tok, questions, cfg, "before fine-tuning")
@@ -288,6 +289,7 @@ def main(cfg):
         log.log(0, printed=False, val_loss=val_loss)
 
     end = cfg.stop_at if 0 < cfg.stop_at < cfg.max_steps else cfg.max_steps
+    log.phase("training")
     t_start = t_last = time.time()
     train_loss, tokens_since = None, 0
     with common.StopOnSignal() as stop:
@@ -355,6 +357,7 @@ def main(cfg):
         common.teardown_ddp()
         raise SystemExit(stop.exit_code)
     train_seconds = time.time() - t_start
+    log.phase("evaluation")
     save(step)
 
     metrics = {"loss": train_loss, "val_loss": val_loss, "steps": step,

@@ -21,6 +21,7 @@ sys.path.insert(0, str(ROOT))
 os.environ["KERNELS"] = "auto"  # measure the dispatch's own choice: Triton on CUDA tensors, PyTorch elsewhere
 import kernels  # noqa: E402
 from measure import device_name, fmt, fwd_bwd, markdown_table, time_ms  # noqa: E402  (bench/ is on sys.path)
+from demo_times import bench_demo_times  # noqa: E402
 from sampling import bench_sampling  # noqa: E402
 from train_step import bench_train_step  # noqa: E402
 
@@ -91,8 +92,12 @@ def main():
     ]
     if device.type != "cuda":
         parts.append("- no GPU in this run: the Triton kernels' speed and memory are not measured here")
+    sections.append(lambda d: bench_demo_times(d, ROOT / "out"))  # None until a make demo has run
     for section in sections:
-        title, header, rows = section(device)
+        result = section(device)
+        if result is None:
+            continue
+        title, header, rows = result
         table = markdown_table(header, rows)
         print(f"\n## {title}\n\n{table}")
         parts += ["", f"## {title}", "", table]

@@ -120,7 +120,7 @@ def test_tiny_run_trains_evaluates_and_saves(tiny_dpo, tiny_world):
     assert metrics["win_rate_prompts"] == len({json.loads(line)["prompt"] for line in held_out})  # each prompt once
     for name in ("qa_sft", "qa_dpo", "qa_sft_not_trained", "qa_dpo_not_trained"):
         assert set(metrics[name]) >= {"accuracy", "seen", "unseen", "format"}
-    assert math.isfinite(metrics["kl_to_sft"]) and metrics["wall_seconds"] >= metrics["train_seconds"]
+    assert math.isfinite(metrics["kl_to_sft"]) and metrics["seconds"]["evaluation"] > 0
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [1, 2, 3, 4]
     ckpt = common.load_checkpoint(out / "ckpt.pt", ["dpo"])

@@ -13,6 +13,7 @@ import torch
 
 import common
 import train_pretrain
+from bench.demo_times import bench_demo_times
 from conftest import ROOT, run_script
 
 
@@ -64,7 +65,15 @@ def test_the_toy_journey_chains_every_stage_and_the_report_reads_them_all(dry_ru
     for stage, steps in (("pretrain", 6), ("sft", 4), ("sft_answers_only", 4), ("rm", 2), ("ppo", 2), ("dpo", 2),
                          ("grpo", 2)):  # each stage ran the smoke preset's steps and wrote its checkpoint
         assert (journey / stage / "ckpt.pt").is_file(), stage
-        assert json.loads((journey / stage / "metrics.json").read_text())["steps"] == steps, stage
+        metrics = json.loads((journey / stage / "metrics.json").read_text())
+        assert metrics["steps"] == steps, stage
+        # its phases, timed: the start-up counts the imports (a second or more), training its own seconds
+        seconds = metrics["seconds"]
+        assert seconds["start-up"] > 0.5 and seconds["evaluation"] >= 0, (stage, seconds)
+        assert abs(seconds["training"] - metrics["train_seconds"]) < 0.5, (stage, seconds)
+    title, header, rows = bench_demo_times(out=journey)  # make bench's table of where the demo's time goes
+    assert [row[0] for row in rows] == ["pretrain", "sft", "sft_answers_only", "rm", "ppo", "dpo", "grpo",
+                                        "report.py", "all"]
 
 
 def test_a_gpu_makes_tinyworld_gpu_sized_unless_told_otherwise(monkeypatch, capsys):
