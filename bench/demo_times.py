@@ -36,7 +36,7 @@ def bench_demo_times(device=None, out=Path("out")):
         return None
     wall = sum(totals.values())
     rows.append(["all"] + [f"{v:.0f} ({v / wall:.0%})" for v in totals.values()] + [f"{wall:.0f}", ""])
-    title = (f"The demo's time per stage, seconds (from {out}/*/metrics.json of the last make demo; "
+    title = (f"The demo's time per stage, seconds (from {out.name}/*/metrics.json of the last make demo; "
              f"the installation and TinyWorld's data and tokenizer are not counted)")
     return title, ["stage", "start-up", "training", "evaluation", "wall", "evaluation share"], rows
 
