@@ -75,8 +75,9 @@ def parse_config(cls, argv=None, presets=None):
         if not arg.startswith("--"):
             raise UserError(f"unexpected argument {arg!r}: arguments look like --field=value (see --help)")
         name, eq, text = arg[2:].partition("=")
-        if name != "preset" and name not in fields:
-            raise UserError(f"unknown flag --{name}; valid flags: --preset, " + ", ".join(f"--{n}" for n in fields))
+        if (name != "preset" or not presets) and name not in fields:
+            valid = (["preset"] if presets else []) + list(fields)
+            raise UserError(f"unknown flag --{name}; valid flags: " + ", ".join(f"--{n}" for n in valid))
         given[name] = text if eq else "true"
     values = {}
     preset = given.pop("preset", None)

@@ -795,3 +795,8 @@ class Demo:
 def test_bad_flags_name_the_fix(argv, message):
     with pytest.raises(UserError, match=re.escape(message)):
         common.parse_config(Demo, argv, presets={"small": {"steps": 1}})
+
+
+def test_a_script_without_presets_neither_takes_nor_lists_one():
+    with pytest.raises(UserError, match=re.escape("unknown flag --preset; valid flags: --steps, --lr, --name, --fast")):
+        common.parse_config(Demo, ["--preset=small"])
