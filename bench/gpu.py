@@ -14,6 +14,7 @@
 Without a GPU the same run is dry: the Triton kernels through the interpreter, tiny
 shapes, `torch.compile` with its eager backend, the journey at toy size (PRESET=smoke), and the file
 goes to --out, never over the committed GPU results. tests/test_gpu_bench.py runs it so CI keeps it working.
+--only=training,journey reruns a part (on a GPU into bench/RESULTS-gpu-partial.md), when GPU minutes are short.
 """
 import datetime
 import itertools
@@ -56,8 +57,8 @@ TEST_FILES = ["tests/test_attention.py", "tests/test_cross_entropy.py", "tests/t
 @dataclass
 class Config:
     out: str = "out/gpu"               # scratch (the journey's copy, logs); a dry run's RESULTS-dry.md goes here
-    tests: bool = True                 # run the kernel and model tests
-    journey: bool = True               # run the TinyWorld journey
+    only: str = ""                     # sections to run, comma-separated: tests, attention, cross_entropy, training,
+                                       # journey (empty: all; a partial GPU run writes RESULTS-gpu-partial.md)
     journey_timeout: int = 300         # seconds before the journey is stopped and reported as over time
 
 
@@ -275,7 +276,15 @@ def main(cfg):
     # on a GPU the dispatch's own choice (Triton on CUDA tensors); dry, the Triton code itself through the interpreter
     os.environ["KERNELS"] = "triton" if dry else "auto"
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
-    results = Path(cfg.out) / "RESULTS-dry.md" if dry else ROOT / "bench" / "RESULTS-gpu.md"
+    names = {"tests": partial(run_tests, dry), "attention": partial(attention_section, device, dry),
+             "cross_entropy": partial(cross_entropy_section, device, dry),
+             "training": partial(training_section, device, dry), "journey": partial(run_journey, cfg, dry)}
+    chosen = [n.strip() for n in cfg.only.split(",") if n.strip()] or list(names)
+    if set(chosen) - set(names):
+        raise common.UserError(f"--only={cfg.only}: sections are {', '.join(names)}")
+    partial_run = len(chosen) < len(names)
+    results = (Path(cfg.out) / "RESULTS-dry.md" if dry else
+               ROOT / "bench" / ("RESULTS-gpu-partial.md" if partial_run else "RESULTS-gpu.md"))
     started = time.time()
     parts = [
         "# make gpu: the single-GPU path" + (" (dry run, CPU: plumbing only, no figure here is a GPU's)" if dry else ""),
@@ -286,9 +295,7 @@ def main(cfg):
         f"- date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}",
         "- command: `make gpu` (`python3 bench/gpu.py`); times are medians (CUDA events on a GPU, wall clock on a CPU)",
     ]
-    sections = ([partial(run_tests, dry)] if cfg.tests else []) + [
-        partial(attention_section, device, dry), partial(cross_entropy_section, device, dry),
-        partial(training_section, device, dry)] + ([partial(run_journey, cfg, dry)] if cfg.journey else [])
+    sections = [names[n] for n in names if n in chosen]
     summary = []
     for section in sections:
         t0 = time.time()
