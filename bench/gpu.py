@@ -21,6 +21,7 @@ import itertools
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -59,23 +60,39 @@ class Config:
     out: str = "out/gpu"               # scratch (the journey's copy, logs); a dry run's RESULTS-dry.md goes here
     only: str = ""                     # sections to run, comma-separated: tests, attention, cross_entropy, training,
                                        # journey (empty: all; a partial GPU run writes RESULTS-gpu-partial.md)
-    journey_timeout: int = 300         # seconds before the journey is stopped and reported as over time
+    tests_timeout: int = 240           # seconds before the tests are stopped (an empty Triton cache compiles a lot)
+    journey_timeout: int = 240         # seconds before the journey is stopped and reported as over time
 
 
 # ----------------------------------------------------------------------------- 1. the tests
 
-def run_tests(dry):
+def run_tests(cfg, dry):
     """pytest on the kernel and model tests; (title, header, rows, summary line)."""
     t0 = time.time()
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *TEST_FILES], cwd=ROOT,
-                       capture_output=True, text=True, env=clean_env())
-    lines = r.stdout.strip().splitlines() or ["(no output)"]
+    log = Path(cfg.out) / "tests.log"
+    rc = run_logged([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *TEST_FILES], log,
+                    cfg.tests_timeout, cwd=ROOT)
+    lines = log.read_text().strip().splitlines() or ["(no output)"]
     failed = [line.split(" - ")[0] for line in lines if line.startswith(("FAILED", "ERROR"))]
-    result = lines[-1].strip("= ")
+    result = f"stopped after {cfg.tests_timeout} s" if rc is None else lines[-1].strip("= ")
     rows = [[" ".join(TEST_FILES), "compiled on the GPU" if not dry else "Triton interpreter, CPU",
              result, f"{time.time() - t0:.0f}"]] + [["", "", f, ""] for f in failed]
     return ("The kernel and model tests", ["files", "kernels", "result", "seconds"], rows,
-            f"tests: {result}" + ("" if r.returncode == 0 else " (FAILED)"))
+            f"tests: {result}" + ("" if rc == 0 else f" (FAILED, see {log})"))
+
+
+def run_logged(cmd, log, timeout, cwd=None):
+    """cmd's exit code, its output in log; None if it ran past timeout, and then it and every process it
+    started (its own process group) are stopped, so none keeps the GPU busy after us."""
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=cwd, env=clean_env(),
+                                start_new_session=True)
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return None
 
 
 # ----------------------------------------------------------------------------- 2. benchmarks
@@ -169,9 +186,8 @@ def training_section(device, dry):
     gpt = GPT(cfg).to(device)
     opt = gpt.configure_optimizer(1e-4, 0.1)
     x, y = (torch.randint(0, cfg.vocab_size, (batch, cfg.block_size), device=device) for _ in range(2))
-    n_params = sum(p.numel() for p in gpt.parameters())
-    # 6 flops per parameter per token (forward and backward), plus attention's scores and weighted sums
-    flops_per_token = 6 * n_params + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+    n_params = gpt.num_params()
+    flops_per_token = gpt.flops_per_token(cfg.block_size)  # 6 per parameter per token, plus attention's
     peak = common.peak_flops(device.type)  # a GPU's bf16 data sheet; a CPU's own large fp32 matmul, measured now
     seconds, backend, failed, mode = {}, {}, {}, os.environ["KERNELS"]
     for is_compiled in (False, True):
@@ -245,17 +261,12 @@ def run_journey(cfg, dry):
     log = Path(cfg.out) / "journey.log"
     print(f"journey: {' '.join(cmd)} (log: {log})", flush=True)
     t0 = time.time()
-    with open(log, "w") as f:
-        try:
-            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=cfg.journey_timeout,
-                                env=clean_env()).returncode
-        except subprocess.TimeoutExpired:
-            rc = "timeout"
+    rc = run_logged(cmd, log, cfg.journey_timeout)
     seconds = time.time() - t0
     report = work / "out" / "report.md"
     if rc != 0 or not report.is_file():
         tail = log.read_text().strip().splitlines()[-5:]
-        what = f"stopped after {cfg.journey_timeout} s" if rc == "timeout" else f"failed (exit {rc})"
+        what = f"stopped after {cfg.journey_timeout} s" if rc is None else f"failed (exit {rc})"
         return "The TinyWorld journey", [what], [[line] for line in tail], f"journey: {what}, see {log}"
     lines = report.read_text().splitlines()
     first = next(i for i, line in enumerate(lines) if line.startswith("|"))
@@ -276,7 +287,7 @@ def main(cfg):
     # on a GPU the dispatch's own choice (Triton on CUDA tensors); dry, the Triton code itself through the interpreter
     os.environ["KERNELS"] = "triton" if dry else "auto"
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
-    names = {"tests": partial(run_tests, dry), "attention": partial(attention_section, device, dry),
+    names = {"tests": partial(run_tests, cfg, dry), "attention": partial(attention_section, device, dry),
              "cross_entropy": partial(cross_entropy_section, device, dry),
              "training": partial(training_section, device, dry), "journey": partial(run_journey, cfg, dry)}
     chosen = [n.strip() for n in cfg.only.split(",") if n.strip()] or list(names)
@@ -309,6 +320,7 @@ def main(cfg):
         print(f"\n## {title}\n\n{table}\n({time.time() - t0:.0f} s)", flush=True)
         parts += ["", f"## {title}", "", table]
         summary.append(line)
+        results.write_text("\n".join(parts + [""]))  # after every section: a run stopped later keeps these
     parts += ["", f"Wall time: {time.time() - started:.0f} s", ""]
     results.write_text("\n".join(parts))
     print(f"\nmake gpu{' (dry run, CPU)' if dry else ''} on {device_name(device)} in {time.time() - started:.0f} s:")
