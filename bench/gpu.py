@@ -40,6 +40,7 @@ except ImportError:  # make gpu takes python3 where there is no .venv: say what 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 CUDA = torch.cuda.is_available()
+DRY = not CUDA  # without a GPU, the dry run: tiny shapes, Triton's interpreter, the toy journey
 START_ENV = {k: os.environ[k] for k in ("KERNELS", "TRITON_INTERPRET") if k in os.environ}
 if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: the kernels run on CPU tensors
@@ -48,9 +49,9 @@ import torch.nn.functional as F  # noqa: E402
 import common  # noqa: E402
 import kernels  # noqa: E402
 import model as model_module  # noqa: E402
-from measure import device_name, fmt, fwd_bwd, markdown_table, peak_extra_mb, time_ms  # noqa: E402
+from measure import device_name, fmt, fwd_bwd, markdown_table, peak_extra_mb, time_ms, triton_version  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
-from train_step import PLAIN  # noqa: E402
+from train_step import PLAIN, step_time  # noqa: E402
 
 TEST_FILES = ["tests/test_attention.py", "tests/test_cross_entropy.py", "tests/test_model.py"]
 
@@ -66,7 +67,7 @@ class Config:
 
 # ----------------------------------------------------------------------------- 1. the tests
 
-def run_tests(cfg, dry):
+def run_tests(cfg):
     """pytest on the kernel and model tests; (title, header, rows, summary line)."""
     t0 = time.time()
     log = Path(cfg.out) / "tests.log"
@@ -75,7 +76,7 @@ def run_tests(cfg, dry):
     lines = log.read_text().strip().splitlines() or ["(no output)"]
     failed = [line.split(" - ")[0] for line in lines if line.startswith(("FAILED", "ERROR"))]
     result = f"stopped after {cfg.tests_timeout} s" if rc is None else lines[-1].strip("= ")
-    rows = [[" ".join(TEST_FILES), "compiled on the GPU" if not dry else "Triton interpreter, CPU",
+    rows = [[" ".join(TEST_FILES), "compiled on the GPU" if not DRY else "Triton interpreter, CPU",
              result, f"{time.time() - t0:.0f}"]] + [["", "", f, ""] for f in failed]
     return ("The kernel and model tests", ["files", "kernels", "result", "seconds"], rows,
             f"tests: {result}" + ("" if rc == 0 else f" (FAILED, see {log})"))
@@ -97,12 +98,12 @@ def run_logged(cmd, log, timeout, cwd=None):
 
 # ----------------------------------------------------------------------------- 2. benchmarks
 
-def attention_section(device, dry):
+def attention_section(device):
     """Causal attention, ours (Triton) against SDPA's flash backend, forward and forward+backward."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    B, H, dtype = (1, 1, torch.float32) if dry else (4, 16, torch.bfloat16)
-    shapes = [(16, 16), (32, 32)] if dry else [(T, D) for T in (1024, 2048, 4096, 8192) for D in (64, 128)]
-    reps = 1 if dry else 10
+    B, H, dtype = (1, 1, torch.float32) if DRY else (4, 16, torch.bfloat16)
+    shapes = [(16, 16), (32, 32)] if DRY else [(T, D) for T in (1024, 2048, 4096, 8192) for D in (64, 128)]
+    reps = 1 if DRY else 10
 
     def sdpa_flash(q, k, v):
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
@@ -133,16 +134,16 @@ def attention_section(device, dry):
     return title, header, rows, f"attention fwd+bwd: {min(speedups):.2f}x to {max(speedups):.2f}x SDPA flash"
 
 
-def compiled(fn, dry):
+def compiled(fn):
     # a dry run checks the plumbing: the eager backend traces the same graph without inductor's minutes of codegen
-    return torch.compile(fn, backend="eager" if dry else "inductor", dynamic=False)
+    return torch.compile(fn, backend="eager" if DRY else "inductor", dynamic=False)
 
 
-def cross_entropy_section(device, dry):
+def cross_entropy_section(device):
     """Cross-entropy forward+backward on given logits, and the linear one against materialised logits."""
-    N, C, dtype = (4, 16, torch.float32) if dry else (16384, 768, torch.bfloat16)
-    rows, ratios, reps = [], [], 1 if dry else 10
-    for V in ((100, 300) if dry else (50257, 128256)):
+    N, C, dtype = (4, 16, torch.float32) if DRY else (16384, 768, torch.bfloat16)
+    rows, ratios, reps = [], [], 1 if DRY else 10
+    for V in ((100, 300) if DRY else (50257, 128256)):
         logits = torch.randn(N, V, device=device, dtype=dtype, requires_grad=True)
         targets = torch.randint(0, V, (N,), device=device)
         hidden = torch.randn(N, C, device=device, dtype=dtype, requires_grad=True)
@@ -156,7 +157,7 @@ def cross_entropy_section(device, dry):
         eager = lambda x: F.cross_entropy(x, targets)  # noqa: E731
         cases = [  # name, fn, inputs
             ("F.cross_entropy, eager", eager, (logits,)),
-            ("F.cross_entropy, torch.compile", compiled(eager, dry), (logits,)),
+            ("F.cross_entropy, torch.compile", compiled(eager), (logits,)),
             ("kernels.cross_entropy (ours)", ours, (logits,)),
             ("F.cross_entropy(hidden @ weight.T)", lambda h, w: F.cross_entropy(h @ w.T, targets), (hidden, weight)),
             (f"kernels.linear_cross_entropy (ours, chunks of {N // 4})",
@@ -176,9 +177,9 @@ def cross_entropy_section(device, dry):
     return title, ["V", "op", "ms", "peak extra MiB"], rows, summary
 
 
-def training_section(device, dry):
+def training_section(device):
     """GPT-2 small (124M, T=1024, bf16) training steps: ours against SDPA + F.cross_entropy, eager and compiled."""
-    if dry:
+    if DRY:
         cfg, batch, steps = GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=1, n_embd=16), 1, 1
     else:
         cfg, batch, steps = GPTConfig(vocab_size=50304, block_size=1024, n_layer=12, n_head=12, n_embd=768), 16, 10
@@ -194,10 +195,10 @@ def training_section(device, dry):
         for name in ("ours", "plain"):
             model_module.kernels = kernels if name == "ours" else PLAIN
             # dry, torch.compile would trace Triton's interpreter itself: the compiled rows take the torch path
-            os.environ["KERNELS"] = "torch" if dry and is_compiled else mode
+            os.environ["KERNELS"] = "torch" if DRY and is_compiled else mode
             try:
-                seconds[name, is_compiled] = step_seconds(compiled(gpt, dry) if is_compiled else gpt, opt, x, y,
-                                                          device, steps)
+                seconds[name, is_compiled] = step_time(compiled(gpt) if is_compiled else gpt, opt, x, y, device.type,
+                                                       steps, warmup=min(steps, 2))
             except Exception as e:  # a compile that fails is a finding; the other rows still get measured
                 failed[name, is_compiled] = f"failed: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
             finally:
@@ -226,38 +227,18 @@ def training_section(device, dry):
     return title, ["model", "mode", "ms/step", "tokens/s", "MFU", "speed vs plain"], rows, summary
 
 
-def step_seconds(fwd, opt, x, y, device, steps):
-    """Seconds per optimizer step (forward, backward, AdamW) after two warm-up steps (compilation happens there)."""
-    def one():
-        with common.autocast(device.type):
-            loss = fwd(x, y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    for _ in range(min(steps, 2)):
-        one()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        one()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / steps
-
-
 # ----------------------------------------------------------------------------- 3. the journey
 
 SKIP_COPY = shutil.ignore_patterns(".git", ".venv", "out", "tinyworld", "real", "__pycache__", ".pytest_cache",
                                    ".hypothesis", "tests", "bench")
 
 
-def run_journey(cfg, dry):
+def run_journey(cfg):
     """`make demo` (PRESET=smoke when dry) in a fresh copy of the repository under --out; the report's table."""
     work = Path(cfg.out) / "journey"
     shutil.rmtree(work, ignore_errors=True)
     shutil.copytree(ROOT, work, ignore=SKIP_COPY)
-    cmd = ["make", "-C", str(work), "demo", f"PY={sys.executable}"] + (["PRESET=smoke"] if dry else [])
+    cmd = ["make", "-C", str(work), "demo", f"PY={sys.executable}"] + (["PRESET=smoke"] if DRY else [])
     log = Path(cfg.out) / "journey.log"
     print(f"journey: {' '.join(cmd)} (log: {log})", flush=True)
     t0 = time.time()
@@ -275,32 +256,31 @@ def run_journey(cfg, dry):
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in table[2:]]
     grpo = next((r for r in rows if r[0].startswith("4 GRPO")), None)
     math = f", GRPO's math {grpo[header.index('math')]}" if grpo and "math" in header else ""
-    title = f"The TinyWorld journey, {'toy size (PRESET=smoke)' if dry else 'GPU size'}: make demo in {seconds:.0f} s"
+    title = f"The TinyWorld journey, {'toy size (PRESET=smoke)' if DRY else 'GPU size'}: make demo in {seconds:.0f} s"
     return title, header, rows, f"journey: {seconds:.0f} s{math}"
 
 
 # ----------------------------------------------------------------------------- 4. the report
 
 def main(cfg):
-    dry = not CUDA
     device = torch.device("cuda" if CUDA else "cpu")
     # on a GPU the dispatch's own choice (Triton on CUDA tensors); dry, the Triton code itself through the interpreter
-    os.environ["KERNELS"] = "triton" if dry else "auto"
+    os.environ["KERNELS"] = "triton" if DRY else "auto"
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
-    names = {"tests": partial(run_tests, cfg, dry), "attention": partial(attention_section, device, dry),
-             "cross_entropy": partial(cross_entropy_section, device, dry),
-             "training": partial(training_section, device, dry), "journey": partial(run_journey, cfg, dry)}
+    names = {"tests": partial(run_tests, cfg), "attention": partial(attention_section, device),
+             "cross_entropy": partial(cross_entropy_section, device), "training": partial(training_section, device),
+             "journey": partial(run_journey, cfg)}
     chosen = [n.strip() for n in cfg.only.split(",") if n.strip()] or list(names)
     if set(chosen) - set(names):
         raise common.UserError(f"--only={cfg.only}: sections are {', '.join(names)}")
     partial_run = len(chosen) < len(names)
-    results = (Path(cfg.out) / "RESULTS-dry.md" if dry else
+    results = (Path(cfg.out) / "RESULTS-dry.md" if DRY else
                ROOT / "bench" / ("RESULTS-gpu-partial.md" if partial_run else "RESULTS-gpu.md"))
     started = time.time()
     parts = [
-        "# make gpu: the single-GPU path" + (" (dry run, CPU: plumbing only, no figure here is a GPU's)" if dry else ""),
+        "# make gpu: the single-GPU path" + (" (dry run, CPU: plumbing only, no figure here is a GPU's)" if DRY else ""),
         "",
-        f"- device: {device_name(device)}" + (", dry run, CPU" if dry else ""),
+        f"- device: {device_name(device)}" + (", dry run, CPU" if DRY else ""),
         f"- driver: {driver_version()}; torch {torch.__version__}, triton {triton_version()}, "
         f"Python {platform.python_version()}",
         f"- date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}",
@@ -323,7 +303,7 @@ def main(cfg):
         results.write_text("\n".join(parts + [""]))  # after every section: a run stopped later keeps these
     parts += ["", f"Wall time: {time.time() - started:.0f} s", ""]
     results.write_text("\n".join(parts))
-    print(f"\nmake gpu{' (dry run, CPU)' if dry else ''} on {device_name(device)} in {time.time() - started:.0f} s:")
+    print(f"\nmake gpu{' (dry run, CPU)' if DRY else ''} on {device_name(device)} in {time.time() - started:.0f} s:")
     for line in summary:
         print("  " + line)
     print(f"wrote {results}")
@@ -344,14 +324,6 @@ def driver_version():
                               capture_output=True, text=True).stdout.strip() or "?"
     except OSError:
         return "?"
-
-
-def triton_version():
-    try:
-        import triton
-        return triton.__version__
-    except ImportError:
-        return "not installed"
 
 
 if __name__ == "__main__":

@@ -20,17 +20,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ["KERNELS"] = "auto"  # measure the dispatch's own choice: Triton on CUDA tensors, PyTorch elsewhere
 import kernels  # noqa: E402
-from measure import device_name, fmt, fwd_bwd, markdown_table, time_ms  # noqa: E402  (bench/ is on sys.path)
+from measure import device_name, fmt, fwd_bwd, markdown_table, time_ms, triton_version  # noqa: E402  (bench/ is on sys.path)
 from demo_times import bench_demo_times  # noqa: E402
 from sampling import bench_sampling  # noqa: E402
 from train_step import bench_train_step  # noqa: E402
-
-try:
-    import triton
-    TRITON_VERSION = triton.__version__
-except ImportError:
-    TRITON_VERSION = "not installed"
-
 
 # ----------------------------------------------------------------------------- CPU: the dispatch costs nothing
 
@@ -77,7 +70,7 @@ def main():
     # each section returns (title, header, rows); the model's training-step comparison joins these lists
     if device.type == "cuda":  # make gpu's measures of the kernels, and its own file: bench/RESULTS-gpu.md
         from gpu import attention_section, cross_entropy_section
-        sections = [lambda d: attention_section(d, dry=False)[:3], lambda d: cross_entropy_section(d, dry=False)[:3]]
+        sections = [lambda d: attention_section(d)[:3], lambda d: cross_entropy_section(d)[:3]]
     else:
         sections = [cpu_dispatch]
     sections += [bench_train_step, bench_sampling]
@@ -86,7 +79,7 @@ def main():
         "# Kernel benchmarks",
         "",
         f"- device: {device_name(device)}",
-        f"- torch {torch.__version__}, triton {TRITON_VERSION}, Python {platform.python_version()}",
+        f"- torch {torch.__version__}, triton {triton_version()}, Python {platform.python_version()}",
         f"- date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}",
         "- command: `.venv/bin/python bench/kernels.py`; times are medians (CUDA events on a GPU, wall clock on a CPU)",
     ]

@@ -71,3 +71,11 @@ def device_name(device):
     except (OSError, StopIteration):
         pass
     return f"CPU: {cpu}, {torch.get_num_threads()} threads"
+
+
+def triton_version():
+    try:
+        import triton
+        return triton.__version__
+    except ImportError:
+        return "not installed"

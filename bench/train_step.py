@@ -27,15 +27,16 @@ PLAIN = types.SimpleNamespace(
 )
 
 
-def step_time(gpt, opt, x, y, device, steps):
-    """Seconds per optimizer step (forward, backward, AdamW), after one warm-up step."""
+def step_time(gpt, opt, x, y, device, steps, warmup=1):
+    """Seconds per optimizer step (forward, backward, AdamW), after warm-up steps (where a compile happens)."""
     def one():
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
             loss = gpt(x, y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    one()
+    for _ in range(warmup):
+        one()
     if device == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
