@@ -185,16 +185,21 @@ def save_checkpoint(path, ckpt):
 
 def load_checkpoint(path, stages=None, made_by=None):
     """Load a checkpoint without unpickling code (weights_only=True); check its stage is one of `stages`.
-    `made_by` names the command that writes it, for the error when it is missing."""
+    `made_by` names the command that writes it, for the error when it is missing. A Hugging Face
+    model directory (or a GPT-2 name on the hub) is read as a checkpoint too: see hf.py."""
     path = Path(path)
     if not path.is_file():
-        hint = f": run `{made_by}` first" if made_by else ""
-        raise UserError(f"no checkpoint at {path}{hint}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"{path} is not a checkpoint this project can load safely ({type(e).__name__}); "
-                        "use a ckpt.pt written by one of the train_*.py scripts") from None
+        import hf  # only when asked for: it reads formats the stages' own checkpoints do not need
+        if not hf.is_model_dir(path):
+            hint = f": run `{made_by}` first" if made_by else ""
+            raise UserError(f"no checkpoint at {path}{hint}")
+        ckpt = hf.load(path)
+    else:
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise UserError(f"{path} is not a checkpoint this project can load safely ({type(e).__name__}); "
+                            "use a ckpt.pt written by one of the train_*.py scripts") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "stage" not in ckpt:
         raise UserError(f"{path} is not a checkpoint written by one of the train_*.py scripts")
     if stages and ckpt["stage"] not in stages:

@@ -258,17 +258,19 @@ class GPT(nn.Module):
         return results
 
     @classmethod
-    def from_gpt2(cls, state_dict):
+    def from_gpt2(cls, state_dict, n_head=None):
         """A GPT from a Hugging Face GPT-2 state dict, e.g. GPT2LMHeadModel.from_pretrained("gpt2").state_dict().
 
-        The config comes from the shapes (GPT-2's heads are 64 wide). GPT-2 stores its Linear layers
-        as Conv1D, whose weights are the transpose of nn.Linear's.
+        The config comes from the shapes, and n_head from the model's config.json (GPT-2's own heads
+        are 64 wide, the default). GPT-2 stores its Linear layers as Conv1D, whose weights are the
+        transpose of nn.Linear's. Keys may lack the "transformer." prefix, as the hub's files do.
         """
-        sd = {k: v for k, v in state_dict.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+        sd = {(k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k): v
+              for k, v in state_dict.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
         V, C = sd["transformer.wte.weight"].shape
         n_layer = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("transformer.h."))
         cfg = GPTConfig(vocab_size=V, block_size=sd["transformer.wpe.weight"].shape[0],
-                        n_layer=n_layer, n_head=C // 64, n_embd=C, bias=True)
+                        n_layer=n_layer, n_head=n_head or C // 64, n_embd=C, bias=True)
         model = cls(cfg)
         ours = model.state_dict()
         conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -281,6 +283,9 @@ class GPT(nn.Module):
             if v.shape != ours[k].shape:
                 raise ValueError(f"{k}: shape {tuple(v.shape)} does not fit {tuple(ours[k].shape)}")
             ours[k].copy_(v)
+        missing = set(ours) - set(sd) - {"lm_head.weight"}
+        if missing:
+            raise KeyError(f"the GPT-2 state dict lacks {min(missing)}")
         return model
 
 

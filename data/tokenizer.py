@@ -33,7 +33,7 @@ from pathlib import Path
 import regex
 import tiktoken
 
-from data import UserError, run_main, write_atomic
+from data import UserError, hf_tokenizer, run_main, write_atomic
 
 # GPT-4's split pattern, but for numbers: contractions; a letter run with at most one leading
 # non-letter (so " the" and "(the" are chunks); 1-3 digits with an optional leading space, as GPT-2
@@ -233,10 +233,19 @@ def load_ranks(path) -> dict[bytes, int]:
 
 
 def load_tokenizer(path_or_name="out/tokenizer") -> Tokenizer:
-    """A tokenizer directory written by save_tokenizer, or "gpt2" (tiktoken's, plus our chat tokens)."""
+    """A tokenizer directory written by save_tokenizer, a Hugging Face one (vocab.json and merges.txt,
+    or tokenizer.json), or "gpt2" (tiktoken's); our chat tokens are added where they are missing."""
     if str(path_or_name) == "gpt2":
         return load_gpt2()
     path = Path(path_or_name)
+    if not (path / "tokenizer.bpe").is_file() and hf_tokenizer.is_hf_tokenizer(path):
+        pattern, ranks, special = hf_tokenizer.read(path)
+        try:
+            encoding = tiktoken.Encoding(name=f"hf-{path.name}", pat_str=pattern, mergeable_ranks=ranks,
+                                         special_tokens=with_chat_tokens(special))
+        except ValueError as e:
+            raise UserError(f"{path}: tiktoken cannot use this tokenizer ({e})") from None
+        return Tokenizer(encoding, str(path))
     if not (path / "tokenizer.bpe").is_file() or not (path / "tokenizer.json").is_file():
         raise UserError(f"no tokenizer in {path}: make one with `python -m data.tokenizer --out={path}`")
     meta = json.loads((path / "tokenizer.json").read_text())
@@ -258,14 +267,18 @@ def load_gpt2() -> Tokenizer:
             f"cannot fetch tiktoken's gpt2 encoding ({type(e).__name__}); use a trained tokenizer "
             f"directory instead: `python -m data.tokenizer --out=out/tokenizer`, then --tokenizer=out/tokenizer"
         ) from None
-    special = dict(base._special_tokens)
+    encoding = tiktoken.Encoding(name="gpt2-chat", pat_str=base._pat_str, mergeable_ranks=base._mergeable_ranks,
+                                 special_tokens=with_chat_tokens(base._special_tokens))
+    return Tokenizer(encoding, "gpt2")
+
+
+def with_chat_tokens(special: dict[str, int]) -> dict[str, int]:
+    """The special tokens, plus ours that are missing, numbered after the largest id."""
+    special = dict(special)
     for tok in SPECIAL_TOKENS:
         if tok not in special:
-            special[tok] = max(special.values()) + 1
-    encoding = tiktoken.Encoding(
-        name="gpt2-chat", pat_str=base._pat_str, mergeable_ranks=base._mergeable_ranks, special_tokens=special
-    )
-    return Tokenizer(encoding, "gpt2")
+            special[tok] = max(special.values(), default=-1) + 1
+    return special
 
 
 # ----------------------------------------------------------------------------------------------
