@@ -30,8 +30,9 @@ from model import GPT, GPTConfig
 class Config:
     data: str = "data/tinyworld/corpus_train.txt"   # training text, documents separated by blank lines
     val_data: str = "data/tinyworld/corpus_val.txt"  # validation text, same format
-    tokenizer: str = "out/tokenizer"   # a directory from `python -m data.tokenizer`, or gpt2
-    init: str = "scratch"              # scratch, or a pretrain checkpoint to continue from
+    tokenizer: str = ""                # a directory from `python -m data.tokenizer`, or gpt2; default:
+                                       # out/tokenizer, or the one the --init checkpoint was trained with
+    init: str = "scratch"              # scratch, a pretrain checkpoint to continue from, or a GPT-2 directory
     out: str = "out/pretrain"          # where ckpt.pt, log.jsonl and metrics.json go
     resume: bool = False               # continue exactly from out/ckpt.pt (optimizer, step, RNG)
     n_layer: int = 4                   # transformer blocks
@@ -176,17 +177,18 @@ def main(cfg):
             raise UserError(f"--eval_facts measures TinyWorld's facts, but {Path(cfg.data).parent} holds no TinyWorld "
                             "(meta.json): pass --eval_facts=false for another corpus")
         facts_of = tinyworld.load_world(Path(cfg.data).parent)
-    tok = load_tokenizer(cfg.tokenizer)
 
     # the model: fresh, continued from a pre-training checkpoint, or resumed exactly
-    model_cfg = GPTConfig(vocab_size=tok.n_vocab, block_size=cfg.block_size, n_layer=cfg.n_layer,
-                          n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, rope=cfg.rope)
     torch.manual_seed(cfg.seed)
     ckpt = None
     if cfg.resume:
         ckpt = common.load_checkpoint(ckpt_path, ["pretrain"], made_by="python train_pretrain.py")
     elif cfg.init != "scratch":
         ckpt = common.load_checkpoint(cfg.init, ["pretrain"], made_by="python train_pretrain.py")
+    tokenizer = cfg.tokenizer or (ckpt["tokenizer"] if ckpt else "out/tokenizer")
+    tok = load_tokenizer(tokenizer)
+    model_cfg = GPTConfig(vocab_size=tok.n_vocab, block_size=cfg.block_size, n_layer=cfg.n_layer,
+                          n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, rope=cfg.rope)
     model = GPT(model_cfg) if ckpt is None else common.gpt_from_checkpoint(ckpt, tok)
     model_cfg = model.config
     if cfg.block_size > model_cfg.block_size:
@@ -207,7 +209,7 @@ def main(cfg):
     def save(step, val_loss):
         if common.is_master():
             common.save_checkpoint(ckpt_path, common.training_checkpoint(
-                "pretrain", raw_model, optimizer, step, cfg, cfg.tokenizer, data_gen,
+                "pretrain", raw_model, optimizer, step, cfg, tokenizer, data_gen,
                 val_loss=val_loss, val_loss_init=first_val, tokenizer_fingerprint=tok.fingerprint))
 
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.block_size
