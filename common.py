@@ -1,20 +1,16 @@
-"""What every training script shares, and nothing more: the command line, the device, DDP,
-checkpoints, the learning-rate schedule, logging, and one way to report a user's mistake."""
+"""What every script shares, and nothing more: the command line, the device, DDP, checkpoints, and one
+way to report a user's mistake. A training run's skeleton (the loop, the log) is in run.py."""
 import dataclasses
 import inspect
-import json
 import math
 import os
 import re
-import signal
 import sys
-import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 # ----------------------------------------------------------------------------- user errors
 
@@ -239,84 +235,6 @@ def gpt_from_checkpoint(ckpt, tok=None, value_head=False, reward=False, **overri
     return model
 
 
-def start_training(model, cfg, device, world, ckpt=None):
-    """What every training loop starts from: AdamW over the model, the generator that orders the data,
-    and the step; all restored exactly from ckpt under --resume. Returns (model to call, optimizer,
-    data generator, step): the model to call is compiled and DDP-wrapped as the config asks."""
-    optimizer = model.configure_optimizer(cfg.lr, cfg.weight_decay)
-    data_gen = torch.Generator().manual_seed(cfg.seed)
-    step = 0
-    if cfg.resume:
-        try:
-            optimizer.load_state_dict(ckpt["optimizer"])
-        except ValueError as e:
-            raise UserError(f"--resume: {e}") from None
-        step = ckpt["step"]
-        data_gen.set_state(ckpt["data_rng"])
-        set_rng_state(ckpt["rng"])
-    if cfg.compile:
-        model = torch.compile(model)
-    if world > 1:
-        model = DDP(model, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
-    return model, optimizer, data_gen, step
-
-
-def training_checkpoint(stage, model, optimizer, step, cfg, tokenizer, data_gen, **extra):
-    """The checkpoint every stage writes: enough to rebuild the model, and to resume exactly."""
-    return {"stage": stage, "model_args": dataclasses.asdict(model.config), "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(), "step": step, "config": dataclasses.asdict(cfg),
-            "tokenizer": tokenizer, "data_rng": data_gen.get_state(), "rng": rng_state(), **extra}
-
-
-class StopOnSignal:
-    """Ctrl-C (SIGINT) or SIGTERM (how schedulers and torchrun stop a job) during training: the loop
-    finishes the step it is in, then saves and exits. Stopping mid-step instead would save a data order
-    already advanced past a batch that was never learned, so --resume would not continue exactly.
-
-        with common.StopOnSignal() as stop:
-            while step < end and not stop.requested():
-                ...  # one optimizer step
-        if stop.stopped:
-            ...  # save, say how to resume, exit with stop.exit_code
-
-    There is no second-Ctrl-C escape hatch: torchrun passes the terminal's Ctrl-C on to its workers,
-    so each worker sees it twice. A step is short; kill -9 stops at once, leaving the last checkpoint.
-    """
-
-    def __init__(self):
-        self.signum = None  # the signal this process received, if any
-        self.stopped = False  # whether the loop was told to stop (on every rank alike)
-
-    def __enter__(self):
-        self.previous = {s: signal.signal(s, self._receive) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, *exc):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-    def _receive(self, signum, frame):
-        self.signum = self.signum or signum
-
-    def requested(self):
-        """Whether to stop now. Under DDP every rank must stop at the same step, so they agree first."""
-        self.stopped = all_mean(self.signum is not None) > 0
-        return self.stopped
-
-    @property
-    def exit_code(self):
-        return 128 + (self.signum or signal.SIGINT)  # the shell's convention: 130 for Ctrl-C
-
-
-def check_finite(loss, step, ckpt_path, what="loss"):
-    """Stop training when a loss is NaN or infinite, before weights that produce it can be saved: the
-    checkpoint on disk stays the last good one."""
-    if not math.isfinite(loss):
-        kept = (f"the last good checkpoint is kept in {ckpt_path}: continue from it with --resume and a lower --lr"
-                if Path(ckpt_path).is_file() else "no checkpoint was written: lower --lr")
-        raise UserError(f"the {what} became {loss} at step {step}; {kept} (or check the data)")
-
-
 def require_positive(cfg, *names):
     """Each --name (a count, a size, a rate) must be a positive, finite number: one error line if not."""
     for name in names:
@@ -398,106 +316,3 @@ def score_replies(rm, prompts, replies):
     end = torch.tensor([len(s) - 1 for s in seqs], device=device)
     scores, logp = rm(pad_right(seqs).to(device), start, end)
     return scores, logp, end - start + 1
-
-
-# ----------------------------------------------------------------------------- schedule and logging
-
-
-def lr_at(step, max_lr, min_lr, warmup, total):
-    """Linear warm-up to max_lr over `warmup` steps, then a cosine down to min_lr at `total`."""
-    if step < warmup:
-        return max_lr * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (max_lr - min_lr)
-
-
-def peak_flops(device):
-    """The device's peak FLOP/s for MFU: bf16 dense from the data sheet on known GPUs; on a CPU, the
-    rate this machine reaches on a large fp32 matmul, measured now (so CPU MFU is relative to that)."""
-    if device.startswith("cuda"):
-        name = torch.cuda.get_device_name(device)
-        table = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12, "3090": 71e12}
-        return next((v for k, v in table.items() if k in name), None)
-    if device != "cpu":
-        return None
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-    a @ b
-    t0, n = time.perf_counter(), 0
-    while time.perf_counter() - t0 < 0.3:
-        a @ b
-        n += 1
-    return 2 * 1024**3 * n / (time.perf_counter() - t0)
-
-
-def process_start():
-    """When this process began, imports included (Linux: from /proc); elsewhere, now."""
-    try:
-        ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])  # field 22: starttime
-        uptime = float(open("/proc/uptime").read().split()[0])
-        return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
-    except (OSError, ValueError, IndexError):
-        return time.time()
-
-
-class Logger:
-    """The per-interval line on stdout, every step in out/<stage>/log.jsonl, metrics.json at the end.
-    Only rank 0 writes. It also times the run's phases: start-up (imports, data, model) until the logger
-    exists, then "training" and "evaluation" as the script names them (log.phase); metrics.json gets
-    the seconds of each."""
-
-    def __init__(self, out_dir, stage, total_steps, resume=False, start_step=None):
-        """resume=True appends to log.jsonl; start_step, the step resumed from, first drops the rows an
-        interrupted run wrote after its last checkpoint (the resumed run logs those steps again)."""
-        self.out, self.stage, self.total = Path(out_dir), stage, total_steps
-        self.t0 = time.time()
-        self.seconds, self.current, self.since = {"start-up": self.t0 - process_start()}, "start-up", self.t0
-        self.first_step = None
-        if is_master():
-            self.out.mkdir(parents=True, exist_ok=True)
-            if resume and start_step is not None:
-                self.keep_rows_up_to(start_step)
-            self.file = open(self.out / "log.jsonl", "a" if resume else "w")
-
-    def keep_rows_up_to(self, step):
-        """Rewrite log.jsonl with its rows up to step, so it holds each step once. A line a kill cut
-        short is dropped too."""
-        path = self.out / "log.jsonl"
-        if not path.is_file():
-            return
-        kept = []
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(row, dict) and row.get("step", 0) <= step:
-                kept.append(line + "\n")
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(kept), encoding="utf-8")
-        os.replace(tmp, path)
-
-    def log(self, step, printed=True, **metrics):
-        if not is_master():
-            return
-        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
-        self.file.flush()
-        if printed:
-            if self.first_step is None:
-                self.first_step, self.t0 = step, time.time()
-            done = step - self.first_step
-            eta = f"{(time.time() - self.t0) / done * (self.total - step):.0f}s" if done > 0 else "?"
-            parts = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()]
-            print(f"{self.stage} {step}/{self.total} | " + " | ".join(parts) + f" | eta {eta}", flush=True)
-
-    def phase(self, name):
-        """From now on the time counts as name ("training", "evaluation")."""
-        now = time.time()
-        self.seconds[self.current] = self.seconds.get(self.current, 0.0) + now - self.since
-        self.current, self.since = name, now
-
-    def finish(self, metrics):
-        self.phase("done")
-        if is_master():
-            self.file.close()
-            seconds = {k: round(v, 1) for k, v in self.seconds.items()}
-            (self.out / "metrics.json").write_text(json.dumps({**metrics, "seconds": seconds}, indent=2) + "\n")

@@ -24,9 +24,7 @@ few points more than IPO. The margins stay small there, where the three sigmoid 
 in the size of their gradient ((1 - 2 eps) and 1 / (1 - 2 eps) times the plain one at h = 0): in
 effect a change of learning rate, not yet a defence against noise.
 """
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +34,7 @@ import evals
 from common import UserError, print0
 from data.tinyworld_facts import load_world
 from data.tokenizer import load_tokenizer
+from run import Run
 
 
 @dataclass
@@ -216,29 +215,59 @@ def check_config(cfg):
 
 def main(cfg):
     check_config(cfg)
-    rank, world, device = common.setup_ddp(common.pick_device(cfg.device))
-    if cfg.batch_size % world:
-        raise UserError(f"--batch_size={cfg.batch_size} must be a multiple of the number of processes ({world})")
-    if common.is_master():
-        common.check_writable(cfg.out)
-    ckpt_path = Path(cfg.out) / "ckpt.pt"
+    run = Run("dpo", cfg)
 
     # the policy and the frozen reference: both the SFT model (under --resume, the policy goes on from ours)
-    if cfg.resume:
-        ckpt = common.load_checkpoint(ckpt_path, ["dpo"], made_by="python train_dpo.py")
-        init = ckpt["init"]
-        ref_ckpt = common.load_checkpoint(init, ["sft"], made_by="python train_sft.py")
-    else:
-        init = cfg.init
-        ckpt = ref_ckpt = common.load_checkpoint(init, ["sft"], made_by="python train_sft.py")
+    ckpt = run.resumed()
+    init = ckpt["init"] if ckpt else cfg.init
+    ref_ckpt = common.load_checkpoint(init, ["sft"], made_by="python train_sft.py")
+    ckpt = ckpt or ref_ckpt
     tokenizer = cfg.tokenizer or ckpt["tokenizer"]
     tok = load_tokenizer(tokenizer)
     model = common.gpt_from_checkpoint(ckpt, tok)
-    ref = common.gpt_from_checkpoint(ref_ckpt, tok)
-    ref.to(device).eval().requires_grad_(False)
-    block_size = model.config.block_size
+    ref = common.gpt_from_checkpoint(ref_ckpt, tok).to(run.device).eval().requires_grad_(False)
+    pairs, dropped, test_pairs, questions, rater = load_data(cfg, tok, model.config.block_size)
+    model = run.start(model, ckpt, tok, tokenizer, seed=cfg.seed, unit="pairs/s", keep=lambda: dict(init=init))
+    if run.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(run.device)
 
-    # the data, and everything the final evaluation reads, checked before training
+    metrics = {}
+    for step in run.steps():
+        sums = {}
+        for micro in range(cfg.grad_accum):
+            batch = get_batch(pairs, cfg.batch_size, run.data_gen, run.rank, run.world)
+            run.sync(micro == cfg.grad_accum - 1)
+            pi_chosen, pi_rejected = pair_logprobs(model, batch, run.device)
+            with torch.no_grad():
+                ref_logprobs = pair_logprobs(ref, batch, run.device)
+            loss, stats = dpo_loss(pi_chosen, pi_rejected, *ref_logprobs, cfg.beta, cfg.loss_type, cfg.label_smoothing)
+            (loss / cfg.grad_accum).backward()  # every micro-batch has the same number of pairs
+            for k, v in {"loss": loss, **stats}.items():
+                sums[k] = sums.get(k, 0.0) + v.item() / cfg.grad_accum
+            run.count(len(batch))
+        metrics = {k: common.all_mean(v) for k, v in sums.items()}
+        run.update(metrics["loss"])
+        metrics["lr"] = run.lr
+        if run.due():  # the weights after a step can be broken while its loss (from before it) was fine
+            with torch.no_grad():
+                run.raw.eval()
+                after, _ = dpo_loss(*pair_logprobs(run.raw, batch, run.device), *ref_logprobs, cfg.beta,
+                                    cfg.loss_type, cfg.label_smoothing)
+                run.raw.train()
+            run.check(common.all_mean(after.item()), "loss after the update")
+        run.log(metrics, save=run.due())
+
+    result = {"pairs": len(pairs), "dropped": len(dropped), "final": {k: v for k, v in metrics.items() if k != "pairs/s"}}
+    if common.is_master():
+        result.update(final_evaluation(run.raw, ref, tok, pairs, test_pairs, questions, rater, cfg, run.device))
+        if run.device.startswith("cuda"):
+            result["peak_memory_gb"] = torch.cuda.max_memory_allocated(run.device) / 2**30
+    run.finish(result)
+
+
+def load_data(cfg, tok, block_size):
+    """The training pairs (and those dropped as too long), the held-out pairs and questions, and the
+    world the gold rater knows: everything the final evaluation reads, checked before training."""
     context = block_size + 1
     pairs, dropped = load_pairs(cfg.data, tok, block_size)
     if not pairs and not dropped:
@@ -256,88 +285,7 @@ def main(cfg):
     print0(f"dpo: {len(pairs):,} pairs from {cfg.data}, {len(dropped)} dropped as longer than the context "
            f"({context} tokens{first}); {len(test_pairs)} held out; {cfg.loss_type} loss, beta {cfg.beta}"
            + (f", label smoothing {cfg.label_smoothing}" if cfg.label_smoothing else ""))
-
-    torch.manual_seed(cfg.seed)
-    raw_model = model.to(device)
-    model, optimizer, data_gen, step = common.start_training(raw_model, cfg, device, world, ckpt)
-
-    def save(step):
-        if common.is_master():
-            common.save_checkpoint(ckpt_path, common.training_checkpoint(
-                "dpo", raw_model, optimizer, step, cfg, tokenizer, data_gen, init=init,
-                tokenizer_fingerprint=tok.fingerprint))
-
-    log = common.Logger(cfg.out, "dpo", cfg.max_steps, resume=cfg.resume, start_step=step)
-    end = cfg.stop_at if 0 < cfg.stop_at < cfg.max_steps else cfg.max_steps
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats(device)
-    log.phase("training")
-    t_start = t_last = time.time()
-    metrics, pairs_since = {}, 0
-    with common.StopOnSignal() as stop:
-        while step < end and not stop.requested():
-            lr = common.lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            sums = {}
-            for micro in range(cfg.grad_accum):
-                batch = get_batch(pairs, cfg.batch_size, data_gen, rank, world)
-                if world > 1:
-                    model.require_backward_grad_sync = micro == cfg.grad_accum - 1  # all-reduce once per step
-                pi_chosen, pi_rejected = pair_logprobs(model, batch, device)
-                with torch.no_grad():
-                    ref_logprobs = pair_logprobs(ref, batch, device)
-                loss, stats = dpo_loss(pi_chosen, pi_rejected, *ref_logprobs, cfg.beta, cfg.loss_type,
-                                       cfg.label_smoothing)
-                (loss / cfg.grad_accum).backward()  # every micro-batch has the same number of pairs
-                for k, v in {"loss": loss, **stats}.items():
-                    sums[k] = sums.get(k, 0.0) + v.item() / cfg.grad_accum
-                pairs_since += len(batch)
-            metrics = {k: common.all_mean(v) for k, v in sums.items()}
-            common.check_finite(metrics["loss"], step + 1, ckpt_path)
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            metrics["lr"] = lr
-            checkpoint = step % cfg.eval_every == 0 or step == cfg.max_steps
-            if checkpoint:  # the weights after a step can be broken while its loss (from before it) was fine
-                with torch.no_grad():
-                    raw_model.eval()
-                    after, _ = dpo_loss(*pair_logprobs(raw_model, batch, device), *ref_logprobs, cfg.beta,
-                                        cfg.loss_type, cfg.label_smoothing)
-                    raw_model.train()
-                common.check_finite(common.all_mean(after.item()), step, ckpt_path, "loss after the update")
-            printed = step % cfg.log_every == 0 or step == end
-            if printed:  # speed over the steps since the last printed line
-                metrics["pairs/s"] = round(common.all_mean(pairs_since) * world / (time.time() - t_last), 1)
-                t_last, pairs_since = time.time(), 0
-            # the row before the checkpoint: a kill between the two leaves a row that --resume drops and
-            # redoes, never a checkpoint whose step has no row
-            log.log(step, printed=printed, **metrics)
-            if checkpoint:
-                save(step)
-    if stop.stopped:
-        save(step)
-        print0(f"\ninterrupted at step {step}: checkpoint saved to {ckpt_path}; "
-               f"continue with: python train_dpo.py --resume (and the same flags)")
-        common.teardown_ddp()
-        raise SystemExit(stop.exit_code)
-    train_seconds = time.time() - t_start
-    log.phase("evaluation")
-    save(step)
-
-    result = {"steps": step, "train_seconds": train_seconds, "pairs": len(pairs), "dropped": len(dropped),
-              "final": {k: v for k, v in metrics.items() if k != "pairs/s"}}
-    if common.is_master():
-        result.update(final_evaluation(raw_model, ref, tok, pairs, test_pairs, questions, rater, cfg, device))
-        if device.startswith("cuda"):
-            result["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-    log.finish(result)
-    print0(f"dpo: {step} steps in {train_seconds:.0f}s of training ({time.time() - t_start:.0f}s with the "
-           f"evaluation), checkpoint {ckpt_path}")
-    common.teardown_ddp()
+    return pairs, dropped, test_pairs, questions, rater
 
 
 def final_evaluation(policy, ref, tok, pairs, test_pairs, questions, rater, cfg, device):

@@ -34,7 +34,6 @@ answer gets right, and GRPO gained less. Partial credit, for the steps (--step_r
 three loss types moved it about as much.
 """
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +46,7 @@ from common import UserError, print0
 from data.tinymath import check_answer, check_steps, extract_answer, shows_work
 from data.tinyworld_facts import load_world
 from data.tokenizer import load_tokenizer
+from run import Run
 
 
 @dataclass
@@ -248,7 +248,7 @@ def answer_logprobs(model, x, y, temperature):
     return -kernels.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape)
 
 
-def update(model, ref, optimizer, batch, denom, cfg, device, world):
+def update(run, ref, batch, denom, cfg):
     """cfg.passes optimizer steps on one batch of rollouts, in micro-batches whose losses add up to the
     batch's. Returns the loss, the clipped fraction and the KL to the reference (token means, last pass);
     the loss is NaN when the step broke the weights."""
@@ -259,10 +259,9 @@ def update(model, ref, optimizer, batch, denom, cfg, device, world):
         loss_sum, clipped, kl = 0.0, 0.0, 0.0
         for c, s in enumerate(starts):
             sl = slice(s, s + cfg.micro_batch)
-            if world > 1:
-                model.require_backward_grad_sync = c == len(starts) - 1  # all-reduce once per update
-            with common.autocast(device):
-                logp = answer_logprobs(model, x[sl], y[sl], cfg.temperature)
+            run.sync(c == len(starts) - 1)  # all-reduce once per update
+            with common.autocast(run.device):
+                logp = answer_logprobs(run.model, x[sl], y[sl], cfg.temperature)
                 if p == 0:  # the answers were sampled from exactly this model: rho = 1 on the first pass
                     olds.append(logp.detach())
                     refs.append(answer_logprobs(ref, x[sl], y[sl], cfg.temperature) if ref is not None else None)
@@ -276,10 +275,10 @@ def update(model, ref, optimizer, batch, denom, cfg, device, world):
         if not math.isfinite(loss_sum):
             break  # no step on a broken gradient
         if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if not all(torch.isfinite(w).all() for w in model.parameters()):  # sampling from them would crash
+            torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        if not all(torch.isfinite(w).all() for w in run.model.parameters()):  # sampling from them would crash
             loss_sum = math.nan
             break
     n = max(mask.sum().item(), 1)
@@ -289,25 +288,13 @@ def update(model, ref, optimizer, batch, denom, cfg, device, world):
 # ----------------------------------------------------------------------------- training
 
 def main(cfg):
-    common.require_positive(cfg, "prompts_per_step", "max_new_tokens", "max_steps", "micro_batch", "passes",
-                            "pass_k", "eval_every", "log_every", "lr", "temperature")
-    for name, valid in (("loss_type", ("grpo", "dr_grpo", "dapo")), ("scale", ("group", "none"))):
-        if getattr(cfg, name) not in valid:
-            raise UserError(f"--{name} must be {' or '.join(valid)}, got {getattr(cfg, name)!r}")
-    if cfg.group_size < 2:
-        raise UserError(f"--group_size must be 2 or more (an answer is judged against its group), got {cfg.group_size}")
-    rank, world, device = common.setup_ddp(common.pick_device(cfg.device))
-    if cfg.prompts_per_step % world:
-        raise UserError(f"--prompts_per_step={cfg.prompts_per_step} must be a multiple of the number of "
-                        f"processes ({world})")
-    if common.is_master():
-        common.check_writable(cfg.out)
-    ckpt_path = Path(cfg.out) / "ckpt.pt"
+    check_config(cfg)
+    run = Run("grpo", cfg, per_rank=("prompts_per_step",))
 
     # the policy: from an SFT or preference-tuned checkpoint, or resumed exactly
     init = cfg.init or default_init()
-    if cfg.resume:
-        ckpt = common.load_checkpoint(ckpt_path, ["grpo"], made_by="python train_grpo.py")
+    ckpt = run.resumed()
+    if ckpt:
         init = ckpt.get("init", init)
     else:
         ckpt = common.load_checkpoint(init, ["sft", "ppo", "dpo", "grpo"], made_by="python train_sft.py")
@@ -315,10 +302,82 @@ def main(cfg):
     tokenizer = cfg.tokenizer or ckpt["tokenizer"]
     tok = load_tokenizer(tokenizer)
     model = common.gpt_from_checkpoint(ckpt, tok)
-    room = model.config.block_size - cfg.max_new_tokens
+    problems, test, rater = load_data(cfg, tok, model.config.block_size)
+    ref = None
+    if cfg.beta > 0:  # the KL penalty's anchor: the starting model, frozen (built before the RNG is restored)
+        ref = common.gpt_from_checkpoint(common.load_checkpoint(init), tok).to(run.device).eval().requires_grad_(False)
+    before = ckpt.get("eval_before") if cfg.resume else None
+    run.start(model, ckpt, tok, tokenizer, seed=cfg.seed + run.rank, unit="tok/s",  # each rank its own answers
+              keep=lambda: dict(init=init, eval_before=before))
+    run.logger.phase("evaluation")
+    if run.step == 0 and test and common.is_master():
+        before = evaluate(run.raw, tok, test, cfg, rater)
+        report(before, "before", cfg.pass_k)
+        run.logger.log(0, printed=False, **{f"test/{k}": v for k, v in before.items()})
+
+    for step in run.steps():
+        # 1-2. this rank's share of the step's problems, G answers to each, and their rewards
+        picks = torch.randint(len(problems), (cfg.prompts_per_step,), generator=run.data_gen)[run.rank::run.world].tolist()
+        prompts, answers, rewards, correct, worked = rollouts(run.raw, tok, problems, picks, cfg, rater)
+        run.count(sum(map(len, answers)))  # the speed logged: answer tokens sampled per second
+
+        # 3. advantages within each group; all-equal groups carry no signal
+        adv, all_equal = group_advantages(rewards, cfg.group_size, cfg.scale)
+        keep = [i for i in range(len(answers)) if not (cfg.skip_all_equal and all_equal[i // cfg.group_size])]
+        rows = keep or [0]  # with nothing to learn here, one answer, masked out: DDP needs every rank's backward
+        x, y, mask = common.pack_responses([prompts[i] for i in rows], [answers[i] for i in rows])
+        mask, adv = (mask, adv[keep]) if keep else (torch.zeros_like(mask), torch.zeros(1))
+
+        # 4. the update; its divisor counts the kept answers (or their tokens) of every rank
+        n_seqs = common.all_mean(len(keep)) * run.world
+        denom = {"grpo": n_seqs, "dr_grpo": n_seqs * cfg.max_new_tokens,
+                 "dapo": common.all_mean(mask.sum().item()) * run.world}[cfg.loss_type] / run.world
+        loss, clipfrac, kl = 0.0, 0.0, 0.0
+        if n_seqs > 0:
+            batch = tuple(t.to(run.device) for t in (x, y, mask, adv))
+            loss, clipfrac, kl = update(run, ref, batch, denom, cfg)
+            run.check(loss, "loss", run.step + 1)
+            # finite weights can still give logits that overflow, which the next rollout cannot sample from
+            with torch.no_grad(), common.autocast(run.device):
+                after = run.raw.token_logprobs(batch[0][:1], batch[1][:1]).sum().item()
+            run.check(common.all_mean(after), "log-probability after the update", run.step + 1)
+        run.step += 1
+
+        metrics = {"loss": loss, "lr": run.lr, "reward": common.all_mean(rewards.mean().item()),
+                   "accuracy": common.all_mean(sum(correct) / len(correct)),
+                   "worked": common.all_mean(sum(worked) / len(worked)),
+                   "all_equal": common.all_mean(all_equal.float().mean().item()),
+                   **({"kl": common.all_mean(kl)} if ref is not None else {}),
+                   "clipfrac": common.all_mean(clipfrac),
+                   "response_len": common.all_mean(sum(map(len, answers)) / len(answers))}
+        run.log(metrics, save=run.due())
+
+    summary = {"init": init, "loss_type": cfg.loss_type}
+    if test and common.is_master():
+        after = evaluate(run.raw, tok, test, cfg, rater)
+        report(after, "after", cfg.pass_k)
+        run.logger.log(run.step, printed=False, **{f"test/{k}": v for k, v in after.items()})
+        summary.update(before=before, after=after)
+    run.finish(summary)
+
+
+def check_config(cfg):
+    common.require_positive(cfg, "prompts_per_step", "max_new_tokens", "max_steps", "micro_batch", "passes",
+                            "pass_k", "eval_every", "log_every", "lr", "temperature")
+    for name, valid in (("loss_type", ("grpo", "dr_grpo", "dapo")), ("scale", ("group", "none"))):
+        if getattr(cfg, name) not in valid:
+            raise UserError(f"--{name} must be {' or '.join(valid)}, got {getattr(cfg, name)!r}")
+    if cfg.group_size < 2:
+        raise UserError(f"--group_size must be 2 or more (an answer is judged against its group), got {cfg.group_size}")
+
+
+def load_data(cfg, tok, block_size):
+    """The training problems and the held-out ones that fit the context beside the answers, and the
+    world the steps are marked against (wanted by the evaluation and the step reward)."""
+    room = block_size - cfg.max_new_tokens
     if room <= 0:
         raise UserError(f"--max_new_tokens={cfg.max_new_tokens} leaves no room for a prompt in the context "
-                        f"({model.config.block_size} tokens): lower it")
+                        f"({block_size} tokens): lower it")
     problems, dropped = load_problems(cfg.data, tok, room)
     if not problems and not dropped:
         raise UserError(f"{cfg.data} holds no problems: give a JSONL file of them, one per line")
@@ -326,101 +385,10 @@ def main(cfg):
         raise UserError(f"no problem in {cfg.data} fits the context with --max_new_tokens={cfg.max_new_tokens} "
                         f"({dropped} too long): lower --max_new_tokens or give shorter problems")
     test = load_problems(cfg.test_data, tok, room)[0][:cfg.test_limit or None] if cfg.test_data else []
-    # the world whose facts the steps are marked against: wanted by the evaluation and the step reward
     rater = load_world(cfg.world) if cfg.world and (test or cfg.step_reward) else None
     print0(f"grpo: {len(problems):,} problems from {cfg.data}, {dropped} dropped as too long for the context; "
            f"{cfg.prompts_per_step} problems x {cfg.group_size} answers per step")
-
-    ref = None
-    if cfg.beta > 0:  # the KL penalty's anchor: the starting model, frozen (built before the RNG is restored)
-        ref = common.gpt_from_checkpoint(common.load_checkpoint(init), tok).to(device).eval().requires_grad_(False)
-    torch.manual_seed(cfg.seed + rank)  # each rank samples its own answers
-    raw_model = model.to(device)
-    model, optimizer, data_gen, step = common.start_training(raw_model, cfg, device, world, ckpt)
-
-    def save(step):
-        if common.is_master():
-            common.save_checkpoint(ckpt_path, common.training_checkpoint(
-                "grpo", raw_model, optimizer, step, cfg, tokenizer, data_gen, init=init, eval_before=before,
-                tokenizer_fingerprint=tok.fingerprint))
-
-    log = common.Logger(cfg.out, "grpo", cfg.max_steps, resume=cfg.resume, start_step=step)
-    log.phase("evaluation")
-    before = ckpt.get("eval_before") if cfg.resume else None
-    if step == 0 and test and common.is_master():
-        before = evaluate(raw_model, tok, test, cfg, rater)
-        report(before, "before", cfg.pass_k)
-        log.log(0, printed=False, **{f"test/{k}": v for k, v in before.items()})
-
-    end = cfg.stop_at if 0 < cfg.stop_at < cfg.max_steps else cfg.max_steps
-    log.phase("training")
-    t_start = t_last = time.time()
-    tokens_since = 0
-    with common.StopOnSignal() as stop:
-        while step < end and not stop.requested():
-            lr = common.lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            # 1-2. this rank's share of the step's problems, G answers to each, and their rewards
-            picks = torch.randint(len(problems), (cfg.prompts_per_step,), generator=data_gen)[rank::world].tolist()
-            prompts, answers, rewards, correct, worked = rollouts(raw_model, tok, problems, picks, cfg, rater)
-            tokens_since += sum(map(len, answers))
-
-            # 3. advantages within each group; all-equal groups carry no signal
-            adv, all_equal = group_advantages(rewards, cfg.group_size, cfg.scale)
-            keep = [i for i in range(len(answers)) if not (cfg.skip_all_equal and all_equal[i // cfg.group_size])]
-            rows = keep or [0]  # with nothing to learn here, one answer, masked out: DDP needs every rank's backward
-            x, y, mask = common.pack_responses([prompts[i] for i in rows], [answers[i] for i in rows])
-            mask, adv = (mask, adv[keep]) if keep else (torch.zeros_like(mask), torch.zeros(1))
-
-            # 4. the update; its divisor counts the kept answers (or their tokens) of every rank
-            n_seqs = common.all_mean(len(keep)) * world
-            denom = {"grpo": n_seqs, "dr_grpo": n_seqs * cfg.max_new_tokens,
-                     "dapo": common.all_mean(mask.sum().item()) * world}[cfg.loss_type] / world
-            loss, clipfrac, kl = 0.0, 0.0, 0.0
-            if n_seqs > 0:
-                batch = tuple(t.to(device) for t in (x, y, mask, adv))
-                loss, clipfrac, kl = update(model, ref, optimizer, batch, denom, cfg, device, world)
-                common.check_finite(loss, step + 1, ckpt_path)
-                # finite weights can still give logits that overflow, which the next rollout cannot sample from
-                with torch.no_grad(), common.autocast(device):
-                    after = raw_model.token_logprobs(batch[0][:1], batch[1][:1]).sum().item()
-                common.check_finite(common.all_mean(after), step + 1, ckpt_path, "log-probability after the update")
-            step += 1
-
-            metrics = {"loss": loss, "lr": lr, "reward": common.all_mean(rewards.mean().item()),
-                       "accuracy": common.all_mean(sum(correct) / len(correct)),
-                       "worked": common.all_mean(sum(worked) / len(worked)),
-                       "all_equal": common.all_mean(all_equal.float().mean().item()),
-                       **({"kl": common.all_mean(kl)} if ref is not None else {}),
-                       "clipfrac": common.all_mean(clipfrac),
-                       "response_len": common.all_mean(sum(map(len, answers)) / len(answers))}
-            printed = step % cfg.log_every == 0 or step == end
-            if printed:  # answer tokens sampled per second since the last printed line
-                metrics["tok/s"] = round(common.all_mean(tokens_since) * world / (time.time() - t_last))
-                t_last, tokens_since = time.time(), 0
-            log.log(step, printed=printed, **metrics)  # before the checkpoint, which --resume continues after
-            if step % cfg.eval_every == 0 or step == cfg.max_steps:
-                save(step)
-    if stop.stopped:
-        save(step)
-        print0(f"\ninterrupted at step {step}: checkpoint saved to {ckpt_path}; "
-               f"continue with: python train_grpo.py --resume (and the same flags)")
-        common.teardown_ddp()
-        raise SystemExit(stop.exit_code)
-    train_seconds = time.time() - t_start
-    log.phase("evaluation")
-    save(step)
-
-    summary = {"steps": step, "train_seconds": train_seconds, "init": init, "loss_type": cfg.loss_type}
-    if test and common.is_master():
-        after = evaluate(raw_model, tok, test, cfg, rater)
-        report(after, "after", cfg.pass_k)
-        log.log(step, printed=False, **{f"test/{k}": v for k, v in after.items()})
-        summary.update(before=before, after=after)
-    log.finish(summary)
-    print0(f"grpo: done in {train_seconds:.0f}s of training, checkpoint {ckpt_path}")
-    common.teardown_ddp()
+    return problems, test, rater
 
 
 if __name__ == "__main__":

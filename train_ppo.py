@@ -22,7 +22,6 @@ ratios compare the distribution the tokens were drawn from. Dropout is off: rati
 the true one can be watched side by side (out/<run>/reward_vs_gold.png): with --kl_coef=0 the first
 keeps rising after the second has stopped. Writes out/ppo/ckpt.pt, log.jsonl and metrics.json.
 """
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +34,7 @@ import evals
 from common import UserError, print0
 from data import read_jsonl, tinyworld
 from data.tokenizer import load_tokenizer
+from run import Run
 
 
 @dataclass
@@ -224,20 +224,16 @@ def main(cfg):
                             "max_new_tokens", "lr", "critic_lr", "temperature")
     if cfg.kl_estimator not in ("k1", "k3"):
         raise UserError(f"--kl_estimator must be k1 or k3, got {cfg.kl_estimator!r}")
-    rank, world, device = common.setup_ddp(common.pick_device(cfg.device))
-    if cfg.batch_size % world:
-        raise UserError(f"--batch_size={cfg.batch_size} must be a multiple of the number of processes ({world})")
-    if common.is_master():
-        common.check_writable(cfg.out)
-    ckpt_path = Path(cfg.out) / "ckpt.pt"
+    run = Run("ppo", cfg)
 
     # the four networks: policy and reference from SFT, critic and reward model from the reward model
-    ckpt = common.load_checkpoint(ckpt_path, ["ppo"], made_by="python train_ppo.py") if cfg.resume else None
-    sft = common.load_checkpoint(ckpt["init"] if ckpt else cfg.init, ["sft"], made_by="python train_sft.py")
-    rm_ckpt = common.load_checkpoint(ckpt["reward_model"] if ckpt else cfg.reward_model, ["rm"],
-                                     made_by="python train_rm.py")
+    ckpt = run.resumed()
+    init, reward_model = (ckpt["init"], ckpt["reward_model"]) if ckpt else (cfg.init, cfg.reward_model)
+    sft = common.load_checkpoint(init, ["sft"], made_by="python train_sft.py")
+    rm_ckpt = common.load_checkpoint(reward_model, ["rm"], made_by="python train_rm.py")
     tokenizer = cfg.tokenizer or sft["tokenizer"]
     tok = load_tokenizer(tokenizer)
+    device = run.device
     policy = common.gpt_from_checkpoint(ckpt or sft, tok, dropout=0.0).to(device)
     ref = common.gpt_from_checkpoint(sft, tok).to(device).eval().requires_grad_(False)
     rm = common.gpt_from_checkpoint(rm_ckpt, tok, reward=True).to(device).eval().requires_grad_(False)
@@ -245,130 +241,111 @@ def main(cfg):
     if ckpt:
         critic.load_state_dict(ckpt["critic"])
     if rm_ckpt["model_args"]["vocab_size"] != sft["model_args"]["vocab_size"]:
-        raise UserError(f"the reward model {cfg.reward_model} and the policy {cfg.init} use different vocabularies: "
+        raise UserError(f"the reward model {reward_model} and the policy {init} use different vocabularies: "
                         "train the reward model from this SFT checkpoint")
+    questions, rater, gold = load_data(cfg, tok, policy.config.block_size)
+    model = run.start(policy, ckpt, tok, tokenizer, seed=cfg.seed + run.rank, keep=lambda: dict(  # each rank its own replies
+        critic=critic.state_dict(), critic_optimizer=critic_opt.state_dict(), init=init, reward_model=reward_model))
+    critic_opt = critic.configure_optimizer(cfg.critic_lr, cfg.weight_decay)
+    if ckpt:
+        critic_opt.load_state_dict(ckpt["critic_optimizer"])
+    critic_model = run.ddp(critic)
 
+    metrics = {}
+    for step in run.steps():
+        # 1-2. rollouts, scored
+        picks = torch.randint(len(questions), (cfg.batch_size,), generator=run.data_gen)[run.rank::run.world].tolist()
+        batch = rollout(policy, ref, critic, rm, tok, [questions[i] for i in picks], cfg, device)
+        mask = batch["mask"]
+        # 3-4. rewards, advantages, returns
+        rewards, kl = shape_rewards(batch["score"], batch["logp"], batch["ref_logp"], mask, cfg.kl_coef,
+                                    cfg.kl_estimator)
+        adv, returns = gae(rewards, batch["values"], mask, cfg.gamma, cfg.lam)
+        adv = masked_whiten(adv, mask)
+
+        # 5. PPO epochs over minibatches
+        stats = []
+        for _ in range(cfg.ppo_epochs):
+            order = torch.randperm(len(picks), generator=run.data_gen)
+            for mb in order.split(cfg.minibatch_size):
+                m = mask[mb]
+                with common.autocast(device):
+                    logp, entropy = token_logprobs(model, batch["x"][mb], batch["y"][mb], cfg.temperature)
+                    values = critic_model(batch["x"][mb])
+                pg_loss, pg_stats = ppo_policy_loss(logp, batch["logp"][mb], adv[mb], m, cfg.clip)
+                vf_loss = ppo_value_loss(values, batch["values"][mb], returns[mb], m, cfg.value_clip)
+                run.check(pg_loss.item() + vf_loss.item(), "loss", run.step + 1)
+                for loss, net, opt in ((pg_loss, model, run.optimizer), (vf_loss, critic_model, critic_opt)):
+                    loss.backward()
+                    if cfg.grad_clip > 0:
+                        torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                stats.append({"policy_loss": pg_loss.item(), "value_loss": vf_loss.item(),
+                              "entropy": masked_mean(entropy.detach(), m).item(), **pg_stats})
+        run.step += 1
+
+        metrics = {"score": batch["score"].mean().item(), "kl": kl.sum(1).mean().item()}
+        if gold:
+            metrics["gold"] = np.mean([tinyworld.gold_score(questions[i], t, rater) for i, t in zip(picks, batch["texts"])])
+        metrics.update({k: float(np.mean([s[k] for s in stats])) for k in stats[0]})
+        metrics.update(length=mask.sum(1).mean().item(), ended=batch["ended"].mean().item(), lr=run.lr)
+        metrics = {k: common.all_mean(v) for k, v in metrics.items()}
+        # the weights after the update can be broken while the losses before it were fine, and the
+        # next rollout would sample from NaN probabilities
+        with torch.no_grad():
+            after = token_logprobs(policy, batch["x"][:1], batch["y"][:1], cfg.temperature)[0].sum().item()
+        run.check(after, "policy's log-probability after the update")
+        run.log(metrics, save=run.due())
+
+    result = {"final": metrics}
+    if common.is_master():
+        result.update(final_evaluation(policy, ref, tok, rater if gold else None, cfg))
+    run.finish(result)
+
+
+def load_data(cfg, tok, block_size):
+    """The prompts, checked against the context; the world the gold rater knows, and whether it can judge them."""
     questions = load_questions(cfg.data)
     if not questions:
         raise UserError(f"{cfg.data} holds no prompts: give a JSONL file of preference pairs or conversations")
     longest = max(len(tok.render_prompt([{"role": "user", "content": q}])) for q in questions)
-    if longest + cfg.max_new_tokens > policy.config.block_size:
+    if longest + cfg.max_new_tokens > block_size:
         raise UserError(f"a prompt of {longest} tokens and --max_new_tokens={cfg.max_new_tokens} do not fit in the "
-                        f"context ({policy.config.block_size}): lower --max_new_tokens or shorten the prompts")
+                        f"context ({block_size}): lower --max_new_tokens or shorten the prompts")
     rater = tinyworld.load_world(cfg.world) if cfg.world else None  # the world the gold rater knows
     gold = rater is not None and rater.parse_question(questions[0]) is not None
     print0(f"ppo: {len(questions):,} prompts from {cfg.data}; policy and reference from {cfg.init}, "
            f"critic and reward model from {cfg.reward_model}")
+    return questions, rater, gold
 
-    torch.manual_seed(cfg.seed + rank)  # each rank samples its own replies
-    model, optimizer, data_gen, step = common.start_training(policy, cfg, device, world, ckpt)
-    critic_opt = critic.configure_optimizer(cfg.critic_lr, cfg.weight_decay)
-    if ckpt:
-        critic_opt.load_state_dict(ckpt["critic_optimizer"])
-    critic_model = critic if world == 1 else torch.nn.parallel.DistributedDataParallel(
-        critic, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
 
-    def save(step):
-        if common.is_master():
-            common.save_checkpoint(ckpt_path, common.training_checkpoint(
-                "ppo", policy, optimizer, step, cfg, tokenizer, data_gen, critic=critic.state_dict(),
-                critic_optimizer=critic_opt.state_dict(), init=ckpt["init"] if ckpt else cfg.init,
-                reward_model=ckpt["reward_model"] if ckpt else cfg.reward_model, tokenizer_fingerprint=tok.fingerprint))
-
-    log = common.Logger(cfg.out, "ppo", cfg.max_steps, resume=cfg.resume, start_step=step)
-    end = cfg.stop_at if 0 < cfg.stop_at < cfg.max_steps else cfg.max_steps
-    log.phase("training")
-    t_start, metrics = time.time(), {}
-    with common.StopOnSignal() as stop:
-        while step < end and not stop.requested():
-            lr = common.lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-
-            # 1-2. rollouts, scored
-            picks = torch.randint(len(questions), (cfg.batch_size,), generator=data_gen)[rank::world].tolist()
-            batch = rollout(policy, ref, critic, rm, tok, [questions[i] for i in picks], cfg, device)
-            mask = batch["mask"]
-            # 3-4. rewards, advantages, returns
-            rewards, kl = shape_rewards(batch["score"], batch["logp"], batch["ref_logp"], mask, cfg.kl_coef,
-                                        cfg.kl_estimator)
-            adv, returns = gae(rewards, batch["values"], mask, cfg.gamma, cfg.lam)
-            adv = masked_whiten(adv, mask)
-
-            # 5. PPO epochs over minibatches
-            stats = []
-            for _ in range(cfg.ppo_epochs):
-                order = torch.randperm(len(picks), generator=data_gen)
-                for mb in order.split(cfg.minibatch_size):
-                    m = mask[mb]
-                    with common.autocast(device):
-                        logp, entropy = token_logprobs(model, batch["x"][mb], batch["y"][mb], cfg.temperature)
-                        values = critic_model(batch["x"][mb])
-                    pg_loss, pg_stats = ppo_policy_loss(logp, batch["logp"][mb], adv[mb], m, cfg.clip)
-                    vf_loss = ppo_value_loss(values, batch["values"][mb], returns[mb], m, cfg.value_clip)
-                    common.check_finite(pg_loss.item() + vf_loss.item(), step + 1, ckpt_path)
-                    for loss, net, opt in ((pg_loss, model, optimizer), (vf_loss, critic_model, critic_opt)):
-                        loss.backward()
-                        if cfg.grad_clip > 0:
-                            torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
-                        opt.step()
-                        opt.zero_grad(set_to_none=True)
-                    stats.append({"policy_loss": pg_loss.item(), "value_loss": vf_loss.item(),
-                                  "entropy": masked_mean(entropy.detach(), m).item(), **pg_stats})
-            step += 1
-
-            metrics = {"score": batch["score"].mean().item(), "kl": kl.sum(1).mean().item()}
-            if gold:
-                metrics["gold"] = np.mean([tinyworld.gold_score(questions[i], t, rater)
-                                           for i, t in zip(picks, batch["texts"])])
-            metrics.update({k: float(np.mean([s[k] for s in stats])) for k in stats[0]})
-            metrics.update(length=mask.sum(1).mean().item(), ended=batch["ended"].mean().item(), lr=lr)
-            metrics = {k: common.all_mean(v) for k, v in metrics.items()}
-            # the weights after the update can be broken while the losses before it were fine, and the
-            # next rollout would sample from NaN probabilities
-            with torch.no_grad():
-                after = token_logprobs(policy, batch["x"][:1], batch["y"][:1], cfg.temperature)[0].sum().item()
-            common.check_finite(after, step, ckpt_path, "policy's log-probability after the update")
-            checkpoint = step % cfg.eval_every == 0
-            log.log(step, printed=step % cfg.log_every == 0 or step == end, **metrics)
-            if checkpoint:  # after the row: a kill between the two leaves a row that --resume redoes
-                save(step)
-    if stop.stopped:
-        save(step)
-        print0(f"\ninterrupted at step {step}: checkpoint saved to {ckpt_path}; "
-               f"continue with: python train_ppo.py --resume (and the same flags)")
-        common.teardown_ddp()
-        raise SystemExit(stop.exit_code)
-    train_seconds = time.time() - t_start
-    log.phase("evaluation")
-    save(step)
-
-    result = {"steps": step, "train_seconds": train_seconds, "final": metrics}
-    if common.is_master():
-        if gold:
-            plot_curves(Path(cfg.out) / "log.jsonl", Path(cfg.out) / "reward_vs_gold.png")
-        if cfg.test_data and gold:  # held-out prompts: PPO's greedy reply against SFT's, judged by the gold rater
-            held_out = load_questions(cfg.test_data)
-            versus = evals.gold_win_rate(policy, ref, tok, held_out, cfg.max_new_tokens, rater)
-            kl_ref = evals.kl_to_reference(policy, ref, tok, held_out, cfg.max_new_tokens)
-            result.update(win_rate_vs_sft=versus["win_rate"], gold_score=versus["score"],
-                          sft_gold_score=versus["baseline_score"], kl_to_sft=kl_ref)
-            print0(f"ppo: on {len(held_out)} held-out prompts, wins {versus['win_rate']:.1%} against SFT by the "
-                   f"gold rater (mean gold score {versus['score']:.2f} vs {versus['baseline_score']:.2f}); "
-                   f"KL to SFT {kl_ref:.2f} nats per reply")
-            for q, mine, theirs in versus["examples"]:
-                print0(f"    {q!r}\n      ppo: {mine[:100]!r}\n      sft: {theirs[:100]!r}")
-        if cfg.qa_data:
-            records = read_jsonl(cfg.qa_data)
-            for name, net in (("sft", ref), ("ppo", policy)):
-                qa = evals.qa_accuracy(net, tok, records)
-                qa.pop("examples")
-                result[f"qa_{name}"] = qa
-                print0(f"ppo: held-out QA of {name}: {qa['accuracy']:.1%} (seen {qa.get('seen', 0):.1%}, "
-                       f"unseen {qa.get('unseen', 0):.1%}), replies ending with <|end|> {qa['format']:.1%}")
-    log.finish(result)
-    print0(f"ppo: done in {train_seconds:.0f}s of training, checkpoint {ckpt_path}")
-    common.teardown_ddp()
+def final_evaluation(policy, ref, tok, rater, cfg):
+    """The reward model's score against the gold rater's over training (a plot), and on held-out prompts
+    PPO's greedy replies against SFT's: the gold rater's verdict, KL to SFT, held-out QA of both."""
+    result = {}
+    if rater is not None:
+        plot_curves(Path(cfg.out) / "log.jsonl", Path(cfg.out) / "reward_vs_gold.png")
+    if cfg.test_data and rater is not None:
+        held_out = load_questions(cfg.test_data)
+        versus = evals.gold_win_rate(policy, ref, tok, held_out, cfg.max_new_tokens, rater)
+        kl_ref = evals.kl_to_reference(policy, ref, tok, held_out, cfg.max_new_tokens)
+        result.update(win_rate_vs_sft=versus["win_rate"], gold_score=versus["score"],
+                      sft_gold_score=versus["baseline_score"], kl_to_sft=kl_ref)
+        print0(f"ppo: on {len(held_out)} held-out prompts, wins {versus['win_rate']:.1%} against SFT by the "
+               f"gold rater (mean gold score {versus['score']:.2f} vs {versus['baseline_score']:.2f}); "
+               f"KL to SFT {kl_ref:.2f} nats per reply")
+        for q, mine, theirs in versus["examples"]:
+            print0(f"    {q!r}\n      ppo: {mine[:100]!r}\n      sft: {theirs[:100]!r}")
+    if cfg.qa_data:
+        records = read_jsonl(cfg.qa_data)
+        for name, net in (("sft", ref), ("ppo", policy)):
+            qa = evals.qa_accuracy(net, tok, records)
+            qa.pop("examples")
+            result[f"qa_{name}"] = qa
+            print0(f"ppo: held-out QA of {name}: {qa['accuracy']:.1%} (seen {qa.get('seen', 0):.1%}, "
+                   f"unseen {qa.get('unseen', 0):.1%}), replies ending with <|end|> {qa['format']:.1%}")
+    return result
 
 
 if __name__ == "__main__":

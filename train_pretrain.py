@@ -24,6 +24,7 @@ from common import UserError, print0
 from data import read_documents, tinyworld
 from data.tokenizer import load_tokenizer
 from model import GPT, GPTConfig
+from run import Run
 
 
 @dataclass
@@ -137,19 +138,19 @@ def pretrain_loss(model, x, y):
 
 
 @torch.no_grad()
-def evaluate(model, data, cfg, device, rank, world):
+def evaluate(model, data, cfg, run):
     """Validation loss on fixed, evenly spaced windows (the same every time, so curves compare)."""
     model.eval()
     n = cfg.eval_batches * cfg.batch_size
-    starts = np.linspace(0, len(data) - cfg.block_size - 1, n).astype(np.int64)[rank::world]
+    starts = np.linspace(0, len(data) - cfg.block_size - 1, n).astype(np.int64)[run.rank::run.world]
     losses = []
     for chunk in np.array_split(starts, cfg.eval_batches):
         if len(chunk) == 0:
             continue
         x = torch.stack([torch.from_numpy(data[i:i + cfg.block_size].astype(np.int64)) for i in chunk])
         y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + cfg.block_size].astype(np.int64)) for i in chunk])
-        with common.autocast(device):
-            losses.append(pretrain_loss(model, x.to(device), y.to(device)).item())
+        with common.autocast(run.device):
+            losses.append(pretrain_loss(model, x.to(run.device), y.to(run.device)).item())
     model.train()
     return common.all_mean(sum(losses) / len(losses))
 
@@ -157,145 +158,104 @@ def evaluate(model, data, cfg, device, rank, world):
 # ----------------------------------------------------------------------------- training
 
 def main(cfg):
-    common.require_positive(cfg, "batch_size", "grad_accum", "max_steps", "block_size", "eval_every", "eval_batches",
-                            "log_every", "n_layer", "n_head", "n_embd", "lr")
-    if not 0 <= cfg.dropout < 1:
-        raise UserError(f"--dropout is a probability below 1, got {cfg.dropout}")
-    if cfg.n_embd % cfg.n_head:
-        raise UserError(f"--n_embd={cfg.n_embd} must be a multiple of --n_head={cfg.n_head}")
-    rank, world, device = common.setup_ddp(common.pick_device(cfg.device))
-    if cfg.batch_size % world:
-        raise UserError(f"--batch_size={cfg.batch_size} must be a multiple of the number of processes ({world})")
-    if common.is_master():
-        common.check_writable(cfg.out)
-    ckpt_path = Path(cfg.out) / "ckpt.pt"
-
-    # the world whose facts the model should learn (read now, so a missing one fails before training)
-    facts_of = None
-    if cfg.eval_facts and Path(cfg.data).is_file():  # a missing corpus gets its own error below
-        if not (Path(cfg.data).parent / "meta.json").is_file():
-            raise UserError(f"--eval_facts measures TinyWorld's facts, but {Path(cfg.data).parent} holds no TinyWorld "
-                            "(meta.json): pass --eval_facts=false for another corpus")
-        facts_of = tinyworld.load_world(Path(cfg.data).parent)
+    check_config(cfg)
+    run = Run("pretrain", cfg)
+    facts_of = world_of(cfg)
 
     # the model: fresh, continued from a pre-training checkpoint, or resumed exactly
     torch.manual_seed(cfg.seed)
-    ckpt = None
-    if cfg.resume:
-        ckpt = common.load_checkpoint(ckpt_path, ["pretrain"], made_by="python train_pretrain.py")
-    elif cfg.init != "scratch":
+    ckpt = run.resumed()
+    if ckpt is None and cfg.init != "scratch":
         ckpt = common.load_checkpoint(cfg.init, ["pretrain"], made_by="python train_pretrain.py")
     tokenizer = cfg.tokenizer or (ckpt["tokenizer"] if ckpt else "out/tokenizer")
     tok = load_tokenizer(tokenizer)
     model_cfg = GPTConfig(vocab_size=tok.n_vocab, block_size=cfg.block_size, n_layer=cfg.n_layer,
                           n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, rope=cfg.rope)
     model = GPT(model_cfg) if ckpt is None else common.gpt_from_checkpoint(ckpt, tok)
-    model_cfg = model.config
-    if cfg.block_size > model_cfg.block_size:
-        source = ckpt_path if cfg.resume else cfg.init
-        raise UserError(f"--block_size={cfg.block_size} is larger than the context of {source} "
-                        f"({model_cfg.block_size} tokens): use --block_size={model_cfg.block_size} or less")
+    if cfg.block_size > model.config.block_size:
+        raise UserError(f"--block_size={cfg.block_size} is larger than the context of {run.ckpt_path if cfg.resume else cfg.init} "
+                        f"({model.config.block_size} tokens): use --block_size={model.config.block_size} or less")
+    train_data, val_data = load_data(cfg, tok)
+    model = run.start(model, ckpt, tok, tokenizer, keep=lambda: dict(val_loss=val_loss, val_loss_init=first_val),
+                      unit="tok/s", flops_per_unit=model.flops_per_token(cfg.block_size))
+    print0(f"pretrain: {run.raw.num_params() / 1e6:.2f}M parameters, vocab {tok.n_vocab}, {len(train_data):,} training "
+           f"tokens, {cfg.batch_size * cfg.grad_accum * cfg.block_size:,} tokens per step, {cfg.max_steps} steps "
+           f"on {run.device} x{run.world}")
+    if run.step == 0:
+        run.logger.phase("evaluation")
+        val_loss = first_val = evaluate(model, val_data, cfg, run)
+        print0(f"pretrain: validation loss at init {val_loss:.4f} (ln V = {np.log(tok.n_vocab):.4f})")
+        run.logger.log(0, printed=False, val_loss=val_loss)
+    else:
+        val_loss, first_val = ckpt["val_loss"], ckpt["val_loss_init"]
 
-    # the data, tokenized once (after the checks above, which are quick, while this can take minutes)
-    train_data = tokenize_to_memmap(cfg.data, tok)
-    val_data = tokenize_to_memmap(cfg.val_data, tok)
-    for name, d in (("data", train_data), ("val_data", val_data)):
+    for step in run.steps():
+        loss_sum = 0.0
+        for micro in range(cfg.grad_accum):
+            x, y = get_batch(train_data, cfg.batch_size, cfg.block_size, run.data_gen, run.rank, run.world)
+            x, y = x.to(run.device), y.to(run.device)
+            run.sync(micro == cfg.grad_accum - 1)
+            with common.autocast(run.device):
+                loss = pretrain_loss(model, x, y)
+            (loss / cfg.grad_accum).backward()
+            loss_sum += loss.item()
+            run.count(x.numel())
+        train_loss = common.all_mean(loss_sum / cfg.grad_accum)
+        run.update(train_loss)
+        metrics = {"loss": train_loss, "lr": run.lr}
+        if run.due():  # the weights after a step can be broken while its loss (from before it) was fine
+            val_loss = metrics["val_loss"] = evaluate(model, val_data, cfg, run)
+            run.check(val_loss, "validation loss")
+        run.log(metrics, printed=run.due(), save=run.due())
+
+    metrics = {"val_loss": val_loss, "val_loss_init": first_val, "params": run.raw.num_params()}
+    if common.is_master():
+        show_samples(run.raw, tok, cfg, run.device)
+        if facts_of is not None:
+            metrics["fact_accuracy"], examples = evals.fact_accuracy(run.raw, tok, facts_of)
+            print0(f"pretrain: fact completion {metrics['fact_accuracy']:.1%} of {len(examples)} facts, e.g. "
+                   + "; ".join(f"{p!r} -> {t!r}" for p, _, t in examples[:3]))
+    run.finish(metrics, f", validation loss {val_loss:.4f}")
+
+
+def check_config(cfg):
+    common.require_positive(cfg, "batch_size", "grad_accum", "max_steps", "block_size", "eval_every", "eval_batches",
+                            "log_every", "n_layer", "n_head", "n_embd", "lr")
+    if not 0 <= cfg.dropout < 1:
+        raise UserError(f"--dropout is a probability below 1, got {cfg.dropout}")
+    if cfg.n_embd % cfg.n_head:
+        raise UserError(f"--n_embd={cfg.n_embd} must be a multiple of --n_head={cfg.n_head}")
+
+
+def world_of(cfg):
+    """The world whose facts the model should learn, read now so that a missing one fails before training."""
+    if not cfg.eval_facts or not Path(cfg.data).is_file():  # a missing corpus gets its own error
+        return None
+    if not (Path(cfg.data).parent / "meta.json").is_file():
+        raise UserError(f"--eval_facts measures TinyWorld's facts, but {Path(cfg.data).parent} holds no TinyWorld "
+                        "(meta.json): pass --eval_facts=false for another corpus")
+    return tinyworld.load_world(Path(cfg.data).parent)
+
+
+def load_data(cfg, tok):
+    """The training and validation text as token ids, tokenized once (after the quick checks: this can take minutes)."""
+    data = tokenize_to_memmap(cfg.data, tok), tokenize_to_memmap(cfg.val_data, tok)
+    for name, d in zip(("data", "val_data"), data):
         if len(d) <= cfg.block_size + 1:
             raise UserError(f"--{name}={getattr(cfg, name)} has {len(d)} tokens, fewer than one window of "
                             f"{cfg.block_size + 1}: give more text or a smaller --block_size")
-    raw_model = model.to(device)
-    model, optimizer, data_gen, step = common.start_training(raw_model, cfg, device, world, ckpt)
+    return data
 
-    def save(step, val_loss):
-        if common.is_master():
-            common.save_checkpoint(ckpt_path, common.training_checkpoint(
-                "pretrain", raw_model, optimizer, step, cfg, tokenizer, data_gen,
-                val_loss=val_loss, val_loss_init=first_val, tokenizer_fingerprint=tok.fingerprint))
 
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.block_size
-    flops_per_step = raw_model.flops_per_token(cfg.block_size) * tokens_per_step
-    peak = common.peak_flops(device)
-    print0(f"pretrain: {raw_model.num_params() / 1e6:.2f}M parameters, vocab {tok.n_vocab}, {len(train_data):,} "
-           f"training tokens, {tokens_per_step:,} tokens per step, {cfg.max_steps} steps on {device} x{world}")
-    log = common.Logger(cfg.out, "pretrain", cfg.max_steps, resume=cfg.resume, start_step=step)
-    if step == 0:
-        log.phase("evaluation")
-        val_loss = first_val = evaluate(model, val_data, cfg, device, rank, world)
-        print0(f"pretrain: validation loss at init {val_loss:.4f} (ln V = {np.log(tok.n_vocab):.4f})")
-        log.log(0, printed=False, val_loss=val_loss)
-    else:
-        val_loss, first_val = ckpt["val_loss"], ckpt["val_loss_init"]
-    end = cfg.stop_at if 0 < cfg.stop_at < cfg.max_steps else cfg.max_steps
-    log.phase("training")
-    t_start = t_last = time.time()
-    last_printed = step
-    with common.StopOnSignal() as stop:
-        while step < end and not stop.requested():
-            lr = common.lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_sum = 0.0
-            for micro in range(cfg.grad_accum):
-                x, y = get_batch(train_data, cfg.batch_size, cfg.block_size, data_gen, rank, world)
-                x, y = x.to(device), y.to(device)
-                if world > 1:
-                    model.require_backward_grad_sync = micro == cfg.grad_accum - 1  # all-reduce once per step
-                with common.autocast(device):
-                    loss = pretrain_loss(model, x, y)
-                (loss / cfg.grad_accum).backward()
-                loss_sum += loss.item()
-            train_loss = common.all_mean(loss_sum / cfg.grad_accum)
-            common.check_finite(train_loss, step + 1, ckpt_path)
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            metrics = {"loss": train_loss, "lr": lr}
-            checkpoint = step % cfg.eval_every == 0 or step == cfg.max_steps
-            if checkpoint:  # the weights after a step can be broken while its loss (from before it) was fine
-                val_loss = metrics["val_loss"] = evaluate(model, val_data, cfg, device, rank, world)
-                common.check_finite(val_loss, step, ckpt_path, "validation loss")
-            printed = step % cfg.log_every == 0 or checkpoint or step == end
-            if printed:  # speed over the steps since the last printed line
-                dt, steps = time.time() - t_last, step - last_printed
-                metrics["tok/s"] = round(tokens_per_step * steps / dt)
-                if peak:
-                    metrics["mfu"] = flops_per_step * steps / dt / peak
-                t_last, last_printed = time.time(), step
-            # the row before the checkpoint: a kill between the two leaves a row that --resume drops and
-            # redoes, never a checkpoint whose step has no row
-            log.log(step, printed=printed, **metrics)
-            if checkpoint:
-                save(step, val_loss)
-    if stop.stopped:
-        save(step, val_loss)
-        print0(f"\ninterrupted at step {step}: checkpoint saved to {ckpt_path}; "
-               f"continue with: python train_pretrain.py --resume (and the same flags)")
-        common.teardown_ddp()
-        raise SystemExit(stop.exit_code)
-    train_seconds = time.time() - t_start  # this run's, evaluations and checkpoints included
-    log.phase("evaluation")
-    save(step, val_loss)
-
-    # a few samples so the reader sees what the model learned
-    if common.is_master():
-        raw_model.eval()
-        prompts = [[tok.eot_id] + tok.encode(p) for p in ("Once upon a time", "A language model is", "The")]
-        room = model_cfg.block_size - max(map(len, prompts))
-        outs = raw_model.generate(prompts, min(40, room), temperature=0.8, top_k=50, stop_tokens=[tok.eot_id],
-                                  generator=torch.Generator(device=device).manual_seed(cfg.seed))
-        for p, o in zip(prompts, outs):
-            print0(f"--- {tok.decode(p[1:] + o)!r}")
-    metrics = {"val_loss": val_loss, "val_loss_init": first_val, "steps": step, "params": raw_model.num_params(),
-               "train_seconds": train_seconds}
-    if facts_of is not None and common.is_master():
-        metrics["fact_accuracy"], examples = evals.fact_accuracy(raw_model, tok, facts_of)
-        print0(f"pretrain: fact completion {metrics['fact_accuracy']:.1%} of {len(examples)} facts, e.g. "
-               + "; ".join(f"{p!r} -> {t!r}" for p, _, t in examples[:3]))
-    log.finish(metrics)
-    print0(f"pretrain: done in {train_seconds:.0f}s of training, validation loss {val_loss:.4f}, checkpoint {ckpt_path}")
-    common.teardown_ddp()
+def show_samples(model, tok, cfg, device):
+    """A few samples, so the reader sees what the model learned."""
+    model.eval()
+    prompts = [[tok.eot_id] + tok.encode(p) for p in ("Once upon a time", "A language model is", "The")]
+    room = model.config.block_size - max(map(len, prompts))
+    outs = model.generate(prompts, min(40, room), temperature=0.8, top_k=50, stop_tokens=[tok.eot_id],
+                          generator=torch.Generator(device=device).manual_seed(cfg.seed))
+    for p, o in zip(prompts, outs):
+        print0(f"--- {tok.decode(p[1:] + o)!r}")
 
 
 if __name__ == "__main__":

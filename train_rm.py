@@ -30,7 +30,6 @@ for each held-out prompt, ranked by TinyWorld's gold rater, which is what PPO wi
 Writes out/rm/ckpt.pt, log.jsonl and metrics.json.
 """
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +41,7 @@ import evals
 from common import UserError, print0
 from data import read_jsonl, tinyworld
 from data.tokenizer import load_tokenizer
+from run import Run
 
 
 @dataclass
@@ -138,15 +138,15 @@ def pair_scores(model, batch):
 
 
 @torch.no_grad()
-def accuracy(model, pairs, cfg, device, rank, world):
+def accuracy(model, pairs, cfg, run):
     """Fraction of pairs whose chosen reply scores higher, over every pair."""
     model.eval()
     right = 0
-    for start in range(rank * cfg.batch_size, len(pairs), world * cfg.batch_size):
+    for start in range(run.rank * cfg.batch_size, len(pairs), run.world * cfg.batch_size):
         r_c, r_r, _ = pair_scores(model, pairs[start:start + cfg.batch_size])
         right += (r_c > r_r).sum().item()
     model.train()
-    return common.all_mean(right) * world / max(len(pairs), 1)
+    return common.all_mean(right) * run.world / max(len(pairs), 1)
 
 
 @torch.no_grad()
@@ -176,25 +176,63 @@ def main(cfg):
         raise UserError(f"--lm_coef must be 0 (off) or a positive number, got {cfg.lm_coef}")
     if cfg.best_of > 0:
         common.require_positive(cfg, "best_of_prompts")
-    rank, world, device = common.setup_ddp(common.pick_device(cfg.device))
-    if cfg.batch_size % world:
-        raise UserError(f"--batch_size={cfg.batch_size} must be a multiple of the number of processes ({world})")
-    if common.is_master():
-        common.check_writable(cfg.out)
-    ckpt_path = Path(cfg.out) / "ckpt.pt"
+    run = Run("rm", cfg)
 
     # the reward model: the SFT trunk with a fresh scalar head, or resumed exactly
-    if cfg.resume:
-        ckpt = common.load_checkpoint(ckpt_path, ["rm"], made_by="python train_rm.py")
-        init = common.load_checkpoint(ckpt["init"], ["sft"], made_by="python train_sft.py")
-    else:
-        ckpt = init = common.load_checkpoint(cfg.init, ["sft"], made_by="python train_sft.py")
+    ckpt = run.resumed()
+    init = common.load_checkpoint(ckpt["init"] if ckpt else cfg.init, ["sft"], made_by="python train_sft.py")
+    ckpt = ckpt or init
     tokenizer = cfg.tokenizer or ckpt["tokenizer"]
     tok = load_tokenizer(tokenizer)
     torch.manual_seed(cfg.seed)  # the fresh head's initial weights
     model = common.gpt_from_checkpoint(ckpt, tok, reward=True, dropout=0.0)
-    block_size = model.config.block_size
+    pairs, dropped, test_pairs = load_data(cfg, tok, model.config.block_size)
+    shift = 0.0
+    model = run.start(model, ckpt, tok, tokenizer, seed=cfg.seed, keep=lambda: dict(
+        init=cfg.init if not cfg.resume else ckpt["init"], score_shift=shift))
+    run.logger.phase("evaluation")
+    test_acc = None
+    if run.step == 0 and test_pairs:
+        test_acc = accuracy(model, test_pairs, cfg, run)
+        print0(f"rm: held-out accuracy before training {test_acc:.1%} (an untrained head; the gate at its small start)")
+        run.logger.log(0, printed=False, test_accuracy=test_acc)
 
+    train_loss = None
+    for step in run.steps():
+        picks = torch.randint(len(pairs), (cfg.batch_size,), generator=run.data_gen)[run.rank::run.world]
+        batch = [pairs[i] for i in picks.tolist()]
+        r_c, r_r, lm_nll = pair_scores(model, batch)
+        loss = reward_loss(r_c, r_r, cfg.margin, cfg.center_coef, lm_nll, cfg.lm_coef)
+        loss.backward()
+        train_loss = common.all_mean(loss.item())
+        run.update(train_loss)
+        metrics = {"loss": train_loss, "accuracy": common.all_mean((r_c > r_r).float().mean().item()),
+                   "margin": common.all_mean((r_c - r_r).mean().item()), "lr": run.lr}
+        if test_pairs and (run.due() or run.step == run.end):
+            test_acc = metrics["test_accuracy"] = accuracy(model, test_pairs, cfg, run)
+        if run.due():  # the weights after the update can be broken while the loss before it was fine
+            with torch.no_grad():
+                r_c, r_r, lm_nll = pair_scores(run.raw, batch)
+                run.check(reward_loss(r_c, r_r, cfg.margin, cfg.center_coef, lm_nll, cfg.lm_coef).item(),
+                          "loss after the update")
+        run.log(metrics, printed="test_accuracy" in metrics, save=run.due())
+
+    metrics = {"loss": train_loss, "test_accuracy": test_acc, "pairs": len(pairs), "dropped": dropped}
+    if common.is_master():
+        shift = final_evaluation(run.raw, init, tok, cfg, run.device, metrics)
+    run.save()  # with the score shift
+    run.finish(metrics)
+    if test_acc is not None:
+        print0(f"rm: held-out pairwise accuracy {test_acc:.1%} ({len(test_pairs)} pairs)")
+        if metrics.get("test_accuracy_facts") is not None:
+            unseen = metrics.get("test_accuracy_facts_unseen")
+            print0(f"rm: {metrics['test_accuracy_style']:.1%} where both replies are right and differ in manner, "
+                   f"{metrics['test_accuracy_facts']:.1%} where one of them is wrong"
+                   + (f" ({unseen:.1%} about characters no training pair mentions)" if unseen is not None else ""))
+
+
+def load_data(cfg, tok, block_size):
+    """The training pairs (and how many were dropped as too long) and the held-out ones, checked now."""
     pairs, dropped = load_pairs(cfg.data, tok, block_size)
     if not pairs and not dropped:
         raise UserError(f"{cfg.data} holds no preference pairs: give a JSONL file of "
@@ -205,115 +243,48 @@ def main(cfg):
     test_pairs = load_pairs(cfg.test_data, tok, block_size)[0] if cfg.test_data else []
     print0(f"rm: {len(pairs):,} pairs from {cfg.data} ({dropped} dropped as longer than the context), "
            f"{len(test_pairs):,} held out")
+    return pairs, dropped, test_pairs
 
-    torch.manual_seed(cfg.seed)
-    raw_model = model.to(device)
-    model, optimizer, data_gen, step = common.start_training(raw_model, cfg, device, world, ckpt)
 
-    def save(step, **extra):
-        if common.is_master():
-            common.save_checkpoint(ckpt_path, common.training_checkpoint(
-                "rm", raw_model, optimizer, step, cfg, tokenizer, data_gen, init=cfg.init if not cfg.resume
-                else ckpt["init"], tokenizer_fingerprint=tok.fingerprint, **extra))
-
-    log = common.Logger(cfg.out, "rm", cfg.max_steps, resume=cfg.resume, start_step=step)
-    log.phase("evaluation")
-    test_acc = None
-    if step == 0 and test_pairs:
-        test_acc = accuracy(model, test_pairs, cfg, device, rank, world)
-        print0(f"rm: held-out accuracy before training {test_acc:.1%} (an untrained head; the gate at its small start)")
-        log.log(0, printed=False, test_accuracy=test_acc)
-
-    end = cfg.stop_at if 0 < cfg.stop_at < cfg.max_steps else cfg.max_steps
-    log.phase("training")
-    t_start, train_loss = time.time(), None
-    with common.StopOnSignal() as stop:
-        while step < end and not stop.requested():
-            lr = common.lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            picks = torch.randint(len(pairs), (cfg.batch_size,), generator=data_gen)[rank::world]
-            batch = [pairs[i] for i in picks.tolist()]
-            r_c, r_r, lm_nll = pair_scores(model, batch)
-            loss = reward_loss(r_c, r_r, cfg.margin, cfg.center_coef, lm_nll, cfg.lm_coef)
-            loss.backward()
-            train_loss = common.all_mean(loss.item())
-            common.check_finite(train_loss, step + 1, ckpt_path)
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            metrics = {"loss": train_loss, "accuracy": common.all_mean((r_c > r_r).float().mean().item()),
-                       "margin": common.all_mean((r_c - r_r).mean().item()), "lr": lr}
-            checkpoint = step % cfg.eval_every == 0
-            if test_pairs and (checkpoint or step == end):
-                test_acc = metrics["test_accuracy"] = accuracy(model, test_pairs, cfg, device, rank, world)
-            if checkpoint:  # the weights after the update can be broken while the loss before it was fine
-                with torch.no_grad():
-                    r_c, r_r, lm_nll = pair_scores(raw_model, batch)
-                    after = reward_loss(r_c, r_r, cfg.margin, cfg.center_coef, lm_nll, cfg.lm_coef).item()
-                common.check_finite(after, step, ckpt_path, "loss after the update")
-            log.log(step, printed=step % cfg.log_every == 0 or "test_accuracy" in metrics or step == end, **metrics)
-            if checkpoint:  # after the row: a kill between the two leaves a row that --resume redoes
-                save(step)
-    if stop.stopped:
-        save(step)
-        print0(f"\ninterrupted at step {step}: checkpoint saved to {ckpt_path}; "
-               f"continue with: python train_rm.py --resume (and the same flags)")
-        common.teardown_ddp()
-        raise SystemExit(stop.exit_code)
-    train_seconds = time.time() - t_start
-    log.phase("evaluation")
-
-    metrics = {"loss": train_loss, "test_accuracy": test_acc, "steps": step, "train_seconds": train_seconds,
-               "pairs": len(pairs), "dropped": dropped}
-    if common.is_master():
-        # Score zero = the SFT policy's typical reply, and agreement with the gold rater on such replies.
-        policy = common.gpt_from_checkpoint(init, tok).to(device)
-        gen = torch.Generator(device=device).manual_seed(cfg.seed)
-        questions = sorted({r["prompt"] for r in read_jsonl(cfg.data)})
-        if cfg.zero_prompts > 0:
-            picks = torch.randperm(len(questions), generator=torch.Generator().manual_seed(cfg.seed))
-            _, r = sampled_scores(raw_model, policy, tok, [questions[i] for i in picks[:cfg.zero_prompts]],
-                                  cfg, device, gen)
-            shift = r.mean().item()
-            with torch.no_grad():
-                raw_model.head.bias -= shift
-            metrics.update(score_shift=shift, sft_score_std=r.std().item())
-            print0(f"rm: scores shifted by {-shift:+.3f} so that the SFT policy's replies score 0 on average "
-                   f"(their spread: std {r.std().item():.3f})")
-        rater = tinyworld.load_world(cfg.world) if cfg.world else None  # the world the gold rater knows
-        if rater is not None and cfg.test_data and rater.parse_question(questions[0]) is not None:
-            test_records = read_jsonl(cfg.test_data)
-            kinds = evals.reward_accuracy(raw_model, tok, test_records, rater)
-            metrics.update(test_accuracy_style=kinds.get("style"), test_accuracy_facts=kinds.get("facts"),
-                           test_accuracy_facts_unseen=kinds.get("facts_unseen"))
-            held_out = sorted({r["prompt"] for r in test_records})
-            agree, n = gold_agreement(raw_model, policy, tok, held_out, rater, cfg, device, gen)
-            metrics.update(gold_agreement=agree, gold_pairs=n)
-            print0(f"rm: agrees with the gold rater on {agree:.1%} of {n} fresh pairs of SFT replies")
-            if cfg.best_of > 0:
-                ns = [2 ** i for i in range(cfg.best_of.bit_length()) if 2 ** i <= cfg.best_of]
-                picks = torch.randperm(len(held_out), generator=torch.Generator().manual_seed(cfg.seed))
-                asked = [held_out[i] for i in picks[:cfg.best_of_prompts]]
-                best = evals.best_of_n(policy, raw_model, tok, asked, ns, cfg.max_new_tokens, gen, rater)
-                metrics["best_of_n"] = best
-                evals.plot_best_of_n(best, Path(cfg.out) / "best_of_n.png")
-                print0("rm: best of n SFT replies (n, reward model's score, gold rater's score): "
-                       + ", ".join(f"{n}: {r:.2f}, {g:.2f}" for n, r, g in zip(best["n"], best["rm"], best["gold"]))
-                       + f" (plot: {Path(cfg.out) / 'best_of_n.png'})")
-    save(step, score_shift=metrics.get("score_shift", 0.0))
-    log.finish(metrics)
-    if test_acc is not None:
-        print0(f"rm: held-out pairwise accuracy {test_acc:.1%} ({len(test_pairs)} pairs)")
-        if metrics.get("test_accuracy_facts") is not None:
-            unseen = metrics.get("test_accuracy_facts_unseen")
-            print0(f"rm: {metrics['test_accuracy_style']:.1%} where both replies are right and differ in manner, "
-                   f"{metrics['test_accuracy_facts']:.1%} where one of them is wrong"
-                   + (f" ({unseen:.1%} about characters no training pair mentions)" if unseen is not None else ""))
-    print0(f"rm: done in {train_seconds:.0f}s of training, checkpoint {ckpt_path}")
-    common.teardown_ddp()
+def final_evaluation(model, init, tok, cfg, device, metrics):
+    """After training, into metrics: the shift that makes the SFT policy's typical reply score zero
+    (folded into the head's bias; returned), held-out accuracy by kind of pair, agreement with the gold
+    rater on fresh SFT replies, and best of n."""
+    policy = common.gpt_from_checkpoint(init, tok).to(device)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    questions = sorted({r["prompt"] for r in read_jsonl(cfg.data)})
+    shift = 0.0
+    if cfg.zero_prompts > 0:
+        picks = torch.randperm(len(questions), generator=torch.Generator().manual_seed(cfg.seed))
+        _, r = sampled_scores(model, policy, tok, [questions[i] for i in picks[:cfg.zero_prompts]], cfg, device, gen)
+        shift = r.mean().item()
+        with torch.no_grad():
+            model.head.bias -= shift
+        metrics.update(score_shift=shift, sft_score_std=r.std().item())
+        print0(f"rm: scores shifted by {-shift:+.3f} so that the SFT policy's replies score 0 on average "
+               f"(their spread: std {r.std().item():.3f})")
+    rater = tinyworld.load_world(cfg.world) if cfg.world else None  # the world the gold rater knows
+    if rater is None or not cfg.test_data or rater.parse_question(questions[0]) is None:
+        return shift
+    test_records = read_jsonl(cfg.test_data)
+    kinds = evals.reward_accuracy(model, tok, test_records, rater)
+    metrics.update(test_accuracy_style=kinds.get("style"), test_accuracy_facts=kinds.get("facts"),
+                   test_accuracy_facts_unseen=kinds.get("facts_unseen"))
+    held_out = sorted({r["prompt"] for r in test_records})
+    agree, n = gold_agreement(model, policy, tok, held_out, rater, cfg, device, gen)
+    metrics.update(gold_agreement=agree, gold_pairs=n)
+    print0(f"rm: agrees with the gold rater on {agree:.1%} of {n} fresh pairs of SFT replies")
+    if cfg.best_of > 0:
+        ns = [2 ** i for i in range(cfg.best_of.bit_length()) if 2 ** i <= cfg.best_of]
+        picks = torch.randperm(len(held_out), generator=torch.Generator().manual_seed(cfg.seed))
+        asked = [held_out[i] for i in picks[:cfg.best_of_prompts]]
+        best = evals.best_of_n(policy, model, tok, asked, ns, cfg.max_new_tokens, gen, rater)
+        metrics["best_of_n"] = best
+        evals.plot_best_of_n(best, Path(cfg.out) / "best_of_n.png")
+        print0("rm: best of n SFT replies (n, reward model's score, gold rater's score): "
+               + ", ".join(f"{n}: {r:.2f}, {g:.2f}" for n, r, g in zip(best["n"], best["rm"], best["gold"]))
+               + f" (plot: {Path(cfg.out) / 'best_of_n.png'})")
+    return shift
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ characters SFT talks about ("Joan's pet is a dog." when asked about Lucy); so ea
 windows of the pre-training text with their next-token loss (--replay_data, --replay_coef), which keeps
 the other names and facts in use. Writes out/sft/ckpt.pt, log.jsonl and metrics.json.
 """
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import evals
 from common import UserError, print0
 from data import read_documents
 from data.tokenizer import load_tokenizer
+from run import Run
 
 
 @dataclass
@@ -186,13 +186,13 @@ def get_replay_batch(ids, batch_size, block_size, gen, rank, world):
 
 
 @torch.no_grad()
-def evaluate(model, examples, cfg, device, rank, world):
+def evaluate(model, examples, cfg, run):
     """Validation loss: the token-level mean over every held-out conversation."""
     model.eval()
     total, count = 0.0, 0
-    for start in range(rank * cfg.batch_size, len(examples), world * cfg.batch_size):
-        x, y, m = (t.to(device) for t in collate(examples[start:start + cfg.batch_size]))
-        with common.autocast(device):
+    for start in range(run.rank * cfg.batch_size, len(examples), run.world * cfg.batch_size):
+        x, y, m = (t.to(run.device) for t in collate(examples[start:start + cfg.batch_size]))
+        with common.autocast(run.device):
             total += sft_loss(-model(x, y, reduction="none"), m, n_tokens=1).item()
         count += m.sum().item()
     model.train()
@@ -225,26 +225,75 @@ def qa_eval(model, tok, questions, cfg, label):
 def main(cfg):
     common.require_positive(cfg, "batch_size", "grad_accum", "max_steps", "eval_every", "log_every", "max_new_tokens",
                             "replay_batch", "lr")
-    rank, world, device = common.setup_ddp(common.pick_device(cfg.device))
-    for name in ("batch_size", "replay_batch"):
-        if getattr(cfg, name) % world:
-            raise UserError(f"--{name}={getattr(cfg, name)} must be a multiple of the number of processes ({world})")
-    if common.is_master():
-        common.check_writable(cfg.out)
-    ckpt_path = Path(cfg.out) / "ckpt.pt"
+    run = Run("sft", cfg, per_rank=("batch_size", "replay_batch"))
 
     # the model: from a pre-trained (or fine-tuned) checkpoint, or resumed exactly
-    if cfg.resume:
-        ckpt = common.load_checkpoint(ckpt_path, ["sft"], made_by="python train_sft.py")
-    else:
-        ckpt = common.load_checkpoint(cfg.init, ["pretrain", "sft"], made_by="python train_pretrain.py")
+    ckpt = run.resumed() or common.load_checkpoint(cfg.init, ["pretrain", "sft"], made_by="python train_pretrain.py")
     tokenizer = cfg.tokenizer or ckpt["tokenizer"]
     tok = load_tokenizer(tokenizer)
     model = common.gpt_from_checkpoint(ckpt, tok)
-    model_cfg = model.config
+    block_size = model.config.block_size
+    examples, dropped, val_examples, questions, replay = load_data(cfg, tok, block_size)
+    before = ckpt.get("qa_before") if cfg.resume else None
+    model = run.start(model, ckpt, tok, tokenizer, seed=cfg.seed, unit="tok/s", keep=lambda: dict(
+        init=cfg.init if not cfg.resume else ckpt.get("init"), qa_before=before))
+    run.logger.phase("evaluation")
+    if run.step == 0 and cfg.qa_data and common.is_master():  # the starting point, for the before -> after
+        before = qa_eval(run.raw, tok, questions, cfg, "before fine-tuning")
+        run.logger.log(0, printed=False, **{f"qa/{k}": v for k, v in before.items()})
+    val_loss = evaluate(model, val_examples, cfg, run) if val_examples else None
+    if val_loss is not None and run.step == 0:
+        print0(f"sft: validation loss before fine-tuning {val_loss:.4f}")
+        run.logger.log(0, printed=False, val_loss=val_loss)
 
-    context = model_cfg.block_size + 1  # tokens in a conversation the model can learn whole
-    examples, dropped = load_conversations(cfg.data, tok, model_cfg.block_size)
+    train_loss = None
+    for step in run.steps():
+        # The whole step's micro-batches first: the loss divides by their total count of learned
+        # tokens. DDP averages gradients over ranks, so each rank divides by that count / world.
+        batches = [get_batch(examples, cfg.batch_size, run.data_gen, run.rank, run.world) for _ in range(cfg.grad_accum)]
+        n_tokens = common.all_mean(sum(m.sum().item() for _, _, m in batches)) * run.world
+        loss_sum = replay_sum = 0.0
+        for micro, (x, y, m) in enumerate(batches):
+            last = micro == cfg.grad_accum - 1
+            x, y, m = x.to(run.device), y.to(run.device), m.to(run.device)
+            run.sync(last and replay is None)
+            with common.autocast(run.device):
+                logprobs = -model(x, y, reduction="none")  # log p of each target, (B, T)
+                loss = sft_loss(logprobs, m, n_tokens=n_tokens / run.world)
+            loss.backward()
+            loss_sum += loss.item()
+            run.count(x.numel())
+            if replay is not None:  # plus windows of pre-training text and their mean next-token loss
+                px, py = get_replay_batch(replay, cfg.replay_batch, block_size, run.data_gen, run.rank, run.world)
+                run.sync(last)
+                with common.autocast(run.device):
+                    replay_loss = model(px.to(run.device), py.to(run.device)) / cfg.grad_accum
+                (cfg.replay_coef * replay_loss).backward()
+                replay_sum += replay_loss.item()
+                run.count(px.numel())
+        train_loss, replay_loss = common.all_mean(loss_sum), common.all_mean(replay_sum)
+        run.update(train_loss + replay_loss)
+        metrics = {"loss": train_loss, "lr": run.lr, **({"replay_loss": replay_loss} if replay is not None else {})}
+        if run.due() and val_examples:  # the weights after a step can be broken while its loss was fine
+            val_loss = metrics["val_loss"] = evaluate(model, val_examples, cfg, run)
+            run.check(val_loss, "validation loss")
+        elif run.due():
+            run.check(loss_after_step(run.raw, x, y, run.device), "loss after the update")
+        run.log(metrics, printed="val_loss" in metrics, save=run.due())
+
+    metrics = {"loss": train_loss, "val_loss": val_loss, "conversations": len(examples), "dropped": len(dropped)}
+    if cfg.qa_data and common.is_master():
+        after = qa_eval(run.raw, tok, questions, cfg, "after fine-tuning")
+        run.logger.log(run.step, printed=False, **{f"qa/{k}": v for k, v in after.items()})
+        metrics.update(qa_before=before, qa_after=after)
+    run.finish(metrics)
+
+
+def load_data(cfg, tok, block_size):
+    """The conversations to learn (and those dropped as too long), the held-out ones, the held-out
+    questions and the replayed pre-training text: all read and checked before training starts."""
+    context = block_size + 1  # tokens in a conversation the model can learn whole
+    examples, dropped = load_conversations(cfg.data, tok, block_size)
     if not examples and not dropped:
         raise UserError(f"{cfg.data} holds no conversations: give a messages JSONL file, one conversation per line")
     if not examples:
@@ -252,123 +301,20 @@ def main(cfg):
                         f"at line {dropped[0]}: shorten them, or fine-tune a model with a longer context")
     val_examples = []
     if cfg.val_data:
-        val_examples = load_conversations(cfg.val_data, tok, model_cfg.block_size)[0]
+        val_examples = load_conversations(cfg.val_data, tok, block_size)[0]
         if not val_examples:
             raise UserError(f"--val_data={cfg.val_data} holds no conversation that fits the context "
                             f"({context} tokens): give shorter ones, or --val_data= for none")
-    questions = load_questions(cfg.qa_data, tok, model_cfg.block_size) if cfg.qa_data else None
+    questions = load_questions(cfg.qa_data, tok, block_size) if cfg.qa_data else None
     n_learned = sum(sum(mask) for _, mask in examples)
     first = f", the first at line {dropped[0]}" if dropped else ""
     print0(f"sft: {len(examples):,} conversations from {cfg.data} ({n_learned:,} tokens learned), "
            f"{len(dropped)} dropped as longer than the context ({context} tokens{first})")
-    replay = load_replay(cfg.replay_data, tok, model_cfg.block_size) if cfg.replay_data else None
+    replay = load_replay(cfg.replay_data, tok, block_size) if cfg.replay_data else None
     if replay is not None:
         print0(f"sft: replaying {cfg.replay_batch} windows of {cfg.replay_data} ({len(replay):,} tokens) "
                "per micro-step")
-
-    torch.manual_seed(cfg.seed)
-    raw_model = model.to(device)
-    model, optimizer, data_gen, step = common.start_training(raw_model, cfg, device, world, ckpt)
-
-    def save(step):
-        if common.is_master():
-            common.save_checkpoint(ckpt_path, common.training_checkpoint(
-                "sft", raw_model, optimizer, step, cfg, tokenizer, data_gen,
-                init=cfg.init if not cfg.resume else ckpt.get("init"), qa_before=before,
-                tokenizer_fingerprint=tok.fingerprint))
-
-    log = common.Logger(cfg.out, "sft", cfg.max_steps, resume=cfg.resume, start_step=step)
-    log.phase("evaluation")
-    before = ckpt.get("qa_before") if cfg.resume else None
-    if step == 0 and cfg.qa_data and common.is_master():  # the starting point, for the before -> after
-        before = qa_eval(raw_model, tok, questions, cfg, "before fine-tuning")
-        log.log(0, printed=False, **{f"qa/{k}": v for k, v in before.items()})
-    val_loss = evaluate(model, val_examples, cfg, device, rank, world) if val_examples else None
-    if val_loss is not None and step == 0:
-        print0(f"sft: validation loss before fine-tuning {val_loss:.4f}")
-        log.log(0, printed=False, val_loss=val_loss)
-
-    end = cfg.stop_at if 0 < cfg.stop_at < cfg.max_steps else cfg.max_steps
-    log.phase("training")
-    t_start = t_last = time.time()
-    train_loss, tokens_since = None, 0
-    with common.StopOnSignal() as stop:
-        while step < end and not stop.requested():
-            lr = common.lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            # The whole step's micro-batches first: the loss divides by their total count of learned
-            # tokens. DDP averages gradients over ranks, so each rank divides by that count / world.
-            batches = [get_batch(examples, cfg.batch_size, data_gen, rank, world) for _ in range(cfg.grad_accum)]
-            n_tokens = common.all_mean(sum(m.sum().item() for _, _, m in batches)) * world
-            loss_sum = replay_sum = 0.0
-            for micro, (x, y, m) in enumerate(batches):
-                last = micro == cfg.grad_accum - 1
-                x, y, m = x.to(device), y.to(device), m.to(device)
-                if world > 1:
-                    model.require_backward_grad_sync = last and replay is None  # all-reduce once per step
-                with common.autocast(device):
-                    logprobs = -model(x, y, reduction="none")  # log p of each target, (B, T)
-                    loss = sft_loss(logprobs, m, n_tokens=n_tokens / world)
-                loss.backward()
-                loss_sum += loss.item()
-                tokens_since += x.numel()
-                if replay is not None:  # plus windows of pre-training text and their mean next-token loss
-                    px, py = get_replay_batch(replay, cfg.replay_batch, model_cfg.block_size, data_gen, rank, world)
-                    if world > 1:
-                        model.require_backward_grad_sync = last
-                    with common.autocast(device):
-                        replay_loss = model(px.to(device), py.to(device)) / cfg.grad_accum
-                    (cfg.replay_coef * replay_loss).backward()
-                    replay_sum += replay_loss.item()
-                    tokens_since += px.numel()
-            train_loss, replay_loss = common.all_mean(loss_sum), common.all_mean(replay_sum)
-            common.check_finite(train_loss + replay_loss, step + 1, ckpt_path)
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            metrics = {"loss": train_loss, "lr": lr}
-            if replay is not None:
-                metrics["replay_loss"] = replay_loss
-            checkpoint = step % cfg.eval_every == 0 or step == cfg.max_steps
-            if checkpoint and val_examples:
-                val_loss = metrics["val_loss"] = evaluate(model, val_examples, cfg, device, rank, world)
-            if checkpoint:  # the weights after a step can be broken while its loss (from before it) was fine
-                if val_examples:
-                    common.check_finite(val_loss, step, ckpt_path, "validation loss")
-                else:
-                    after_step = loss_after_step(raw_model, x, y, device)
-                    common.check_finite(after_step, step, ckpt_path, "loss after the update")
-            printed = step % cfg.log_every == 0 or "val_loss" in metrics or step == end
-            if printed:  # speed over the steps since the last printed line (padding included)
-                metrics["tok/s"] = round(common.all_mean(tokens_since) * world / (time.time() - t_last))
-                t_last, tokens_since = time.time(), 0
-            # the row before the checkpoint: a kill between the two leaves a row that --resume drops and
-            # redoes, never a checkpoint whose step has no row
-            log.log(step, printed=printed, **metrics)
-            if checkpoint:
-                save(step)
-    if stop.stopped:
-        save(step)
-        print0(f"\ninterrupted at step {step}: checkpoint saved to {ckpt_path}; "
-               f"continue with: python train_sft.py --resume (and the same flags)")
-        common.teardown_ddp()
-        raise SystemExit(stop.exit_code)
-    train_seconds = time.time() - t_start
-    log.phase("evaluation")
-    save(step)
-
-    metrics = {"loss": train_loss, "val_loss": val_loss, "steps": step,
-               "train_seconds": train_seconds, "conversations": len(examples), "dropped": len(dropped)}
-    if cfg.qa_data and common.is_master():
-        after = qa_eval(raw_model, tok, questions, cfg, "after fine-tuning")
-        log.log(step, printed=False, **{f"qa/{k}": v for k, v in after.items()})
-        metrics.update(qa_before=before, qa_after=after)
-    log.finish(metrics)
-    print0(f"sft: done in {train_seconds:.0f}s of training, checkpoint {ckpt_path}")
-    common.teardown_ddp()
+    return examples, dropped, val_examples, questions, replay
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Where `make demo`'s time goes: each stage's start-up, training and evaluation, from its metrics.json.
 
-Every stage times its phases (common.Logger): start-up is the process's imports, data and model until
+Every stage times its phases (run.Logger): start-up is the process's imports, data and model until
 its logger exists; training is the training loop (with the validations inside it); evaluation is the
 measures before and after it. report.py is all start-up and evaluation; its own time is read from
 out/report.md. No figure here is measured by this script: it reads what the last `make demo` wrote.

@@ -47,6 +47,7 @@ if not CUDA:
 import torch.nn.functional as F  # noqa: E402
 
 import common  # noqa: E402
+from run import peak_flops  # noqa: E402
 import kernels  # noqa: E402
 import model as model_module  # noqa: E402
 from measure import device_name, fmt, fwd_bwd, markdown_table, peak_extra_mb, time_ms, triton_version  # noqa: E402
@@ -189,7 +190,7 @@ def training_section(device):
     x, y = (torch.randint(0, cfg.vocab_size, (batch, cfg.block_size), device=device) for _ in range(2))
     n_params = gpt.num_params()
     flops_per_token = gpt.flops_per_token(cfg.block_size)  # 6 per parameter per token, plus attention's
-    peak = common.peak_flops(device.type)  # a GPU's bf16 data sheet; a CPU's own large fp32 matmul, measured now
+    peak = peak_flops(device.type)  # a GPU's bf16 data sheet; a CPU's own large fp32 matmul, measured now
     seconds, backend, failed, mode = {}, {}, {}, os.environ["KERNELS"]
     for is_compiled in (False, True):
         for name in ("ours", "plain"):

@@ -8,6 +8,7 @@ import torch
 from hypothesis import given, strategies as st
 
 import common
+import run
 from common import UserError
 
 
@@ -42,11 +43,11 @@ def test_help_lists_fields_defaults_and_comments(capsys):
 @given(max_lr=st.floats(1e-5, 1.0), frac=st.floats(0.0, 1.0), warmup=st.integers(1, 100), total=st.integers(101, 10_000))
 def test_schedule_warms_up_then_decays_to_min(max_lr, frac, warmup, total):
     min_lr = max_lr * frac
-    lrs = [common.lr_at(s, max_lr, min_lr, warmup, total) for s in (0, warmup - 1, warmup, total)]
+    lrs = [run.lr_at(s, max_lr, min_lr, warmup, total) for s in (0, warmup - 1, warmup, total)]
     assert lrs[0] == pytest.approx(max_lr / warmup)
     assert lrs[1] == pytest.approx(max_lr) and lrs[2] == pytest.approx(max_lr)
     assert lrs[3] == pytest.approx(min_lr)
-    mid = common.lr_at(warmup + (total - warmup) // 2, max_lr, min_lr, warmup, total)
+    mid = run.lr_at(warmup + (total - warmup) // 2, max_lr, min_lr, warmup, total)
     assert min_lr - 1e-12 <= mid <= max_lr + 1e-12
 
 
@@ -63,7 +64,7 @@ def test_checkpoint_round_trip_and_stage_check(tmp_path):
 
 
 def test_peak_flops_on_cpu_is_a_positive_measurement():
-    flops = common.peak_flops("cpu")
+    flops = run.peak_flops("cpu")
     assert flops > 1e8 and math.isfinite(flops)
 
 

@@ -1,0 +1,308 @@
+"""One training run's skeleton, written once, so that each train_*.py's main() shows its algorithm:
+
+    run = Run("sft", cfg, per_rank=["batch_size"])       # device, DDP, checks, an --out that can be written
+    ckpt = run.resumed() or common.load_checkpoint(cfg.init, ["pretrain", "sft"])
+    ...                                                  # the stage's own: tokenizer, model, data
+    model = run.start(model, ckpt, tok, tokenizer)       # AdamW, the data order and the step; the log
+    for step in run.steps():        # the step's learning rate is set; Ctrl-C ends the step, saves, exits
+        ...                         # batch, forward, loss, backward
+        run.update(loss)            # stop on a non-finite loss, clip, AdamW's step, count the step
+        run.log(metrics, save=run.due())      # the row in log.jsonl, then the checkpoint
+    run.finish(metrics)             # metrics.json, the last line, DDP torn down
+
+Also here: the learning-rate schedule, the stop on Ctrl-C, the log and the device's peak FLOP/s.
+"""
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import common
+from common import UserError, all_mean, is_master, print0
+
+
+class Run:
+    """The plumbing every stage shares: set up, start, step, log, save, finish. The attributes a loop
+    reads: device, rank, world, step, lr, model (compiled and DDP-wrapped as asked), raw (the model
+    itself), optimizer, data_gen (orders the data), logger."""
+
+    def __init__(self, stage, cfg, per_rank=("batch_size",)):
+        """per_rank: the flags (batch sizes) that DDP splits over the processes, so must divide by their number."""
+        self.stage, self.cfg = stage, cfg
+        self.rank, self.world, self.device = common.setup_ddp(common.pick_device(cfg.device))
+        for name in per_rank:
+            if getattr(cfg, name) % self.world:
+                raise UserError(f"--{name}={getattr(cfg, name)} must be a multiple of the number of processes "
+                                f"({self.world})")
+        if is_master():
+            common.check_writable(cfg.out)
+        self.ckpt_path = Path(cfg.out) / "ckpt.pt"
+        self.end = cfg.stop_at if 0 < cfg.stop_at < cfg.max_steps else cfg.max_steps
+        self.step, self.lr, self.since, self.train_seconds = 0, cfg.lr, 0, 0.0
+
+    def resumed(self):
+        """Under --resume, this stage's own checkpoint (in --out); otherwise None."""
+        if not self.cfg.resume:
+            return None
+        return common.load_checkpoint(self.ckpt_path, [self.stage], made_by=f"python train_{self.stage}.py")
+
+    def start(self, model, ckpt, tok, tokenizer, keep=dict, seed=None, unit=None, flops_per_unit=None):
+        """AdamW over the model, the generator that orders the data, and the step: all restored exactly
+        from ckpt under --resume. seed: the global RNG's seed from here on (None: left as it is); keep()
+        returns the stage's own fields for each checkpoint; unit names the speed each printed line shows
+        (of what run.count counts), flops_per_unit adds MFU to it. Returns the model to call: compiled
+        and DDP-wrapped as the config asks."""
+        cfg = self.cfg
+        if seed is not None:
+            torch.manual_seed(seed)
+        self.raw = model.to(self.device)
+        self.optimizer = model.configure_optimizer(cfg.lr, cfg.weight_decay)
+        self.data_gen = torch.Generator().manual_seed(cfg.seed)
+        if cfg.resume:
+            try:
+                self.optimizer.load_state_dict(ckpt["optimizer"])
+            except ValueError as e:
+                raise UserError(f"--resume: {e}") from None
+            self.step = ckpt["step"]
+            self.data_gen.set_state(ckpt["data_rng"])
+            common.set_rng_state(ckpt["rng"])
+        self.model = self.ddp(torch.compile(self.raw) if cfg.compile else self.raw)
+        self.tok, self.tokenizer, self.keep = tok, tokenizer, keep
+        self.unit, self.flops_per_unit = unit, flops_per_unit
+        self.peak = peak_flops(self.device) if flops_per_unit else None
+        self.logger = Logger(cfg.out, self.stage, cfg.max_steps, resume=cfg.resume, start_step=self.step)
+        return self.model
+
+    def ddp(self, net):
+        """net wrapped for DDP when there are several processes (it averages the gradients), else net."""
+        if self.world == 1:
+            return net
+        return DDP(net, device_ids=[torch.device(self.device).index] if self.device.startswith("cuda") else None)
+
+    def save(self):
+        """The checkpoint: enough to rebuild the model, and to resume exactly. Written by rank 0, atomically."""
+        if is_master():
+            common.save_checkpoint(self.ckpt_path, {
+                "stage": self.stage, "model_args": dataclasses.asdict(self.raw.config), "model": self.raw.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "step": self.step, "config": dataclasses.asdict(self.cfg),
+                "tokenizer": self.tokenizer, "data_rng": self.data_gen.get_state(), "rng": common.rng_state(),
+                "tokenizer_fingerprint": self.tok.fingerprint, **self.keep()})
+
+    def steps(self):
+        """The loop: yields each step's number with its learning rate set. Ctrl-C or SIGTERM ends the loop
+        after the step in progress, saves, says how to go on and exits; a loop that runs out saves too."""
+        self.logger.phase("training")
+        t_start = self.t_last = time.time()
+        with StopOnSignal() as stop:
+            while self.step < self.end and not stop.requested():
+                self.lr = lr_at(self.step, self.cfg.lr, self.cfg.min_lr, self.cfg.warmup_steps, self.cfg.max_steps)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = self.lr
+                yield self.step
+        if stop.stopped:
+            self.save()
+            print0(f"\ninterrupted at step {self.step}: checkpoint saved to {self.ckpt_path}; "
+                   f"continue with: python train_{self.stage}.py --resume (and the same flags)")
+            common.teardown_ddp()
+            raise SystemExit(stop.exit_code)
+        self.train_seconds = time.time() - t_start  # this run's, evaluations and checkpoints included
+        self.logger.phase("evaluation")
+        self.save()
+
+    def sync(self, now):
+        """Under DDP, whether the next backward all-reduces the gradients: once a step, on its last micro-batch."""
+        if self.world > 1:
+            self.model.require_backward_grad_sync = now
+
+    def update(self, loss):
+        """After the backward passes: stop on a non-finite loss, clip the gradient, AdamW's step, count the step."""
+        self.check(loss, "loss", self.step + 1)
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+
+    def check(self, value, what="loss", step=None):
+        """Stop when value is NaN or infinite, before weights that produce it can be saved: the checkpoint
+        on disk stays the last good one."""
+        if not math.isfinite(value):
+            kept = (f"the last good checkpoint is kept in {self.ckpt_path}: continue from it with --resume and a "
+                    "lower --lr" if self.ckpt_path.is_file() else "no checkpoint was written: lower --lr")
+            raise UserError(f"the {what} became {value} at step {step or self.step}; {kept} (or check the data)")
+
+    def due(self):
+        """Whether this step ends with a checkpoint (and the evaluations that go with it): every
+        eval_every steps, and the last."""
+        return self.step % self.cfg.eval_every == 0 or self.step == self.cfg.max_steps
+
+    def count(self, n):
+        """Work done on this rank (tokens, pairs) for the speed on the next printed line."""
+        self.since += n
+
+    def log(self, metrics, printed=False, save=False):
+        """The step's row in log.jsonl, and a line on stdout every log_every steps, at the last, or when
+        printed; then the checkpoint, when save. The row goes first: a kill between the two leaves a row
+        that --resume drops and redoes, never a checkpoint whose step has no row."""
+        printed = printed or self.step % self.cfg.log_every == 0 or self.step == self.end
+        if printed and self.unit:  # the speed since the last printed line
+            rate = all_mean(self.since) * self.world / (time.time() - self.t_last)
+            metrics[self.unit] = round(rate) if rate >= 100 else round(rate, 1)
+            if self.peak:
+                metrics["mfu"] = rate * self.flops_per_unit / self.peak
+            self.t_last, self.since = time.time(), 0
+        self.logger.log(self.step, printed=printed, **metrics)
+        if save:
+            self.save()
+
+    def finish(self, metrics, said=""):
+        """metrics.json (with the steps and the training's seconds), the run's last line, DDP torn down."""
+        self.logger.finish({"steps": self.step, "train_seconds": self.train_seconds, **metrics})
+        print0(f"{self.stage}: done in {self.train_seconds:.0f}s of training{said}, checkpoint {self.ckpt_path}")
+        common.teardown_ddp()
+
+
+class StopOnSignal:
+    """Ctrl-C (SIGINT) or SIGTERM (how schedulers and torchrun stop a job) during training: the loop
+    finishes the step it is in, then saves and exits. Stopping mid-step instead would save a data order
+    already advanced past a batch that was never learned, so --resume would not continue exactly.
+
+        with StopOnSignal() as stop:
+            while step < end and not stop.requested():
+                ...  # one optimizer step
+        if stop.stopped:
+            ...  # save, say how to resume, exit with stop.exit_code
+
+    There is no second-Ctrl-C escape hatch: torchrun passes the terminal's Ctrl-C on to its workers,
+    so each worker sees it twice. A step is short; kill -9 stops at once, leaving the last checkpoint.
+    """
+
+    def __init__(self):
+        self.signum = None  # the signal this process received, if any
+        self.stopped = False  # whether the loop was told to stop (on every rank alike)
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self._receive) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def _receive(self, signum, frame):
+        self.signum = self.signum or signum
+
+    def requested(self):
+        """Whether to stop now. Under DDP every rank must stop at the same step, so they agree first."""
+        self.stopped = all_mean(self.signum is not None) > 0
+        return self.stopped
+
+    @property
+    def exit_code(self):
+        return 128 + (self.signum or signal.SIGINT)  # the shell's convention: 130 for Ctrl-C
+
+
+def lr_at(step, max_lr, min_lr, warmup, total):
+    """Linear warm-up to max_lr over `warmup` steps, then a cosine down to min_lr at `total`."""
+    if step < warmup:
+        return max_lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (max_lr - min_lr)
+
+
+def peak_flops(device):
+    """The device's peak FLOP/s for MFU: bf16 dense from the data sheet on known GPUs; on a CPU, the
+    rate this machine reaches on a large fp32 matmul, measured now (so CPU MFU is relative to that)."""
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name(device)
+        table = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12, "3090": 71e12}
+        return next((v for k, v in table.items() if k in name), None)
+    if device != "cpu":
+        return None
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    a @ b
+    t0, n = time.perf_counter(), 0
+    while time.perf_counter() - t0 < 0.3:
+        a @ b
+        n += 1
+    return 2 * 1024**3 * n / (time.perf_counter() - t0)
+
+
+def process_start():
+    """When this process began, imports included (Linux: from /proc); elsewhere, now."""
+    try:
+        ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])  # field 22: starttime
+        uptime = float(open("/proc/uptime").read().split()[0])
+        return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return time.time()
+
+
+class Logger:
+    """The per-interval line on stdout, every step in out/<stage>/log.jsonl, metrics.json at the end.
+    Only rank 0 writes. It also times the run's phases: start-up (imports, data, model) until the logger
+    exists, then "training" and "evaluation" as the script names them (log.phase); metrics.json gets
+    the seconds of each."""
+
+    def __init__(self, out_dir, stage, total_steps, resume=False, start_step=None):
+        """resume=True appends to log.jsonl; start_step, the step resumed from, first drops the rows an
+        interrupted run wrote after its last checkpoint (the resumed run logs those steps again)."""
+        self.out, self.stage, self.total = Path(out_dir), stage, total_steps
+        self.t0 = time.time()
+        self.seconds, self.current, self.since = {"start-up": self.t0 - process_start()}, "start-up", self.t0
+        self.first_step = None
+        if is_master():
+            self.out.mkdir(parents=True, exist_ok=True)
+            if resume and start_step is not None:
+                self.keep_rows_up_to(start_step)
+            self.file = open(self.out / "log.jsonl", "a" if resume else "w")
+
+    def keep_rows_up_to(self, step):
+        """Rewrite log.jsonl with its rows up to step, so it holds each step once. A line a kill cut
+        short is dropped too."""
+        path = self.out / "log.jsonl"
+        if not path.is_file():
+            return
+        kept = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and row.get("step", 0) <= step:
+                kept.append(line + "\n")
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, path)
+
+    def log(self, step, printed=True, **metrics):
+        if not is_master():
+            return
+        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.file.flush()
+        if printed:
+            if self.first_step is None:
+                self.first_step, self.t0 = step, time.time()
+            done = step - self.first_step
+            eta = f"{(time.time() - self.t0) / done * (self.total - step):.0f}s" if done > 0 else "?"
+            parts = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()]
+            print(f"{self.stage} {step}/{self.total} | " + " | ".join(parts) + f" | eta {eta}", flush=True)
+
+    def phase(self, name):
+        """From now on the time counts as name ("training", "evaluation")."""
+        now = time.time()
+        self.seconds[self.current] = self.seconds.get(self.current, 0.0) + now - self.since
+        self.current, self.since = name, now
+
+    def finish(self, metrics):
+        self.phase("done")
+        if is_master():
+            self.file.close()
+            seconds = {k: round(v, 1) for k, v in self.seconds.items()}
+            (self.out / "metrics.json").write_text(json.dumps({**metrics, "seconds": seconds}, indent=2) + "\n")
