@@ -12,6 +12,7 @@ beside the answers-only SFT run when out/sft_answers_only exists), and KL to SFT
 same three prompts are put to every stage, and each stage's training curves are drawn from its log.jsonl.
 """
 import json
+import sys
 import math
 import platform
 import time
@@ -44,8 +45,10 @@ COLUMNS = [("val_loss", "val loss", "{:.2f}"), ("facts", "facts", "{:.0%}"), ("s
            ("unseen", "QA unseen", "{:.0%}"), ("format", "format", "{:.0%}"), ("win", "wins vs SFT", "{:.0%}"),
            ("math", "math", "{:.0%}"), ("steps", "steps right", "{:.0%}"), ("rm_acc", "RM accuracy", "{:.0%}"), ("kl", "KL to SFT", "{:.1f}"),
            ("seconds", "train s", "{:.0f}")]
-CURVES = {"pretrain": ["loss", "val_loss"], "sft": ["loss", "replay_loss"], "rm": ["accuracy", "test_accuracy"],
-          "ppo": ["score", "gold", "kl"], "dpo": ["loss", "reward_accuracy"], "grpo": ["reward", "accuracy"]}
+# each stage's curves, by the names every stage logs (run.py's docstring lists them)
+CURVES = {"pretrain": ["loss/train", "loss/val"], "sft": ["loss/train", "loss/replay"],
+          "rm": ["train/accuracy", "eval/accuracy"], "ppo": ["rollout/score", "rollout/gold", "rollout/kl"],
+          "dpo": ["loss/train", "rewards/accuracy"], "grpo": ["rollout/reward", "rollout/accuracy"]}
 
 
 def math_measures(model, tok, sets, cfg):
@@ -97,14 +100,16 @@ def measure(model, tok, sets, sft, sft_gold, cfg):
 
 
 def plot(log_path, names, title, png):
-    """One stage's curves from its log.jsonl: each name that the log has, against the step."""
+    """One stage's curves from its log.jsonl: each name that the log has, against the step. Returns the
+    names it has not (a run without held-out data, say), so the report can say which are missing."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = [json.loads(line) for line in open(log_path)]
-    names = [n for n in names if any(n in r for r in rows)]
+    missing = [n for n in names if not any(n in r for r in rows)]
+    names = [n for n in names if n not in missing]
     if not names:
-        return False
+        return missing
     fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 2.8), squeeze=False)
     for ax, name in zip(axes[0], names):
         points = [(r["step"], r[name]) for r in rows if isinstance(r.get(name), (int, float))]
@@ -115,7 +120,7 @@ def plot(log_path, names, title, png):
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     plt.close(fig)
-    return True
+    return missing
 
 
 def reply(model, label, tok, prompt, cfg):
@@ -257,8 +262,12 @@ def main(cfg):
     figures = []
     for stage, names in CURVES.items():
         log = out / stage / "log.jsonl"
-        if log.is_file() and plot(log, names, f"{stage}: training curves", out / f"report-{stage}.png"):
+        missing = plot(log, names, f"{stage}: training curves", out / f"report-{stage}.png") if log.is_file() else names
+        if len(missing) < len(names):
             figures += [f"![{stage}](report-{stage}.png)", ""]
+        if missing:
+            figures += [f"Not drawn for {stage}: {', '.join(missing)} ({log} has no such rows).", ""]
+            print(f"report: {log} has no {', '.join(missing)}: not drawn", file=sys.stderr)
     best = rm_metrics.get("best_of_n")
     if best and "gold" in best and (out / "rm" / "best_of_n.png").is_file():  # written by train_rm.py
         figures += [f"Best of n, the reward model's cheap use: sample n SFT replies per held-out question and keep "

@@ -10,6 +10,16 @@
         run.log(metrics, save=run.due())      # the row in log.jsonl, then the checkpoint
     run.finish(metrics)             # metrics.json, the last line, DDP torn down
 
+Every stage logs to out/<stage>/log.jsonl in one vocabulary, namespaced as CleanRL and TRL do, which
+report.py and the tests read:
+    loss/train, loss/val, loss/replay, loss/policy, loss/value    the losses
+    rollout/reward, /score, /gold, /kl, /accuracy, /worked, /all_equal, /length, /ended
+                                                  what the step's sampled replies got (PPO, GRPO)
+    policy/clipfrac, /approx_kl, /kl, /entropy    how far the update moved the policy (PPO, GRPO)
+    train/accuracy, train/margin; rewards/...     the reward model's, and DPO's implicit reward, on the batch
+    eval/...                                      held-out measures: eval/accuracy, eval/pass@1, eval/qa_accuracy
+    lr, perf/tokens_per_s, perf/pairs_per_s, perf/mfu
+
 Also here: the learning-rate schedule, the stop on Ctrl-C, the log and the device's peak FLOP/s.
 """
 import dataclasses

@@ -227,7 +227,7 @@ def main(cfg):
     model = common.gpt_from_checkpoint(ckpt, tok)
     ref = common.gpt_from_checkpoint(ref_ckpt, tok).to(run.device).eval().requires_grad_(False)
     pairs, dropped, test_pairs, questions, rater = load_data(cfg, tok, model.config.block_size)
-    model = run.start(model, ckpt, tok, tokenizer, seed=cfg.seed, unit="pairs/s", keep=lambda: dict(init=init))
+    model = run.start(model, ckpt, tok, tokenizer, seed=cfg.seed, unit="perf/pairs_per_s", keep=lambda: dict(init=init))
     if run.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(run.device)
 
@@ -242,11 +242,11 @@ def main(cfg):
                 ref_logprobs = pair_logprobs(ref, batch, run.device)
             loss, stats = dpo_loss(pi_chosen, pi_rejected, *ref_logprobs, cfg.beta, cfg.loss_type, cfg.label_smoothing)
             (loss / cfg.grad_accum).backward()  # every micro-batch has the same number of pairs
-            for k, v in {"loss": loss, **stats}.items():
+            for k, v in {"loss/train": loss, **stats}.items():
                 sums[k] = sums.get(k, 0.0) + v.item() / cfg.grad_accum
             run.count(len(batch))
         metrics = {k: common.all_mean(v) for k, v in sums.items()}
-        run.update(metrics["loss"])
+        run.update(metrics["loss/train"])
         metrics["lr"] = run.lr
         if run.due():  # the weights after a step can be broken while its loss (from before it) was fine
             with torch.no_grad():
@@ -257,7 +257,7 @@ def main(cfg):
             run.check(common.all_mean(after.item()), "loss after the update")
         run.log(metrics, save=run.due())
 
-    result = {"pairs": len(pairs), "dropped": len(dropped), "final": {k: v for k, v in metrics.items() if k != "pairs/s"}}
+    result = {"pairs": len(pairs), "dropped": len(dropped), "final": {k: v for k, v in metrics.items() if k != "perf/pairs_per_s"}}
     if common.is_master():
         result.update(final_evaluation(run.raw, ref, tok, pairs, test_pairs, questions, rater, cfg, run.device))
         if run.device.startswith("cuda"):

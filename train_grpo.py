@@ -307,13 +307,13 @@ def main(cfg):
     if cfg.beta > 0:  # the KL penalty's anchor: the starting model, frozen (built before the RNG is restored)
         ref = common.gpt_from_checkpoint(common.load_checkpoint(init), tok).to(run.device).eval().requires_grad_(False)
     before = ckpt.get("eval_before") if cfg.resume else None
-    run.start(model, ckpt, tok, tokenizer, seed=cfg.seed + run.rank, unit="tok/s",  # each rank its own answers
+    run.start(model, ckpt, tok, tokenizer, seed=cfg.seed + run.rank, unit="perf/tokens_per_s",  # each rank its own answers
               keep=lambda: dict(init=init, eval_before=before))
     run.logger.phase("evaluation")
     if run.step == 0 and test and common.is_master():
         before = evaluate(run.raw, tok, test, cfg, rater)
         report(before, "before", cfg.pass_k)
-        run.logger.log(0, printed=False, **{f"test/{k}": v for k, v in before.items()})
+        run.logger.log(0, printed=False, **{f"eval/{k}": v for k, v in before.items()})
 
     for step in run.steps():
         # 1-2. this rank's share of the step's problems, G answers to each, and their rewards
@@ -343,20 +343,18 @@ def main(cfg):
             run.check(common.all_mean(after), "log-probability after the update", run.step + 1)
         run.step += 1
 
-        metrics = {"loss": loss, "lr": run.lr, "reward": common.all_mean(rewards.mean().item()),
-                   "accuracy": common.all_mean(sum(correct) / len(correct)),
-                   "worked": common.all_mean(sum(worked) / len(worked)),
-                   "all_equal": common.all_mean(all_equal.float().mean().item()),
-                   **({"kl": common.all_mean(kl)} if ref is not None else {}),
-                   "clipfrac": common.all_mean(clipfrac),
-                   "response_len": common.all_mean(sum(map(len, answers)) / len(answers))}
+        metrics = {"loss/policy": loss, "lr": run.lr, "rollout/reward": rewards.mean().item(),
+                   "rollout/accuracy": sum(correct) / len(correct), "rollout/worked": sum(worked) / len(worked),
+                   "rollout/all_equal": all_equal.float().mean().item(), "rollout/length": sum(map(len, answers)) / len(answers),
+                   "policy/clipfrac": clipfrac, **({"policy/kl": kl} if ref is not None else {})}
+        metrics = {k: common.all_mean(v) for k, v in metrics.items()}
         run.log(metrics, save=run.due())
 
     summary = {"init": init, "loss_type": cfg.loss_type}
     if test and common.is_master():
         after = evaluate(run.raw, tok, test, cfg, rater)
         report(after, "after", cfg.pass_k)
-        run.logger.log(run.step, printed=False, **{f"test/{k}": v for k, v in after.items()})
+        run.logger.log(run.step, printed=False, **{f"eval/{k}": v for k, v in after.items()})
         summary.update(before=before, after=after)
     run.finish(summary)
 

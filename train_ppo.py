@@ -205,10 +205,10 @@ def plot_curves(log_path, png_path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = [r for r in map(json.loads, open(log_path)) if "gold" in r]
+    rows = [r for r in map(json.loads, open(log_path)) if "rollout/gold" in r]
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r["step"] for r in rows], [r["score"] for r in rows], label="reward model score")
-    ax.plot([r["step"] for r in rows], [r["gold"] for r in rows], label="gold rater score")
+    ax.plot([r["step"] for r in rows], [r["rollout/score"] for r in rows], label="reward model score")
+    ax.plot([r["step"] for r in rows], [r["rollout/gold"] for r in rows], label="gold rater score")
     ax.set_xlabel("PPO step")
     ax.set_ylabel("mean over the step's rollouts")
     ax.legend()
@@ -281,15 +281,16 @@ def main(cfg):
                         torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
                     opt.step()
                     opt.zero_grad(set_to_none=True)
-                stats.append({"policy_loss": pg_loss.item(), "value_loss": vf_loss.item(),
-                              "entropy": masked_mean(entropy.detach(), m).item(), **pg_stats})
+                stats.append({"loss/policy": pg_loss.item(), "loss/value": vf_loss.item(),
+                              "policy/entropy": masked_mean(entropy.detach(), m).item(),
+                              **{f"policy/{k}": v for k, v in pg_stats.items()}})
         run.step += 1
 
-        metrics = {"score": batch["score"].mean().item(), "kl": kl.sum(1).mean().item()}
+        metrics = {"rollout/score": batch["score"].mean().item(), "rollout/kl": kl.sum(1).mean().item()}
         if gold:
-            metrics["gold"] = np.mean([tinyworld.gold_score(questions[i], t, rater) for i, t in zip(picks, batch["texts"])])
+            metrics["rollout/gold"] = np.mean([tinyworld.gold_score(questions[i], t, rater) for i, t in zip(picks, batch["texts"])])
         metrics.update({k: float(np.mean([s[k] for s in stats])) for k in stats[0]})
-        metrics.update(length=mask.sum(1).mean().item(), ended=batch["ended"].mean().item(), lr=run.lr)
+        metrics.update({"rollout/length": mask.sum(1).mean().item(), "rollout/ended": batch["ended"].mean().item(), "lr": run.lr})
         metrics = {k: common.all_mean(v) for k, v in metrics.items()}
         # the weights after the update can be broken while the losses before it were fine, and the
         # next rollout would sample from NaN probabilities

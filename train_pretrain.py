@@ -177,7 +177,7 @@ def main(cfg):
                         f"({model.config.block_size} tokens): use --block_size={model.config.block_size} or less")
     train_data, val_data = load_data(cfg, tok)
     model = run.start(model, ckpt, tok, tokenizer, keep=lambda: dict(val_loss=val_loss, val_loss_init=first_val),
-                      unit="tok/s", flops_per_unit=model.flops_per_token(cfg.block_size))
+                      unit="perf/tokens_per_s", flops_per_unit=model.flops_per_token(cfg.block_size))
     print0(f"pretrain: {run.raw.num_params() / 1e6:.2f}M parameters, vocab {tok.n_vocab}, {len(train_data):,} training "
            f"tokens, {cfg.batch_size * cfg.grad_accum * cfg.block_size:,} tokens per step, {cfg.max_steps} steps "
            f"on {run.device} x{run.world}")
@@ -185,7 +185,7 @@ def main(cfg):
         run.logger.phase("evaluation")
         val_loss = first_val = evaluate(model, val_data, cfg, run)
         print0(f"pretrain: validation loss at init {val_loss:.4f} (ln V = {np.log(tok.n_vocab):.4f})")
-        run.logger.log(0, printed=False, val_loss=val_loss)
+        run.logger.log(0, printed=False, **{"loss/val": val_loss})
     else:
         val_loss, first_val = ckpt["val_loss"], ckpt["val_loss_init"]
 
@@ -202,9 +202,9 @@ def main(cfg):
             run.count(x.numel())
         train_loss = common.all_mean(loss_sum / cfg.grad_accum)
         run.update(train_loss)
-        metrics = {"loss": train_loss, "lr": run.lr}
+        metrics = {"loss/train": train_loss, "lr": run.lr}
         if run.due():  # the weights after a step can be broken while its loss (from before it) was fine
-            val_loss = metrics["val_loss"] = evaluate(model, val_data, cfg, run)
+            val_loss = metrics["loss/val"] = evaluate(model, val_data, cfg, run)
             run.check(val_loss, "validation loss")
         run.log(metrics, printed=run.due(), save=run.due())
 

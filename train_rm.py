@@ -195,7 +195,7 @@ def main(cfg):
     if run.step == 0 and test_pairs:
         test_acc = accuracy(model, test_pairs, cfg, run)
         print0(f"rm: held-out accuracy before training {test_acc:.1%} (an untrained head; the gate at its small start)")
-        run.logger.log(0, printed=False, test_accuracy=test_acc)
+        run.logger.log(0, printed=False, **{"eval/accuracy": test_acc})
 
     train_loss = None
     for step in run.steps():
@@ -206,16 +206,16 @@ def main(cfg):
         loss.backward()
         train_loss = common.all_mean(loss.item())
         run.update(train_loss)
-        metrics = {"loss": train_loss, "accuracy": common.all_mean((r_c > r_r).float().mean().item()),
-                   "margin": common.all_mean((r_c - r_r).mean().item()), "lr": run.lr}
+        metrics = {"loss/train": train_loss, "train/accuracy": common.all_mean((r_c > r_r).float().mean().item()),
+                   "train/margin": common.all_mean((r_c - r_r).mean().item()), "lr": run.lr}
         if test_pairs and (run.due() or run.step == run.end):
-            test_acc = metrics["test_accuracy"] = accuracy(model, test_pairs, cfg, run)
+            test_acc = metrics["eval/accuracy"] = accuracy(model, test_pairs, cfg, run)
         if run.due():  # the weights after the update can be broken while the loss before it was fine
             with torch.no_grad():
                 r_c, r_r, lm_nll = pair_scores(run.raw, batch)
                 run.check(reward_loss(r_c, r_r, cfg.margin, cfg.center_coef, lm_nll, cfg.lm_coef).item(),
                           "loss after the update")
-        run.log(metrics, printed="test_accuracy" in metrics, save=run.due())
+        run.log(metrics, printed="eval/accuracy" in metrics, save=run.due())
 
     metrics = {"loss": train_loss, "test_accuracy": test_acc, "pairs": len(pairs), "dropped": dropped}
     if common.is_master():

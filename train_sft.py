@@ -235,16 +235,16 @@ def main(cfg):
     block_size = model.config.block_size
     examples, dropped, val_examples, questions, replay = load_data(cfg, tok, block_size)
     before = ckpt.get("qa_before") if cfg.resume else None
-    model = run.start(model, ckpt, tok, tokenizer, seed=cfg.seed, unit="tok/s", keep=lambda: dict(
+    model = run.start(model, ckpt, tok, tokenizer, seed=cfg.seed, unit="perf/tokens_per_s", keep=lambda: dict(
         init=cfg.init if not cfg.resume else ckpt.get("init"), qa_before=before))
     run.logger.phase("evaluation")
     if run.step == 0 and cfg.qa_data and common.is_master():  # the starting point, for the before -> after
         before = qa_eval(run.raw, tok, questions, cfg, "before fine-tuning")
-        run.logger.log(0, printed=False, **{f"qa/{k}": v for k, v in before.items()})
+        run.logger.log(0, printed=False, **{f"eval/qa_{k}": v for k, v in before.items()})
     val_loss = evaluate(model, val_examples, cfg, run) if val_examples else None
     if val_loss is not None and run.step == 0:
         print0(f"sft: validation loss before fine-tuning {val_loss:.4f}")
-        run.logger.log(0, printed=False, val_loss=val_loss)
+        run.logger.log(0, printed=False, **{"loss/val": val_loss})
 
     train_loss = None
     for step in run.steps():
@@ -273,18 +273,18 @@ def main(cfg):
                 run.count(px.numel())
         train_loss, replay_loss = common.all_mean(loss_sum), common.all_mean(replay_sum)
         run.update(train_loss + replay_loss)
-        metrics = {"loss": train_loss, "lr": run.lr, **({"replay_loss": replay_loss} if replay is not None else {})}
+        metrics = {"loss/train": train_loss, "lr": run.lr, **({"loss/replay": replay_loss} if replay is not None else {})}
         if run.due() and val_examples:  # the weights after a step can be broken while its loss was fine
-            val_loss = metrics["val_loss"] = evaluate(model, val_examples, cfg, run)
+            val_loss = metrics["loss/val"] = evaluate(model, val_examples, cfg, run)
             run.check(val_loss, "validation loss")
         elif run.due():
             run.check(loss_after_step(run.raw, x, y, run.device), "loss after the update")
-        run.log(metrics, printed="val_loss" in metrics, save=run.due())
+        run.log(metrics, printed="loss/val" in metrics, save=run.due())
 
     metrics = {"loss": train_loss, "val_loss": val_loss, "conversations": len(examples), "dropped": len(dropped)}
     if cfg.qa_data and common.is_master():
         after = qa_eval(run.raw, tok, questions, cfg, "after fine-tuning")
-        run.logger.log(run.step, printed=False, **{f"qa/{k}": v for k, v in after.items()})
+        run.logger.log(run.step, printed=False, **{f"eval/qa_{k}": v for k, v in after.items()})
         metrics.update(qa_before=before, qa_after=after)
     run.finish(metrics)
 

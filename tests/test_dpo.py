@@ -114,7 +114,7 @@ def test_tiny_run_trains_evaluates_and_saves(tiny_dpo, tiny_world):
     out, stdout = tiny_dpo
     assert "dpo 4/4" in stdout and "against SFT by the gold rater" in stdout
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["steps"] == 4 and set(metrics["final"]) >= {"loss", "rewards/margin", "rewards/accuracy"}
+    assert metrics["steps"] == 4 and set(metrics["final"]) >= {"loss/train", "rewards/margin", "rewards/accuracy"}
     assert 0 <= metrics["test"]["rewards/accuracy"] <= 1 and 0 <= metrics["win_rate_vs_sft"] <= 1
     held_out = (tiny_world["data"] / "prefs_test.jsonl").read_text().splitlines()
     assert metrics["win_rate_prompts"] == len({json.loads(line)["prompt"] for line in held_out})  # each prompt once

@@ -14,7 +14,7 @@ run over every row:
 
 Adding a script is adding a row: a function giving the flags of its tiny run (as sft_flags), the
 fixture of a checkpoint it starts from, a stage it must refuse, a dict of its own mistakes (as
-SFT_CASES), and where they are not "loss" and --batch_size, the log.jsonl value its runs must agree on
+SFT_CASES), and where they are not "loss/train" and --batch_size, the log.jsonl value its runs must agree on
 (curve) and the flag of its batch (batch). The tiny run must change the weights: one whose steps do
 not (as GRPO's from tiny_sft, whose answers the verifier never rewards) shows nothing by resuming
 exactly, and no learning rate makes it NaN. The script is expected to follow the project's
@@ -338,7 +338,7 @@ class Script:
     init: str         # the fixture holding a checkpoint it may start from (--init)
     wrong_stage: str  # a stage whose checkpoints it must refuse for --init
     cases: dict = field(default_factory=dict)  # its own mistakes, as PRETRAIN_CASES
-    curve: str = "loss"  # the value of each log.jsonl row that runs must agree on
+    curve: str = "loss/train"  # the value of each log.jsonl row that runs must agree on
     batch: str = "batch_size"  # the flag of its batch size (a count that must be positive)
 
 
@@ -346,10 +346,10 @@ SCRIPTS = {
     "train_pretrain.py": Script(pretrain_flags, init="tiny_pretrained", wrong_stage="sft", cases=PRETRAIN_CASES),
     "train_sft.py": Script(sft_flags, init="tiny_pretrained", wrong_stage="rm", cases=SFT_CASES),
     "train_rm.py": Script(rm_flags, init="tiny_sft", wrong_stage="pretrain", cases=RM_CASES),
-    "train_ppo.py": Script(ppo_flags, init="tiny_sft", wrong_stage="rm", cases=PPO_CASES, curve="score"),
+    "train_ppo.py": Script(ppo_flags, init="tiny_sft", wrong_stage="rm", cases=PPO_CASES, curve="rollout/score"),
     "train_dpo.py": Script(dpo_flags, init="tiny_sft", wrong_stage="pretrain", cases=DPO_CASES),
     "train_grpo.py": Script(grpo_flags, init="tiny_solver", wrong_stage="rm", cases=GRPO_CASES,
-                            batch="prompts_per_step"),
+                            batch="prompts_per_step", curve="loss/policy"),
 }
 
 

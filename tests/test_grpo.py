@@ -258,10 +258,11 @@ def test_tiny_run_samples_rewards_evaluates_and_saves(tiny_world, tiny_sft, tmp_
         assert set(metrics[when]) >= {"pass@1", "pass@2", "length", "worked", "n"} and metrics[when]["n"] == 4
         assert 0 <= metrics[when]["worked"] <= 1
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    steps = [row for row in rows if "loss" in row]
+    steps = [row for row in rows if "loss/policy" in row]
     assert len(steps) == 3
-    assert all(set(row) >= {"reward", "accuracy", "worked", "all_equal", "kl", "clipfrac", "response_len"} for row in steps)
-    assert all(0 <= row["worked"] <= 1 for row in steps)
+    assert all(set(row) >= {f"rollout/{k}" for k in ("reward", "accuracy", "worked", "all_equal", "length")}
+               | {"policy/kl", "policy/clipfrac"} for row in steps)
+    assert all(0 <= row["rollout/worked"] <= 1 for row in steps)
     ckpt = common.load_checkpoint(out / "ckpt.pt", ["grpo"])
     assert ckpt["step"] == 3 and ckpt["init"] == str(tiny_sft)
     # a grpo checkpoint is a valid start for more, through the GPU preset's flags on TinyWorld's files
@@ -290,7 +291,7 @@ def test_resume_continues_exactly(tiny_world, tiny_sft, tmp_path, monkeypatch):
     assert any(not torch.equal(a["model"][k], start[k]) for k in start)  # it learned something
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     rows = lambda out: [json.loads(line) for line in (tmp_path / out / "log.jsonl").read_text().splitlines()]
-    assert [r["reward"] for r in rows("straight")] == [r["reward"] for r in rows("halted")]
+    assert [r["rollout/reward"] for r in rows("straight")] == [r["rollout/reward"] for r in rows("halted")]
 
 
 def test_bad_input_is_one_line(tiny_world, tiny_sft, tmp_path):

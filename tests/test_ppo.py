@@ -122,7 +122,8 @@ def test_tiny_ppo_run_trains_logs_and_saves(tiny_world, tiny_sft, tiny_rm, tmp_p
     assert "ppo 3/3" in r.stdout and "against SFT by the gold rater" in r.stdout
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [1, 2, 3]
-    for name in ("score", "kl", "policy_loss", "value_loss", "approx_kl", "clipfrac", "entropy", "length"):
+    for name in ("rollout/score", "rollout/kl", "loss/policy", "loss/value", "policy/approx_kl", "policy/clipfrac",
+                 "policy/entropy", "rollout/length"):
         assert all(name in row for row in rows), name
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0.0 <= metrics["win_rate_vs_sft"] <= 1.0 and "qa_ppo" in metrics

@@ -18,7 +18,7 @@ def flags(tiny_world, out, *extra):
 
 def losses(out):
     rows = [json.loads(line) for line in open(out / "log.jsonl")]
-    return [r["loss"] for r in rows if "loss" in r]
+    return [r["loss/train"] for r in rows if "loss/train" in r]
 
 
 def test_tiny_run_trains_evaluates_and_saves(tiny_world, tmp_path):

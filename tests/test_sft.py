@@ -100,7 +100,7 @@ def test_tiny_run_fine_tunes_evaluates_and_saves(tiny_world, tiny_pretrained, tm
     for when in ("qa_before", "qa_after"):
         assert set(metrics[when]) >= {"accuracy", "format", "seen", "unseen", "n"}
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    losses = [row["loss"] for row in rows if "loss" in row]
+    losses = [row["loss/train"] for row in rows if "loss/train" in row]
     assert len(losses) == 8 and losses[-1] < losses[0]  # it learned something
     assert metrics["val_loss"] is not None
     ckpt = common.load_checkpoint(out / "ckpt.pt", ["sft"])
