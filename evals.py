@@ -2,8 +2,8 @@
 so that every figure of a stage is computed by the same function wherever it appears."""
 import torch
 
-import common
 from data import tinymath, tinyworld
+from data.batches import pack_responses, score_replies
 
 
 @torch.no_grad()
@@ -158,7 +158,7 @@ def reward_accuracy(rm, tok, records, world=None, batch_size=32):
     for i in range(0, len(pairs), batch_size):
         batch = pairs[i:i + batch_size]
         prompts, replies = [p for p, _, _ in batch for _ in range(2)], [x for _, xs, _ in batch for x in xs]
-        r = common.score_replies(rm, prompts, replies)[0]
+        r = score_replies(rm, prompts, replies)[0]
         for (_, _, kind), won in zip(batch, (r[0::2] > r[1::2]).tolist()):
             hits["all"].append(won)
             if kind is not None:
@@ -179,7 +179,7 @@ def best_of_n(policy, rm, tok, questions, ns=(1, 2, 4, 8, 16), max_new_tokens=64
                                         temperature=1.0, generator=generator)
     was_training = rm.training
     rm.eval()
-    scores = torch.cat([common.score_replies(rm, prompts[i:i + 64], outs[i:i + 64])[0].cpu()
+    scores = torch.cat([score_replies(rm, prompts[i:i + 64], outs[i:i + 64])[0].cpu()
                         for i in range(0, len(prompts), 64)]).view(len(questions), k)
     rm.train(was_training)
     result = {"n": list(ns), "rm": [], "gold": []}
@@ -238,7 +238,6 @@ def text_loss(model, ids, n_windows=64, batch_size=16):
 def kl_to_reference(model, ref, tok, questions, max_new_tokens=64, generator=None):
     """KL(model || ref) per reply, estimated on replies sampled from model at temperature 1: the mean
     over replies of the sum over reply tokens of log model(y_t) - log ref(y_t). Zero when they agree."""
-    from common import pack_responses  # common imports torch.distributed: only load it when needed
     prompts, outs, _ = chat_replies(model, tok, questions, max_new_tokens, temperature=1.0, generator=generator)
     was_training = model.training, ref.training
     model.eval(), ref.eval()

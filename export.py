@@ -13,9 +13,10 @@ and --init=DIR reads back.
 from dataclasses import dataclass
 from pathlib import Path
 
+import cli
 import common
 import hf
-from common import UserError
+from cli import UserError
 from data.tokenizer import load_tokenizer
 
 
@@ -42,4 +43,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    common.run_main(main, Config)
+    cli.run_main(main, Config)

@@ -21,9 +21,10 @@ from pathlib import Path
 
 import torch
 
+import cli
 import common
 import evals
-from common import UserError
+from cli import UserError
 from data import read_documents, read_jsonl, tinyworld
 from data.tokenizer import load_tokenizer
 from model import GPT, GPTConfig
@@ -309,4 +310,4 @@ PRESETS = {"smoke": dict(max_new_tokens=8, math_tokens=8)}  # make demo PRESET=s
 
 
 if __name__ == "__main__":
-    common.run_main(main, Config, PRESETS)
+    cli.run_main(main, Config, PRESETS)

@@ -33,8 +33,10 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import cli
 import common
-from common import UserError, all_mean, is_master, print0
+from cli import UserError
+from common import all_mean, is_master, print0
 
 
 class Run:
@@ -51,7 +53,7 @@ class Run:
                 raise UserError(f"--{name}={getattr(cfg, name)} must be a multiple of the number of processes "
                                 f"({self.world})")
         if is_master():
-            common.check_writable(cfg.out)
+            cli.check_writable(cfg.out)
         self.ckpt_path = Path(cfg.out) / "ckpt.pt"
         self.end = cfg.stop_at if 0 < cfg.stop_at < cfg.max_steps else cfg.max_steps
         self.step, self.lr, self.since, self.train_seconds = 0, cfg.lr, 0, 0.0

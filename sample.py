@@ -10,8 +10,9 @@ from dataclasses import dataclass
 
 import torch
 
+import cli
 import common
-from common import UserError
+from cli import UserError
 from data.tokenizer import load_tokenizer
 from model import GPT, GPTConfig
 
@@ -75,4 +76,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    common.run_main(main, Config)
+    cli.run_main(main, Config)

@@ -29,9 +29,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+import cli
 import common
+from data import numbered_records
+from data.batches import pack_responses
 import evals
-from common import UserError, print0
+from cli import UserError
+from common import print0
 from data.tinyworld_facts import load_world
 from data.tokenizer import load_tokenizer
 from run import Run
@@ -129,7 +133,7 @@ def load_pairs(path, tok, block_size):
     and <|end|>. A pair whose prompt and longer reply exceed the context (block_size + 1 tokens: inputs
     and targets are shifted by one) is dropped. Returns (pairs, the line numbers of the dropped ones)."""
     pairs, dropped = [], []
-    for line, record in common.numbered_records(path):
+    for line, record in numbered_records(path):
         fields = [record.get(k) if isinstance(record, dict) else None for k in ("prompt", "chosen", "rejected")]
         if not all(isinstance(v, str) for v in fields):
             kind = next((k for keys, k in OTHER_KINDS.items() if isinstance(record, dict) and set(keys) <= set(record)),
@@ -150,7 +154,7 @@ def load_questions(path, tok, block_size):
     """The held-out QA records ({"messages": [user turn], "answer", "split"}), checked now rather than
     failing after training."""
     records = []
-    for line, r in common.numbered_records(path):
+    for line, r in numbered_records(path):
         try:
             if not (isinstance(r, dict) and isinstance(r.get("messages"), list) and isinstance(r.get("answer"), str)):
                 raise ValueError('a held-out question needs "messages" (ending with the user\'s turn) and "answer"')
@@ -176,7 +180,7 @@ def pair_logprobs(model, batch, device):
     Chosen and rejected replies go through the model as one batch: one forward, the call that
     synchronises gradients under DDP."""
     prompts = [p for p, _, _, _ in batch]
-    x, y, mask = common.pack_responses(prompts + prompts, [c for _, c, _, _ in batch] + [r for _, _, r, _ in batch])
+    x, y, mask = pack_responses(prompts + prompts, [c for _, c, _, _ in batch] + [r for _, _, r, _ in batch])
     x, y, mask = x.to(device), y.to(device), mask.to(device)
     with common.autocast(device):
         logprobs = -model(x, y, reduction="none")
@@ -201,7 +205,7 @@ def evaluate_pairs(model, ref, pairs, cfg, device):
 # ----------------------------------------------------------------------------- training
 
 def check_config(cfg):
-    common.require_positive(cfg, "batch_size", "grad_accum", "max_steps", "eval_every", "log_every", "max_new_tokens",
+    cli.require_positive(cfg, "batch_size", "grad_accum", "max_steps", "eval_every", "log_every", "max_new_tokens",
                             "lr", "beta")
     if cfg.loss_type not in LOSS_TYPES:
         raise UserError(f"--loss_type={cfg.loss_type} is not one of {', '.join(LOSS_TYPES)}")
@@ -294,7 +298,7 @@ def final_evaluation(policy, ref, tok, pairs, test_pairs, questions, rater, cfg,
     of all the questions, and of those that are no training pair's prompt (on TinyWorld most are)."""
     result = {}
     # every distinct held-out prompt, those of pairs too long to train on too: the prompts PPO is judged on
-    prompts = sorted({r["prompt"] for _, r in common.numbered_records(cfg.test_data)}) if test_pairs else []
+    prompts = sorted({r["prompt"] for _, r in numbered_records(cfg.test_data)}) if test_pairs else []
     prompts = [p for p in prompts if len(tok.render_prompt([{"role": "user", "content": p}])) < policy.config.block_size]
     if test_pairs:
         test = result["test"] = evaluate_pairs(policy, ref, test_pairs, cfg, device)
@@ -336,4 +340,4 @@ def qa_eval(model, name, tok, questions, fresh, cfg):
     return result
 
 if __name__ == "__main__":
-    common.run_main(main, Config, PRESETS)
+    cli.run_main(main, Config, PRESETS)

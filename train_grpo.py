@@ -39,10 +39,14 @@ from pathlib import Path
 
 import torch
 
+import cli
 import common
+from data import numbered_records
+from data.batches import pack_responses
 import evals
 import kernels
-from common import UserError, print0
+from cli import UserError
+from common import print0
 from data.tinymath import check_answer, check_steps, extract_answer, shows_work
 from data.tinyworld_facts import load_world
 from data.tokenizer import load_tokenizer
@@ -183,7 +187,7 @@ def load_problems(path, tok, room):
     """Every {"question", "answer"} record with its chat prompt; those whose prompt leaves fewer than
     `room` tokens of context for the answer are dropped. Returns (problems, dropped)."""
     problems, dropped = [], 0
-    for line, r in common.numbered_records(path):
+    for line, r in numbered_records(path):
         if not (isinstance(r, dict) and isinstance(r.get("question"), str) and extract_answer(str(r.get("answer")))):
             kind = next((k for key, k in OTHER_KINDS.items() if isinstance(r, dict) and key in r), None)
             raise UserError(f"{path}:{line}: {f'this is {kind}, not ' if kind else 'not '}a math problem: each line "
@@ -325,7 +329,7 @@ def main(cfg):
         adv, all_equal = group_advantages(rewards, cfg.group_size, cfg.scale)
         keep = [i for i in range(len(answers)) if not (cfg.skip_all_equal and all_equal[i // cfg.group_size])]
         rows = keep or [0]  # with nothing to learn here, one answer, masked out: DDP needs every rank's backward
-        x, y, mask = common.pack_responses([prompts[i] for i in rows], [answers[i] for i in rows])
+        x, y, mask = pack_responses([prompts[i] for i in rows], [answers[i] for i in rows])
         mask, adv = (mask, adv[keep]) if keep else (torch.zeros_like(mask), torch.zeros(1))
 
         # 4. the update; its divisor counts the kept answers (or their tokens) of every rank
@@ -360,7 +364,7 @@ def main(cfg):
 
 
 def check_config(cfg):
-    common.require_positive(cfg, "prompts_per_step", "max_new_tokens", "max_steps", "micro_batch", "passes",
+    cli.require_positive(cfg, "prompts_per_step", "max_new_tokens", "max_steps", "micro_batch", "passes",
                             "pass_k", "eval_every", "log_every", "lr", "temperature")
     for name, valid in (("loss_type", ("grpo", "dr_grpo", "dapo")), ("scale", ("group", "none"))):
         if getattr(cfg, name) not in valid:
@@ -390,4 +394,4 @@ def load_data(cfg, tok, block_size):
 
 
 if __name__ == "__main__":
-    common.run_main(main, Config, PRESETS)
+    cli.run_main(main, Config, PRESETS)

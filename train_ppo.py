@@ -29,10 +29,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import cli
 import common
 import evals
-from common import UserError, print0
-from data import read_jsonl, tinyworld
+from cli import UserError
+from common import print0
+from data import numbered_records, read_jsonl, tinyworld
+from data.batches import pack_responses, score_replies
 from data.tokenizer import load_tokenizer
 from run import Run
 
@@ -170,7 +173,7 @@ def token_logprobs(model, x, y, temperature):
 def load_questions(path):
     """The distinct user prompts of a JSONL file of preference pairs ("prompt") or conversations ("messages")."""
     questions = []
-    for line, r in common.numbered_records(path):
+    for line, r in numbered_records(path):
         if isinstance(r, dict) and isinstance(r.get("prompt"), str):
             questions.append(r["prompt"])
         elif isinstance(r, dict) and isinstance(r.get("messages"), list) and r["messages"] \
@@ -186,9 +189,9 @@ def load_questions(path):
 def rollout(policy, ref, critic, rm, tok, questions, cfg, device):
     """Sample a reply to each question and score it: everything the PPO update needs, as tensors."""
     prompts, outs, texts = evals.chat_replies(policy, tok, questions, cfg.max_new_tokens, temperature=cfg.temperature)
-    x, y, mask = (t.to(device) for t in common.pack_responses(prompts, outs))
+    x, y, mask = (t.to(device) for t in pack_responses(prompts, outs))
     ended = torch.tensor([o[-1] == tok.end_id for o in outs], device=device)
-    score = common.score_replies(rm, prompts, outs)[0]
+    score = score_replies(rm, prompts, outs)[0]
     score = torch.where(ended, score, torch.full_like(score, cfg.missing_end_penalty))
     with common.autocast(device):
         logp = token_logprobs(policy, x, y, cfg.temperature)[0]
@@ -220,7 +223,7 @@ def plot_curves(log_path, png_path):
 # ----------------------------------------------------------------------------- training
 
 def main(cfg):
-    common.require_positive(cfg, "batch_size", "minibatch_size", "ppo_epochs", "max_steps", "eval_every", "log_every",
+    cli.require_positive(cfg, "batch_size", "minibatch_size", "ppo_epochs", "max_steps", "eval_every", "log_every",
                             "max_new_tokens", "lr", "critic_lr", "temperature")
     if cfg.kl_estimator not in ("k1", "k3"):
         raise UserError(f"--kl_estimator must be k1 or k3, got {cfg.kl_estimator!r}")
@@ -350,4 +353,4 @@ def final_evaluation(policy, ref, tok, rater, cfg):
 
 
 if __name__ == "__main__":
-    common.run_main(main, Config, PRESETS)
+    cli.run_main(main, Config, PRESETS)

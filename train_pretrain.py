@@ -18,9 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import cli
 import common
 import evals
-from common import UserError, print0
+from cli import UserError
+from common import print0
 from data import read_documents, tinyworld
 from data.tokenizer import load_tokenizer
 from model import GPT, GPTConfig
@@ -219,7 +221,7 @@ def main(cfg):
 
 
 def check_config(cfg):
-    common.require_positive(cfg, "batch_size", "grad_accum", "max_steps", "block_size", "eval_every", "eval_batches",
+    cli.require_positive(cfg, "batch_size", "grad_accum", "max_steps", "block_size", "eval_every", "eval_batches",
                             "log_every", "n_layer", "n_head", "n_embd", "lr")
     if not 0 <= cfg.dropout < 1:
         raise UserError(f"--dropout is a probability below 1, got {cfg.dropout}")
@@ -259,4 +261,4 @@ def show_samples(model, tok, cfg, device):
 
 
 if __name__ == "__main__":
-    common.run_main(main, Config, PRESETS)
+    cli.run_main(main, Config, PRESETS)

@@ -36,10 +36,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import cli
 import common
 import evals
-from common import UserError, print0
-from data import read_jsonl, tinyworld
+from cli import UserError
+from common import print0
+from data import numbered_records, read_jsonl, tinyworld
+from data.batches import score_replies
 from data.tokenizer import load_tokenizer
 from run import Run
 
@@ -113,7 +116,7 @@ def load_pairs(path, tok, block_size):
     """Each pair as (prompt ids, chosen ids, rejected ids); a reply is its tokens and <|end|>. Pairs
     whose longer side does not fit in the context are dropped. Returns (pairs, dropped)."""
     pairs, dropped = [], 0
-    for line, r in common.numbered_records(path):
+    for line, r in numbered_records(path):
         if isinstance(r, dict) and "messages" in r:
             raise UserError(f"{path}:{line}: this is a conversation (SFT data), not a preference pair: give a file of "
                             '{"prompt", "chosen", "rejected"} records, such as data/tinyworld/prefs_train.jsonl')
@@ -133,7 +136,7 @@ def pair_scores(model, batch):
     """(r_chosen, r_rejected, the chosen replies' mean -log p per token) for a list of pairs, in one
     forward pass over both sides."""
     prompts, n = [p for p, _, _ in batch], len(batch)
-    r, logp, lengths = common.score_replies(model, prompts + prompts, [c for _, c, _ in batch] + [x for _, _, x in batch])
+    r, logp, lengths = score_replies(model, prompts + prompts, [c for _, c, _ in batch] + [x for _, _, x in batch])
     return r[:n], r[n:], -logp[:n].sum() / lengths[:n].sum()
 
 
@@ -154,7 +157,7 @@ def sampled_scores(rm, policy, tok, questions, cfg, device, gen):
     """Replies sampled from the policy at temperature 1, and the reward model's scores of them."""
     prompts, outs, texts = evals.chat_replies(policy, tok, questions, cfg.max_new_tokens, temperature=1.0, generator=gen)
     rm.eval()
-    r = torch.cat([common.score_replies(rm, prompts[i:i + 64], outs[i:i + 64])[0] for i in range(0, len(prompts), 64)])
+    r = torch.cat([score_replies(rm, prompts[i:i + 64], outs[i:i + 64])[0] for i in range(0, len(prompts), 64)])
     return texts, r
 
 
@@ -171,11 +174,11 @@ def gold_agreement(rm, policy, tok, questions, rater, cfg, device, gen):
 # ----------------------------------------------------------------------------- training
 
 def main(cfg):
-    common.require_positive(cfg, "batch_size", "max_steps", "eval_every", "log_every", "max_new_tokens", "lr")
+    cli.require_positive(cfg, "batch_size", "max_steps", "eval_every", "log_every", "max_new_tokens", "lr")
     if not 0 <= cfg.lm_coef < math.inf:
         raise UserError(f"--lm_coef must be 0 (off) or a positive number, got {cfg.lm_coef}")
     if cfg.best_of > 0:
-        common.require_positive(cfg, "best_of_prompts")
+        cli.require_positive(cfg, "best_of_prompts")
     run = Run("rm", cfg)
 
     # the reward model: the SFT trunk with a fresh scalar head, or resumed exactly
@@ -288,4 +291,4 @@ def final_evaluation(model, init, tok, cfg, device, metrics):
 
 
 if __name__ == "__main__":
-    common.run_main(main, Config, PRESETS)
+    cli.run_main(main, Config, PRESETS)

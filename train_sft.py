@@ -22,10 +22,12 @@ from pathlib import Path
 
 import torch
 
+import cli
 import common
 import evals
-from common import UserError, print0
-from data import read_documents
+from cli import UserError
+from common import print0
+from data import numbered_records, read_documents
 from data.tokenizer import load_tokenizer
 from run import Run
 
@@ -100,7 +102,7 @@ def load_conversations(path, tok, block_size):
     than the context (block_size + 1 tokens: inputs and targets are shifted by one) are dropped.
     Returns (examples, the line numbers of the dropped ones)."""
     examples, dropped = [], []
-    for line, record in common.numbered_records(path):
+    for line, record in numbered_records(path):
         where = f"{path}:{line}"
         messages = record.get("messages") if isinstance(record, dict) else None
         if not isinstance(messages, list):
@@ -127,7 +129,7 @@ def load_questions(path, tok, block_size):
     if not Path(path).is_file():
         raise UserError(f"no held-out questions at {path}: run `python -m data.tinyworld`, or pass --qa_data=")
     records = []
-    for line, record in common.numbered_records(path):
+    for line, record in numbered_records(path):
         where = f"{path}:{line}"
         if not (isinstance(record, dict) and isinstance(record.get("messages"), list)
                 and isinstance(record.get("answer"), str)):
@@ -223,7 +225,7 @@ def qa_eval(model, tok, questions, cfg, label):
 # ----------------------------------------------------------------------------- training
 
 def main(cfg):
-    common.require_positive(cfg, "batch_size", "grad_accum", "max_steps", "eval_every", "log_every", "max_new_tokens",
+    cli.require_positive(cfg, "batch_size", "grad_accum", "max_steps", "eval_every", "log_every", "max_new_tokens",
                             "replay_batch", "lr")
     run = Run("sft", cfg, per_rank=("batch_size", "replay_batch"))
 
@@ -318,4 +320,4 @@ def load_data(cfg, tok, block_size):
 
 
 if __name__ == "__main__":
-    common.run_main(main, Config, PRESETS)
+    cli.run_main(main, Config, PRESETS)

@@ -46,7 +46,7 @@ if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: the kernels run on CPU tensors
 import torch.nn.functional as F  # noqa: E402
 
-import common  # noqa: E402
+import cli  # noqa: E402
 from run import peak_flops  # noqa: E402
 import kernels  # noqa: E402
 import model as model_module  # noqa: E402
@@ -273,7 +273,7 @@ def main(cfg):
              "journey": partial(run_journey, cfg)}
     chosen = [n.strip() for n in cfg.only.split(",") if n.strip()] or list(names)
     if set(chosen) - set(names):
-        raise common.UserError(f"--only={cfg.only}: sections are {', '.join(names)}")
+        raise cli.UserError(f"--only={cfg.only}: sections are {', '.join(names)}")
     partial_run = len(chosen) < len(names)
     results = (Path(cfg.out) / "RESULTS-dry.md" if DRY else
                ROOT / "bench" / ("RESULTS-gpu-partial.md" if partial_run else "RESULTS-gpu.md"))
@@ -328,4 +328,4 @@ def driver_version():
 
 
 if __name__ == "__main__":
-    common.run_main(main, Config)
+    cli.run_main(main, Config)

@@ -15,7 +15,7 @@ import urllib.request
 from collections import Counter
 from pathlib import Path
 
-from common import UserError, run_main  # noqa: F401  (the data scripts share them with the training scripts)
+from cli import UserError, run_main  # noqa: F401  (the data scripts share them with the training scripts)
 
 # ----------------------------------------------------------------------------------------------
 # Files
@@ -78,6 +78,19 @@ def read_jsonl(path) -> list[dict]:
             except json.JSONDecodeError as e:
                 raise UserError(f"{path}:{lineno}: malformed JSON ({e.msg}): fix or delete that line") from None
     return records
+
+
+def numbered_records(path):
+    """(line number, record) for each record of a JSON Lines file, so that an error about a record can
+    name its line (data.read_jsonl skips blank lines, so a record's index need not be its line)."""
+    try:
+        records = read_jsonl(path)  # a missing file and a malformed line get its error lines
+        with open(path, encoding="utf-8") as f:
+            lines = [n for n, line in enumerate(f, 1) if line.strip()]
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (byte {e.start}): convert it, or write it with a "
+                        "data/prepare_*.py script") from None
+    return list(zip(lines, records))
 
 
 # ----------------------------------------------------------------------------------------------

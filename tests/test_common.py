@@ -7,9 +7,11 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
+import cli
 import common
+from data.batches import pack_responses
 import run
-from common import UserError
+from cli import UserError
 
 
 @dataclass
@@ -21,19 +23,19 @@ class Demo:
 
 
 def test_flags_are_typed():
-    cfg = common.parse_config(Demo, ["--steps=3", "--lr=0.5", "--name=x", "--fast"])
+    cfg = cli.parse_config(Demo, ["--steps=3", "--lr=0.5", "--name=x", "--fast"])
     assert cfg == Demo(steps=3, lr=0.5, name="x", fast=True)
-    assert common.parse_config(Demo, ["--fast=false"]).fast is False
+    assert cli.parse_config(Demo, ["--fast=false"]).fast is False
 
 
 def test_preset_sets_defaults_and_flags_win():
     presets = {"small": {"steps": 1, "name": "s"}}
-    assert common.parse_config(Demo, ["--preset=small", "--steps=5"], presets) == Demo(steps=5, name="s")
+    assert cli.parse_config(Demo, ["--preset=small", "--steps=5"], presets) == Demo(steps=5, name="s")
 
 
 def test_help_lists_fields_defaults_and_comments(capsys):
     with pytest.raises(SystemExit) as e:
-        common.parse_config(Demo, ["--help"])
+        cli.parse_config(Demo, ["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
     for line in ("--steps=10", "how many steps", "--lr=0.001", "the learning rate", "--fast=False"):
@@ -74,7 +76,7 @@ def test_pack_responses_masks_exactly_the_response_tokens(pairs):
     prompts, responses = [p for p, _ in pairs], [r for _, r in pairs]
     if all(len(p) + len(r) < 2 for p, r in pairs):
         return
-    x, y, mask = common.pack_responses(prompts, responses)
+    x, y, mask = pack_responses(prompts, responses)
     for i, (p, r) in enumerate(pairs):
         assert y[i][mask[i].bool()].tolist() == r  # the targets under the mask are the response, in order
         n = len(p) + len(r) - 1

@@ -44,8 +44,9 @@ from typing import Callable
 import pytest
 import torch
 
+import cli
 import common
-from common import UserError
+from cli import UserError
 from conftest import ROOT, error_line, run_script
 from data.tokenizer import load_ranks, save_tokenizer
 
@@ -794,9 +795,9 @@ class Demo:
 ])
 def test_bad_flags_name_the_fix(argv, message):
     with pytest.raises(UserError, match=re.escape(message)):
-        common.parse_config(Demo, argv, presets={"small": {"steps": 1}})
+        cli.parse_config(Demo, argv, presets={"small": {"steps": 1}})
 
 
 def test_a_script_without_presets_neither_takes_nor_lists_one():
     with pytest.raises(UserError, match=re.escape("unknown flag --preset; valid flags: --steps, --lr, --name, --fast")):
-        common.parse_config(Demo, ["--preset=small"])
+        cli.parse_config(Demo, ["--preset=small"])

@@ -11,6 +11,7 @@ import json
 import pytest
 import torch
 
+import cli
 import common
 import report as report_py
 import train_pretrain
@@ -81,13 +82,13 @@ def test_the_toy_journey_chains_every_stage_and_the_report_reads_them_all(dry_ru
 
 def test_a_gpu_makes_tinyworld_gpu_sized_unless_told_otherwise(monkeypatch, capsys):
     monkeypatch.setattr(common.torch.cuda, "is_available", lambda: True)
-    gpu = common.parse_config(train_pretrain.Config, [], train_pretrain.PRESETS)
+    gpu = cli.parse_config(train_pretrain.Config, [], train_pretrain.PRESETS)
     assert (gpu.n_layer, gpu.n_embd) == (6, 384) and gpu.max_steps > train_pretrain.Config.max_steps
     assert "--preset=tinyworld_gpu" in capsys.readouterr().out  # said, not silent
     cpu = train_pretrain.Config()
-    assert common.parse_config(train_pretrain.Config, ["--preset=cpu"], train_pretrain.PRESETS) == cpu
-    on_cpu = common.parse_config(train_pretrain.Config, ["--device=cpu"], train_pretrain.PRESETS)
+    assert cli.parse_config(train_pretrain.Config, ["--preset=cpu"], train_pretrain.PRESETS) == cpu
+    on_cpu = cli.parse_config(train_pretrain.Config, ["--device=cpu"], train_pretrain.PRESETS)
     assert dataclasses.replace(on_cpu, device="auto") == cpu
-    assert common.parse_config(train_pretrain.Config, ["--n_layer=2"], train_pretrain.PRESETS).n_layer == 2
+    assert cli.parse_config(train_pretrain.Config, ["--n_layer=2"], train_pretrain.PRESETS).n_layer == 2
     monkeypatch.setattr(common.torch.cuda, "is_available", lambda: False)
-    assert common.parse_config(train_pretrain.Config, [], train_pretrain.PRESETS) == cpu
+    assert cli.parse_config(train_pretrain.Config, [], train_pretrain.PRESETS) == cpu

@@ -7,6 +7,7 @@ import pytest
 import torch
 from hypothesis import assume, given, settings, strategies as st
 
+import cli
 import common
 import train_grpo
 from conftest import error_line, run_script
@@ -266,7 +267,7 @@ def test_tiny_run_samples_rewards_evaluates_and_saves(tiny_world, tiny_sft, tmp_
     ckpt = common.load_checkpoint(out / "ckpt.pt", ["grpo"])
     assert ckpt["step"] == 3 and ckpt["init"] == str(tiny_sft)
     # a grpo checkpoint is a valid start for more, through the GPU preset's flags on TinyWorld's files
-    cfg = common.parse_config(Config, ["--preset=gpu", *grpo_flags(tiny_world, out / "ckpt.pt", tmp_path / "more"),
+    cfg = cli.parse_config(Config, ["--preset=gpu", *grpo_flags(tiny_world, out / "ckpt.pt", tmp_path / "more"),
                                        "--test_data=", "--max_steps=1", "--compile=false"], train_grpo.PRESETS)
     train_grpo.main(cfg)
     assert "a grpo checkpoint" in capsys.readouterr().out and cfg.lr == train_grpo.PRESETS["gpu"]["lr"]
@@ -279,7 +280,7 @@ def fake_reward(completion, answer, ended, format_reward=0.0, step_reward=0.0, w
 
 def test_resume_continues_exactly(tiny_world, tiny_sft, tmp_path, monkeypatch):
     monkeypatch.setattr(train_grpo, "reward", fake_reward)
-    parse = lambda out, *extra: common.parse_config(Config, grpo_flags(tiny_world, tiny_sft, out, "--test_data=",
+    parse = lambda out, *extra: cli.parse_config(Config, grpo_flags(tiny_world, tiny_sft, out, "--test_data=",
                                                                        "--max_steps=4", "--lr=1e-2", *extra))
     train_grpo.main(parse(tmp_path / "straight"))
     train_grpo.main(parse(tmp_path / "halted", "--stop_at=2"))
@@ -307,5 +308,5 @@ def test_bad_input_is_one_line(tiny_world, tiny_sft, tmp_path):
                            ([f"--data={bad.with_name('empty.jsonl')}"], "holds no problems"),
                            (["--max_new_tokens=500"], "--max_new_tokens=500 leaves no room"),
                            ([f"--init={tmp_path / 'pre.pt'}"], "'pretrain' checkpoint")]:
-        with pytest.raises(common.UserError, match=re.escape(message)):
-            train_grpo.main(common.parse_config(Config, grpo_flags(tiny_world, tiny_sft, tmp_path / "o", *flags)))
+        with pytest.raises(cli.UserError, match=re.escape(message)):
+            train_grpo.main(cli.parse_config(Config, grpo_flags(tiny_world, tiny_sft, tmp_path / "o", *flags)))

@@ -8,6 +8,7 @@ import torch
 from hypothesis import given, strategies as st
 
 import common
+from data.batches import score_replies
 import evals
 from conftest import run_script
 from data.tinyworld_chat import gold_score
@@ -134,7 +135,7 @@ def test_best_of_n_keeps_the_highest_scored_of_the_first_n_replies(tiny_world, t
     # the same samples again, scored one by one
     prompts, outs, texts = evals.chat_replies(policy, tok, [q for q in questions for _ in range(4)], 8,
                                               temperature=1.0, generator=torch.Generator().manual_seed(5))
-    scores = torch.stack([common.score_replies(rm, [p], [o])[0][0] for p, o in zip(prompts, outs)]).view(3, 4)
+    scores = torch.stack([score_replies(rm, [p], [o])[0][0] for p, o in zip(prompts, outs)]).view(3, 4)
     for i, n in enumerate((1, 2, 4)):
         assert best["rm"][i] == pytest.approx(scores[:, :n].max(1).values.mean().item(), abs=1e-5)
     # n = 1 is the plain sampled reply, scored by the gold rater

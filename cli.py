@@ -1,0 +1,122 @@
+"""The command line and the user's mistakes: every script's flags come from its config dataclass, and a
+mistake the user can fix is one line on stderr and exit code 2, never a traceback."""
+import dataclasses
+import inspect
+import math
+import re
+import sys
+from pathlib import Path
+
+# ----------------------------------------------------------------------------- user errors
+
+
+class UserError(Exception):
+    """A mistake the user can fix: reported as one line, exit code 2, no traceback."""
+
+
+def die(msg):
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def run_main(main, config_cls, presets=None):
+    """main(config) with the config from the command line; a UserError becomes one line on stderr
+    and exit code 2."""
+    try:
+        main(parse_config(config_cls, presets=presets))
+    except UserError as e:
+        die(str(e))
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (which saves first: see StopOnSignal)
+        print("\ninterrupted: files already written are left as they were", file=sys.stderr, flush=True)
+        sys.exit(130)
+
+# ----------------------------------------------------------------------------- the command line
+
+
+def field_comments(cls):
+    """{field: comment} from the `name: type = default  # comment` lines of a config dataclass."""
+    src = inspect.getsource(cls)
+    return dict(re.findall(r"^\s+(\w+)\s*:[^#\n]*#\s*(.*)$", src, flags=re.M))
+
+
+def parse_value(name, text, kind):
+    if kind is bool:
+        if text.lower() in ("1", "true", "yes"):
+            return True
+        if text.lower() in ("0", "false", "no"):
+            return False
+        raise UserError(f"--{name} expects true or false, got {text!r}")
+    try:
+        return kind(text)
+    except ValueError:
+        raise UserError(f"--{name} expects {kind.__name__}, got {text!r}") from None
+
+
+def parse_config(cls, argv=None, presets=None):
+    """A config from `--field=value` arguments. `--preset=NAME` first applies a named set of
+    defaults from `presets`; fields given on the command line win over it. Where a script has a
+    `tinyworld_gpu` preset and a CUDA GPU is used, that preset is the default (`--preset=cpu`: none)."""
+    argv = sys.argv[1:] if argv is None else argv
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if "-h" in argv or "--help" in argv:
+        print_help(cls, presets)
+        sys.exit(0)
+    given = {}
+    for arg in argv:
+        if not arg.startswith("--"):
+            raise UserError(f"unexpected argument {arg!r}: arguments look like --field=value (see --help)")
+        name, eq, text = arg[2:].partition("=")
+        if (name != "preset" or not presets) and name not in fields:
+            valid = (["preset"] if presets else []) + list(fields)
+            raise UserError(f"unknown flag --{name}; valid flags: " + ", ".join(f"--{n}" for n in valid))
+        given[name] = text if eq else "true"
+    values = {}
+    preset = given.pop("preset", None)
+    if preset is None and "tinyworld_gpu" in (presets or {}) and on_gpu(given.get("device", "auto")):
+        preset = "tinyworld_gpu"
+        print("a CUDA GPU: TinyWorld at GPU size (--preset=tinyworld_gpu; --preset=cpu for the CPU sizes)", flush=True)
+    if preset is not None:
+        if not presets or preset not in presets:
+            raise UserError(f"unknown preset {preset!r}; presets: {', '.join(presets or {}) or 'none'}")
+        values.update(presets[preset])
+    for name, text in given.items():
+        values[name] = parse_value(name, text, type(fields[name].default))
+    return cls(**values)
+
+
+def on_gpu(device):
+    """Whether --device=DEVICE trains on a CUDA GPU (auto: where PyTorch sees one)."""
+    if device.startswith("cuda"):
+        return True
+    import torch  # here: the data scripts, which never train, start without it
+    return device == "auto" and torch.cuda.is_available()
+
+
+def print_help(cls, presets=None):
+    print((sys.modules[cls.__module__].__doc__ or "").strip() + "\n\nflags (--field=value):")
+    comments = field_comments(cls)
+    for f in dataclasses.fields(cls):
+        print(f"  --{f.name}={f.default!s:<28} {comments.get(f.name, '')}")
+    if presets:
+        print("  --preset=NAME                  " + "; ".join(f"{k}: {v}" for k, v in presets.items()))
+
+# ----------------------------------------------------------------------------- checks
+
+
+def require_positive(cfg, *names):
+    """Each --name (a count, a size, a rate) must be a positive, finite number: one error line if not."""
+    for name in names:
+        value = getattr(cfg, name)
+        if not 0 < value < math.inf:  # also false for NaN
+            raise UserError(f"--{name} must be a positive number, got {value}")
+
+
+def check_writable(out_dir):
+    """Fail before training, not after, when the output directory cannot be written."""
+    try:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        probe = Path(out_dir) / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write to {out_dir} ({e.strerror}): choose another --out") from None
