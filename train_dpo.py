@@ -31,11 +31,11 @@ import torch.nn.functional as F
 
 import cli
 import common
-from data import numbered_records
-from data.batches import pack_responses
 import evals
 from cli import UserError
 from common import print0
+from data import formats, numbered_records
+from data.batches import pack_responses
 from data.tinyworld_facts import load_world
 from data.tokenizer import load_tokenizer
 from run import Run
@@ -122,50 +122,6 @@ def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta, kind="sigmo
 
 # ----------------------------------------------------------------------------- the data
 
-PAIR = '{"prompt": ..., "chosen": ..., "rejected": ...}'
-# Records of the other stages' files, recognised so that the error says which file was given by mistake.
-OTHER_KINDS = {("messages",): "a conversation (SFT's data)", ("question", "answer"): "a math problem (GRPO's data)"}
-
-
-def load_pairs(path, tok, block_size):
-    """Every pair of a preference JSONL file as (prompt ids, chosen ids, rejected ids, prompt text). The
-    prompt is one user turn through the chat template, ending with <|assistant|>; a reply is its tokens
-    and <|end|>. A pair whose prompt and longer reply exceed the context (block_size + 1 tokens: inputs
-    and targets are shifted by one) is dropped. Returns (pairs, the line numbers of the dropped ones)."""
-    pairs, dropped = [], []
-    for line, record in numbered_records(path):
-        fields = [record.get(k) if isinstance(record, dict) else None for k in ("prompt", "chosen", "rejected")]
-        if not all(isinstance(v, str) for v in fields):
-            kind = next((k for keys, k in OTHER_KINDS.items() if isinstance(record, dict) and set(keys) <= set(record)),
-                        None)
-            what = f"this is {kind}, not a preference pair" if kind else '"prompt", "chosen" or "rejected" is missing'
-            raise UserError(f"{path}:{line}: {what}: each line of a preference file must be {PAIR} with string values")
-        prompt, chosen, rejected = fields
-        prompt_ids = tok.render_prompt([{"role": "user", "content": prompt}])
-        chosen_ids, rejected_ids = tok.encode(chosen) + [tok.end_id], tok.encode(rejected) + [tok.end_id]
-        if len(prompt_ids) + max(len(chosen_ids), len(rejected_ids)) > block_size + 1:
-            dropped.append(line)
-        else:
-            pairs.append((prompt_ids, chosen_ids, rejected_ids, prompt))
-    return pairs, dropped
-
-
-def load_questions(path, tok, block_size):
-    """The held-out QA records ({"messages": [user turn], "answer", "split"}), checked now rather than
-    failing after training."""
-    records = []
-    for line, r in numbered_records(path):
-        try:
-            if not (isinstance(r, dict) and isinstance(r.get("messages"), list) and isinstance(r.get("answer"), str)):
-                raise ValueError('a held-out question needs "messages" (ending with the user\'s turn) and "answer"')
-            if len(tok.render_prompt(r["messages"])) >= block_size:
-                raise ValueError(f"the question leaves no room for an answer in the context ({block_size} tokens)")
-        except ValueError as e:
-            raise UserError(f"{path}:{line}: {e}: fix that line, or pass --qa_data= to skip the evaluation") from None
-        records.append(r)
-    if not records:
-        raise UserError(f"{path} holds no questions: give a JSONL file of them, or pass --qa_data=")
-    return records
 
 
 def get_batch(pairs, batch_size, gen, rank, world):
@@ -273,17 +229,13 @@ def load_data(cfg, tok, block_size):
     """The training pairs (and those dropped as too long), the held-out pairs and questions, and the
     world the gold rater knows: everything the final evaluation reads, checked before training."""
     context = block_size + 1
-    pairs, dropped = load_pairs(cfg.data, tok, block_size)
-    if not pairs and not dropped:
-        raise UserError(f"{cfg.data} holds no pairs: give a JSONL file with one {PAIR} per line")
-    if not pairs:
-        raise UserError(f"{cfg.data}: every pair is longer than the context ({context} tokens), the first at line "
-                        f"{dropped[0]}: shorten them, or use a model with a longer context")
-    test_pairs = load_pairs(cfg.test_data, tok, block_size)[0] if cfg.test_data else []
+    pairs, dropped = formats.pairs(cfg.data, tok, context)
+    formats.require_some(pairs, dropped, cfg.data, "preference pairs", context)
+    test_pairs = formats.pairs(cfg.test_data, tok, context)[0] if cfg.test_data else []
     if cfg.test_data and not test_pairs:
         raise UserError(f"--test_data={cfg.test_data} holds no pair that fits the context ({context} tokens): "
                         "give shorter ones, or --test_data= for none")
-    questions = load_questions(cfg.qa_data, tok, block_size) if cfg.qa_data else None
+    questions = formats.questions(cfg.qa_data, tok, block_size) if cfg.qa_data else None
     rater = load_world(cfg.world) if cfg.world else None
     first = f", the first at line {dropped[0]}" if dropped else ""
     print0(f"dpo: {len(pairs):,} pairs from {cfg.data}, {len(dropped)} dropped as longer than the context "

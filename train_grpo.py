@@ -41,12 +41,12 @@ import torch
 
 import cli
 import common
-from data import numbered_records
-from data.batches import pack_responses
 import evals
 import kernels
 from cli import UserError
 from common import print0
+from data import formats
+from data.batches import pack_responses
 from data.tinymath import check_answer, check_steps, extract_answer, shows_work
 from data.tinyworld_facts import load_world
 from data.tokenizer import load_tokenizer
@@ -180,24 +180,6 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, eps_low=0.2, eps_high=0.2, be
 # ----------------------------------------------------------------------------- the data and the evaluation
 
 # Records of the other stages' files, recognised so that the error says which file was given by mistake.
-OTHER_KINDS = {"messages": "a conversation (SFT data)", "chosen": "a preference pair (reward model or DPO data)"}
-
-
-def load_problems(path, tok, room):
-    """Every {"question", "answer"} record with its chat prompt; those whose prompt leaves fewer than
-    `room` tokens of context for the answer are dropped. Returns (problems, dropped)."""
-    problems, dropped = [], 0
-    for line, r in numbered_records(path):
-        if not (isinstance(r, dict) and isinstance(r.get("question"), str) and extract_answer(str(r.get("answer")))):
-            kind = next((k for key, k in OTHER_KINDS.items() if isinstance(r, dict) and key in r), None)
-            raise UserError(f"{path}:{line}: {f'this is {kind}, not ' if kind else 'not '}a math problem: each line "
-                            'must be {"question": ..., "answer": "... #### <number>"}')
-        prompt = tok.render_prompt([{"role": "user", "content": r["question"]}])
-        if len(prompt) > room:
-            dropped += 1
-        else:
-            problems.append({**r, "prompt": prompt})
-    return problems, dropped
 
 
 def decode(tok, ids):  # an answer's text, without the special tokens that end it
@@ -380,15 +362,12 @@ def load_data(cfg, tok, block_size):
     if room <= 0:
         raise UserError(f"--max_new_tokens={cfg.max_new_tokens} leaves no room for a prompt in the context "
                         f"({block_size} tokens): lower it")
-    problems, dropped = load_problems(cfg.data, tok, room)
-    if not problems and not dropped:
-        raise UserError(f"{cfg.data} holds no problems: give a JSONL file of them, one per line")
-    if not problems:
-        raise UserError(f"no problem in {cfg.data} fits the context with --max_new_tokens={cfg.max_new_tokens} "
-                        f"({dropped} too long): lower --max_new_tokens or give shorter problems")
-    test = load_problems(cfg.test_data, tok, room)[0][:cfg.test_limit or None] if cfg.test_data else []
+    problems, dropped = formats.problems(cfg.data, tok, room)
+    formats.require_some(problems, dropped, cfg.data, "problems", f"{room} for a prompt beside --max_new_tokens="
+                         f"{cfg.max_new_tokens}", "lower --max_new_tokens, or give shorter problems")
+    test = formats.problems(cfg.test_data, tok, room)[0][:cfg.test_limit or None] if cfg.test_data else []
     rater = load_world(cfg.world) if cfg.world and (test or cfg.step_reward) else None
-    print0(f"grpo: {len(problems):,} problems from {cfg.data}, {dropped} dropped as too long for the context; "
+    print0(f"grpo: {len(problems):,} problems from {cfg.data}, {len(dropped)} dropped as too long for the context; "
            f"{cfg.prompts_per_step} problems x {cfg.group_size} answers per step")
     return problems, test, rater
 

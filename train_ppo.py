@@ -34,7 +34,7 @@ import common
 import evals
 from cli import UserError
 from common import print0
-from data import numbered_records, read_jsonl, tinyworld
+from data import formats, read_jsonl, tinyworld
 from data.batches import pack_responses, score_replies
 from data.tokenizer import load_tokenizer
 from run import Run
@@ -170,21 +170,6 @@ def token_logprobs(model, x, y, temperature):
     return logp, -(logp_all.exp() * logp_all).sum(-1)
 
 
-def load_questions(path):
-    """The distinct user prompts of a JSONL file of preference pairs ("prompt") or conversations ("messages")."""
-    questions = []
-    for line, r in numbered_records(path):
-        if isinstance(r, dict) and isinstance(r.get("prompt"), str):
-            questions.append(r["prompt"])
-        elif isinstance(r, dict) and isinstance(r.get("messages"), list) and r["messages"] \
-                and isinstance(r["messages"][0], dict) and isinstance(r["messages"][0].get("content"), str):
-            questions.append(r["messages"][0]["content"])
-        else:
-            raise UserError(f"{path}:{line}: a record with neither a \"prompt\" string nor a \"messages\" list: "
-                            "give preference pairs or conversations")
-    return sorted(set(questions))
-
-
 @torch.no_grad()
 def rollout(policy, ref, critic, rm, tok, questions, cfg, device):
     """Sample a reply to each question and score it: everything the PPO update needs, as tensors."""
@@ -310,7 +295,7 @@ def main(cfg):
 
 def load_data(cfg, tok, block_size):
     """The prompts, checked against the context; the world the gold rater knows, and whether it can judge them."""
-    questions = load_questions(cfg.data)
+    questions = formats.prompts(cfg.data)
     if not questions:
         raise UserError(f"{cfg.data} holds no prompts: give a JSONL file of preference pairs or conversations")
     longest = max(len(tok.render_prompt([{"role": "user", "content": q}])) for q in questions)
@@ -331,7 +316,7 @@ def final_evaluation(policy, ref, tok, rater, cfg):
     if rater is not None:
         plot_curves(Path(cfg.out) / "log.jsonl", Path(cfg.out) / "reward_vs_gold.png")
     if cfg.test_data and rater is not None:
-        held_out = load_questions(cfg.test_data)
+        held_out = formats.prompts(cfg.test_data)
         versus = evals.gold_win_rate(policy, ref, tok, held_out, cfg.max_new_tokens, rater)
         kl_ref = evals.kl_to_reference(policy, ref, tok, held_out, cfg.max_new_tokens)
         result.update(win_rate_vs_sft=versus["win_rate"], gold_score=versus["score"],

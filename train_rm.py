@@ -41,7 +41,7 @@ import common
 import evals
 from cli import UserError
 from common import print0
-from data import numbered_records, read_jsonl, tinyworld
+from data import formats, read_jsonl, tinyworld
 from data.batches import score_replies
 from data.tokenizer import load_tokenizer
 from run import Run
@@ -111,26 +111,6 @@ def reward_loss(r_chosen, r_rejected, margin=0.0, center_coef=0.0, lm_nll=None, 
 
 
 # ----------------------------------------------------------------------------- the data
-
-def load_pairs(path, tok, block_size):
-    """Each pair as (prompt ids, chosen ids, rejected ids); a reply is its tokens and <|end|>. Pairs
-    whose longer side does not fit in the context are dropped. Returns (pairs, dropped)."""
-    pairs, dropped = [], 0
-    for line, r in numbered_records(path):
-        if isinstance(r, dict) and "messages" in r:
-            raise UserError(f"{path}:{line}: this is a conversation (SFT data), not a preference pair: give a file of "
-                            '{"prompt", "chosen", "rejected"} records, such as data/tinyworld/prefs_train.jsonl')
-        if not isinstance(r, dict) or not all(isinstance(r.get(k), str) for k in ("prompt", "chosen", "rejected")):
-            raise UserError(f"{path}:{line}: not a preference pair: each line must be "
-                            '{"prompt": ..., "chosen": ..., "rejected": ...} with string values')
-        prompt = tok.render_prompt([{"role": "user", "content": r["prompt"]}])
-        chosen, rejected = tok.encode(r["chosen"]) + [tok.end_id], tok.encode(r["rejected"]) + [tok.end_id]
-        if len(prompt) + max(len(chosen), len(rejected)) > block_size:
-            dropped += 1
-        else:
-            pairs.append((prompt, chosen, rejected))
-    return pairs, dropped
-
 
 def pair_scores(model, batch):
     """(r_chosen, r_rejected, the chosen replies' mean -log p per token) for a list of pairs, in one
@@ -236,17 +216,12 @@ def main(cfg):
 
 def load_data(cfg, tok, block_size):
     """The training pairs (and how many were dropped as too long) and the held-out ones, checked now."""
-    pairs, dropped = load_pairs(cfg.data, tok, block_size)
-    if not pairs and not dropped:
-        raise UserError(f"{cfg.data} holds no preference pairs: give a JSONL file of "
-                        '{"prompt", "chosen", "rejected"} records')
-    if not pairs:
-        raise UserError(f"{cfg.data} has no preference pair that fits in the context ({block_size} tokens, "
-                        f"{dropped} dropped): give shorter pairs")
-    test_pairs = load_pairs(cfg.test_data, tok, block_size)[0] if cfg.test_data else []
-    print0(f"rm: {len(pairs):,} pairs from {cfg.data} ({dropped} dropped as longer than the context), "
+    pairs, dropped = formats.pairs(cfg.data, tok, block_size)  # prompt and reply within the context
+    formats.require_some(pairs, dropped, cfg.data, "preference pairs", block_size)
+    test_pairs = formats.pairs(cfg.test_data, tok, block_size)[0] if cfg.test_data else []
+    print0(f"rm: {len(pairs):,} pairs from {cfg.data} ({len(dropped)} dropped as longer than the context), "
            f"{len(test_pairs):,} held out")
-    return pairs, dropped, test_pairs
+    return [p[:3] for p in pairs], len(dropped), [p[:3] for p in test_pairs]
 
 
 def final_evaluation(model, init, tok, cfg, device, metrics):

@@ -18,7 +18,6 @@ windows of the pre-training text with their next-token loss (--replay_data, --re
 the other names and facts in use. Writes out/sft/ckpt.pt, log.jsonl and metrics.json.
 """
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -27,7 +26,7 @@ import common
 import evals
 from cli import UserError
 from common import print0
-from data import numbered_records, read_documents
+from data import formats, read_documents
 from data.tokenizer import load_tokenizer
 from run import Run
 
@@ -91,61 +90,6 @@ def sft_loss(logprobs, mask, n_tokens=None):
 
 # ----------------------------------------------------------------------------- the data
 
-# Records of the other stages' files, recognised so that the error says which file was given by mistake.
-OTHER_KINDS = {("prompt", "chosen", "rejected"): "a preference pair (the reward model's and DPO's data)",
-               ("question", "answer"): "a math problem (GRPO's data)"}
-CONVERSATION = '{"messages": [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}]}'
-
-
-def load_conversations(path, tok, block_size):
-    """Every conversation of a messages JSONL file as (ids, mask) from the chat template; those longer
-    than the context (block_size + 1 tokens: inputs and targets are shifted by one) are dropped.
-    Returns (examples, the line numbers of the dropped ones)."""
-    examples, dropped = [], []
-    for line, record in numbered_records(path):
-        where = f"{path}:{line}"
-        messages = record.get("messages") if isinstance(record, dict) else None
-        if not isinstance(messages, list):
-            kind = next((k for keys, k in OTHER_KINDS.items() if isinstance(record, dict) and set(keys) <= set(record)),
-                        None)
-            what = f"this is {kind}, not a conversation" if kind else 'no "messages" list'
-            raise UserError(f"{where}: {what}: each line of an SFT file must be {CONVERSATION}")
-        try:
-            ids, mask = tok.render_chat(messages)
-        except ValueError as e:
-            raise UserError(f"{where}: {e}: fix or delete that line") from None
-        if not any(mask):
-            raise UserError(f"{where}: no assistant turn, so nothing to learn: add one or delete that line")
-        if len(ids) > block_size + 1:
-            dropped.append(line)
-        else:
-            examples.append((ids, mask))
-    return examples, dropped
-
-
-def load_questions(path, tok, block_size):
-    """The held-out questions ({"messages": [user turn], "answer", "split"} records), checked now: a bad
-    one would otherwise fail after training, or score a question it could not ask as wrong."""
-    if not Path(path).is_file():
-        raise UserError(f"no held-out questions at {path}: run `python -m data.tinyworld`, or pass --qa_data=")
-    records = []
-    for line, record in numbered_records(path):
-        where = f"{path}:{line}"
-        if not (isinstance(record, dict) and isinstance(record.get("messages"), list)
-                and isinstance(record.get("answer"), str)):
-            raise UserError(f'{where}: a held-out question needs "messages" (ending with the user\'s turn) and '
-                            '"answer": fix that line, or pass --qa_data= to skip the evaluation')
-        try:
-            prompt = tok.render_prompt(record["messages"])
-        except ValueError as e:
-            raise UserError(f"{where}: {e}: fix or delete that line") from None
-        if len(prompt) >= block_size:
-            raise UserError(f"{where}: the question is {len(prompt)} tokens, which leaves no room for an answer "
-                            f"in the model's context of {block_size}: shorten it or delete that line")
-        records.append(record)
-    if not records:
-        raise UserError(f"{path} holds no questions: give a JSONL file of them, or pass --qa_data=")
-    return records
 
 
 def collate(examples):
@@ -295,19 +239,16 @@ def load_data(cfg, tok, block_size):
     """The conversations to learn (and those dropped as too long), the held-out ones, the held-out
     questions and the replayed pre-training text: all read and checked before training starts."""
     context = block_size + 1  # tokens in a conversation the model can learn whole
-    examples, dropped = load_conversations(cfg.data, tok, block_size)
-    if not examples and not dropped:
-        raise UserError(f"{cfg.data} holds no conversations: give a messages JSONL file, one conversation per line")
-    if not examples:
-        raise UserError(f"{cfg.data}: every conversation is longer than the context ({context} tokens), the first "
-                        f"at line {dropped[0]}: shorten them, or fine-tune a model with a longer context")
+    examples, dropped = formats.conversations(cfg.data, tok, block_size)
+    formats.require_some(examples, dropped, cfg.data, "conversations", context,
+                         "shorten them, or fine-tune a model with a longer context")
     val_examples = []
     if cfg.val_data:
-        val_examples = load_conversations(cfg.val_data, tok, block_size)[0]
+        val_examples = formats.conversations(cfg.val_data, tok, block_size)[0]
         if not val_examples:
             raise UserError(f"--val_data={cfg.val_data} holds no conversation that fits the context "
                             f"({context} tokens): give shorter ones, or --val_data= for none")
-    questions = load_questions(cfg.qa_data, tok, block_size) if cfg.qa_data else None
+    questions = formats.questions(cfg.qa_data, tok, block_size) if cfg.qa_data else None
     n_learned = sum(sum(mask) for _, mask in examples)
     first = f", the first at line {dropped[0]}" if dropped else ""
     print0(f"sft: {len(examples):,} conversations from {cfg.data} ({n_learned:,} tokens learned), "

@@ -151,7 +151,7 @@ SFT_CASES = {
     # the blank line: a record's number is not its line, and the error names the line
     "a record without messages": lambda fx, tmp: Case(
         [f"--data={write(tmp / 'bad.jsonl', jsonl(good_conversation(fx), '', {'conversation': [USER]}))}"],
-        [f"{tmp / 'bad.jsonl'}:3", 'no "messages" list', "each line of an SFT file must be"]),
+        [f"{tmp / 'bad.jsonl'}:3", "not a conversation", "each line must be"]),
     "a message without content": lambda fx, tmp: Case(
         [f"--data={write(tmp / 'bad.jsonl', jsonl(good_conversation(fx), {'messages': [{'role': 'user'}]}))}"],
         [f"{tmp / 'bad.jsonl'}:2", "'content': str", "fix or delete that line"]),
@@ -160,7 +160,7 @@ SFT_CASES = {
         [f"{tmp / 'bad.jsonl'}:2", "no assistant turn", "add one or delete that line"]),
     "conversations longer than the context": lambda fx, tmp: Case(
         [f"--data={write(tmp / 'long.jsonl', jsonl({'messages': [LONG, {'role': 'assistant', 'content': 'No.'}]}))}"],
-        [str(tmp / "long.jsonl"), "longer than the context (129 tokens)", "line 1", "shorten them"]),
+        [str(tmp / "long.jsonl"), "too long for the context (129 tokens)", "line 1", "shorten them"]),
     "a data file that is not UTF-8": lambda fx, tmp: Case(
         [f"--data={write(tmp / 'latin1.jsonl', good_conversation(fx).encode() + bytes([10]) + LATIN1)}"],
         [str(tmp / "latin1.jsonl"), "is not UTF-8 text", "convert it"]),
@@ -201,11 +201,11 @@ RM_CASES = {
         [f"--data={write(tmp / 'bad.jsonl', jsonl(good_pair(fx), '', {'prompt': 'Hi?', 'chosen': 'Hello.'}))}"],
         [f"{tmp / 'bad.jsonl'}:3", "not a preference pair", '"rejected"']),
     "pairs longer than the context": lambda fx, tmp: Case(
-        [f"--data={write(tmp / 'long.jsonl', jsonl(LONG_PAIR))}"], [str(tmp / "long.jsonl"), "fits in the context",
-                                                                   "give shorter pairs"]),
+        [f"--data={write(tmp / 'long.jsonl', jsonl(LONG_PAIR))}"], [str(tmp / "long.jsonl"), "too long for the context",
+                                                                   "shorten them"]),
     "conversations given to the reward model": lambda fx, tmp: Case(
         [f"--data={fx.tiny_world['data'] / 'sft_train.jsonl'}"],
-        [f"{fx.tiny_world['data'] / 'sft_train.jsonl'}:1", "conversation (SFT data)", "prefs_train.jsonl"]),
+        [f"{fx.tiny_world['data'] / 'sft_train.jsonl'}:1", "a conversation (SFT's data)", "not a preference pair"]),
 }
 
 
@@ -220,7 +220,7 @@ PPO_CASES = {
     **data_file_cases(good_pair, "prompts"),
     "a record with no prompt": lambda fx, tmp: Case(
         [f"--data={write(tmp / 'bad.jsonl', jsonl(good_pair(fx), {'question': 'Hi?'}))}"],
-        [f"{tmp / 'bad.jsonl'}:2", 'neither a "prompt"', "give preference pairs or conversations"]),
+        [f"{tmp / 'bad.jsonl'}:2", "not a prompt", "a preference pair"]),
     "a prompt longer than the context": lambda fx, tmp: Case(
         [f"--data={write(tmp / 'long.jsonl', jsonl(LONG_PAIR))}"], ["do not fit in the context",
                                                                    "lower --max_new_tokens or shorten the prompts"]),
@@ -239,13 +239,13 @@ def dpo_flags(fx, out):
 
 # DPO reads preference pairs as the reward model does, but with a loader and errors of its own
 DPO_CASES = {
-    **data_file_cases(good_pair, "pairs"),
+    **data_file_cases(good_pair, "preference pairs"),
     "a pair without its rejected reply": lambda fx, tmp: Case(
         [f"--data={write(tmp / 'bad.jsonl', jsonl(good_pair(fx), '', {'prompt': 'Hi?', 'chosen': 'Hello.'}))}"],
-        [f"{tmp / 'bad.jsonl'}:3", '"rejected" is missing', "each line of a preference file must be"]),
+        [f"{tmp / 'bad.jsonl'}:3", '"rejected" is missing', "each line must be"]),
     "pairs longer than the context": lambda fx, tmp: Case(
         [f"--data={write(tmp / 'long.jsonl', jsonl(LONG_PAIR))}"],
-        [str(tmp / "long.jsonl"), "every pair is longer than the context", "line 1", "shorten them"]),
+        [str(tmp / "long.jsonl"), "too long for the context", "line 1", "shorten them"]),
     "conversations given to DPO": lambda fx, tmp: Case(
         [f"--data={fx.tiny_world['data'] / 'sft_train.jsonl'}"],
         [f"{fx.tiny_world['data'] / 'sft_train.jsonl'}:1", "a conversation (SFT's data), not a preference pair"]),
@@ -313,13 +313,13 @@ GRPO_CASES = {
         [f"{tmp / 'bad.jsonl'}:2", "not a math problem", '"answer": "... #### <number>"']),
     "conversations given to GRPO": lambda fx, tmp: Case(
         [f"--data={fx.tiny_world['data'] / 'sft_train.jsonl'}"],
-        [f"{fx.tiny_world['data'] / 'sft_train.jsonl'}:1", "a conversation (SFT data), not a math problem"]),
+        [f"{fx.tiny_world['data'] / 'sft_train.jsonl'}:1", "a conversation (SFT's data), not a math problem"]),
     "preference pairs given to GRPO": lambda fx, tmp: Case(
         [f"--data={fx.tiny_world['data'] / 'prefs_train.jsonl'}"],
         [f"{fx.tiny_world['data'] / 'prefs_train.jsonl'}:1", "a preference pair", "not a math problem"]),
     "problems longer than the context": lambda fx, tmp: Case(
         [f"--data={write(tmp / 'long.jsonl', jsonl(LONG_PROBLEM))}"],
-        [f"no problem in {tmp / 'long.jsonl'} fits the context", "lower --max_new_tokens or give shorter problems"]),
+        [str(tmp / "long.jsonl"), "too long for the context", "lower --max_new_tokens"]),
     "answers as long as the context": lambda fx, tmp: Case(
         ["--max_new_tokens=128"], ["--max_new_tokens=128 leaves no room for a prompt", "lower it"]),
     "a missing held-out problem file": lambda fx, tmp: Case(

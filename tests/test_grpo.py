@@ -304,7 +304,7 @@ def test_bad_input_is_one_line(tiny_world, tiny_sft, tmp_path):
     common.save_checkpoint(tmp_path / "pre.pt", {"stage": "pretrain", "model": {}, "model_args": {}})
     sft_data = tiny_world["data"] / "sft_train.jsonl"
     for flags, message in [(["--loss_type=ppo"], "--loss_type must be grpo or dr_grpo or dapo"),
-                           ([f"--data={sft_data}"], f"{sft_data}:1: this is a conversation (SFT data)"),
+                           ([f"--data={sft_data}"], f"{sft_data}:1: this is a conversation (SFT's data)"),
                            ([f"--data={bad.with_name('empty.jsonl')}"], "holds no problems"),
                            (["--max_new_tokens=500"], "--max_new_tokens=500 leaves no room"),
                            ([f"--init={tmp_path / 'pre.pt'}"], "'pretrain' checkpoint")]:
