@@ -214,6 +214,38 @@ def plot_best_of_n(result, png):
     plt.close(fig)
 
 
+def describe_math(result, label, k):
+    """math_eval's result as the lines a stage prints: pass@1 and pass@k overall and by level, steps
+    right, the greedy answers' length and how many work the steps, and a few examples (taken out)."""
+    levels = result["levels"]
+    by_level = "; ".join(f"level {lv}: {m['pass@1']:.0%} / {m[f'pass@{k}']:.0%}" for lv, m in levels.items())
+    steps = f", steps right {result['steps']:.1%}" if "steps" in result else ""
+    lines = [f"{label}: held-out pass@1 {result['pass@1']:.1%}, pass@{k} {result[f'pass@{k}']:.1%}{steps}, "
+             f"greedy answers {result['length']:.1f} tokens long, {result['worked']:.0%} of them worked step by step "
+             f"(of {result['n']} problems)" + (f"\n    pass@1 / pass@{k} by {by_level}" if levels else "")]
+    lines += [f"    {question!r}\n      -> {answer!r}" for question, answer in result.pop("examples")]
+    return "\n".join(lines)
+
+
+def plot_reward_vs_gold(log_path, png):
+    """PPO's learned reward (the reward model's score) and the true one (the gold rater's) per step:
+    where they part, the policy is exploiting the reward model."""
+    import json
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [r for r in map(json.loads, open(log_path)) if "rollout/gold" in r]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["step"] for r in rows], [r["rollout/score"] for r in rows], label="reward model score")
+    ax.plot([r["step"] for r in rows], [r["rollout/gold"] for r in rows], label="gold rater score")
+    ax.set_xlabel("PPO step")
+    ax.set_ylabel("mean over the step's rollouts")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+
+
 @torch.no_grad()
 def text_loss(model, ids, n_windows=64, batch_size=16):
     """Mean next-token loss on the first n_windows non-overlapping windows of a token tensor: the

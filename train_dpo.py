@@ -18,11 +18,11 @@ accuracy; on their prompts, the gold rater's win rate of the policy's greedy rep
 the KL to SFT on sampled replies; held-out QA accuracy (preferences should change the manner of the
 answers, not their facts). Writes out/dpo/ckpt.pt, log.jsonl and metrics.json.
 
-Which loss, on TinyWorld (10% of the training labels flipped): in the CPU budget of 60 steps, a third
-of an epoch, sigmoid, conservative and robust DPO (label smoothing 0.1) win about equally often, a
-few points more than IPO. The margins stay small there, where the three sigmoid losses differ only
-in the size of their gradient ((1 - 2 eps) and 1 / (1 - 2 eps) times the plain one at h = 0): in
-effect a change of learning rate, not yet a defence against noise.
+Which loss: TinyWorld's rater flips a share of the training labels, which is what conservative
+(label smoothing) and robust DPO are for. In the CPU budget, a fraction of an epoch, the margins
+stay small, where the three sigmoid losses differ only in the size of their gradient ((1 - 2 eps)
+and 1 / (1 - 2 eps) times the plain one at h = 0): in effect a change of learning rate, not yet a
+defence against noise. Compare them with --loss_type on the same seed.
 """
 from dataclasses import dataclass
 

@@ -1,7 +1,7 @@
 """Stage 4, reasoning RL with verifiable rewards (GRPO): reinforce the answers a checker marks right.
 
-    python train_grpo.py                    # TinyWorld's reasoning problems on a CPU, about a minute of
-                                            # training, from out/ppo, else out/dpo, else out/sft
+    python train_grpo.py                    # TinyWorld's reasoning problems on a CPU, from out/ppo,
+                                            # else out/dpo, else out/sft
     python train_grpo.py --loss_type=dr_grpo
     python train_grpo.py --preset=gpu       # GSM8K on one GPU (python -m data.prepare_gsm8k first)
     torchrun --standalone --nproc_per_node=8 train_grpo.py --preset=gpu
@@ -22,16 +22,12 @@ temperature 1 (pass@k: solved at least once), overall and per level, with the sh
 stated right and the share of answers that show their work (steps before "####", not a bare
 number). Writes out/grpo/ckpt.pt, log.jsonl and metrics.json.
 
-What to expect on TinyWorld (data/tinymath.py): SFT's set answers some problems step by step and as
-many with the number alone, so the SFT model does both, and greedily it often guesses a bare number;
-PPO, tuned on fact questions, leaves it about where SFT had it, or lower. Rewarded for the final number only,
-GRPO finds that the answers which work the steps are the ones that pay: within a few dozen steps
-nearly all of its answers show their work and greedy pass@1 climbs by tens of points (the README has
-the figures). What stays wrong is mostly sums past ten, which RL at this budget barely teaches.
-Rollouts are sampled at temperature 0.7: at 1 this small model's samples slip on steps its greedy
-answer gets right, and GRPO gained less. Partial credit, for the steps (--step_reward) or the format
-(--format_reward), is off: tried on two seeds, each lifted pass@1 on one and not on the other. The
-three loss types moved it about as much.
+Why the defaults (report.md and the README's table have what they give): SFT's set answers some
+problems step by step and as many with the number alone, so the model starts out doing both; rewarded
+for the final number only, GRPO finds that the answers which work the steps are the ones that pay.
+Rollouts are sampled at temperature 0.7, where this small model's samples keep the steps its greedy
+answer gets right. Partial credit for the steps (--step_reward) or the format (--format_reward) is
+off: on the seeds it was tried on it did not lift pass@1 consistently.
 """
 import math
 from dataclasses import dataclass
@@ -179,9 +175,6 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, eps_low=0.2, eps_high=0.2, be
 
 # ----------------------------------------------------------------------------- the data and the evaluation
 
-# Records of the other stages' files, recognised so that the error says which file was given by mistake.
-
-
 def decode(tok, ids):  # an answer's text, without the special tokens that end it
     return tok.decode(t for t in ids if t not in (tok.end_id, tok.eot_id))
 
@@ -191,18 +184,6 @@ def evaluate(model, tok, problems, cfg, world):
     result = evals.math_eval(model, tok, problems, cfg.max_new_tokens, cfg.pass_k, cfg.seed, world)
     result.pop("solved")  # per problem: the figures above are what the log and metrics.json keep
     return result
-
-
-def report(result, label, k):
-    levels = result["levels"]
-    by_level = "; ".join(f"level {lv}: {m['pass@1']:.0%} / {m[f'pass@{k}']:.0%}" for lv, m in levels.items())
-    steps = f", steps right {result['steps']:.1%}" if "steps" in result else ""
-    print0(f"grpo: {label}: held-out pass@1 {result['pass@1']:.1%}, pass@{k} {result[f'pass@{k}']:.1%}{steps}, "
-           f"greedy answers {result['length']:.1f} tokens long, {result['worked']:.0%} of them worked step by step "
-           f"(of {result['n']} problems)"
-           + (f"\n    pass@1 / pass@{k} by {by_level}" if levels else ""))
-    for question, answer in result.pop("examples"):
-        print0(f"    {question!r}\n      -> {answer!r}")
 
 
 def default_init():
@@ -298,7 +279,7 @@ def main(cfg):
     run.logger.phase("evaluation")
     if run.step == 0 and test and common.is_master():
         before = evaluate(run.raw, tok, test, cfg, rater)
-        report(before, "before", cfg.pass_k)
+        print0(evals.describe_math(before, "grpo: before", cfg.pass_k))
         run.logger.log(0, printed=False, **{f"eval/{k}": v for k, v in before.items()})
 
     for step in run.steps():
@@ -339,7 +320,7 @@ def main(cfg):
     summary = {"init": init, "loss_type": cfg.loss_type}
     if test and common.is_master():
         after = evaluate(run.raw, tok, test, cfg, rater)
-        report(after, "after", cfg.pass_k)
+        print0(evals.describe_math(after, "grpo: after", cfg.pass_k))
         run.logger.log(run.step, printed=False, **{f"eval/{k}": v for k, v in after.items()})
         summary.update(before=before, after=after)
     run.finish(summary)

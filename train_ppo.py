@@ -1,7 +1,7 @@
 """Stage 3b, RLHF with PPO: make the SFT policy write what the reward model scores high, without drifting.
 
-    python train_ppo.py                 # TinyWorld on a CPU, about two minutes, from out/sft and out/rm
-    python train_ppo.py --kl_coef=0 --max_steps=150 --out=out/ppo/no_kl   # reward hacking, made visible
+    python train_ppo.py                 # TinyWorld on a CPU, from out/sft and out/rm
+    python train_ppo.py --kl_coef=0 --max_steps=120 --out=out/ppo/no_kl   # reward hacking, made visible
     python train_ppo.py --preset=gpu    # HH-RLHF prompts on one GPU, from GPU runs of train_sft.py and train_rm.py
     torchrun --standalone --nproc_per_node=8 train_ppo.py --preset=gpu
 
@@ -186,25 +186,6 @@ def rollout(policy, ref, critic, rm, tok, questions, cfg, device):
                 values=values.float(), ended=ended.float(), texts=texts)
 
 
-def plot_curves(log_path, png_path):
-    """The learned reward (the reward model's score) and the true one (the gold rater's) per step."""
-    import json
-
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    rows = [r for r in map(json.loads, open(log_path)) if "rollout/gold" in r]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r["step"] for r in rows], [r["rollout/score"] for r in rows], label="reward model score")
-    ax.plot([r["step"] for r in rows], [r["rollout/gold"] for r in rows], label="gold rater score")
-    ax.set_xlabel("PPO step")
-    ax.set_ylabel("mean over the step's rollouts")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=120)
-    plt.close(fig)
-
-
 # ----------------------------------------------------------------------------- training
 
 def main(cfg):
@@ -217,21 +198,8 @@ def main(cfg):
     # the four networks: policy and reference from SFT, critic and reward model from the reward model
     ckpt = run.resumed()
     init, reward_model = (ckpt["init"], ckpt["reward_model"]) if ckpt else (cfg.init, cfg.reward_model)
-    sft = common.load_checkpoint(init, ["sft"], made_by="python train_sft.py")
-    rm_ckpt = common.load_checkpoint(reward_model, ["rm"], made_by="python train_rm.py")
-    tokenizer = cfg.tokenizer or sft["tokenizer"]
-    tok = load_tokenizer(tokenizer)
-    device = run.device
-    policy = common.gpt_from_checkpoint(ckpt or sft, tok, dropout=0.0).to(device)
-    ref = common.gpt_from_checkpoint(sft, tok).to(device).eval().requires_grad_(False)
-    rm = common.gpt_from_checkpoint(rm_ckpt, tok, reward=True).to(device).eval().requires_grad_(False)
-    critic = common.gpt_from_checkpoint(rm_ckpt, tok, value_head=True, dropout=0.0).to(device)
-    if ckpt:
-        critic.load_state_dict(ckpt["critic"])
-    if rm_ckpt["model_args"]["vocab_size"] != sft["model_args"]["vocab_size"]:
-        raise UserError(f"the reward model {reward_model} and the policy {init} use different vocabularies: "
-                        "train the reward model from this SFT checkpoint")
-    questions, rater, gold = load_data(cfg, tok, policy.config.block_size)
+    tokenizer, tok, policy, ref, rm, critic = networks(ckpt, init, reward_model, cfg, run.device)
+    questions, rater, judge = load_data(cfg, tok, policy.config.block_size)
     model = run.start(policy, ckpt, tok, tokenizer, seed=cfg.seed + run.rank, keep=lambda: dict(  # each rank its own replies
         critic=critic.state_dict(), critic_optimizer=critic_opt.state_dict(), init=init, reward_model=reward_model))
     critic_opt = critic.configure_optimizer(cfg.critic_lr, cfg.weight_decay)
@@ -243,7 +211,7 @@ def main(cfg):
     for step in run.steps():
         # 1-2. rollouts, scored
         picks = torch.randint(len(questions), (cfg.batch_size,), generator=run.data_gen)[run.rank::run.world].tolist()
-        batch = rollout(policy, ref, critic, rm, tok, [questions[i] for i in picks], cfg, device)
+        batch = rollout(policy, ref, critic, rm, tok, [questions[i] for i in picks], cfg, run.device)
         mask = batch["mask"]
         # 3-4. rewards, advantages, returns
         rewards, kl = shape_rewards(batch["score"], batch["logp"], batch["ref_logp"], mask, cfg.kl_coef,
@@ -257,7 +225,7 @@ def main(cfg):
             order = torch.randperm(len(picks), generator=run.data_gen)
             for mb in order.split(cfg.minibatch_size):
                 m = mask[mb]
-                with common.autocast(device):
+                with common.autocast(run.device):
                     logp, entropy = token_logprobs(model, batch["x"][mb], batch["y"][mb], cfg.temperature)
                     values = critic_model(batch["x"][mb])
                 pg_loss, pg_stats = ppo_policy_loss(logp, batch["logp"][mb], adv[mb], m, cfg.clip)
@@ -274,12 +242,8 @@ def main(cfg):
                               **{f"policy/{k}": v for k, v in pg_stats.items()}})
         run.step += 1
 
-        metrics = {"rollout/score": batch["score"].mean().item(), "rollout/kl": kl.sum(1).mean().item()}
-        if gold:
-            metrics["rollout/gold"] = np.mean([tinyworld.gold_score(questions[i], t, rater) for i, t in zip(picks, batch["texts"])])
-        metrics.update({k: float(np.mean([s[k] for s in stats])) for k in stats[0]})
-        metrics.update({"rollout/length": mask.sum(1).mean().item(), "rollout/ended": batch["ended"].mean().item(), "lr": run.lr})
-        metrics = {k: common.all_mean(v) for k, v in metrics.items()}
+        gold = [tinyworld.gold_score(questions[i], t, rater) for i, t in zip(picks, batch["texts"])] if judge else None
+        metrics = step_metrics(batch, kl, stats, gold, run.lr)
         # the weights after the update can be broken while the losses before it were fine, and the
         # next rollout would sample from NaN probabilities
         with torch.no_grad():
@@ -289,8 +253,39 @@ def main(cfg):
 
     result = {"final": metrics}
     if common.is_master():
-        result.update(final_evaluation(policy, ref, tok, rater if gold else None, cfg))
+        result.update(final_evaluation(policy, ref, tok, rater if judge else None, cfg))
     run.finish(result)
+
+
+def networks(ckpt, init, reward_model, cfg, device):
+    """The tokenizer and the four networks: policy (ours under --resume) and frozen reference from SFT,
+    frozen reward model and critic (its trunk and head, trained from here) from the reward model."""
+    sft = common.load_checkpoint(init, ["sft"], made_by="python train_sft.py")
+    rm_ckpt = common.load_checkpoint(reward_model, ["rm"], made_by="python train_rm.py")
+    if rm_ckpt["model_args"]["vocab_size"] != sft["model_args"]["vocab_size"]:
+        raise UserError(f"the reward model {reward_model} and the policy {init} use different vocabularies: "
+                        "train the reward model from this SFT checkpoint")
+    tokenizer = cfg.tokenizer or sft["tokenizer"]
+    tok = load_tokenizer(tokenizer)
+    policy = common.gpt_from_checkpoint(ckpt or sft, tok, dropout=0.0).to(device)
+    ref = common.gpt_from_checkpoint(sft, tok).to(device).eval().requires_grad_(False)
+    rm = common.gpt_from_checkpoint(rm_ckpt, tok, reward=True).to(device).eval().requires_grad_(False)
+    critic = common.gpt_from_checkpoint(rm_ckpt, tok, value_head=True, dropout=0.0).to(device)
+    if ckpt:
+        critic.load_state_dict(ckpt["critic"])
+    return tokenizer, tok, policy, ref, rm, critic
+
+
+def step_metrics(batch, kl, stats, gold, lr):
+    """The step's row: what the rollouts got, the update's statistics averaged over its minibatches, and
+    the gold rater's score of the same replies where a world can judge them; averaged over the ranks."""
+    mask = batch["mask"]
+    metrics = {"rollout/score": batch["score"].mean().item(), "rollout/kl": kl.sum(1).mean().item()}
+    if gold is not None:
+        metrics["rollout/gold"] = float(np.mean(gold))
+    metrics.update({k: float(np.mean([s[k] for s in stats])) for k in stats[0]})
+    metrics.update({"rollout/length": mask.sum(1).mean().item(), "rollout/ended": batch["ended"].mean().item(), "lr": lr})
+    return {k: common.all_mean(v) for k, v in metrics.items()}
 
 
 def load_data(cfg, tok, block_size):
@@ -303,10 +298,10 @@ def load_data(cfg, tok, block_size):
         raise UserError(f"a prompt of {longest} tokens and --max_new_tokens={cfg.max_new_tokens} do not fit in the "
                         f"context ({block_size}): lower --max_new_tokens or shorten the prompts")
     rater = tinyworld.load_world(cfg.world) if cfg.world else None  # the world the gold rater knows
-    gold = rater is not None and rater.parse_question(questions[0]) is not None
+    judge = rater is not None and rater.parse_question(questions[0]) is not None
     print0(f"ppo: {len(questions):,} prompts from {cfg.data}; policy and reference from {cfg.init}, "
            f"critic and reward model from {cfg.reward_model}")
-    return questions, rater, gold
+    return questions, rater, judge
 
 
 def final_evaluation(policy, ref, tok, rater, cfg):
@@ -314,7 +309,7 @@ def final_evaluation(policy, ref, tok, rater, cfg):
     PPO's greedy replies against SFT's: the gold rater's verdict, KL to SFT, held-out QA of both."""
     result = {}
     if rater is not None:
-        plot_curves(Path(cfg.out) / "log.jsonl", Path(cfg.out) / "reward_vs_gold.png")
+        evals.plot_reward_vs_gold(Path(cfg.out) / "log.jsonl", Path(cfg.out) / "reward_vs_gold.png")
     if cfg.test_data and rater is not None:
         held_out = formats.prompts(cfg.test_data)
         versus = evals.gold_win_rate(policy, ref, tok, held_out, cfg.max_new_tokens, rater)

@@ -1,7 +1,7 @@
 """Stage 1, pre-training: teach a random GPT language and the world's facts by next-token prediction.
 
     python -m data.tinyworld && python -m data.tokenizer       # the data and the tokenizer, once
-    python train_pretrain.py                                   # TinyWorld on a CPU, about 3 minutes
+    python train_pretrain.py                                   # TinyWorld on a CPU
     python train_pretrain.py --preset=gpu                      # TinyStories on one GPU (python -m data.prepare_tinystories first)
     torchrun --standalone --nproc_per_node=8 train_pretrain.py --preset=gpu
 

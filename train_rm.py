@@ -1,6 +1,6 @@
 """Stage 3a, the reward model: learn to score answers the way a rater ranks them.
 
-    python train_rm.py                  # TinyWorld's preference pairs on a CPU, about two minutes, from out/sft/ckpt.pt
+    python train_rm.py                  # TinyWorld's preference pairs on a CPU, from out/sft/ckpt.pt
     python train_rm.py --preset=gpu     # Anthropic HH-RLHF on one GPU (python -m data.prepare_hh_rlhf first),
                                         # from a GPU SFT run (train_sft.py --preset=gpu)
     torchrun --standalone --nproc_per_node=8 train_rm.py --preset=gpu

@@ -1,6 +1,6 @@
 """Stage 2, instruction fine-tuning (SFT): teach a pre-trained GPT to answer in a chat format.
 
-    python train_sft.py                 # TinyWorld on a CPU, about two minutes of training, from out/pretrain/ckpt.pt
+    python train_sft.py                 # TinyWorld on a CPU, from out/pretrain/ckpt.pt
     python train_sft.py --preset=gpu    # Dolly 15k on one GPU (python -m data.prepare_chat first), starting
                                         # from a GPU pre-training run (train_pretrain.py --preset=gpu)
     torchrun --standalone --nproc_per_node=8 train_sft.py --preset=gpu
