@@ -112,12 +112,15 @@ def reward_loss(r_chosen, r_rejected, margin=0.0, center_coef=0.0, lm_nll=None, 
 
 # ----------------------------------------------------------------------------- the data
 
-def pair_scores(model, batch):
+def pair_scores(model, batch, every_rank=False):
     """(r_chosen, r_rejected, the chosen replies' mean -log p per token) for a list of pairs, in one
-    forward pass over both sides."""
+    forward pass over both sides. every_rank (in training, where every rank calls it at once): the mean
+    divides by the chosen replies' tokens on every rank (each rank by their mean), so that under DDP
+    the averaged gradient is the whole batch's."""
     prompts, n = [p for p, _, _ in batch], len(batch)
     r, logp, lengths = score_replies(model, prompts + prompts, [c for _, c, _ in batch] + [x for _, _, x in batch])
-    return r[:n], r[n:], -logp[:n].sum() / lengths[:n].sum()
+    tokens = common.all_mean(lengths[:n].sum().item()) if every_rank else lengths[:n].sum()
+    return r[:n], r[n:], -logp[:n].sum() / tokens
 
 
 @torch.no_grad()
@@ -184,7 +187,7 @@ def main(cfg):
     for step in run.steps():
         picks = torch.randint(len(pairs), (cfg.batch_size,), generator=run.data_gen)[run.rank::run.world]
         batch = [pairs[i] for i in picks.tolist()]
-        r_c, r_r, lm_nll = pair_scores(model, batch)
+        r_c, r_r, lm_nll = pair_scores(model, batch, every_rank=True)
         loss = reward_loss(r_c, r_r, cfg.margin, cfg.center_coef, lm_nll, cfg.lm_coef)
         loss.backward()
         train_loss = common.all_mean(loss.item())
@@ -195,7 +198,7 @@ def main(cfg):
             test_acc = metrics["eval/accuracy"] = accuracy(model, test_pairs, cfg, run)
         if run.due():  # the weights after the update can be broken while the loss before it was fine
             with torch.no_grad():
-                r_c, r_r, lm_nll = pair_scores(run.raw, batch)
+                r_c, r_r, lm_nll = pair_scores(run.raw, batch, every_rank=True)
                 run.check(reward_loss(r_c, r_r, cfg.margin, cfg.center_coef, lm_nll, cfg.lm_coef).item(),
                           "loss after the update")
         run.log(metrics, printed="eval/accuracy" in metrics, save=run.due())

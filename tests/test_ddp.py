@@ -1,0 +1,53 @@
+"""Every post-training stage under torchrun with two processes on the CPU (gloo), at tiny size: it runs,
+logs every step once and writes a checkpoint that loads. Where the stage is deterministic (SFT, the reward
+model, DPO: each rank takes its share of the same batch), two processes follow one process's loss
+curve; PPO and GRPO sample their own replies on each rank, so theirs differ. (Pre-training's test is in
+test_pretrain.py.)"""
+import json
+
+import pytest
+
+import common
+from conftest import run_script
+
+STEPS = 4
+
+
+def flags(stage, fx, out):
+    d, sft = fx["world"]["data"], fx["sft"]
+    return {
+        "sft": [f"--data={d / 'sft_train.jsonl'}", f"--init={fx['pretrained']}", "--qa_data=",
+                f"--replay_data={d / 'corpus_train.txt'}", "--replay_batch=2", "--batch_size=4"],
+        "rm": [f"--data={d / 'prefs_train.jsonl'}", f"--init={sft}", "--test_data=", "--world=", "--batch_size=4",
+               "--zero_prompts=0", "--best_of=0"],
+        "dpo": [f"--data={d / 'prefs_train.jsonl'}", f"--init={sft}", "--test_data=", "--qa_data=", "--world=",
+                "--batch_size=4"],
+        "ppo": [f"--data={d / 'prefs_train.jsonl'}", f"--init={sft}", f"--reward_model={fx['rm']}", "--test_data=",
+                "--qa_data=", f"--world={d}", "--batch_size=4", "--minibatch_size=2", "--max_new_tokens=8"],
+        "grpo": [f"--data={d / 'math_train.jsonl'}", f"--init={sft}", "--test_data=", f"--world={d}",
+                 "--prompts_per_step=2", "--group_size=2", "--max_new_tokens=8", "--micro_batch=2"],
+    }[stage] + [f"--out={out}", f"--max_steps={STEPS}", f"--eval_every={STEPS}", "--warmup_steps=1", "--device=cpu"]
+
+
+CURVE = {"sft": "loss/train", "rm": "loss/train", "dpo": "loss/train", "ppo": "rollout/score", "grpo": "loss/policy"}
+
+
+def curve(stage, out):
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    return [(r["step"], r[CURVE[stage]]) for r in rows if CURVE[stage] in r]
+
+
+@pytest.mark.parametrize("stage", ["sft", "rm", "dpo", "ppo", "grpo"])
+def test_two_processes_run_every_stage(stage, tiny_world, tiny_pretrained, tiny_sft, tiny_rm, tmp_path):
+    fx = {"world": tiny_world, "pretrained": tiny_pretrained, "sft": tiny_sft, "rm": tiny_rm}
+    one, two = tmp_path / "one", tmp_path / "two"
+    single = {"OMP_NUM_THREADS": "1"}
+    r = run_script(f"train_{stage}.py", *flags(stage, fx, one), env=single)
+    assert r.returncode == 0, r.stderr
+    r = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", f"train_{stage}.py",
+                   *flags(stage, fx, two), env=single)
+    assert r.returncode == 0, r.stderr
+    assert [step for step, _ in curve(stage, two)] == list(range(1, STEPS + 1))  # each step logged once
+    assert common.load_checkpoint(two / "ckpt.pt", [stage])["step"] == STEPS
+    if stage in ("sft", "rm", "dpo"):
+        assert [v for _, v in curve(stage, two)] == pytest.approx([v for _, v in curve(stage, one)], rel=1e-4)
