@@ -35,7 +35,10 @@ def fact_accuracy(model, tok, world=None, max_new_tokens=4):
 
 
 
-def qa_accuracy(model, tok, records, max_new_tokens=96, n_examples=2):
+QA_TOKENS = 96  # the reply budget of held-out QA wherever it is measured, so that one checkpoint has one figure
+
+
+def qa_accuracy(model, tok, records, max_new_tokens=QA_TOKENS, n_examples=2):
     """Greedy answers to held-out questions asked through the chat template (sft_test.jsonl's records:
     {"messages": [user], "answer", "split"}). A reply is correct when it contains the answer as a word
     (`tinyworld.answer_correct`); it is well formed when it ends with <|end|> within max_new_tokens

@@ -34,7 +34,7 @@ from model import GPT, GPTConfig
 class Config:
     out: str = "out"                   # the stages' output directories are here; report.md goes here too
     data: str = "data/tinyworld"       # TinyWorld's files: the held-out sets the measures use
-    max_new_tokens: int = 96           # reply length limit (the context's room permitting)
+    max_new_tokens: int = evals.QA_TOKENS  # reply length limit (the context's room permitting), QA's as everywhere
     math_tokens: int = 72              # answer length limit on the reasoning problems, as train_grpo.py's
     device: str = "auto"               # auto (cuda, mps, cpu), or a torch device name
     seed: int = 1337                   # seeds the random model and the sampled replies of the KL

@@ -1,6 +1,6 @@
 """Stage 3c, direct preference optimisation (DPO): learn from preference pairs without a reward model.
 
-    python train_dpo.py                 # TinyWorld on a CPU, about 45 seconds of training, from out/sft/ckpt.pt
+    python train_dpo.py                 # TinyWorld on a CPU, from out/sft/ckpt.pt
     python train_dpo.py --loss_type=robust --label_smoothing=0.1    # a variant (see dpo_loss)
     python train_dpo.py --preset=gpu    # HH-RLHF on one GPU (python -m data.prepare_hh_rlhf first), starting
                                         # from a GPU fine-tuning run (train_sft.py --preset=gpu)
@@ -11,7 +11,9 @@ both start from the SFT checkpoint; a reply's log pi(y | x) is summed over its t
 included), the reference's without gradients. beta * (log pi(y) - log pi_ref(y)) is the reply's
 implicit reward, the one for which the KL-regularised RLHF objective has this policy as its optimum;
 the loss (`dpo_loss`) pushes the chosen reply's above the rejected one's, so the pairs train the
-policy as a reward model and PPO would, in one supervised loop with no sampling.
+policy as a reward model and PPO would, in one supervised loop with no sampling. Each step: 1. a batch
+of pairs; 2. the policy's log-probabilities of both replies, the reference's, the loss, backward; 3. the
+update.
 
 At the end: on held-out pairs (clean labels, prompts no training pair asks), the implicit reward's
 accuracy; on their prompts, the gold rater's win rate of the policy's greedy replies against SFT's and
@@ -65,7 +67,7 @@ class Config:
     grad_clip: float = 1.0             # clip the gradient norm to this (0: off)
     eval_every: int = 30               # steps between checkpoints
     log_every: int = 10                # steps between printed lines
-    max_new_tokens: int = 128          # reply length limit when generating for the win rate, QA and KL
+    max_new_tokens: int = 128          # reply length limit when generating for the win rate and KL (QA: evals.QA_TOKENS)
     device: str = "auto"               # auto (cuda, mps, cpu), or a torch device name
     compile: bool = False              # torch.compile the policy
     seed: int = 1337                   # seeds data order and the sampled replies of the KL estimate
@@ -194,7 +196,7 @@ def main(cfg):
     metrics = {}
     for step in run.steps():
         sums = {}
-        for micro in range(cfg.grad_accum):
+        for micro in range(cfg.grad_accum):  # 1-2.
             batch = get_batch(pairs, cfg.batch_size, run.data_gen, run.rank, run.world)
             run.sync(micro == cfg.grad_accum - 1)
             pi_chosen, pi_rejected = pair_logprobs(model, batch, run.device)
@@ -206,7 +208,7 @@ def main(cfg):
                 sums[k] = sums.get(k, 0.0) + v.item() / cfg.grad_accum
             run.count(len(batch))
         metrics = {k: common.all_mean(v) for k, v in sums.items()}
-        run.update(metrics["loss/train"])
+        run.update(metrics["loss/train"])  # 3.
         metrics["lr"] = run.lr
         if run.due():  # the weights after a step can be broken while its loss (from before it) was fine
             with torch.no_grad():
@@ -282,7 +284,7 @@ def qa_eval(model, name, tok, questions, fresh, cfg):
     result = {}
     for key, records in ((f"qa_{name}", questions), (f"qa_{name}_not_trained", fresh)):
         if records:
-            result[key] = evals.qa_accuracy(model, tok, records, cfg.max_new_tokens)
+            result[key] = evals.qa_accuracy(model, tok, records)
             result[key].pop("examples")
     qa = result[f"qa_{name}"]
     splits = "".join(f", {s} {qa[s]:.1%}" for s in ("seen", "unseen") if s in qa)

@@ -6,7 +6,8 @@
     torchrun --standalone --nproc_per_node=8 train_pretrain.py --preset=gpu
 
 The loss is the mean over tokens of -log p(x_{t+1} | x_<=t). The corpus is tokenized once into a
-memmap of token ids; training reads random windows of it. Writes out/pretrain/ckpt.pt.
+memmap of token ids. Each step: 1. random windows of it, --grad_accum batches; 2. each batch's loss,
+backward; 3. the update (clipped gradient, AdamW). Writes out/pretrain/ckpt.pt.
 """
 import hashlib
 import json
@@ -21,6 +22,7 @@ import torch
 import cli
 import common
 import evals
+import kernels
 from cli import UserError
 from common import print0
 from data import read_documents, tinyworld
@@ -134,9 +136,11 @@ def get_batch(data, batch_size, block_size, gen, rank, world):
 
 # ----------------------------------------------------------------------------- the loss
 
-def pretrain_loss(model, x, y):
-    """Mean over tokens of -log p(y_t | x_<=t), through the fused cross-entropy kernel."""
-    return model(x, y)
+def pretrain_loss(logits, targets):
+    """Mean over tokens of -log p(y_t | x_<=t) = -log softmax(logits_t)[y_t], the next-token loss:
+    logits (B, T, V) from the model on x, targets (B, T) = x shifted by one. The fused cross-entropy
+    kernel computes it in one pass over the vocabulary (kernels.cross_entropy)."""
+    return kernels.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
 
 @torch.no_grad()
@@ -152,7 +156,7 @@ def evaluate(model, data, cfg, run):
         x = torch.stack([torch.from_numpy(data[i:i + cfg.block_size].astype(np.int64)) for i in chunk])
         y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + cfg.block_size].astype(np.int64)) for i in chunk])
         with common.autocast(run.device):
-            losses.append(pretrain_loss(model, x.to(run.device), y.to(run.device)).item())
+            losses.append(pretrain_loss(model(x.to(run.device)), y.to(run.device)).item())
     model.train()
     return common.all_mean(sum(losses) / len(losses))
 
@@ -193,17 +197,17 @@ def main(cfg):
 
     for step in run.steps():
         loss_sum = 0.0
-        for micro in range(cfg.grad_accum):
+        for micro in range(cfg.grad_accum):  # 1-2. windows, their loss, backward
             x, y = get_batch(train_data, cfg.batch_size, cfg.block_size, run.data_gen, run.rank, run.world)
             x, y = x.to(run.device), y.to(run.device)
             run.sync(micro == cfg.grad_accum - 1)
             with common.autocast(run.device):
-                loss = pretrain_loss(model, x, y)
+                loss = pretrain_loss(model(x), y)
             (loss / cfg.grad_accum).backward()
             loss_sum += loss.item()
             run.count(x.numel())
         train_loss = common.all_mean(loss_sum / cfg.grad_accum)
-        run.update(train_loss)
+        run.update(train_loss)  # 3.
         metrics = {"loss/train": train_loss, "lr": run.lr}
         if run.due():  # the weights after a step can be broken while its loss (from before it) was fine
             val_loss = metrics["loss/val"] = evaluate(model, val_data, cfg, run)

@@ -27,7 +27,8 @@ clean, and a quarter of the characters appear in no training pair: the accuracy 
 pairs about them shows whether the model checks what pre-training taught or recalls the pairs.
 Besides their accuracy, the model is checked on fresh pairs: two replies sampled from the SFT policy
 for each held-out prompt, ranked by TinyWorld's gold rater, which is what PPO will ask of it.
-Writes out/rm/ckpt.pt, log.jsonl and metrics.json.
+Each step: 1. a batch of pairs; 2. both replies of each scored in one forward pass, the loss, backward;
+3. the update. Writes out/rm/ckpt.pt, log.jsonl and metrics.json.
 """
 import math
 from dataclasses import dataclass
@@ -185,13 +186,14 @@ def main(cfg):
 
     train_loss = None
     for step in run.steps():
+        # 1. this rank's share of the step's pairs
         picks = torch.randint(len(pairs), (cfg.batch_size,), generator=run.data_gen)[run.rank::run.world]
         batch = [pairs[i] for i in picks.tolist()]
-        r_c, r_r, lm_nll = pair_scores(model, batch, every_rank=True)
+        r_c, r_r, lm_nll = pair_scores(model, batch, every_rank=True)  # 2.
         loss = reward_loss(r_c, r_r, cfg.margin, cfg.center_coef, lm_nll, cfg.lm_coef)
         loss.backward()
         train_loss = common.all_mean(loss.item())
-        run.update(train_loss)
+        run.update(train_loss)  # 3.
         metrics = {"loss/train": train_loss, "train/accuracy": common.all_mean((r_c > r_r).float().mean().item()),
                    "train/margin": common.all_mean((r_c - r_r).mean().item()), "lr": run.lr}
         if test_pairs and (run.due() or run.step == run.end):

@@ -15,7 +15,9 @@ questions ask about characters that SFT never mentions, whose facts only the pre
 and they are scored before and after. Fine-tuned on the SFT set alone, the model learns to name the
 characters SFT talks about ("Joan's pet is a dog." when asked about Lucy); so each step also replays
 windows of the pre-training text with their next-token loss (--replay_data, --replay_coef), which keeps
-the other names and facts in use. Writes out/sft/ckpt.pt, log.jsonl and metrics.json.
+the other names and facts in use. Each step: 1. the step's batches of conversations and the count
+of learned tokens over all of them; 2. each batch's loss (and the replayed text's), backward; 3. the
+update. Writes out/sft/ckpt.pt, log.jsonl and metrics.json.
 """
 from dataclasses import dataclass
 
@@ -54,7 +56,7 @@ class Config:
     grad_clip: float = 1.0             # clip the gradient norm to this (0: off)
     eval_every: int = 100              # steps between validation losses and checkpoints
     log_every: int = 50                # steps between printed lines
-    max_new_tokens: int = 128          # reply length limit in the QA evaluation (and the context's room)
+    max_new_tokens: int = evals.QA_TOKENS  # reply budget of the QA evaluation (the report's: the same figure)
     device: str = "auto"               # auto (cuda, mps, cpu), or a torch device name
     compile: bool = False              # torch.compile the model
     seed: int = 1337                   # seeds data order and dropout
@@ -194,12 +196,12 @@ def main(cfg):
 
     train_loss = None
     for step in run.steps():
-        # The whole step's micro-batches first: the loss divides by their total count of learned
+        # 1. The whole step's micro-batches first: the loss divides by their total count of learned
         # tokens. DDP averages gradients over ranks, so each rank divides by that count / world.
         batches = [get_batch(examples, cfg.batch_size, run.data_gen, run.rank, run.world) for _ in range(cfg.grad_accum)]
         n_tokens = common.all_mean(sum(m.sum().item() for _, _, m in batches)) * run.world
         loss_sum = replay_sum = 0.0
-        for micro, (x, y, m) in enumerate(batches):
+        for micro, (x, y, m) in enumerate(batches):  # 2.
             last = micro == cfg.grad_accum - 1
             x, y, m = x.to(run.device), y.to(run.device), m.to(run.device)
             run.sync(last and replay is None)
@@ -218,7 +220,7 @@ def main(cfg):
                 replay_sum += replay_loss.item()
                 run.count(px.numel())
         train_loss, replay_loss = common.all_mean(loss_sum), common.all_mean(replay_sum)
-        run.update(train_loss + replay_loss)
+        run.update(train_loss + replay_loss)  # 3.
         metrics = {"loss/train": train_loss, "lr": run.lr, **({"loss/replay": replay_loss} if replay is not None else {})}
         if run.due() and val_examples:  # the weights after a step can be broken while its loss was fine
             val_loss = metrics["loss/val"] = evaluate(model, val_examples, cfg, run)

@@ -8,6 +8,12 @@ The Triton kernel runs when the tensors are on CUDA and Triton imports; otherwis
 ops run (for linear_cross_entropy: the same chunked loop in plain torch, or whole logits where Triton
 does not install). KERNELS=torch|triton|auto overrides the choice (triton on CPU tensors needs
 TRITON_INTERPRET=1, which is how the tests run the kernels on a machine without a GPU).
+
+Where they run: attention in every forward pass of the model (model.py); cross_entropy in every loss
+over logits (the model's forward with targets, train_pretrain.pretrain_loss). linear_cross_entropy
+is the same loss without the (N, V) logits ever existing at once, for a large vocabulary on a GPU
+where they would not fit; the stages call the model for logits (DDP synchronises gradients through
+its forward), so it is benchmarked (bench/) and tested, not yet wired into a stage.
 """
 import os
 
