@@ -125,3 +125,26 @@ def make_tiny_rm(tiny_world, tiny_sft, out):
                    f"--out={out}", "--world=", "--batch_size=4", "--max_steps=2", "--warmup_steps=1", "--zero_prompts=4",
                    "--max_new_tokens=8")
     assert r.returncode == 0, r.stderr
+
+
+@pytest.fixture(scope="session")
+def tiny_solver(tiny_world, tiny_sft, tmp_path_factory):
+    """GRPO's start in the fault table: tiny_sft fine-tuned to answer TinyWorld's math problems "#### 1" or
+    "#### 2", and beside it problems.jsonl, those problems each with the answer 1. (tiny_sft itself never
+    writes "####", so the verifier would reward nothing, no group would differ and no step would update:
+    nothing to resume exactly, no NaN to catch.) Here about one answer in five is right at first, and the
+    tiny run learns to answer 1: nearly one in two by its end."""
+    return made_once(tmp_path_factory, "solver", lambda out: make_tiny_solver(tiny_world, tiny_sft, out)) / "ckpt.pt"
+
+
+def make_tiny_solver(tiny_world, tiny_sft, out):
+    import json
+    questions = [json.loads(line)["question"] for line in (tiny_world["data"] / "math_train.jsonl").read_text().splitlines()]
+    answers = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": f"#### {n}"}]}
+               for q in questions for n in (1, 2)]
+    (out / "problems.jsonl").write_text("".join(json.dumps({"question": q, "answer": "#### 1"}) + "\n" for q in questions))
+    (out / "answers.jsonl").write_text("".join(json.dumps(a) + "\n" for a in answers))
+    r = run_script("train_sft.py", f"--data={out / 'answers.jsonl'}", f"--init={tiny_sft}", f"--out={out}",
+                   "--qa_data=", "--replay_data=", "--batch_size=8", "--max_steps=60", "--lr=1e-2", "--warmup_steps=2",
+                   "--eval_every=60", "--device=cpu")
+    assert r.returncode == 0, r.stderr

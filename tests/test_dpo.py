@@ -1,4 +1,5 @@
-"""Stage 3c: the DPO losses' properties, a tiny run end to end with an exact resume, bad input."""
+"""Stage 3c: the DPO losses' properties, a tiny run end to end; its row of the fault table (resume, bad
+input: run by test_faults.py)."""
 import json
 import math
 
@@ -7,8 +8,8 @@ import torch
 from hypothesis import given, strategies as st
 
 import common
-from conftest import error_line, run_script
-import train_dpo
+from conftest import run_script
+from faults import LONG_PAIR, Case, Script, data_file_cases, good_pair, jsonl, write
 from train_dpo import dpo_loss
 
 # ----------------------------------------------------------------------------- the losses
@@ -127,28 +128,46 @@ def test_tiny_run_trains_evaluates_and_saves(tiny_dpo, tiny_world):
     assert ckpt["step"] == 4 and "optimizer" in ckpt and ckpt["init"].endswith("ckpt.pt")
 
 
-def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tiny_world, tiny_sft, tmp_path):
-    # in this process, to spare two interpreter starts; training only, no evaluation
-    d = tiny_world["data"]
-    run = lambda out, **kw: train_dpo.main(train_dpo.Config(
-        data=str(d / "prefs_train.jsonl"), test_data="", qa_data="", world="", init=str(tiny_sft), out=str(out),
-        batch_size=4, max_steps=4, warmup_steps=1, eval_every=2, log_every=2, **kw))
-    run(tmp_path / "straight")
-    run(tmp_path / "resumed", stop_at=2)
-    run(tmp_path / "resumed", resume=True)
-    straight, resumed = (common.load_checkpoint(tmp_path / name / "ckpt.pt") for name in ("straight", "resumed"))
-    assert resumed["step"] == straight["step"] == 4
-    assert all(torch.equal(resumed["model"][k], straight["model"][k]) for k in straight["model"])
+# ----------------------------------------------------------------------------- its row of the fault table (test_faults.py)
+
+def fault_flags(fx, out):
+    d = fx.tiny_world["data"]
+    return [f"--data={d / 'prefs_train.jsonl'}", "--test_data=", "--qa_data=", "--world=", f"--init={fx.tiny_sft}",
+            f"--out={out}", "--batch_size=4"]
 
 
-def test_a_pair_missing_a_field_names_the_file_and_line(tiny_world, tiny_sft, tmp_path):
-    bad = tmp_path / "bad.jsonl"
-    good = (tiny_world["data"] / "prefs_train.jsonl").read_text().splitlines()[0]
-    bad.write_text(good + "\n\n" + json.dumps({"prompt": "Where does Ada live?", "chosen": "In Oakvale."}) + "\n")
-    line = error_line(run_script("train_dpo.py", *dpo_flags(tiny_world, tiny_sft, tmp_path / "o", f"--data={bad}")))
-    assert f"{bad}:3" in line and '"rejected" is missing' in line
+# DPO reads preference pairs as the reward model does, but with a loader and errors of its own
+DPO_CASES = {
+    **data_file_cases(good_pair, "preference pairs"),
+    "a pair without its rejected reply": lambda fx, tmp: Case(
+        [f"--data={write(tmp / 'bad.jsonl', jsonl(good_pair(fx), '', {'prompt': 'Hi?', 'chosen': 'Hello.'}))}"],
+        f"{tmp / 'bad.jsonl'}:3", '"rejected" is missing'),
+    "pairs longer than the context": lambda fx, tmp: Case(
+        [f"--data={write(tmp / 'long.jsonl', jsonl(LONG_PAIR))}"],
+        str(tmp / "long.jsonl"), "too long for the context"),
+    "conversations given to DPO": lambda fx, tmp: Case(
+        [f"--data={fx.tiny_world['data'] / 'sft_train.jsonl'}"],
+        f"{fx.tiny_world['data'] / 'sft_train.jsonl'}:1", "a conversation (SFT's data), not a preference pair"),
+    "math problems given to DPO": lambda fx, tmp: Case(
+        [f"--data={fx.tiny_world['data'] / 'math_train.jsonl'}"],
+        f"{fx.tiny_world['data'] / 'math_train.jsonl'}:1", "a math problem (GRPO's data), not a preference pair"),
+    "held-out pairs that do not fit the context": lambda fx, tmp: Case(
+        [f"--test_data={write(tmp / 'long.jsonl', jsonl(LONG_PAIR))}"],
+        f"--test_data={tmp / 'long.jsonl'}", "holds no pair that fits the context"),
+    "conversations given as held-out questions": lambda fx, tmp: Case(
+        [f"--qa_data={fx.tiny_world['data'] / 'sft_train.jsonl'}"],
+        f"{fx.tiny_world['data'] / 'sft_train.jsonl'}:1", 'needs "messages"'),
+    "a win rate without held-out prompts": lambda fx, tmp: Case(
+        [f"--world={fx.tiny_world['data']}"], None, "--world"),
+    "a --world that is not a TinyWorld": lambda fx, tmp: Case(
+        [f"--test_data={fx.tiny_world['data'] / 'prefs_test.jsonl'}", f"--world={tmp}"],
+        f"no TinyWorld in {tmp}", "python -m data.tinyworld"),
+    "an unknown loss": lambda fx, tmp: Case(["--loss_type=kto"], None, "--loss_type=kto"),
+    "label smoothing of one half": lambda fx, tmp: Case(
+        ["--label_smoothing=0.5"], None, "--label_smoothing is a probability below 0.5"),
+    "label smoothing given to IPO": lambda fx, tmp: Case(
+        ["--loss_type=ipo", "--label_smoothing=0.1"], None, "--loss_type=ipo takes no --label_smoothing"),
+}
 
 
-def test_init_from_a_checkpoint_that_is_not_sft(tiny_world, tiny_pretrained, tmp_path):
-    line = error_line(run_script("train_dpo.py", *dpo_flags(tiny_world, tiny_pretrained, tmp_path / "o")))
-    assert "'pretrain' checkpoint" in line and "sft" in line
+FAULTS = Script("train_dpo.py", fault_flags, init="tiny_sft", wrong_stage="pretrain", cases=DPO_CASES)

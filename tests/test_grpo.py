@@ -1,7 +1,6 @@
 """Stage 4: group advantages, the clipped GRPO loss and its aggregations, the reward, a tiny run end to
-end (and its exact resume), bad input."""
+end; its row of the fault table (resume, bad input: run by test_faults.py)."""
 import json
-import re
 
 import pytest
 import torch
@@ -10,9 +9,10 @@ from hypothesis import assume, given, settings, strategies as st
 import cli
 import common
 import train_grpo
-from conftest import error_line, run_script
+from conftest import run_script
 from data.tinymath import shows_work
 from data.tinyworld_facts import make_world
+from faults import Case, Script, data_file_cases, jsonl, write
 from model import GPT, GPTConfig
 from train_grpo import Config, answer_logprobs, group_advantages, grpo_loss, k3, reward
 
@@ -273,40 +273,46 @@ def test_tiny_run_samples_rewards_evaluates_and_saves(tiny_world, tiny_sft, tmp_
     assert "a grpo checkpoint" in capsys.readouterr().out and cfg.lr == train_grpo.PRESETS["gpu"]["lr"]
 
 
-def fake_reward(completion, answer, ended, format_reward=0.0, step_reward=0.0, world=None):
-    """A tiny model never gets a sum right; reward answers by length instead, so the update has signal."""
-    return float(len(completion) % 3 == 0)
+# ----------------------------------------------------------------------------- its row of the fault table (test_faults.py)
+
+def fault_flags(fx, out):
+    return [f"--data={fx.tiny_solver.parent / 'problems.jsonl'}", "--test_data=", f"--init={fx.tiny_solver}",
+            f"--out={out}", "--prompts_per_step=2", "--group_size=4", "--max_new_tokens=8"]
 
 
-def test_resume_continues_exactly(tiny_world, tiny_sft, tmp_path, monkeypatch):
-    monkeypatch.setattr(train_grpo, "reward", fake_reward)
-    parse = lambda out, *extra: cli.parse_config(Config, grpo_flags(tiny_world, tiny_sft, out, "--test_data=",
-                                                                       "--max_steps=4", "--lr=1e-2", *extra))
-    train_grpo.main(parse(tmp_path / "straight"))
-    train_grpo.main(parse(tmp_path / "halted", "--stop_at=2"))
-    train_grpo.main(parse(tmp_path / "halted", "--resume"))
-    a = common.load_checkpoint(tmp_path / "straight" / "ckpt.pt")
-    b = common.load_checkpoint(tmp_path / "halted" / "ckpt.pt")
-    assert a["step"] == b["step"] == 4
-    start = common.load_checkpoint(tiny_sft)["model"]
-    assert any(not torch.equal(a["model"][k], start[k]) for k in start)  # it learned something
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    rows = lambda out: [json.loads(line) for line in (tmp_path / out / "log.jsonl").read_text().splitlines()]
-    assert [r["rollout/reward"] for r in rows("straight")] == [r["rollout/reward"] for r in rows("halted")]
+def good_problem(fx):
+    return (fx.tiny_world["data"] / "math_train.jsonl").read_text().splitlines()[0]
 
 
-def test_bad_input_is_one_line(tiny_world, tiny_sft, tmp_path):
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"question": "What is 2 + 2?", "answer": "four"}\n')
-    bad.with_name("empty.jsonl").write_text("")
-    line = error_line(run_script("train_grpo.py", *grpo_flags(tiny_world, tiny_sft, tmp_path / "o", f"--data={bad}")))
-    assert f"{bad}:1: not a math problem" in line
-    common.save_checkpoint(tmp_path / "pre.pt", {"stage": "pretrain", "model": {}, "model_args": {}})
-    sft_data = tiny_world["data"] / "sft_train.jsonl"
-    for flags, message in [(["--loss_type=ppo"], "--loss_type must be grpo or dr_grpo or dapo"),
-                           ([f"--data={sft_data}"], f"{sft_data}:1: this is a conversation (SFT's data)"),
-                           ([f"--data={bad.with_name('empty.jsonl')}"], "holds no problems"),
-                           (["--max_new_tokens=500"], "--max_new_tokens=500 leaves no room"),
-                           ([f"--init={tmp_path / 'pre.pt'}"], "'pretrain' checkpoint")]:
-        with pytest.raises(cli.UserError, match=re.escape(message)):
-            train_grpo.main(cli.parse_config(Config, grpo_flags(tiny_world, tiny_sft, tmp_path / "o", *flags)))
+LONG_PROBLEM = {"question": "tell me " * 200, "answer": "#### 1"}
+WORDS = {"question": "What is 2 + 2?", "answer": "four"}  # no "#### <number>" for the verifier to read
+
+GRPO_CASES = {
+    **data_file_cases(good_problem, "problems"),
+    "a problem without its answer": lambda fx, tmp: Case(
+        [f"--data={write(tmp / 'bad.jsonl', jsonl(good_problem(fx), '', {'question': 'What is 2 + 2?'}))}"],
+        f"{tmp / 'bad.jsonl'}:3", "not a math problem"),
+    "an answer without its number": lambda fx, tmp: Case(
+        [f"--data={write(tmp / 'bad.jsonl', jsonl(good_problem(fx), WORDS))}"],
+        f"{tmp / 'bad.jsonl'}:2", "not a math problem"),
+    "conversations given to GRPO": lambda fx, tmp: Case(
+        [f"--data={fx.tiny_world['data'] / 'sft_train.jsonl'}"],
+        f"{fx.tiny_world['data'] / 'sft_train.jsonl'}:1", "a conversation (SFT's data), not a math problem"),
+    "preference pairs given to GRPO": lambda fx, tmp: Case(
+        [f"--data={fx.tiny_world['data'] / 'prefs_train.jsonl'}"],
+        f"{fx.tiny_world['data'] / 'prefs_train.jsonl'}:1", "a preference pair"),
+    "problems longer than the context": lambda fx, tmp: Case(
+        [f"--data={write(tmp / 'long.jsonl', jsonl(LONG_PROBLEM))}"],
+        str(tmp / "long.jsonl"), "too long for the context"),
+    "answers as long as the context": lambda fx, tmp: Case(
+        ["--max_new_tokens=128"], None, "--max_new_tokens=128 leaves no room for a prompt"),
+    "a missing held-out problem file": lambda fx, tmp: Case(
+        [f"--test_data={tmp / 'none.jsonl'}"], str(tmp / "none.jsonl"), "run `python -m data.tinyworld`"),
+    "a group of one answer": lambda fx, tmp: Case(
+        ["--group_size=1"], None, "--group_size must be 2 or more"),
+    "an unknown loss": lambda fx, tmp: Case(["--loss_type=ppo"], None, "--loss_type must be grpo or dr_grpo or dapo"),
+}
+
+
+FAULTS = Script("train_grpo.py", fault_flags, init="tiny_solver", wrong_stage="rm", cases=GRPO_CASES,
+                batch="prompts_per_step", curve="loss/policy")

@@ -9,6 +9,7 @@ from hypothesis import assume, given, strategies as st
 
 import common
 from conftest import run_script
+from faults import LONG_PAIR, Case, Script, data_file_cases, good_pair, jsonl, write
 from train_ppo import gae, kl_penalty, masked_whiten, ppo_policy_loss, ppo_value_loss, shape_rewards
 
 
@@ -129,3 +130,27 @@ def test_tiny_ppo_run_trains_logs_and_saves(tiny_world, tiny_sft, tiny_rm, tmp_p
     assert 0.0 <= metrics["win_rate_vs_sft"] <= 1.0 and "qa_ppo" in metrics
     ckpt = common.load_checkpoint(out / "ckpt.pt", ["ppo"])
     assert ckpt["step"] == 3 and "critic" in ckpt
+
+
+# ----------------------------------------------------------------------------- its row of the fault table (test_faults.py)
+
+def fault_flags(fx, out):
+    d = fx.tiny_world["data"]
+    return [f"--data={d / 'prefs_train.jsonl'}", "--test_data=", "--qa_data=", "--world=", f"--init={fx.tiny_sft}",
+            f"--reward_model={fx.tiny_rm}", f"--out={out}", "--batch_size=4", "--minibatch_size=2", "--ppo_epochs=1",
+            "--max_new_tokens=8"]
+
+
+PPO_CASES = {
+    **data_file_cases(good_pair, "prompts"),
+    "a record with no prompt": lambda fx, tmp: Case(
+        [f"--data={write(tmp / 'bad.jsonl', jsonl(good_pair(fx), {'question': 'Hi?'}))}"],
+        f"{tmp / 'bad.jsonl'}:2", "not a prompt"),
+    "a prompt longer than the context": lambda fx, tmp: Case(
+        [f"--data={write(tmp / 'long.jsonl', jsonl(LONG_PAIR))}"], None, "do not fit in the context"),
+    "an SFT checkpoint as the reward model": lambda fx, tmp: Case(
+        [f"--reward_model={fx.tiny_sft}"], str(fx.tiny_sft), "'sft' checkpoint"),
+}
+
+
+FAULTS = Script("train_ppo.py", fault_flags, init="tiny_sft", wrong_stage="rm", cases=PPO_CASES, curve="rollout/score")

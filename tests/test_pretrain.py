@@ -1,13 +1,28 @@
-"""Stage 1 end to end: a tiny run, exact resume, DDP equals one process. Bad input: test_faults.py."""
+"""Stage 1: its loss against its definition; end to end, a tiny run, exact resume, DDP equals one process.
+Bad input: test_faults.py."""
 import json
 
 import pytest
+import torch
+from hypothesis import given, settings, strategies as st
 
 import common
 from conftest import run_script
+from faults import Case, Script, write
+from train_pretrain import pretrain_loss
 
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--eval_batches=2",
         "--log_every=2", "--warmup_steps=2"]
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 9), st.integers(2, 50), st.floats(0.1, 10.0), st.integers(0, 2**31 - 1))
+def test_pretrain_loss_is_the_mean_next_token_negative_log_likelihood(B, T, V, scale, seed):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(B, T, V, generator=g) * scale
+    targets = torch.randint(0, V, (B, T), generator=g)
+    want = -torch.log_softmax(logits.double(), -1).gather(-1, targets[..., None]).mean()
+    torch.testing.assert_close(pretrain_loss(logits, targets).double(), want, rtol=1e-5, atol=1e-6)
 
 
 def flags(tiny_world, out, *extra):
@@ -39,3 +54,43 @@ def test_ddp_two_processes_match_one(tiny_world, tmp_path):
                    *flags(tiny_world, two, "--max_steps=4", "--eval_every=4"), env={"OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr
     assert losses(two) == pytest.approx(losses(one), rel=1e-4)
+
+
+# ----------------------------------------------------------------------------- its row of the fault table (test_faults.py)
+
+def fault_flags(fx, out):
+    d = fx.tiny_world["data"]
+    return [f"--data={d / 'corpus_train.txt'}", f"--val_data={d / 'corpus_val.txt'}",
+            f"--tokenizer={fx.tiny_world['tokenizer']}", f"--out={out}", "--n_layer=1", "--n_head=2", "--n_embd=32",
+            "--block_size=32", "--batch_size=4", "--eval_batches=2", "--eval_facts=false"]
+
+
+# Each case is (fixtures, a directory of its own) -> Case; the directory holds the files it makes.
+PRETRAIN_CASES = {
+    "a missing corpus": lambda fx, tmp: Case(
+        [f"--data={tmp / 'none.txt'}"], str(tmp / "none.txt"), "run `python -m data.tinyworld`"),
+    "a missing validation corpus": lambda fx, tmp: Case(
+        [f"--val_data={tmp / 'none.txt'}"], str(tmp / "none.txt"), "run `python -m data.tinyworld`"),
+    "an empty corpus": lambda fx, tmp: Case(
+        [f"--data={write(tmp / 'empty.txt', '')}"], str(tmp / "empty.txt"), "has no text"),
+    "a corpus that is not UTF-8": lambda fx, tmp: Case(
+        [f"--data={write(tmp / 'bad.txt', b'A story.' + bytes([10, 10, 0xFF]))}"],
+        str(tmp / "bad.txt"), "is not UTF-8 text (byte 10)"),
+    "a corpus shorter than one window": lambda fx, tmp: Case(
+        [f"--data={write(tmp / 'short.txt', 'A story.')}"],
+        str(tmp / "short.txt"), "fewer than one window"),
+    "a JSONL file given as the corpus": lambda fx, tmp: Case(
+        [f"--data={fx.tiny_world['data'] / 'sft_train.jsonl'}"],
+        f"{fx.tiny_world['data'] / 'sft_train.jsonl'}:1", "not text"),
+    "fact evaluation on a corpus without a TinyWorld": lambda fx, tmp: Case(
+        [f"--data={write(tmp / 'stories.txt', 'A story.')}", "--eval_facts=true"], str(tmp), "--eval_facts=false"),
+    "a missing tokenizer": lambda fx, tmp: Case(
+        [f"--tokenizer={tmp / 'none'}"], str(tmp / "none"), "python -m data.tokenizer"),
+    "a block size beyond the --init model's context": lambda fx, tmp: Case(
+        [f"--init={fx.tiny_pretrained}", "--block_size=256"], None, "--block_size=256"),
+    "a dropout of 1": lambda fx, tmp: Case(["--dropout=1"], None, "--dropout is a probability below 1"),
+    "no attention heads": lambda fx, tmp: Case(["--n_head=0"], None, "--n_head must be a positive number"),
+}
+
+
+FAULTS = Script("train_pretrain.py", fault_flags, init="tiny_pretrained", wrong_stage="sft", cases=PRETRAIN_CASES)

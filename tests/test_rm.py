@@ -8,12 +8,13 @@ import torch
 from hypothesis import given, strategies as st
 
 import common
-from data.batches import score_replies
 import evals
 from conftest import run_script
+from data.batches import score_replies
 from data.tinyworld_chat import gold_score
 from data.tinyworld_facts import VALUES, fact_sentence, load_world, question
 from data.tokenizer import load_tokenizer
+from faults import LONG_PAIR, Case, Script, data_file_cases, good_pair, jsonl, write
 from train_rm import reward_loss
 
 finite = st.floats(-20, 20, allow_nan=False)
@@ -148,3 +149,27 @@ def test_best_of_n_keeps_the_highest_scored_of_the_first_n_replies(tiny_world, t
 def test_a_bad_new_flag_is_one_line_and_exit_2(flag, says, tmp_path):
     r = run_script("train_rm.py", flag, f"--out={tmp_path / 'rm'}")
     assert r.returncode == 2 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+# ----------------------------------------------------------------------------- its row of the fault table (test_faults.py)
+
+def fault_flags(fx, out):
+    d = fx.tiny_world["data"]
+    return [f"--data={d / 'prefs_train.jsonl'}", "--test_data=", "--world=", f"--init={fx.tiny_sft}", f"--out={out}",
+            "--batch_size=4", "--zero_prompts=4", "--max_new_tokens=8"]
+
+
+RM_CASES = {
+    **data_file_cases(good_pair, "preference pairs"),
+    "a pair without its rejected reply": lambda fx, tmp: Case(
+        [f"--data={write(tmp / 'bad.jsonl', jsonl(good_pair(fx), '', {'prompt': 'Hi?', 'chosen': 'Hello.'}))}"],
+        f"{tmp / 'bad.jsonl'}:3", "not a preference pair"),
+    "pairs longer than the context": lambda fx, tmp: Case(
+        [f"--data={write(tmp / 'long.jsonl', jsonl(LONG_PAIR))}"], str(tmp / "long.jsonl"), "too long for the context"),
+    "conversations given to the reward model": lambda fx, tmp: Case(
+        [f"--data={fx.tiny_world['data'] / 'sft_train.jsonl'}"],
+        f"{fx.tiny_world['data'] / 'sft_train.jsonl'}:1", "a conversation (SFT's data)"),
+}
+
+
+FAULTS = Script("train_rm.py", fault_flags, init="tiny_sft", wrong_stage="pretrain", cases=RM_CASES)

@@ -9,6 +9,7 @@ from hypothesis import given, strategies as st
 import common
 from conftest import run_script
 from data.tokenizer import load_tokenizer
+from faults import Case, Script, data_file_cases, jsonl, write
 from train_sft import collate, sft_loss
 
 # ----------------------------------------------------------------------------- the loss
@@ -112,3 +113,57 @@ def test_tiny_run_fine_tunes_evaluates_and_saves(tiny_world, tiny_pretrained, tm
                    "--compile=false")
     assert r.returncode == 0, r.stderr
     assert "validation loss before fine-tuning" in r.stdout and "replaying" not in r.stdout
+
+
+# ----------------------------------------------------------------------------- its row of the fault table (test_faults.py)
+
+def fault_flags(fx, out):
+    d = fx.tiny_world["data"]
+    return [f"--data={d / 'sft_train.jsonl'}", f"--init={fx.tiny_pretrained}", f"--out={out}", "--qa_data=",
+            f"--replay_data={d / 'corpus_train.txt'}", "--replay_batch=2", "--batch_size=4"]
+
+
+def good_conversation(fx):
+    return (fx.tiny_world["data"] / "sft_train.jsonl").read_text().splitlines()[0]
+
+
+USER = {"role": "user", "content": "Where does Lucy live?"}
+LONG = {"role": "user", "content": "tell me " * 200}  # some 400 tokens: beyond the tiny model's 128
+LATIN1 = '{"messages": [{"role": "user", "content": "Caf\u00e9?"}]}'.encode("latin-1")  # not UTF-8
+
+SFT_CASES = {
+    **data_file_cases(good_conversation, "conversations"),
+    # the blank line: a record's number is not its line, and the error names the line
+    "a record without messages": lambda fx, tmp: Case(
+        [f"--data={write(tmp / 'bad.jsonl', jsonl(good_conversation(fx), '', {'conversation': [USER]}))}"],
+        f"{tmp / 'bad.jsonl'}:3", "not a conversation"),
+    "a message without content": lambda fx, tmp: Case(
+        [f"--data={write(tmp / 'bad.jsonl', jsonl(good_conversation(fx), {'messages': [{'role': 'user'}]}))}"],
+        f"{tmp / 'bad.jsonl'}:2", "'content': str"),
+    "a conversation without an answer": lambda fx, tmp: Case(
+        [f"--data={write(tmp / 'bad.jsonl', jsonl(good_conversation(fx), {'messages': [USER]}))}"],
+        f"{tmp / 'bad.jsonl'}:2", "no assistant turn"),
+    "conversations longer than the context": lambda fx, tmp: Case(
+        [f"--data={write(tmp / 'long.jsonl', jsonl({'messages': [LONG, {'role': 'assistant', 'content': 'No.'}]}))}"],
+        str(tmp / "long.jsonl"), "too long for the context (129 tokens)"),
+    "a data file that is not UTF-8": lambda fx, tmp: Case(
+        [f"--data={write(tmp / 'latin1.jsonl', good_conversation(fx).encode() + bytes([10]) + LATIN1)}"],
+        str(tmp / "latin1.jsonl"), "is not UTF-8 text"),
+    "preferences given to SFT": lambda fx, tmp: Case(
+        [f"--data={fx.tiny_world['data'] / 'prefs_train.jsonl'}"],
+        f"{fx.tiny_world['data'] / 'prefs_train.jsonl'}:1", "preference pair"),
+    "math problems given to SFT": lambda fx, tmp: Case(
+        [f"--data={fx.tiny_world['data'] / 'math_train.jsonl'}"],
+        f"{fx.tiny_world['data'] / 'math_train.jsonl'}:1", "math problem"),
+    "a held-out question longer than the context": lambda fx, tmp: Case(
+        [f"--qa_data={write(tmp / 'qa.jsonl', jsonl({'messages': [LONG], 'answer': 'Riverton'}))}"],
+        f"{tmp / 'qa.jsonl'}:1", "leaves no room for an answer"),
+    "conversations given as held-out questions": lambda fx, tmp: Case(
+        [f"--qa_data={fx.tiny_world['data'] / 'sft_train.jsonl'}"],
+        f"{fx.tiny_world['data'] / 'sft_train.jsonl'}:1", 'needs "messages"'),
+    "a missing replay corpus": lambda fx, tmp: Case(
+        [f"--replay_data={tmp / 'none.txt'}"], str(tmp / "none.txt"), "run `python -m data.tinyworld`"),
+}
+
+
+FAULTS = Script("train_sft.py", fault_flags, init="tiny_pretrained", wrong_stage="rm", cases=SFT_CASES)
