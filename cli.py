@@ -3,6 +3,7 @@ mistake the user can fix is one line on stderr and exit code 2, never a tracebac
 import dataclasses
 import inspect
 import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -26,6 +27,9 @@ def run_main(main, config_cls, presets=None):
         main(parse_config(config_cls, presets=presets))
     except UserError as e:
         die(str(e))
+    except BrokenPipeError:  # the output piped into a reader that stopped early (--help | head): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the exit's flush is silent
+        sys.exit(0)
     except KeyboardInterrupt:  # Ctrl-C outside the training loop (which saves first: see StopOnSignal)
         print("\ninterrupted: files already written are left as they were", file=sys.stderr, flush=True)
         sys.exit(130)

@@ -164,7 +164,7 @@ def evaluate_pairs(model, ref, pairs, cfg, device):
 
 def check_config(cfg):
     cli.require_positive(cfg, "batch_size", "grad_accum", "max_steps", "eval_every", "log_every", "max_new_tokens",
-                            "lr", "beta")
+                         "lr", "beta")
     if cfg.loss_type not in LOSS_TYPES:
         raise UserError(f"--loss_type={cfg.loss_type} is not one of {', '.join(LOSS_TYPES)}")
     if not 0 <= cfg.label_smoothing < 0.5:

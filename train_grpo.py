@@ -328,7 +328,7 @@ def main(cfg):
 
 def check_config(cfg):
     cli.require_positive(cfg, "prompts_per_step", "max_new_tokens", "max_steps", "micro_batch", "passes",
-                            "pass_k", "eval_every", "log_every", "lr", "temperature")
+                         "pass_k", "eval_every", "log_every", "lr", "temperature")
     for name, valid in (("loss_type", ("grpo", "dr_grpo", "dapo")), ("scale", ("group", "none"))):
         if getattr(cfg, name) not in valid:
             raise UserError(f"--{name} must be {' or '.join(valid)}, got {getattr(cfg, name)!r}")

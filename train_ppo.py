@@ -190,7 +190,7 @@ def rollout(policy, ref, critic, rm, tok, questions, cfg, device):
 
 def main(cfg):
     cli.require_positive(cfg, "batch_size", "minibatch_size", "ppo_epochs", "max_steps", "eval_every", "log_every",
-                            "max_new_tokens", "lr", "critic_lr", "temperature")
+                         "max_new_tokens", "lr", "critic_lr", "temperature")
     if cfg.kl_estimator not in ("k1", "k3"):
         raise UserError(f"--kl_estimator must be k1 or k3, got {cfg.kl_estimator!r}")
     run = Run("ppo", cfg)

@@ -226,7 +226,7 @@ def main(cfg):
 
 def check_config(cfg):
     cli.require_positive(cfg, "batch_size", "grad_accum", "max_steps", "block_size", "eval_every", "eval_batches",
-                            "log_every", "n_layer", "n_head", "n_embd", "lr")
+                         "log_every", "n_layer", "n_head", "n_embd", "lr")
     if not 0 <= cfg.dropout < 1:
         raise UserError(f"--dropout is a probability below 1, got {cfg.dropout}")
     if cfg.n_embd % cfg.n_head:

@@ -172,7 +172,7 @@ def qa_eval(model, tok, questions, cfg, label):
 
 def main(cfg):
     cli.require_positive(cfg, "batch_size", "grad_accum", "max_steps", "eval_every", "log_every", "max_new_tokens",
-                            "replay_batch", "lr")
+                         "replay_batch", "lr")
     run = Run("sft", cfg, per_rank=("batch_size", "replay_batch"))
 
     # the model: from a pre-trained (or fine-tuned) checkpoint, or resumed exactly
