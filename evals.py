@@ -217,6 +217,14 @@ def plot_best_of_n(result, png):
     plt.close(fig)
 
 
+def describe_qa(result, label):
+    """qa_accuracy's result as the line a stage prints: accuracy, on seen and unseen characters, and the
+    replies that end their turn."""
+    splits = "".join(f", {s} {result[s]:.1%}" for s in ("seen", "unseen") if s in result)
+    return (f"{label}: held-out QA {result['accuracy']:.1%}{splits}; replies ending with <|end|> "
+            f"{result['format']:.1%} (of {result['n']} questions)")
+
+
 def describe_math(result, label, k):
     """math_eval's result as the lines a stage prints: pass@1 and pass@k overall and by level, steps
     right, the greedy answers' length and how many work the steps, and a few examples (taken out)."""

@@ -286,11 +286,10 @@ def qa_eval(model, name, tok, questions, fresh, cfg):
         if records:
             result[key] = evals.qa_accuracy(model, tok, records)
             result[key].pop("examples")
-    qa = result[f"qa_{name}"]
-    splits = "".join(f", {s} {qa[s]:.1%}" for s in ("seen", "unseen") if s in qa)
+    line = evals.describe_qa(result[f"qa_{name}"], f"dpo: {name}")
     if fresh:
-        splits += f"; {result[f'qa_{name}_not_trained']['accuracy']:.1%} of the {len(fresh)} no training pair asks"
-    print0(f"dpo: held-out QA of {name}: {qa['accuracy']:.1%}{splits}; replies ending with <|end|> {qa['format']:.1%}")
+        line += f"; {result[f'qa_{name}_not_trained']['accuracy']:.1%} of the {len(fresh)} no training pair asks"
+    print0(line)
     return result
 
 if __name__ == "__main__":

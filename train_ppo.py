@@ -324,11 +324,9 @@ def final_evaluation(policy, ref, tok, rater, cfg):
     if cfg.qa_data:
         records = read_jsonl(cfg.qa_data)
         for name, net in (("sft", ref), ("ppo", policy)):
-            qa = evals.qa_accuracy(net, tok, records)
+            result[f"qa_{name}"] = qa = evals.qa_accuracy(net, tok, records)
             qa.pop("examples")
-            result[f"qa_{name}"] = qa
-            print0(f"ppo: held-out QA of {name}: {qa['accuracy']:.1%} (seen {qa.get('seen', 0):.1%}, "
-                   f"unseen {qa.get('unseen', 0):.1%}), replies ending with <|end|> {qa['format']:.1%}")
+            print0(evals.describe_qa(qa, f"ppo: {name}"))
     return result
 
 

@@ -160,9 +160,7 @@ def loss_after_step(model, x, y, device):
 def qa_eval(model, tok, questions, cfg, label):
     """Held-out QA accuracy (seen / unseen characters) and format compliance, printed with examples."""
     result = evals.qa_accuracy(model, tok, questions, cfg.max_new_tokens)
-    splits = "".join(f", {s} {result[s]:.1%}" for s in ("seen", "unseen") if s in result)
-    print0(f"sft: {label}: held-out QA {result['accuracy']:.1%}{splits}; replies ending with <|end|> "
-           f"{result['format']:.1%} (of {result['n']} questions)")
+    print0(evals.describe_qa(result, f"sft: {label}"))
     for question, answer, reply in result.pop("examples"):
         print0(f"    {question!r} ({answer}) -> {reply[:120]!r}")
     return result
