@@ -42,12 +42,12 @@ def test_two_processes_run_every_stage(stage, tiny_world, tiny_pretrained, tiny_
     fx = {"world": tiny_world, "pretrained": tiny_pretrained, "sft": tiny_sft, "rm": tiny_rm}
     one, two = tmp_path / "one", tmp_path / "two"
     single = {"OMP_NUM_THREADS": "1"}
-    r = run_script(f"train_{stage}.py", *flags(stage, fx, one), env=single)
-    assert r.returncode == 0, r.stderr
     r = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", f"train_{stage}.py",
                    *flags(stage, fx, two), env=single)
     assert r.returncode == 0, r.stderr
     assert [step for step, _ in curve(stage, two)] == list(range(1, STEPS + 1))  # each step logged once
     assert common.load_checkpoint(two / "ckpt.pt", [stage])["step"] == STEPS
-    if stage in ("sft", "rm", "dpo"):
+    if stage in ("sft", "rm", "dpo"):  # deterministic: the same curve as one process
+        r = run_script(f"train_{stage}.py", *flags(stage, fx, one), env=single)
+        assert r.returncode == 0, r.stderr
         assert [v for _, v in curve(stage, two)] == pytest.approx([v for _, v in curve(stage, one)], rel=1e-4)

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
+import cli
 import common
 import hf
 from data import hf_tokenizer
@@ -305,9 +306,15 @@ def broken(tmp_path, what):
     ("missing weights", "no model.safetensors"), ("corrupt weights", "cannot be read safely"),
     ("code", "cannot be read safely"), ("mismatch", "do not belong together"), ("no tokenizer", "no tokenizer"),
     ("not a directory", "no checkpoint at")])
-def test_a_bad_directory_is_one_line_and_exit_2(tmp_path, what, words):
-    r = run("sample.py", f"--init={broken(tmp_path, what)}")
-    assert r.returncode == 2 and words in r.stderr, r.stderr
+def test_a_bad_directory_is_a_user_error(tmp_path, capsys, what, words):
+    with pytest.raises(cli.UserError, match=words):
+        common.load_checkpoint(broken(tmp_path, what))
+    assert "ran code" not in capsys.readouterr().out
+
+
+def test_a_bad_directory_is_one_line_and_exit_2(tmp_path):
+    r = run("sample.py", f"--init={broken(tmp_path, 'code')}")
+    assert r.returncode == 2 and "cannot be read safely" in r.stderr, r.stderr
     assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr and "ran code" not in r.stdout + r.stderr
 
 
