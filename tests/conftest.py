@@ -148,3 +148,10 @@ def make_tiny_solver(tiny_world, tiny_sft, out):
                    "--qa_data=", "--replay_data=", "--batch_size=8", "--max_steps=60", "--lr=1e-2", "--warmup_steps=2",
                    "--eval_every=60", "--device=cpu")
     assert r.returncode == 0, r.stderr
+
+
+def pytest_collection_modifyitems(items):
+    """The longest files first (the fault table, the dry GPU journey): under pytest-xdist a long file handed
+    out last is the whole run's tail, with the other core idle."""
+    first = ("test_faults.py", "test_gpu_bench.py")
+    items.sort(key=lambda item: first.index(item.path.name) if item.path.name in first else len(first))
