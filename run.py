@@ -135,11 +135,17 @@ class Run:
     def update(self, loss):
         """After the backward passes: stop on a non-finite loss, clip the gradient, AdamW's step, count the step."""
         self.check(loss, "loss", self.step + 1)
-        if self.cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.apply_gradients()
         self.step += 1
+
+    def apply_gradients(self, net=None, optimizer=None):
+        """Clip the gradient of net (the model) to --grad_clip, take optimizer's (AdamW's) step, clear the
+        gradients. A stage with a second network (PPO's critic) passes it and its optimizer."""
+        net, optimizer = net or self.model, optimizer or self.optimizer
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(net.parameters(), self.cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
     def check(self, value, what="loss", step=None):
         """Stop when value is NaN or infinite, before weights that produce it can be saved: the checkpoint

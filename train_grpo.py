@@ -241,10 +241,7 @@ def update(run, ref, batch, denom, cfg):
         loss_sum = common.all_mean(loss_sum)
         if not math.isfinite(loss_sum):
             break  # no step on a broken gradient
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
-        run.optimizer.step()
-        run.optimizer.zero_grad(set_to_none=True)
+        run.apply_gradients()
         if not all(torch.isfinite(w).all() for w in run.model.parameters()):  # sampling from them would crash
             loss_sum = math.nan
             break

@@ -233,10 +233,7 @@ def main(cfg):
                 run.check(pg_loss.item() + vf_loss.item(), "loss", run.step + 1)
                 for loss, net, opt in ((pg_loss, model, run.optimizer), (vf_loss, critic_model, critic_opt)):
                     loss.backward()
-                    if cfg.grad_clip > 0:
-                        torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
+                    run.apply_gradients(net, opt)
                 stats.append({"loss/policy": pg_loss.item(), "loss/value": vf_loss.item(),
                               "policy/entropy": masked_mean(entropy.detach(), m).item(),
                               **{f"policy/{k}": v for k, v in pg_stats.items()}})
