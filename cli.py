@@ -115,6 +115,12 @@ def require_positive(cfg, *names):
             raise UserError(f"--{name} must be a positive number, got {value}")
 
 
+def require_choice(cfg, name, choices):
+    """--name must be one of choices: one error line naming them if not."""
+    if getattr(cfg, name) not in choices:
+        raise UserError(f"--{name} must be {' or '.join(choices)}, got {getattr(cfg, name)!r}")
+
+
 def check_writable(out_dir):
     """Fail before training, not after, when the output directory cannot be written."""
     try:

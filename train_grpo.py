@@ -7,29 +7,22 @@
     torchrun --standalone --nproc_per_node=8 train_grpo.py --preset=gpu
 
 Each step takes a few problems, asks each through the chat template and samples a group of G answers
-at --temperature, all at once with the KV cache (the policy trained is the model's softmax at that
-temperature; its greedy answer is the model's own). A verifier scores them: 1 when the number after
-the last "####" is the reference's, else 0; optional extras reward the format alone (--format_reward)
-or each of the reference's steps stated right (--step_reward, TinyWorld's step checker). There is no
-critic: an answer's advantage is its reward against its own group's, (r - mean) / (std + eps)
-(`group_advantages`), so a group whose answers are all right or all wrong says nothing; those are
-counted and left out of the update. The loss is PPO's clipped surrogate on every answer token plus a
-k3 KL penalty to the starting model (`grpo_loss`), averaged per answer (grpo), over a fixed length
-(dr_grpo) or per token (dapo), which weigh long and short answers differently.
+at --temperature with the KV cache (the policy trained is the model's softmax at that temperature).
+A verifier scores them: 1 when the number after the last "####" is the reference's, else 0
+(--format_reward and --step_reward add partial credit). There is no critic: an answer's advantage is
+its reward against its own group's, (r - mean) / (std + eps) (`group_advantages`), so a group whose
+answers are all right or all wrong says nothing and is left out. The loss is PPO's clipped surrogate
+on every answer token plus a k3 KL penalty to the starting model (`grpo_loss`), averaged per answer
+(grpo), over a fixed length (dr_grpo) or per token (dapo), which weigh long and short answers
+differently. Before and after, the held-out problems are answered greedily (pass@1) and --pass_k
+times at temperature 1 (pass@k), per level too, with the share of their steps stated right.
 
-Before and after, the held-out problems are answered greedily (pass@1) and sampled --pass_k times at
-temperature 1 (pass@k: solved at least once), overall and per level, with the share of their steps
-stated right and the share of answers that show their work (steps before "####", not a bare
-number). Writes out/grpo/ckpt.pt, log.jsonl and metrics.json.
-
-Why the defaults (report.md and the README's table have what they give): SFT's set answers some
-problems step by step and as many with the number alone, so the model starts out doing both; rewarded
-for the final number only, GRPO finds that the answers which work the steps are the ones that pay.
-Rollouts are sampled at temperature 0.7, where this small model's samples keep the steps its greedy
-answer gets right. Partial credit for the steps (--step_reward) or the format (--format_reward) is
-off: on the seeds it was tried on it did not lift pass@1 consistently.
+Why the defaults: SFT's set answers some problems step by step and as many with the number alone, so
+the model starts out doing both; rewarded for the final number only, GRPO finds that the worked
+answers are the ones that pay. Rollouts are sampled at temperature 0.7, where this small model's
+samples keep the steps its greedy answer gets right. Partial credit is off: on the seeds it was tried
+on it did not lift pass@1 consistently. Writes out/grpo/ckpt.pt, log.jsonl and metrics.json.
 """
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -175,31 +168,24 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, eps_low=0.2, eps_high=0.2, be
 
 # ----------------------------------------------------------------------------- the data and the evaluation
 
-def decode(tok, ids):  # an answer's text, without the special tokens that end it
-    return tok.decode(t for t in ids if t not in (tok.end_id, tok.eot_id))
-
-
-def evaluate(model, tok, problems, cfg, world):
-    """pass@1, pass@k and steps right on the held-out problems, overall and per level (evals.math_eval)."""
-    result = evals.math_eval(model, tok, problems, cfg.max_new_tokens, cfg.pass_k, cfg.seed, world)
+def evaluate(run, tok, problems, cfg, world, when):
+    """pass@1, pass@k and steps right on the held-out problems, overall and per level (evals.math_eval):
+    printed, logged as eval/* and returned."""
+    result = evals.math_eval(run.raw, tok, problems, cfg.max_new_tokens, cfg.pass_k, cfg.seed, world)
     result.pop("solved")  # per problem: the figures above are what the log and metrics.json keep
+    print0(evals.describe_math(result, f"grpo: {when}", cfg.pass_k))
+    run.logger.log(run.step, printed=False, **{f"eval/{k}": v for k, v in result.items()})
     return result
 
 
-def default_init():
-    """The latest stage before this one that has run: PPO's or DPO's policy, else SFT's."""
-    return next((p for p in ("out/ppo/ckpt.pt", "out/dpo/ckpt.pt") if Path(p).is_file()), "out/sft/ckpt.pt")
-
-
 def rollouts(model, tok, problems, picks, cfg, world):
-    """G answers to each picked problem, sampled together with the KV cache, and the verifier's
-    rewards. Returns (prompts, answers, rewards, correct, worked), one entry per answer, grouped by
-    problem; worked: the answer writes steps before its "####"."""
+    """G answers to each picked problem, sampled together with the KV cache, and their rewards: (prompts,
+    answers, rewards, correct, worked: steps before its "####"), one entry per answer, grouped by problem."""
     prompts = [problems[i]["prompt"] for i in picks for _ in range(cfg.group_size)]
     refs = [problems[i]["answer"] for i in picks for _ in range(cfg.group_size)]
     answers = evals.generate_batched(model, prompts, cfg.max_new_tokens, stop_tokens=[tok.end_id, tok.eot_id],
                                      batch_size=len(prompts), temperature=cfg.temperature)
-    texts = [decode(tok, a) for a in answers]
+    texts = [tok.decode(t for t in a if t not in (tok.end_id, tok.eot_id)) for a in answers]
     rewards = torch.tensor([reward(t, r, a[-1:] == [tok.end_id], cfg.format_reward, cfg.step_reward, world)
                             for t, r, a in zip(texts, refs, answers)])
     return prompts, answers, rewards, [check_answer(t, r) for t, r in zip(texts, refs)], list(map(shows_work, texts))
@@ -218,7 +204,7 @@ def answer_logprobs(model, x, y, temperature):
 def update(run, ref, batch, denom, cfg):
     """cfg.passes optimizer steps on one batch of rollouts, in micro-batches whose losses add up to the
     batch's. Returns the loss, the clipped fraction and the KL to the reference (token means, last pass);
-    the loss is NaN when the step broke the weights."""
+    stops the run, before a step, when the loss is not finite, and after one that broke the weights."""
     x, y, mask, adv = batch
     starts = list(range(0, len(x), cfg.micro_batch))
     olds, refs = [], []
@@ -239,12 +225,12 @@ def update(run, ref, batch, denom, cfg):
             loss_sum += loss.item()
             clipped, kl = clipped + stats["clipfrac"].item() * n, kl + stats["kl"].item() * n
         loss_sum = common.all_mean(loss_sum)
-        if not math.isfinite(loss_sum):
-            break  # no step on a broken gradient
+        run.check(loss_sum, "loss", run.step + 1)  # no step on a broken gradient
         run.apply_gradients()
-        if not all(torch.isfinite(w).all() for w in run.model.parameters()):  # sampling from them would crash
-            loss_sum = math.nan
-            break
+        # finite weights can still give logits that overflow, which the next rollout could not sample from
+        with torch.no_grad(), common.autocast(run.device):
+            after = common.all_mean(run.raw.token_logprobs(x[:1], y[:1]).sum().item())
+        run.check(after, "log-probability after the update", run.step + 1)
     n = max(mask.sum().item(), 1)
     return loss_sum, clipped / n, kl / n
 
@@ -256,7 +242,8 @@ def main(cfg):
     run = Run("grpo", cfg, per_rank=("prompts_per_step",))
 
     # the policy: from an SFT or preference-tuned checkpoint, or resumed exactly
-    init = cfg.init or default_init()
+    latest = next((p for p in ("out/ppo/ckpt.pt", "out/dpo/ckpt.pt") if Path(p).is_file()), "out/sft/ckpt.pt")
+    init = cfg.init or latest  # by default the latest stage before this one that has run
     ckpt = run.resumed()
     if ckpt:
         init = ckpt.get("init", init)
@@ -275,9 +262,7 @@ def main(cfg):
               keep=lambda: dict(init=init, eval_before=before))
     run.logger.phase("evaluation")
     if run.step == 0 and test and common.is_master():
-        before = evaluate(run.raw, tok, test, cfg, rater)
-        print0(evals.describe_math(before, "grpo: before", cfg.pass_k))
-        run.logger.log(0, printed=False, **{f"eval/{k}": v for k, v in before.items()})
+        before = evaluate(run, tok, test, cfg, rater, "before")
 
     for step in run.steps():
         # 1-2. this rank's share of the step's problems, G answers to each, and their rewards
@@ -300,11 +285,6 @@ def main(cfg):
         if n_seqs > 0:
             batch = tuple(t.to(run.device) for t in (x, y, mask, adv))
             loss, clipfrac, kl = update(run, ref, batch, denom, cfg)
-            run.check(loss, "loss", run.step + 1)
-            # finite weights can still give logits that overflow, which the next rollout cannot sample from
-            with torch.no_grad(), common.autocast(run.device):
-                after = run.raw.token_logprobs(batch[0][:1], batch[1][:1]).sum().item()
-            run.check(common.all_mean(after), "log-probability after the update", run.step + 1)
         run.step += 1
 
         metrics = {"loss/policy": loss, "lr": run.lr, "rollout/reward": rewards.mean().item(),
@@ -316,19 +296,15 @@ def main(cfg):
 
     summary = {"init": init, "loss_type": cfg.loss_type}
     if test and common.is_master():
-        after = evaluate(run.raw, tok, test, cfg, rater)
-        print0(evals.describe_math(after, "grpo: after", cfg.pass_k))
-        run.logger.log(run.step, printed=False, **{f"eval/{k}": v for k, v in after.items()})
-        summary.update(before=before, after=after)
+        summary.update(before=before, after=evaluate(run, tok, test, cfg, rater, "after"))
     run.finish(summary)
 
 
 def check_config(cfg):
     cli.require_positive(cfg, "prompts_per_step", "max_new_tokens", "max_steps", "micro_batch", "passes",
                          "pass_k", "eval_every", "log_every", "lr", "temperature")
-    for name, valid in (("loss_type", ("grpo", "dr_grpo", "dapo")), ("scale", ("group", "none"))):
-        if getattr(cfg, name) not in valid:
-            raise UserError(f"--{name} must be {' or '.join(valid)}, got {getattr(cfg, name)!r}")
+    cli.require_choice(cfg, "loss_type", ("grpo", "dr_grpo", "dapo"))
+    cli.require_choice(cfg, "scale", ("group", "none"))
     if cfg.group_size < 2:
         raise UserError(f"--group_size must be 2 or more (an answer is judged against its group), got {cfg.group_size}")
 

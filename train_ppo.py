@@ -191,8 +191,7 @@ def rollout(policy, ref, critic, rm, tok, questions, cfg, device):
 def main(cfg):
     cli.require_positive(cfg, "batch_size", "minibatch_size", "ppo_epochs", "max_steps", "eval_every", "log_every",
                          "max_new_tokens", "lr", "critic_lr", "temperature")
-    if cfg.kl_estimator not in ("k1", "k3"):
-        raise UserError(f"--kl_estimator must be k1 or k3, got {cfg.kl_estimator!r}")
+    cli.require_choice(cfg, "kl_estimator", ("k1", "k3"))
     run = Run("ppo", cfg)
 
     # the four networks: policy and reference from SFT, critic and reward model from the reward model
