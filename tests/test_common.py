@@ -42,6 +42,12 @@ def test_help_lists_fields_defaults_and_comments(capsys):
         assert line in out
 
 
+def test_require_choice_names_the_choices():
+    cli.require_choice(Demo(name="b"), "name", ("a", "b"))
+    with pytest.raises(UserError, match=r"--name must be a or b, got 'c'"):
+        cli.require_choice(Demo(name="c"), "name", ("a", "b"))
+
+
 @given(max_lr=st.floats(1e-5, 1.0), frac=st.floats(0.0, 1.0), warmup=st.integers(1, 100), total=st.integers(101, 10_000))
 def test_schedule_warms_up_then_decays_to_min(max_lr, frac, warmup, total):
     min_lr = max_lr * frac
