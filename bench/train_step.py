@@ -1,8 +1,8 @@
 """Our GPT's training step against the same GPT calling PyTorch's ops directly (SDPA + F.cross_entropy).
 
 The two differ only in what `model.kernels` points at, so the gap is exactly the cost (or gain) of
-our dispatch and kernels. Runs are interleaved (ours, plain, ours, plain, ...) so that the machine's
-drift hits both alike; the table gives the median of each.
+our dispatch and kernels. Runs are interleaved (ours, plain, plain, ours, ...) so that the machine's
+drift hits both alike and neither always runs first; the table gives the median of each.
 
     python bench/train_step.py      # this table alone; bench/kernels.py puts it in bench/RESULTS.md
 """
@@ -59,8 +59,8 @@ def bench_train_step(device, rounds=5, steps=3):
     x = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size), device=device)
     y = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size), device=device)
     times = {"ours": [], "plain": []}
-    for _ in range(rounds):
-        for name in ("ours", "plain"):
+    for r in range(rounds):
+        for name in ("ours", "plain") if r % 2 == 0 else ("plain", "ours"):  # neither always runs first
             model_module.kernels = kernels if name == "ours" else PLAIN
             try:
                 times[name].append(step_time(gpt, opt, x, y, device, steps))
