@@ -90,6 +90,13 @@ def data_file_cases(good_record, records):
     }
 
 
+def wrong_file(flag, name, keyword):
+    """The case of another stage's TinyWorld file (name, e.g. "sft_train.jsonl") given as --flag: the
+    error names the file's first line and says, with keyword, what it is."""
+    return lambda fx, tmp: Case([f"--{flag}={fx.tiny_world['data'] / name}"], f"{fx.tiny_world['data'] / name}:1",
+                                keyword)
+
+
 # ----------------------------------------------------------------------------- the rows and the mistakes they share
 
 

@@ -9,7 +9,7 @@ from hypothesis import given, strategies as st
 
 import common
 from conftest import run_script
-from faults import LONG_PAIR, Case, Script, data_file_cases, good_pair, jsonl, write
+from faults import LONG_PAIR, Case, Script, data_file_cases, good_pair, jsonl, write, wrong_file
 from train_dpo import dpo_loss
 
 # ----------------------------------------------------------------------------- the losses
@@ -145,18 +145,14 @@ DPO_CASES = {
     "pairs longer than the context": lambda fx, tmp: Case(
         [f"--data={write(tmp / 'long.jsonl', jsonl(LONG_PAIR))}"],
         str(tmp / "long.jsonl"), "too long for the context"),
-    "conversations given to DPO": lambda fx, tmp: Case(
-        [f"--data={fx.tiny_world['data'] / 'sft_train.jsonl'}"],
-        f"{fx.tiny_world['data'] / 'sft_train.jsonl'}:1", "a conversation (SFT's data), not a preference pair"),
-    "math problems given to DPO": lambda fx, tmp: Case(
-        [f"--data={fx.tiny_world['data'] / 'math_train.jsonl'}"],
-        f"{fx.tiny_world['data'] / 'math_train.jsonl'}:1", "a math problem (GRPO's data), not a preference pair"),
+    "conversations given to DPO": wrong_file("data", "sft_train.jsonl",
+        "a conversation (SFT's data), not a preference pair"),
+    "math problems given to DPO": wrong_file("data", "math_train.jsonl",
+        "a math problem (GRPO's data), not a preference pair"),
     "held-out pairs that do not fit the context": lambda fx, tmp: Case(
         [f"--test_data={write(tmp / 'long.jsonl', jsonl(LONG_PAIR))}"],
         f"--test_data={tmp / 'long.jsonl'}", "holds no pair that fits the context"),
-    "conversations given as held-out questions": lambda fx, tmp: Case(
-        [f"--qa_data={fx.tiny_world['data'] / 'sft_train.jsonl'}"],
-        f"{fx.tiny_world['data'] / 'sft_train.jsonl'}:1", 'needs "messages"'),
+    "conversations given as held-out questions": wrong_file("qa_data", "sft_train.jsonl", 'needs "messages"'),
     "a win rate without held-out prompts": lambda fx, tmp: Case(
         [f"--world={fx.tiny_world['data']}"], None, "--world"),
     "a --world that is not a TinyWorld": lambda fx, tmp: Case(

@@ -12,7 +12,7 @@ import train_grpo
 from conftest import run_script
 from data.tinymath import shows_work
 from data.tinyworld_facts import make_world
-from faults import Case, Script, data_file_cases, jsonl, write
+from faults import Case, Script, data_file_cases, jsonl, write, wrong_file
 from model import GPT, GPTConfig
 from train_grpo import Config, answer_logprobs, group_advantages, grpo_loss, k3, reward
 
@@ -295,12 +295,9 @@ GRPO_CASES = {
     "an answer without its number": lambda fx, tmp: Case(
         [f"--data={write(tmp / 'bad.jsonl', jsonl(good_problem(fx), WORDS))}"],
         f"{tmp / 'bad.jsonl'}:2", "not a math problem"),
-    "conversations given to GRPO": lambda fx, tmp: Case(
-        [f"--data={fx.tiny_world['data'] / 'sft_train.jsonl'}"],
-        f"{fx.tiny_world['data'] / 'sft_train.jsonl'}:1", "a conversation (SFT's data), not a math problem"),
-    "preference pairs given to GRPO": lambda fx, tmp: Case(
-        [f"--data={fx.tiny_world['data'] / 'prefs_train.jsonl'}"],
-        f"{fx.tiny_world['data'] / 'prefs_train.jsonl'}:1", "a preference pair"),
+    "conversations given to GRPO": wrong_file("data", "sft_train.jsonl",
+        "a conversation (SFT's data), not a math problem"),
+    "preference pairs given to GRPO": wrong_file("data", "prefs_train.jsonl", "a preference pair"),
     "problems longer than the context": lambda fx, tmp: Case(
         [f"--data={write(tmp / 'long.jsonl', jsonl(LONG_PROBLEM))}"],
         str(tmp / "long.jsonl"), "too long for the context"),

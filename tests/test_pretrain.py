@@ -8,7 +8,7 @@ from hypothesis import given, settings, strategies as st
 
 import common
 from conftest import run_script
-from faults import Case, Script, write
+from faults import Case, Script, write, wrong_file
 from train_pretrain import pretrain_loss
 
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--eval_batches=2",
@@ -79,9 +79,7 @@ PRETRAIN_CASES = {
     "a corpus shorter than one window": lambda fx, tmp: Case(
         [f"--data={write(tmp / 'short.txt', 'A story.')}"],
         str(tmp / "short.txt"), "fewer than one window"),
-    "a JSONL file given as the corpus": lambda fx, tmp: Case(
-        [f"--data={fx.tiny_world['data'] / 'sft_train.jsonl'}"],
-        f"{fx.tiny_world['data'] / 'sft_train.jsonl'}:1", "not text"),
+    "a JSONL file given as the corpus": wrong_file("data", "sft_train.jsonl", "not text"),
     "fact evaluation on a corpus without a TinyWorld": lambda fx, tmp: Case(
         [f"--data={write(tmp / 'stories.txt', 'A story.')}", "--eval_facts=true"], str(tmp), "--eval_facts=false"),
     "a missing tokenizer": lambda fx, tmp: Case(

@@ -14,7 +14,7 @@ from data.batches import score_replies
 from data.tinyworld_chat import gold_score
 from data.tinyworld_facts import VALUES, fact_sentence, load_world, question
 from data.tokenizer import load_tokenizer
-from faults import LONG_PAIR, Case, Script, data_file_cases, good_pair, jsonl, write
+from faults import LONG_PAIR, Case, Script, data_file_cases, good_pair, jsonl, write, wrong_file
 from train_rm import reward_loss
 
 finite = st.floats(-20, 20, allow_nan=False)
@@ -166,9 +166,7 @@ RM_CASES = {
         f"{tmp / 'bad.jsonl'}:3", "not a preference pair"),
     "pairs longer than the context": lambda fx, tmp: Case(
         [f"--data={write(tmp / 'long.jsonl', jsonl(LONG_PAIR))}"], str(tmp / "long.jsonl"), "too long for the context"),
-    "conversations given to the reward model": lambda fx, tmp: Case(
-        [f"--data={fx.tiny_world['data'] / 'sft_train.jsonl'}"],
-        f"{fx.tiny_world['data'] / 'sft_train.jsonl'}:1", "a conversation (SFT's data)"),
+    "conversations given to the reward model": wrong_file("data", "sft_train.jsonl", "a conversation (SFT's data)"),
 }
 
 

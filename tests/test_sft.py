@@ -9,7 +9,7 @@ from hypothesis import given, strategies as st
 import common
 from conftest import run_script
 from data.tokenizer import load_tokenizer
-from faults import Case, Script, data_file_cases, jsonl, write
+from faults import Case, Script, data_file_cases, jsonl, write, wrong_file
 from train_sft import collate, sft_loss
 
 # ----------------------------------------------------------------------------- the loss
@@ -149,18 +149,12 @@ SFT_CASES = {
     "a data file that is not UTF-8": lambda fx, tmp: Case(
         [f"--data={write(tmp / 'latin1.jsonl', good_conversation(fx).encode() + bytes([10]) + LATIN1)}"],
         str(tmp / "latin1.jsonl"), "is not UTF-8 text"),
-    "preferences given to SFT": lambda fx, tmp: Case(
-        [f"--data={fx.tiny_world['data'] / 'prefs_train.jsonl'}"],
-        f"{fx.tiny_world['data'] / 'prefs_train.jsonl'}:1", "preference pair"),
-    "math problems given to SFT": lambda fx, tmp: Case(
-        [f"--data={fx.tiny_world['data'] / 'math_train.jsonl'}"],
-        f"{fx.tiny_world['data'] / 'math_train.jsonl'}:1", "math problem"),
+    "preferences given to SFT": wrong_file("data", "prefs_train.jsonl", "preference pair"),
+    "math problems given to SFT": wrong_file("data", "math_train.jsonl", "math problem"),
     "a held-out question longer than the context": lambda fx, tmp: Case(
         [f"--qa_data={write(tmp / 'qa.jsonl', jsonl({'messages': [LONG], 'answer': 'Riverton'}))}"],
         f"{tmp / 'qa.jsonl'}:1", "leaves no room for an answer"),
-    "conversations given as held-out questions": lambda fx, tmp: Case(
-        [f"--qa_data={fx.tiny_world['data'] / 'sft_train.jsonl'}"],
-        f"{fx.tiny_world['data'] / 'sft_train.jsonl'}:1", 'needs "messages"'),
+    "conversations given as held-out questions": wrong_file("qa_data", "sft_train.jsonl", 'needs "messages"'),
     "a missing replay corpus": lambda fx, tmp: Case(
         [f"--replay_data={tmp / 'none.txt'}"], str(tmp / "none.txt"), "run `python -m data.tinyworld`"),
 }
