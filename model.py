@@ -311,18 +311,23 @@ class ValueModel(GPT):
 
 
 class RewardModel(ValueModel):
-    """The reward model: a ValueModel whose score also weighs how likely it finds each reply token.
+    """The reward model: a ValueModel whose score also weighs how surprised the trunk is by each reply token.
 
-    score = head(h at the last token) + sum over reply tokens t of gate(h_{t-1}) * log p(token t | before),
-    gate = softplus(a linear map) >= 0. The head reads the manner of the whole reply; the gate, read
-    where the next token is predicted, learns which tokens carry a checkable claim (the town after
-    "Lucy lives in") and charges the reply for how unlikely the trunk finds the token written there.
-    A language model that knows Lucy's town finds a wrong one unlikely, so the score can check facts
-    that no training pair mentioned: comparing a stated fact with a recalled one is what a head on
-    the last token alone did not learn from the pairs. The gate is never negative, so no token can
-    raise the score by being unlikely, and padding a reply with likely tokens earns nothing. It
-    starts small (softplus(-2) = 0.13): large enough to learn from the first pairs, small enough that
-    the head first learns the manner rather than paying for every unlikely word.
+    score = head(h at the last token) + sum over reply tokens t of gate(h_t) * min(0, log p(token t) + H_t),
+    gate = softplus(a linear map) >= 0, H_t = the entropy of the trunk's distribution for token t.
+    The head reads the manner of the whole reply; the gate, read at each token once it is written,
+    learns which tokens carry a checkable claim (the town after "Lucy lives in", not the rude word
+    before it) and charges the reply for how much more that token surprises the trunk than the trunk
+    expected to be surprised (-log p beyond H). A language model that knows Lucy's town is sure of it, so a wrong
+    one costs nearly its whole -log p, and the score can check facts that no training pair mentioned:
+    comparing a stated fact with a recalled one is what a head on the last token alone did not learn
+    from the pairs. Where the trunk is unsure (the first word of a reply: "Sure!", "Lucy" or just
+    "Millbrook"?), a token that is one of several fine choices costs nothing. Charging the plain
+    -log p of every token made each reply pay for its length and for every choice of wording, and
+    the head learned to pay it back by liking long replies, rude ones too. The charge is never
+    positive, so padding a reply with likely tokens earns nothing; H is read as a threshold, not
+    trained. The gate starts small (softplus(-2) = 0.13): large enough to learn from the first
+    pairs, small enough that the head first learns the manner rather than paying for every word.
     (Its forward is the score, so that DDP sees it; the critic PPO starts from it is a plain ValueModel.)
     """
 
@@ -339,11 +344,14 @@ class RewardModel(ValueModel):
         h = self.hidden(idx)
         rows = torch.arange(idx.size(0), device=idx.device)
         head = self.head(h[rows, end]).squeeze(-1).float()
-        logp = F.log_softmax(self.lm_head(h[:, :-1]).float(), -1).gather(-1, idx[:, 1:, None]).squeeze(-1)
+        logprobs = F.log_softmax(self.lm_head(h[:, :-1]).float(), -1)
+        logp = logprobs.gather(-1, idx[:, 1:, None]).squeeze(-1)
+        expected = -(logprobs.exp() * logprobs).sum(-1).detach()  # H_t: the surprise the trunk expects
         t = torch.arange(idx.size(1) - 1, device=idx.device)[None]
         in_reply = (t >= start[:, None] - 1) & (t < end[:, None])  # position t predicts token t + 1
         logp = logp * in_reply
-        return head + (F.softplus(self.gate(h[:, :-1]).squeeze(-1).float()) * logp).sum(1), logp
+        charge = (logp + expected).clamp(max=0) * in_reply  # only surprise beyond the expected costs
+        return head + (F.softplus(self.gate(h[:, 1:]).squeeze(-1).float()) * charge).sum(1), logp
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):

@@ -8,9 +8,9 @@
 A preference pair is a prompt and two replies, one chosen by a rater over the other. The reward model
 (model.RewardModel) is the SFT model with two small heads. Its score is a scalar head read at the last
 token of prompt+reply (the reply's manner), plus, for every reply token, a learned non-negative gate
-times the log-probability the trunk gives that token (its facts: "Lucy lives in Ashford." costs a
-lot when the trunk knows she lives in Millbrook). Bradley-Terry says the rater prefers a to b with
-probability sigmoid(r(a) - r(b)), so the loss is -log of that for the pair as labelled
+times how much more that token surprises the trunk than the trunk expected (its facts: "Lucy lives
+in Ashford." costs a lot when the trunk is sure she lives in Millbrook). Bradley-Terry says the rater
+prefers a to b with probability sigmoid(r(a) - r(b)), so the loss is -log of that for the pair as labelled
 (`reward_loss`), plus a language-modelling loss on the chosen replies that keeps those
 log-probabilities meaningful. Only differences of scores matter to it; so after training the scores
 are shifted to make the SFT policy's own replies score 0 on average, which is where PPO starts (the
@@ -57,7 +57,7 @@ class Config:
     out: str = "out/rm"                # where ckpt.pt, log.jsonl and metrics.json go
     resume: bool = False               # continue exactly from out/ckpt.pt (optimizer, step, RNG)
     batch_size: int = 32               # pairs per step, over all processes
-    max_steps: int = 120               # optimizer steps (120 x 32: TinyWorld's 3,000 pairs, about 1.3 times)
+    max_steps: int = 160               # optimizer steps (160 x 32: TinyWorld's 3,000 pairs, about 1.7 times)
     stop_at: int = 0                   # stop early at this step with a checkpoint (0: run to max_steps)
     lr: float = 5e-4                   # peak learning rate
     min_lr: float = 5e-5               # learning rate at the end of the cosine

@@ -199,7 +199,7 @@ def rows_of(seqs):
 @settings(max_examples=10, deadline=None)
 @given(seed=st.integers(0, 1000),
        lengths=st.lists(st.tuples(st.integers(1, 10), st.integers(1, 10)), min_size=1, max_size=4))
-def test_reward_score_is_the_head_plus_the_gated_log_probs_of_the_reply(seed, lengths):
+def test_reward_score_is_the_head_plus_the_gated_surprise_beyond_the_expected(seed, lengths):
     torch.manual_seed(seed)
     rm = RewardModel(TINY).double().eval()
     g = torch.Generator().manual_seed(seed)
@@ -211,11 +211,31 @@ def test_reward_score_is_the_head_plus_the_gated_log_probs_of_the_reply(seed, le
         h = rm.hidden(torch.tensor([s]))[0]
         want = rm.head(h[-1]).squeeze()
         for t in range(start[i], len(s)):
-            lp = F.log_softmax(rm.lm_head(h[t - 1]), -1)[s[t]]
-            want = want + F.softplus(rm.gate(h[t - 1]).squeeze()) * lp
+            p = F.softmax(rm.lm_head(h[t - 1]), -1)
+            lp, entropy = p[s[t]].log(), -(p * p.log()).sum()
+            want = want + F.softplus(rm.gate(h[t]).squeeze()) * min(0.0, lp + entropy)
             assert logp[i, t - 1].item() == pytest.approx(lp.item(), rel=1e-5)  # scores are float32
         assert got[i].item() == pytest.approx(want.item(), rel=1e-5, abs=1e-5)
         assert (logp[i, :start[i] - 1] == 0).all() and (logp[i, len(s) - 1:] == 0).all()
     # the gate is never negative: a reply only loses score for its unlikely tokens
     rm.head.weight.data.zero_(), rm.head.bias.data.zero_()
     assert (rm(rows_of(seqs), start, end)[0] <= 0).all()
+
+
+def test_reward_charges_a_wrong_token_where_the_trunk_is_sure_and_not_a_choice_where_it_is_not():
+    torch.manual_seed(0)
+    rm = RewardModel(TINY).double().eval()
+    rm.head.weight.data.zero_(), rm.head.bias.data.zero_()
+    rm.lm_head = torch.nn.Linear(TINY.n_embd, TINY.vocab_size, bias=False).double()  # untied from the embeddings
+    x = torch.tensor([[1, 2, 3]])
+    h = rm.hidden(x)[0, 1]  # where the reply's one token, x[0, 2], is predicted
+    for confident in (False, True):  # a flat next-token distribution, then one sure of token 7
+        with torch.no_grad():
+            rm.lm_head.weight.zero_()
+            if confident:
+                rm.lm_head.weight[7] = 20 * h / h.norm() ** 2  # logit 20 for token 7, 0 for the rest
+        score = rm(x, torch.tensor([2]), torch.tensor([2]))[0].item()
+        if confident:  # token 3 where the trunk is sure of 7: charged about gate * 20
+            assert score < -0.1 * 19
+        else:  # every token equally likely: log p = -H exactly, nothing charged
+            assert score == pytest.approx(0.0, abs=1e-9)
