@@ -64,7 +64,7 @@ class Config:
     beta: float = 0.05                 # weight of the k3 KL penalty to the starting model (0: no reference loaded)
     passes: int = 1                    # optimizer steps on each batch of rollouts (the first is on-policy)
     micro_batch: int = 64              # answers per forward and backward
-    max_steps: int = 60                # steps, each a batch of rollouts
+    max_steps: int = 80                # steps, each a batch of rollouts
     stop_at: int = 0                   # stop early at this step with a checkpoint (0: run to max_steps)
     lr: float = 1e-4                   # peak learning rate
     min_lr: float = 1e-4               # learning rate at the end of the cosine (the same: a constant rate)
