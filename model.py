@@ -318,10 +318,10 @@ class RewardModel(ValueModel):
     The head reads the manner of the whole reply; the gate, read at each token once it is written,
     learns which tokens carry a checkable claim (the town after "Lucy lives in", not the rude word
     before it) and charges the reply for how much more that token surprises the trunk than the trunk
-    expected to be surprised (-log p beyond H). A language model that knows Lucy's town is sure of it, so a wrong
-    one costs nearly its whole -log p, and the score can check facts that no training pair mentioned:
-    comparing a stated fact with a recalled one is what a head on the last token alone did not learn
-    from the pairs. Where the trunk is unsure (the first word of a reply: "Sure!", "Lucy" or just
+    expected to be surprised (-log p beyond H). A language model that knows Lucy's town is sure of
+    it, so a wrong one costs nearly its whole -log p, and the score can check facts that no training
+    pair mentioned: comparing a stated fact with a recalled one is what a head on the last token
+    alone did not learn from the pairs. Where the trunk is unsure (the first word of a reply: "Sure!", "Lucy" or just
     "Millbrook"?), a token that is one of several fine choices costs nothing. Charging the plain
     -log p of every token made each reply pay for its length and for every choice of wording, and
     the head learned to pay it back by liking long replies, rude ones too. The charge is never

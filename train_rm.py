@@ -10,8 +10,8 @@ A preference pair is a prompt and two replies, one chosen by a rater over the ot
 token of prompt+reply (the reply's manner), plus, for every reply token, a learned non-negative gate
 times how much more that token surprises the trunk than the trunk expected (its facts: "Lucy lives
 in Ashford." costs a lot when the trunk is sure she lives in Millbrook). Bradley-Terry says the rater
-prefers a to b with probability sigmoid(r(a) - r(b)), so the loss is -log of that for the pair as labelled
-(`reward_loss`), plus a language-modelling loss on the chosen replies that keeps those
+prefers a to b with probability sigmoid(r(a) - r(b)), so the loss is -log of that for the pair as
+labelled (`reward_loss`), plus a language-modelling loss on the chosen replies that keeps those
 log-probabilities meaningful. Only differences of scores matter to it; so after training the scores
 are shifted to make the SFT policy's own replies score 0 on average, which is where PPO starts (the
 shift is folded into the head's bias and recorded in the checkpoint as "score_shift").

@@ -217,7 +217,7 @@ def test_reward_score_is_the_head_plus_the_gated_surprise_beyond_the_expected(se
             assert logp[i, t - 1].item() == pytest.approx(lp.item(), rel=1e-5)  # scores are float32
         assert got[i].item() == pytest.approx(want.item(), rel=1e-5, abs=1e-5)
         assert (logp[i, :start[i] - 1] == 0).all() and (logp[i, len(s) - 1:] == 0).all()
-    # the gate is never negative: a reply only loses score for its unlikely tokens
+    # the gate is never negative and the charge never positive: a reply only loses score for surprising tokens
     rm.head.weight.data.zero_(), rm.head.bias.data.zero_()
     assert (rm(rows_of(seqs), start, end)[0] <= 0).all()
 
