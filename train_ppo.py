@@ -1,7 +1,7 @@
 """Stage 3b, RLHF with PPO: make the SFT policy write what the reward model scores high, without drifting.
 
     python train_ppo.py                 # TinyWorld on a CPU, from out/sft and out/rm
-    python train_ppo.py --kl_coef=0 --max_steps=120 --out=out/ppo/no_kl   # reward hacking, made visible
+    python train_ppo.py --kl_coef=0 --max_steps=120 --out=out/ppo/no_kl   # no KL penalty: is the reward hacked?
     python train_ppo.py --preset=gpu    # HH-RLHF prompts on one GPU, from GPU runs of train_sft.py and train_rm.py
     torchrun --standalone --nproc_per_node=8 train_ppo.py --preset=gpu
 
