@@ -100,24 +100,6 @@ def measure(model, tok, sets, sft, sft_gold, cfg):
             "win": evals.win_rate(gold, sft_gold) if sft_gold else None, **reasoning, "kl": kl}
 
 
-def reward_vs_gold(log, n=5):
-    """What a PPO run's learned reward and the gold rater's score did, from its log: the means of its first
-    and last n steps, and whether the gold score fell while the learned reward rose (reward hacking)."""
-    rows = [r for r in log if "rollout/score" in r and "rollout/gold" in r]
-    if len(rows) < 2 * n:
-        return f"its log has fewer than {2 * n} steps with both scores."
-    mean = lambda part, key: sum(r[key] for r in part) / n
-    (s0, s1), (g0, g1) = [(mean(rows[:n], k), mean(rows[-n:], k)) for k in ("rollout/score", "rollout/gold")]
-    said = (f"over its first and last {n} steps the reward model's score went {s0:.2f} -> {s1:.2f} and the gold "
-            f"rater's {g0:.2f} -> {g1:.2f}")
-    if s1 > s0 and g1 < g0:
-        return said + ": the learned reward climbs while the gold rater's score falls, reward hacking."
-    if s1 > s0:
-        return said + ": the gold rater's score rose with the learned reward; in this run the policy found nothing " \
-                      "the reward model overrates."
-    return said + "."
-
-
 def plot(log_path, names, title, png):
     """One stage's curves from its log.jsonl: each name that the log has, against the step. Returns the
     names it has not (a run without held-out data, say), so the report can say which are missing."""
@@ -298,7 +280,7 @@ def main(cfg):
     no_kl = out / "ppo" / "no_kl"
     if (no_kl / "reward_vs_gold.png").is_file() and (no_kl / "log.jsonl").is_file():  # the README's run without KL
         figures += [f"PPO without its KL penalty (`train_ppo.py --kl_coef=0 --max_steps=120 --out={no_kl}`): "
-                    f"{reward_vs_gold(read_jsonl(no_kl / 'log.jsonl'))}", "",
+                    f"{evals.reward_vs_gold(read_jsonl(no_kl / 'log.jsonl'))}", "",
                     "![reward vs gold](ppo/no_kl/reward_vs_gold.png)", ""]
 
     machine = torch.cuda.get_device_name(device) if device.startswith("cuda") else \

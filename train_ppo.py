@@ -19,8 +19,8 @@ model (frozen). Each step:
 Logits are divided by the sampling temperature both when sampling and when scoring log-probs, so the
 ratios compare the distribution the tokens were drawn from. Dropout is off: ratios of 1 must mean
 "the same policy". On TinyWorld the gold rater also scores every rollout, so the learned reward and
-the true one can be watched side by side (out/<run>/reward_vs_gold.png): with --kl_coef=0 the first
-keeps rising after the second has stopped. Writes out/ppo/ckpt.pt, log.jsonl and metrics.json.
+the true one can be watched side by side (out/<run>/reward_vs_gold.png): where the first keeps rising
+and the second does not, the policy is exploiting the reward model. Writes out/ppo/ckpt.pt, log.jsonl and metrics.json.
 """
 from dataclasses import dataclass
 from pathlib import Path
