@@ -43,48 +43,10 @@ from data.tokenizer import load_tokenizer
 from run import Run
 
 
-@dataclass
-class Config:
-    data: str = "data/tinyworld/prefs_train.jsonl"  # training pairs: {"prompt", "chosen", "rejected"} per line
-    test_data: str = "data/tinyworld/prefs_test.jsonl"  # held-out pairs, same format (empty: skip the evaluation)
-    qa_data: str = "data/tinyworld/sft_test.jsonl"  # held-out questions with "answer" and "split" (empty: skip)
-    world: str = "data/tinyworld"      # the TinyWorld whose gold rater judges the win rate (empty: no win rate)
-    tokenizer: str = ""                # default: the one the --init checkpoint was trained with
-    init: str = "out/sft/ckpt.pt"      # the sft checkpoint: the policy's start and the frozen reference
-    out: str = "out/dpo"               # where ckpt.pt, log.jsonl and metrics.json go
-    resume: bool = False               # continue exactly from out/ckpt.pt (optimizer, step, RNG)
-    loss_type: str = "sigmoid"         # sigmoid (DPO), ipo, or robust (unbiased under label noise): see dpo_loss
-    beta: float = 0.3                  # strength of the pull to the reference: the implicit reward's scale
-    label_smoothing: float = 0.0       # assumed rate of flipped labels, for sigmoid and robust (below 0.5)
-    batch_size: int = 16               # pairs per micro-step, over all processes
-    grad_accum: int = 1                # micro-steps per optimizer step
-    max_steps: int = 60                # optimizer steps
-    stop_at: int = 0                   # stop early at this step with a checkpoint (0: run to max_steps)
-    lr: float = 1.5e-4                 # peak learning rate
-    min_lr: float = 2e-5               # learning rate at the end of the cosine
-    warmup_steps: int = 10             # linear warm-up steps
-    weight_decay: float = 0.0          # AdamW decay on matrices
-    grad_clip: float = 1.0             # clip the gradient norm to this (0: off)
-    eval_every: int = 30               # steps between checkpoints
-    log_every: int = 10                # steps between printed lines
-    max_new_tokens: int = 128          # reply length limit when generating for the win rate and KL (QA: evals.QA_TOKENS)
-    device: str = "auto"               # auto (cuda, mps, cpu), or a torch device name
-    compile: bool = False              # torch.compile the policy
-    seed: int = 1337                   # seeds data order and the sampled replies of the KL estimate
+# ----------------------------------------------------------------------------- the loss
 
-
-PRESETS = {
-    # HH-RLHF (python -m data.prepare_hh_rlhf) on the 12x768 model from train_sft.py --preset=gpu; no gold rater
-    "gpu": dict(data="data/real/hh_train.jsonl", test_data="data/real/hh_test.jsonl", qa_data="", world="",
-                batch_size=32, grad_accum=2, max_steps=1000, lr=1e-6, min_lr=1e-7, warmup_steps=100,
-                eval_every=250, log_every=25, max_new_tokens=128, compile=True),
-    # the whole journey's plumbing in about a minute on a CPU, nothing learned (make demo PRESET=smoke)
-    "smoke": dict(batch_size=4, max_steps=2, warmup_steps=1, eval_every=2, log_every=1, max_new_tokens=8),
-}
 LOSS_TYPES = ("sigmoid", "ipo", "robust")
 
-
-# ----------------------------------------------------------------------------- the loss
 
 def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta, kind="sigmoid", label_smoothing=0.0):
     """The mean over pairs of a loss of h = (pi_chosen - ref_chosen) - (pi_rejected - ref_rejected), where
@@ -124,8 +86,6 @@ def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta, kind="sigmo
 
 # ----------------------------------------------------------------------------- the data
 
-
-
 def get_batch(pairs, batch_size, gen, rank, world):
     """A random batch of pairs. Every rank draws the same indices from the same generator and keeps its
     own slice, so the global batch does not depend on the world size."""
@@ -145,35 +105,7 @@ def pair_logprobs(model, batch, device):
     return (mask * logprobs.float()).sum(1).chunk(2)
 
 
-@torch.no_grad()
-def evaluate_pairs(model, ref, pairs, cfg, device):
-    """The DPO loss and the implicit reward's accuracy and margin on held-out pairs."""
-    model.eval()
-    totals = {}
-    for start in range(0, len(pairs), cfg.batch_size):
-        batch = pairs[start:start + cfg.batch_size]
-        loss, metrics = dpo_loss(*pair_logprobs(model, batch, device), *pair_logprobs(ref, batch, device),
-                                 cfg.beta, cfg.loss_type, cfg.label_smoothing)
-        for k, v in {"loss": loss, **metrics}.items():
-            totals[k] = totals.get(k, 0.0) + v.item() * len(batch)
-    model.train()
-    return {k: v / len(pairs) for k, v in totals.items()}
-
-
 # ----------------------------------------------------------------------------- training
-
-def check_config(cfg):
-    cli.require_positive(cfg, "batch_size", "grad_accum", "max_steps", "eval_every", "log_every", "max_new_tokens",
-                         "lr", "beta")
-    if cfg.loss_type not in LOSS_TYPES:
-        raise UserError(f"--loss_type={cfg.loss_type} is not one of {', '.join(LOSS_TYPES)}")
-    if not 0 <= cfg.label_smoothing < 0.5:
-        raise UserError(f"--label_smoothing is a probability below 0.5, got {cfg.label_smoothing}")
-    if cfg.loss_type == "ipo" and cfg.label_smoothing:
-        raise UserError("--loss_type=ipo takes no --label_smoothing: use sigmoid or robust for noisy labels")
-    if cfg.world and not cfg.test_data:
-        raise UserError("the win rate (--world) is measured on the prompts of --test_data: give one, or --world=")
-
 
 def main(cfg):
     check_config(cfg)
@@ -227,23 +159,21 @@ def main(cfg):
     run.finish(result)
 
 
-def load_data(cfg, tok, block_size):
-    """The training pairs (and those dropped as too long), the held-out pairs and questions, and the
-    world the gold rater knows: everything the final evaluation reads, checked before training."""
-    context = block_size + 1
-    pairs, dropped = formats.pairs(cfg.data, tok, context)
-    formats.require_some(pairs, dropped, cfg.data, "preference pairs", context)
-    test_pairs = formats.pairs(cfg.test_data, tok, context)[0] if cfg.test_data else []
-    if cfg.test_data and not test_pairs:
-        raise UserError(f"--test_data={cfg.test_data} holds no pair that fits the context ({context} tokens): "
-                        "give shorter ones, or --test_data= for none")
-    questions = formats.questions(cfg.qa_data, tok, block_size) if cfg.qa_data else None
-    rater = load_world(cfg.world) if cfg.world else None
-    first = f", the first at line {dropped[0]}" if dropped else ""
-    print0(f"dpo: {len(pairs):,} pairs from {cfg.data}, {len(dropped)} dropped as longer than the context "
-           f"({context} tokens{first}); {len(test_pairs)} held out; {cfg.loss_type} loss, beta {cfg.beta}"
-           + (f", label smoothing {cfg.label_smoothing}" if cfg.label_smoothing else ""))
-    return pairs, dropped, test_pairs, questions, rater
+# ----------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def evaluate_pairs(model, ref, pairs, cfg, device):
+    """The DPO loss and the implicit reward's accuracy and margin on held-out pairs."""
+    model.eval()
+    totals = {}
+    for start in range(0, len(pairs), cfg.batch_size):
+        batch = pairs[start:start + cfg.batch_size]
+        loss, metrics = dpo_loss(*pair_logprobs(model, batch, device), *pair_logprobs(ref, batch, device),
+                                 cfg.beta, cfg.loss_type, cfg.label_smoothing)
+        for k, v in {"loss": loss, **metrics}.items():
+            totals[k] = totals.get(k, 0.0) + v.item() * len(batch)
+    model.train()
+    return {k: v / len(pairs) for k, v in totals.items()}
 
 
 def final_evaluation(policy, ref, tok, pairs, test_pairs, questions, rater, cfg, device):
@@ -278,7 +208,6 @@ def final_evaluation(policy, ref, tok, pairs, test_pairs, questions, rater, cfg,
     return result
 
 
-
 def qa_eval(model, name, tok, questions, fresh, cfg):
     """Held-out QA accuracy of one model, on all the questions and on those no training pair asks."""
     result = {}
@@ -291,6 +220,83 @@ def qa_eval(model, name, tok, questions, fresh, cfg):
         line += f"; {result[f'qa_{name}_not_trained']['accuracy']:.1%} of the {len(fresh)} no training pair asks"
     print0(line)
     return result
+
+
+# ----------------------------------------------------------------------------- checks and loading
+
+def check_config(cfg):
+    cli.require_positive(cfg, "batch_size", "grad_accum", "max_steps", "eval_every", "log_every", "max_new_tokens",
+                         "lr", "beta")
+    if cfg.loss_type not in LOSS_TYPES:
+        raise UserError(f"--loss_type={cfg.loss_type} is not one of {', '.join(LOSS_TYPES)}")
+    if not 0 <= cfg.label_smoothing < 0.5:
+        raise UserError(f"--label_smoothing is a probability below 0.5, got {cfg.label_smoothing}")
+    if cfg.loss_type == "ipo" and cfg.label_smoothing:
+        raise UserError("--loss_type=ipo takes no --label_smoothing: use sigmoid or robust for noisy labels")
+    if cfg.world and not cfg.test_data:
+        raise UserError("the win rate (--world) is measured on the prompts of --test_data: give one, or --world=")
+
+
+def load_data(cfg, tok, block_size):
+    """The training pairs (and those dropped as too long), the held-out pairs and questions, and the
+    world the gold rater knows: everything the final evaluation reads, checked before training."""
+    context = block_size + 1
+    pairs, dropped = formats.pairs(cfg.data, tok, context)
+    formats.require_some(pairs, dropped, cfg.data, "preference pairs", context)
+    test_pairs = formats.pairs(cfg.test_data, tok, context)[0] if cfg.test_data else []
+    if cfg.test_data and not test_pairs:
+        raise UserError(f"--test_data={cfg.test_data} holds no pair that fits the context ({context} tokens): "
+                        "give shorter ones, or --test_data= for none")
+    questions = formats.questions(cfg.qa_data, tok, block_size) if cfg.qa_data else None
+    rater = load_world(cfg.world) if cfg.world else None
+    first = f", the first at line {dropped[0]}" if dropped else ""
+    print0(f"dpo: {len(pairs):,} pairs from {cfg.data}, {len(dropped)} dropped as longer than the context "
+           f"({context} tokens{first}); {len(test_pairs)} held out; {cfg.loss_type} loss, beta {cfg.beta}"
+           + (f", label smoothing {cfg.label_smoothing}" if cfg.label_smoothing else ""))
+    return pairs, dropped, test_pairs, questions, rater
+
+
+# ----------------------------------------------------------------------------- the settings
+
+@dataclass
+class Config:
+    data: str = "data/tinyworld/prefs_train.jsonl"  # training pairs: {"prompt", "chosen", "rejected"} per line
+    test_data: str = "data/tinyworld/prefs_test.jsonl"  # held-out pairs, same format (empty: skip the evaluation)
+    qa_data: str = "data/tinyworld/sft_test.jsonl"  # held-out questions with "answer" and "split" (empty: skip)
+    world: str = "data/tinyworld"      # the TinyWorld whose gold rater judges the win rate (empty: no win rate)
+    tokenizer: str = ""                # default: the one the --init checkpoint was trained with
+    init: str = "out/sft/ckpt.pt"      # the sft checkpoint: the policy's start and the frozen reference
+    out: str = "out/dpo"               # where ckpt.pt, log.jsonl and metrics.json go
+    resume: bool = False               # continue exactly from out/ckpt.pt (optimizer, step, RNG)
+    loss_type: str = "sigmoid"         # sigmoid (DPO), ipo, or robust (unbiased under label noise): see dpo_loss
+    beta: float = 0.3                  # strength of the pull to the reference: the implicit reward's scale
+    label_smoothing: float = 0.0       # assumed rate of flipped labels, for sigmoid and robust (below 0.5)
+    batch_size: int = 16               # pairs per micro-step, over all processes
+    grad_accum: int = 1                # micro-steps per optimizer step
+    max_steps: int = 60                # optimizer steps
+    stop_at: int = 0                   # stop early at this step with a checkpoint (0: run to max_steps)
+    lr: float = 1.5e-4                 # peak learning rate
+    min_lr: float = 2e-5               # learning rate at the end of the cosine
+    warmup_steps: int = 10             # linear warm-up steps
+    weight_decay: float = 0.0          # AdamW decay on matrices
+    grad_clip: float = 1.0             # clip the gradient norm to this (0: off)
+    eval_every: int = 30               # steps between checkpoints
+    log_every: int = 10                # steps between printed lines
+    max_new_tokens: int = 128          # reply length limit when generating for the win rate and KL (QA: evals.QA_TOKENS)
+    device: str = "auto"               # auto (cuda, mps, cpu), or a torch device name
+    compile: bool = False              # torch.compile the policy
+    seed: int = 1337                   # seeds data order and the sampled replies of the KL estimate
+
+
+PRESETS = {
+    # HH-RLHF (python -m data.prepare_hh_rlhf) on the 12x768 model from train_sft.py --preset=gpu; no gold rater
+    "gpu": dict(data="data/real/hh_train.jsonl", test_data="data/real/hh_test.jsonl", qa_data="", world="",
+                batch_size=32, grad_accum=2, max_steps=1000, lr=1e-6, min_lr=1e-7, warmup_steps=100,
+                eval_every=250, log_every=25, max_new_tokens=128, compile=True),
+    # the whole journey's plumbing in about a minute on a CPU, nothing learned (make demo PRESET=smoke)
+    "smoke": dict(batch_size=4, max_steps=2, warmup_steps=1, eval_every=2, log_every=1, max_new_tokens=8),
+}
+
 
 if __name__ == "__main__":
     cli.run_main(main, Config, PRESETS)

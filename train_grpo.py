@@ -1,7 +1,6 @@
 """Stage 4, reasoning RL with verifiable rewards (GRPO): reinforce the answers a checker marks right.
 
-    python train_grpo.py                    # TinyWorld's reasoning problems on a CPU, from out/ppo,
-                                            # else out/dpo, else out/sft
+    python train_grpo.py                    # TinyWorld's problems on a CPU, from out/ppo (else dpo, else sft)
     python train_grpo.py --loss_type=dr_grpo
     python train_grpo.py --preset=gpu       # GSM8K on one GPU (python -m data.prepare_gsm8k first)
     torchrun --standalone --nproc_per_node=8 train_grpo.py --preset=gpu
@@ -17,11 +16,10 @@ on every answer token plus a k3 KL penalty to the starting model (`grpo_loss`), 
 differently. Before and after, the held-out problems are answered greedily (pass@1) and --pass_k
 times at temperature 1 (pass@k), per level too, with the share of their steps stated right.
 
-Why the defaults: SFT's set answers some problems step by step and as many with the number alone, so
-the model starts out doing both; rewarded for the final number only, GRPO finds that the worked
-answers are the ones that pay. Rollouts are sampled at temperature 0.7, where this small model's
-samples keep the steps its greedy answer gets right. Partial credit is off: on the seeds it was tried
-on it did not lift pass@1 consistently. Writes out/grpo/ckpt.pt, log.jsonl and metrics.json.
+Why the defaults: SFT's set answers some problems step by step and as many with the number alone;
+rewarded for the final number only, GRPO finds that the worked answers are the ones that pay. Rollouts
+are sampled at temperature 0.7, where this small model's samples keep the steps its greedy answer gets
+right. Partial credit is off: on the seeds tried it did not lift pass@1 consistently. Writes to out/grpo/.
 """
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,57 +38,6 @@ from data.tinymath import check_answer, check_steps, extract_answer, shows_work
 from data.tinyworld_facts import load_world
 from data.tokenizer import load_tokenizer
 from run import Run
-
-
-@dataclass
-class Config:
-    data: str = "data/tinyworld/math_train.jsonl"   # training problems: {"question", "answer" ending in "#### n"}
-    test_data: str = "data/tinyworld/math_test.jsonl"  # held-out problems, same format, for pass@1 and pass@k
-    tokenizer: str = ""                # default: the one the --init checkpoint was trained with
-    init: str = ""                     # start from this checkpoint (default: out/ppo, else out/dpo, else out/sft)
-    out: str = "out/grpo"              # where ckpt.pt, log.jsonl and metrics.json go
-    resume: bool = False               # continue exactly from out/ckpt.pt (optimizer, step, RNG)
-    prompts_per_step: int = 8          # problems per step, over all processes
-    group_size: int = 8                # answers sampled per problem (G)
-    max_new_tokens: int = 72           # answer length limit, in training and evaluation (TinyWorld's: under 64)
-    temperature: float = 0.7           # sampling temperature of the rollouts (the policy trained: logits / T)
-    format_reward: float = 0.0         # extra reward for an answer that ends its turn with "#### <number>"
-    step_reward: float = 0.0           # extra reward per share of the reference's steps stated right (TinyWorld)
-    scale: str = "group"               # advantages divided by the group's std (group), or not (none: Dr. GRPO)
-    skip_all_equal: bool = True        # leave groups with all-equal rewards out of the update (DAPO)
-    loss_type: str = "grpo"            # grpo (mean per answer), dr_grpo (sum / G*max_new_tokens), dapo (token mean)
-    eps_low: float = 0.2               # clip the ratio below at 1 - eps_low
-    eps_high: float = 0.2              # clip the ratio above at 1 + eps_high (DAPO: 0.28)
-    beta: float = 0.05                 # weight of the k3 KL penalty to the starting model (0: no reference loaded)
-    passes: int = 1                    # optimizer steps on each batch of rollouts (the first is on-policy)
-    micro_batch: int = 64              # answers per forward and backward
-    max_steps: int = 80                # steps, each a batch of rollouts
-    stop_at: int = 0                   # stop early at this step with a checkpoint (0: run to max_steps)
-    lr: float = 1e-4                   # peak learning rate
-    min_lr: float = 1e-4               # learning rate at the end of the cosine (the same: a constant rate)
-    warmup_steps: int = 5              # linear warm-up steps
-    weight_decay: float = 0.0          # AdamW decay on matrices
-    grad_clip: float = 1.0             # clip the gradient norm to this (0: off)
-    pass_k: int = 8                    # samples per held-out problem for pass@k
-    test_limit: int = 0                # held-out problems evaluated (0: all)
-    world: str = "data/tinyworld"      # the TinyWorld whose facts the step checker knows (empty: none, as for GSM8K)
-    eval_every: int = 20               # steps between checkpoints
-    log_every: int = 10                # steps between printed lines
-    device: str = "auto"               # auto (cuda, mps, cpu), or a torch device name
-    compile: bool = False              # torch.compile the model
-    seed: int = 1337                   # seeds problem order and sampling
-
-
-PRESETS = {
-    # GSM8K (python -m data.prepare_gsm8k) on a model fine-tuned with train_sft.py --preset=gpu
-    "gpu": dict(data="data/real/gsm8k_train.jsonl", test_data="data/real/gsm8k_test.jsonl", prompts_per_step=32,
-                group_size=8, max_new_tokens=256, format_reward=0.1, eps_high=0.28, lr=1e-6, min_lr=1e-6,
-                max_steps=500, micro_batch=32, test_limit=500, world="", eval_every=50, log_every=5, compile=True,
-                temperature=1.0),  # TinyWorld's 0.7 was chosen for the small model; not measured here
-    # the whole journey's plumbing in about a minute on a CPU, nothing learned (make demo PRESET=smoke)
-    "smoke": dict(prompts_per_step=2, group_size=2, max_new_tokens=8, pass_k=2, test_limit=2, max_steps=2,
-                  warmup_steps=1, eval_every=2, log_every=1),
-}
 
 
 # ----------------------------------------------------------------------------- the reward and the loss
@@ -166,17 +113,7 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, eps_low=0.2, eps_high=0.2, be
     return loss, stats
 
 
-# ----------------------------------------------------------------------------- the data and the evaluation
-
-def evaluate(run, tok, problems, cfg, world, when):
-    """pass@1, pass@k and steps right on the held-out problems, overall and per level (evals.math_eval):
-    printed, logged as eval/* and returned."""
-    result = evals.math_eval(run.raw, tok, problems, cfg.max_new_tokens, cfg.pass_k, cfg.seed, world)
-    result.pop("solved")  # per problem: the figures above are what the log and metrics.json keep
-    print0(evals.describe_math(result, f"grpo: {when}", cfg.pass_k))
-    run.logger.log(run.step, printed=False, **{f"eval/{k}": v for k, v in result.items()})
-    return result
-
+# ----------------------------------------------------------------------------- rollouts, the update and the evaluation
 
 def rollouts(model, tok, problems, picks, cfg, world):
     """G answers to each picked problem, sampled together with the KV cache, and their rewards: (prompts,
@@ -233,6 +170,16 @@ def update(run, ref, batch, denom, cfg):
         run.check(after, "log-probability after the update", run.step + 1)
     n = max(mask.sum().item(), 1)
     return loss_sum, clipped / n, kl / n
+
+
+def evaluate(run, tok, problems, cfg, world, when):
+    """pass@1, pass@k and steps right on the held-out problems, overall and per level (evals.math_eval):
+    printed, logged as eval/* and returned."""
+    result = evals.math_eval(run.raw, tok, problems, cfg.max_new_tokens, cfg.pass_k, cfg.seed, world)
+    result.pop("solved")  # per problem: the figures above are what the log and metrics.json keep
+    print0(evals.describe_math(result, f"grpo: {when}", cfg.pass_k))
+    run.logger.log(run.step, printed=False, **{f"eval/{k}": v for k, v in result.items()})
+    return result
 
 
 # ----------------------------------------------------------------------------- training
@@ -324,6 +271,59 @@ def load_data(cfg, tok, block_size):
     print0(f"grpo: {len(problems):,} problems from {cfg.data}, {len(dropped)} dropped as too long for the context; "
            f"{cfg.prompts_per_step} problems x {cfg.group_size} answers per step")
     return problems, test, rater
+
+
+# ----------------------------------------------------------------------------- the settings
+
+@dataclass
+class Config:
+    data: str = "data/tinyworld/math_train.jsonl"   # training problems: {"question", "answer" ending in "#### n"}
+    test_data: str = "data/tinyworld/math_test.jsonl"  # held-out problems, same format, for pass@1 and pass@k
+    tokenizer: str = ""                # default: the one the --init checkpoint was trained with
+    init: str = ""                     # start from this checkpoint (default: out/ppo, else out/dpo, else out/sft)
+    out: str = "out/grpo"              # where ckpt.pt, log.jsonl and metrics.json go
+    resume: bool = False               # continue exactly from out/ckpt.pt (optimizer, step, RNG)
+    prompts_per_step: int = 8          # problems per step, over all processes
+    group_size: int = 8                # answers sampled per problem (G)
+    max_new_tokens: int = 72           # answer length limit, in training and evaluation (TinyWorld's: under 64)
+    temperature: float = 0.7           # sampling temperature of the rollouts (the policy trained: logits / T)
+    format_reward: float = 0.0         # extra reward for an answer that ends its turn with "#### <number>"
+    step_reward: float = 0.0           # extra reward per share of the reference's steps stated right (TinyWorld)
+    scale: str = "group"               # advantages divided by the group's std (group), or not (none: Dr. GRPO)
+    skip_all_equal: bool = True        # leave groups with all-equal rewards out of the update (DAPO)
+    loss_type: str = "grpo"            # grpo (mean per answer), dr_grpo (sum / G*max_new_tokens), dapo (token mean)
+    eps_low: float = 0.2               # clip the ratio below at 1 - eps_low
+    eps_high: float = 0.2              # clip the ratio above at 1 + eps_high (DAPO: 0.28)
+    beta: float = 0.05                 # weight of the k3 KL penalty to the starting model (0: no reference loaded)
+    passes: int = 1                    # optimizer steps on each batch of rollouts (the first is on-policy)
+    micro_batch: int = 64              # answers per forward and backward
+    max_steps: int = 80                # steps, each a batch of rollouts
+    stop_at: int = 0                   # stop early at this step with a checkpoint (0: run to max_steps)
+    lr: float = 1e-4                   # peak learning rate
+    min_lr: float = 1e-4               # learning rate at the end of the cosine (the same: a constant rate)
+    warmup_steps: int = 5              # linear warm-up steps
+    weight_decay: float = 0.0          # AdamW decay on matrices
+    grad_clip: float = 1.0             # clip the gradient norm to this (0: off)
+    pass_k: int = 8                    # samples per held-out problem for pass@k
+    test_limit: int = 0                # held-out problems evaluated (0: all)
+    world: str = "data/tinyworld"      # the TinyWorld whose facts the step checker knows (empty: none, as for GSM8K)
+    eval_every: int = 20               # steps between checkpoints
+    log_every: int = 10                # steps between printed lines
+    device: str = "auto"               # auto (cuda, mps, cpu), or a torch device name
+    compile: bool = False              # torch.compile the model
+    seed: int = 1337                   # seeds problem order and sampling
+
+
+PRESETS = {
+    # GSM8K (python -m data.prepare_gsm8k) on a model fine-tuned with train_sft.py --preset=gpu
+    "gpu": dict(data="data/real/gsm8k_train.jsonl", test_data="data/real/gsm8k_test.jsonl", prompts_per_step=32,
+                group_size=8, max_new_tokens=256, format_reward=0.1, eps_high=0.28, lr=1e-6, min_lr=1e-6,
+                max_steps=500, micro_batch=32, test_limit=500, world="", eval_every=50, log_every=5, compile=True,
+                temperature=1.0),  # TinyWorld's 0.7 was chosen for the small model; not measured here
+    # the whole journey's plumbing in about a minute on a CPU, nothing learned (make demo PRESET=smoke)
+    "smoke": dict(prompts_per_step=2, group_size=2, max_new_tokens=8, pass_k=2, test_limit=2, max_steps=2,
+                  warmup_steps=1, eval_every=2, log_every=1),
+}
 
 
 if __name__ == "__main__":

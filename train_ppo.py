@@ -40,55 +40,6 @@ from data.tokenizer import load_tokenizer
 from run import Run
 
 
-@dataclass
-class Config:
-    data: str = "data/tinyworld/prefs_train.jsonl"  # prompts to train on: JSONL records with "prompt" or "messages"
-    test_data: str = "data/tinyworld/prefs_test.jsonl"  # held-out prompts for the final head-to-head (empty: none)
-    qa_data: str = "data/tinyworld/sft_test.jsonl"  # held-out questions for answer accuracy (empty: skip)
-    tokenizer: str = ""                # default: the one the --init checkpoint was trained with
-    init: str = "out/sft/ckpt.pt"      # the SFT checkpoint: the policy's start and the frozen reference
-    reward_model: str = "out/rm/ckpt.pt"  # the reward model: scores replies, and the critic's start
-    out: str = "out/ppo"               # where ckpt.pt, log.jsonl, metrics.json and the plot go
-    resume: bool = False               # continue exactly from out/ckpt.pt
-    batch_size: int = 32               # prompts per rollout, over all processes
-    minibatch_size: int = 16           # rollouts per gradient step, per process
-    ppo_epochs: int = 4                # passes over each batch of rollouts
-    max_steps: int = 50                # rollout-and-update steps
-    stop_at: int = 0                   # stop early at this step with a checkpoint (0: run to max_steps)
-    lr: float = 1e-4                   # the policy's peak learning rate
-    critic_lr: float = 1e-3            # the critic's learning rate
-    min_lr: float = 3e-5               # the policy's learning rate at the end of the cosine
-    warmup_steps: int = 5              # linear warm-up steps
-    weight_decay: float = 0.0          # AdamW decay on matrices
-    kl_coef: float = 0.05              # beta: weight of the per-token KL penalty to the reference
-    kl_estimator: str = "k1"           # k1 (log pi/pi_ref, unbiased) or k3 ((r-1) - log r, never negative)
-    gamma: float = 1.0                 # discount: 1, the reward arrives once at the end
-    lam: float = 0.95                  # GAE's lambda: bias (0) against variance (1) of the advantages
-    clip: float = 0.2                  # PPO's ratio clip epsilon
-    value_clip: float = 0.2            # how far a value may move from its rollout value per update
-    temperature: float = 1.0           # sampling temperature (logits are divided by it in training too)
-    max_new_tokens: int = 48           # reply length limit
-    missing_end_penalty: float = -1.0  # the score of a reply that never emits <|end|>
-    grad_clip: float = 1.0             # clip each network's gradient norm to this (0: off)
-    eval_every: int = 25               # steps between checkpoints
-    log_every: int = 5                 # steps between printed lines
-    world: str = "data/tinyworld"      # the TinyWorld whose gold rater scores rollouts and the win rate (empty: none)
-    device: str = "auto"               # auto (cuda, mps, cpu), or a torch device name
-    compile: bool = False              # torch.compile the policy
-    seed: int = 1337                   # seeds prompt order and sampling
-
-
-PRESETS = {
-    # HH-RLHF prompts (python -m data.prepare_hh_rlhf), from GPU runs of train_sft.py and train_rm.py
-    "gpu": dict(data="data/real/hh_train.jsonl", test_data="", qa_data="", batch_size=64, minibatch_size=16,
-                max_steps=300, lr=1e-5, critic_lr=1e-5, min_lr=1e-6, warmup_steps=10, max_new_tokens=128,
-                eval_every=50, log_every=5, world=""),
-    # the whole journey's plumbing in about a minute on a CPU, nothing learned (make demo PRESET=smoke)
-    "smoke": dict(batch_size=4, minibatch_size=2, ppo_epochs=1, max_steps=2, warmup_steps=1, max_new_tokens=8,
-                  eval_every=2, log_every=1),
-}
-
-
 # ----------------------------------------------------------------------------- the losses
 
 def masked_mean(x, mask):
@@ -213,8 +164,7 @@ def main(cfg):
         batch = rollout(policy, ref, critic, rm, tok, [questions[i] for i in picks], cfg, run.device)
         mask = batch["mask"]
         # 3-4. rewards, advantages, returns
-        rewards, kl = shape_rewards(batch["score"], batch["logp"], batch["ref_logp"], mask, cfg.kl_coef,
-                                    cfg.kl_estimator)
+        rewards, kl = shape_rewards(batch["score"], batch["logp"], batch["ref_logp"], mask, cfg.kl_coef, cfg.kl_estimator)
         adv, returns = gae(rewards, batch["values"], mask, cfg.gamma, cfg.lam)
         adv = masked_whiten(adv, mask)
 
@@ -240,8 +190,7 @@ def main(cfg):
 
         gold = [tinyworld.gold_score(questions[i], t, rater) for i, t in zip(picks, batch["texts"])] if judge else None
         metrics = step_metrics(batch, kl, stats, gold, run.lr)
-        # the weights after the update can be broken while the losses before it were fine, and the
-        # next rollout would sample from NaN probabilities
+        # finite losses can still leave weights whose probabilities the next rollout cannot sample from
         with torch.no_grad():
             after = token_logprobs(policy, batch["x"][:1], batch["y"][:1], cfg.temperature)[0].sum().item()
         run.check(after, "policy's log-probability after the update")
@@ -251,25 +200,6 @@ def main(cfg):
     if common.is_master():
         result.update(final_evaluation(policy, ref, tok, rater if judge else None, cfg))
     run.finish(result)
-
-
-def networks(ckpt, init, reward_model, cfg, device):
-    """The tokenizer and the four networks: policy (ours under --resume) and frozen reference from SFT,
-    frozen reward model and critic (its trunk and head, trained from here) from the reward model."""
-    sft = common.load_checkpoint(init, ["sft"], made_by="python train_sft.py")
-    rm_ckpt = common.load_checkpoint(reward_model, ["rm"], made_by="python train_rm.py")
-    if rm_ckpt["model_args"]["vocab_size"] != sft["model_args"]["vocab_size"]:
-        raise UserError(f"the reward model {reward_model} and the policy {init} use different vocabularies: "
-                        "train the reward model from this SFT checkpoint")
-    tokenizer = cfg.tokenizer or sft["tokenizer"]
-    tok = load_tokenizer(tokenizer)
-    policy = common.gpt_from_checkpoint(ckpt or sft, tok, dropout=0.0).to(device)
-    ref = common.gpt_from_checkpoint(sft, tok).to(device).eval().requires_grad_(False)
-    rm = common.gpt_from_checkpoint(rm_ckpt, tok, reward=True).to(device).eval().requires_grad_(False)
-    critic = common.gpt_from_checkpoint(rm_ckpt, tok, value_head=True, dropout=0.0).to(device)
-    if ckpt:
-        critic.load_state_dict(ckpt["critic"])
-    return tokenizer, tok, policy, ref, rm, critic
 
 
 def step_metrics(batch, kl, stats, gold, lr):
@@ -282,22 +212,6 @@ def step_metrics(batch, kl, stats, gold, lr):
     metrics.update({k: float(np.mean([s[k] for s in stats])) for k in stats[0]})
     metrics.update({"rollout/length": mask.sum(1).mean().item(), "rollout/ended": batch["ended"].mean().item(), "lr": lr})
     return {k: common.all_mean(v) for k, v in metrics.items()}
-
-
-def load_data(cfg, tok, block_size):
-    """The prompts, checked against the context; the world the gold rater knows, and whether it can judge them."""
-    questions = formats.prompts(cfg.data)
-    if not questions:
-        raise UserError(f"{cfg.data} holds no prompts: give a JSONL file of preference pairs or conversations")
-    longest = max(len(tok.render_prompt([{"role": "user", "content": q}])) for q in questions)
-    if longest + cfg.max_new_tokens > block_size:
-        raise UserError(f"a prompt of {longest} tokens and --max_new_tokens={cfg.max_new_tokens} do not fit in the "
-                        f"context ({block_size}): lower --max_new_tokens or shorten the prompts")
-    rater = tinyworld.load_world(cfg.world) if cfg.world else None  # the world the gold rater knows
-    judge = rater is not None and rater.parse_question(questions[0]) is not None
-    print0(f"ppo: {len(questions):,} prompts from {cfg.data}; policy and reference from {cfg.init}, "
-           f"critic and reward model from {cfg.reward_model}")
-    return questions, rater, judge
 
 
 def final_evaluation(policy, ref, tok, rater, cfg):
@@ -324,6 +238,92 @@ def final_evaluation(policy, ref, tok, rater, cfg):
             qa.pop("examples")
             print0(evals.describe_qa(qa, f"ppo: {name}"))
     return result
+
+
+def networks(ckpt, init, reward_model, cfg, device):
+    """The tokenizer and the four networks: policy (ours under --resume) and frozen reference from SFT,
+    frozen reward model and critic (its trunk and head, trained from here) from the reward model."""
+    sft = common.load_checkpoint(init, ["sft"], made_by="python train_sft.py")
+    rm_ckpt = common.load_checkpoint(reward_model, ["rm"], made_by="python train_rm.py")
+    if rm_ckpt["model_args"]["vocab_size"] != sft["model_args"]["vocab_size"]:
+        raise UserError(f"the reward model {reward_model} and the policy {init} use different vocabularies: "
+                        "train the reward model from this SFT checkpoint")
+    tokenizer = cfg.tokenizer or sft["tokenizer"]
+    tok = load_tokenizer(tokenizer)
+    policy = common.gpt_from_checkpoint(ckpt or sft, tok, dropout=0.0).to(device)
+    ref = common.gpt_from_checkpoint(sft, tok).to(device).eval().requires_grad_(False)
+    rm = common.gpt_from_checkpoint(rm_ckpt, tok, reward=True).to(device).eval().requires_grad_(False)
+    critic = common.gpt_from_checkpoint(rm_ckpt, tok, value_head=True, dropout=0.0).to(device)
+    if ckpt:
+        critic.load_state_dict(ckpt["critic"])
+    return tokenizer, tok, policy, ref, rm, critic
+
+
+def load_data(cfg, tok, block_size):
+    """The prompts, checked against the context; the world the gold rater knows, and whether it can judge them."""
+    questions = formats.prompts(cfg.data)
+    if not questions:
+        raise UserError(f"{cfg.data} holds no prompts: give a JSONL file of preference pairs or conversations")
+    longest = max(len(tok.render_prompt([{"role": "user", "content": q}])) for q in questions)
+    if longest + cfg.max_new_tokens > block_size:
+        raise UserError(f"a prompt of {longest} tokens and --max_new_tokens={cfg.max_new_tokens} do not fit in the "
+                        f"context ({block_size}): lower --max_new_tokens or shorten the prompts")
+    rater = tinyworld.load_world(cfg.world) if cfg.world else None  # the world the gold rater knows
+    judge = rater is not None and rater.parse_question(questions[0]) is not None
+    print0(f"ppo: {len(questions):,} prompts from {cfg.data}; policy and reference from {cfg.init}, "
+           f"critic and reward model from {cfg.reward_model}")
+    return questions, rater, judge
+
+
+# ----------------------------------------------------------------------------- the settings
+
+@dataclass
+class Config:
+    data: str = "data/tinyworld/prefs_train.jsonl"  # prompts to train on: JSONL records with "prompt" or "messages"
+    test_data: str = "data/tinyworld/prefs_test.jsonl"  # held-out prompts for the final head-to-head (empty: none)
+    qa_data: str = "data/tinyworld/sft_test.jsonl"  # held-out questions for answer accuracy (empty: skip)
+    tokenizer: str = ""                # default: the one the --init checkpoint was trained with
+    init: str = "out/sft/ckpt.pt"      # the SFT checkpoint: the policy's start and the frozen reference
+    reward_model: str = "out/rm/ckpt.pt"  # the reward model: scores replies, and the critic's start
+    out: str = "out/ppo"               # where ckpt.pt, log.jsonl, metrics.json and the plot go
+    resume: bool = False               # continue exactly from out/ckpt.pt
+    batch_size: int = 32               # prompts per rollout, over all processes
+    minibatch_size: int = 16           # rollouts per gradient step, per process
+    ppo_epochs: int = 4                # passes over each batch of rollouts
+    max_steps: int = 50                # rollout-and-update steps
+    stop_at: int = 0                   # stop early at this step with a checkpoint (0: run to max_steps)
+    lr: float = 1e-4                   # the policy's peak learning rate
+    critic_lr: float = 1e-3            # the critic's learning rate
+    min_lr: float = 3e-5               # the policy's learning rate at the end of the cosine
+    warmup_steps: int = 5              # linear warm-up steps
+    weight_decay: float = 0.0          # AdamW decay on matrices
+    kl_coef: float = 0.05              # beta: weight of the per-token KL penalty to the reference
+    kl_estimator: str = "k1"           # k1 (log pi/pi_ref, unbiased) or k3 ((r-1) - log r, never negative)
+    gamma: float = 1.0                 # discount: 1, the reward arrives once at the end
+    lam: float = 0.95                  # GAE's lambda: bias (0) against variance (1) of the advantages
+    clip: float = 0.2                  # PPO's ratio clip epsilon
+    value_clip: float = 0.2            # how far a value may move from its rollout value per update
+    temperature: float = 1.0           # sampling temperature (logits are divided by it in training too)
+    max_new_tokens: int = 48           # reply length limit
+    missing_end_penalty: float = -1.0  # the score of a reply that never emits <|end|>
+    grad_clip: float = 1.0             # clip each network's gradient norm to this (0: off)
+    eval_every: int = 25               # steps between checkpoints
+    log_every: int = 5                 # steps between printed lines
+    world: str = "data/tinyworld"      # the TinyWorld whose gold rater scores rollouts and the win rate (empty: none)
+    device: str = "auto"               # auto (cuda, mps, cpu), or a torch device name
+    compile: bool = False              # torch.compile the policy
+    seed: int = 1337                   # seeds prompt order and sampling
+
+
+PRESETS = {
+    # HH-RLHF prompts (python -m data.prepare_hh_rlhf), from GPU runs of train_sft.py and train_rm.py
+    "gpu": dict(data="data/real/hh_train.jsonl", test_data="", qa_data="", batch_size=64, minibatch_size=16,
+                max_steps=300, lr=1e-5, critic_lr=1e-5, min_lr=1e-6, warmup_steps=10, max_new_tokens=128,
+                eval_every=50, log_every=5, world=""),
+    # the whole journey's plumbing in about a minute on a CPU, nothing learned (make demo PRESET=smoke)
+    "smoke": dict(batch_size=4, minibatch_size=2, ppo_epochs=1, max_steps=2, warmup_steps=1, max_new_tokens=8,
+                  eval_every=2, log_every=1),
+}
 
 
 if __name__ == "__main__":

@@ -48,48 +48,6 @@ from data.tokenizer import load_tokenizer
 from run import Run
 
 
-@dataclass
-class Config:
-    data: str = "data/tinyworld/prefs_train.jsonl"  # preference pairs: {"prompt", "chosen", "rejected"}
-    test_data: str = "data/tinyworld/prefs_test.jsonl"  # held-out pairs for the accuracy (empty: none)
-    tokenizer: str = ""                # default: the one the --init checkpoint was trained with
-    init: str = "out/sft/ckpt.pt"      # the SFT checkpoint whose trunk the reward model starts from
-    out: str = "out/rm"                # where ckpt.pt, log.jsonl and metrics.json go
-    resume: bool = False               # continue exactly from out/ckpt.pt (optimizer, step, RNG)
-    batch_size: int = 32               # pairs per step, over all processes
-    max_steps: int = 160               # optimizer steps (160 x 32: TinyWorld's 3,000 pairs, about 1.7 times)
-    stop_at: int = 0                   # stop early at this step with a checkpoint (0: run to max_steps)
-    lr: float = 5e-4                   # peak learning rate
-    min_lr: float = 5e-5               # learning rate at the end of the cosine
-    warmup_steps: int = 10             # linear warm-up steps
-    weight_decay: float = 0.0          # AdamW decay on matrices
-    margin: float = 0.0                # required gap between chosen and rejected scores
-    center_coef: float = 0.01          # weight of mean((r_chosen + r_rejected)^2): keeps scores near 0
-    lm_coef: float = 1.0               # weight of the language-modelling loss on the chosen replies (0: off)
-    grad_clip: float = 1.0             # clip the gradient norm to this (0: off)
-    eval_every: int = 60               # steps between held-out accuracies and checkpoints
-    log_every: int = 10                # steps between printed lines
-    zero_prompts: int = 256            # SFT replies sampled to set the score's zero (0: no shift)
-    best_of: int = 16                  # best of n for n = 1, 2, 4, ... up to this, on held-out questions (0: skip)
-    best_of_prompts: int = 64          # the held-out questions best of n is measured on
-    world: str = "data/tinyworld"      # the TinyWorld whose gold rater ranks fresh pairs of SFT replies (empty: skip)
-    max_new_tokens: int = 64           # length limit of the sampled replies
-    device: str = "auto"               # auto (cuda, mps, cpu), or a torch device name
-    compile: bool = False              # torch.compile the model
-    seed: int = 1337                   # seeds data order and sampling
-
-
-PRESETS = {
-    # HH-RLHF helpful-base (python -m data.prepare_hh_rlhf), from a GPU SFT run of the 12x768 model
-    "gpu": dict(data="data/real/hh_train.jsonl", test_data="data/real/hh_test.jsonl", batch_size=64,
-                max_steps=1500, lr=1e-5, min_lr=1e-6, warmup_steps=50, eval_every=250, log_every=25,
-                world="", compile=True),
-    # the whole journey's plumbing in about a minute on a CPU, nothing learned (make demo PRESET=smoke)
-    "smoke": dict(batch_size=4, max_steps=2, warmup_steps=1, eval_every=2, log_every=1, zero_prompts=4, best_of=2,
-                  best_of_prompts=2, max_new_tokens=8),
-}
-
-
 # ----------------------------------------------------------------------------- the loss
 
 def reward_loss(r_chosen, r_rejected, margin=0.0, center_coef=0.0, lm_nll=None, lm_coef=0.0):
@@ -122,37 +80,6 @@ def pair_scores(model, batch, every_rank=False):
     r, logp, lengths = score_replies(model, prompts + prompts, [c for _, c, _ in batch] + [x for _, _, x in batch])
     tokens = common.all_mean(lengths[:n].sum().item()) if every_rank else lengths[:n].sum()
     return r[:n], r[n:], -logp[:n].sum() / tokens
-
-
-@torch.no_grad()
-def accuracy(model, pairs, cfg, run):
-    """Fraction of pairs whose chosen reply scores higher, over every pair."""
-    model.eval()
-    right = 0
-    for start in range(run.rank * cfg.batch_size, len(pairs), run.world * cfg.batch_size):
-        r_c, r_r, _ = pair_scores(model, pairs[start:start + cfg.batch_size])
-        right += (r_c > r_r).sum().item()
-    model.train()
-    return common.all_mean(right) * run.world / max(len(pairs), 1)
-
-
-@torch.no_grad()
-def sampled_scores(rm, policy, tok, questions, cfg, device, gen):
-    """Replies sampled from the policy at temperature 1, and the reward model's scores of them."""
-    prompts, outs, texts = evals.chat_replies(policy, tok, questions, cfg.max_new_tokens, temperature=1.0, generator=gen)
-    rm.eval()
-    r = torch.cat([score_replies(rm, prompts[i:i + 64], outs[i:i + 64])[0] for i in range(0, len(prompts), 64)])
-    return texts, r
-
-
-def gold_agreement(rm, policy, tok, questions, rater, cfg, device, gen):
-    """On two replies sampled from the SFT policy per question, how often the reward model orders them
-    as the gold rater does (pairs the gold rater scores equal are left out)."""
-    texts, r = sampled_scores(rm, policy, tok, questions + questions, cfg, device, gen)
-    n = len(questions)
-    gold = [tinyworld.gold_score(q, t, rater) for q, t in zip(questions + questions, texts)]
-    agree = [(gold[i] > gold[n + i]) == (r[i] > r[n + i]).item() for i in range(n) if gold[i] != gold[n + i]]
-    return sum(agree) / max(len(agree), 1), len(agree)
 
 
 # ----------------------------------------------------------------------------- training
@@ -219,14 +146,37 @@ def main(cfg):
                    + (f" ({unseen:.1%} about characters no training pair mentions)" if unseen is not None else ""))
 
 
-def load_data(cfg, tok, block_size):
-    """The training pairs (and how many were dropped as too long) and the held-out ones, checked now."""
-    pairs, dropped = formats.pairs(cfg.data, tok, block_size)  # prompt and reply within the context
-    formats.require_some(pairs, dropped, cfg.data, "preference pairs", block_size)
-    test_pairs = formats.pairs(cfg.test_data, tok, block_size)[0] if cfg.test_data else []
-    print0(f"rm: {len(pairs):,} pairs from {cfg.data} ({len(dropped)} dropped as longer than the context), "
-           f"{len(test_pairs):,} held out")
-    return [p[:3] for p in pairs], len(dropped), [p[:3] for p in test_pairs]
+# ----------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def accuracy(model, pairs, cfg, run):
+    """Fraction of pairs whose chosen reply scores higher, over every pair."""
+    model.eval()
+    right = 0
+    for start in range(run.rank * cfg.batch_size, len(pairs), run.world * cfg.batch_size):
+        r_c, r_r, _ = pair_scores(model, pairs[start:start + cfg.batch_size])
+        right += (r_c > r_r).sum().item()
+    model.train()
+    return common.all_mean(right) * run.world / max(len(pairs), 1)
+
+
+@torch.no_grad()
+def sampled_scores(rm, policy, tok, questions, cfg, device, gen):
+    """Replies sampled from the policy at temperature 1, and the reward model's scores of them."""
+    prompts, outs, texts = evals.chat_replies(policy, tok, questions, cfg.max_new_tokens, temperature=1.0, generator=gen)
+    rm.eval()
+    r = torch.cat([score_replies(rm, prompts[i:i + 64], outs[i:i + 64])[0] for i in range(0, len(prompts), 64)])
+    return texts, r
+
+
+def gold_agreement(rm, policy, tok, questions, rater, cfg, device, gen):
+    """On two replies sampled from the SFT policy per question, how often the reward model orders them
+    as the gold rater does (pairs the gold rater scores equal are left out)."""
+    texts, r = sampled_scores(rm, policy, tok, questions + questions, cfg, device, gen)
+    n = len(questions)
+    gold = [tinyworld.gold_score(q, t, rater) for q, t in zip(questions + questions, texts)]
+    agree = [(gold[i] > gold[n + i]) == (r[i] > r[n + i]).item() for i in range(n) if gold[i] != gold[n + i]]
+    return sum(agree) / max(len(agree), 1), len(agree)
 
 
 def final_evaluation(model, init, tok, cfg, device, metrics):
@@ -268,6 +218,62 @@ def final_evaluation(model, init, tok, cfg, device, metrics):
                + ", ".join(f"{n}: {r:.2f}, {g:.2f}" for n, r, g in zip(best["n"], best["rm"], best["gold"]))
                + f" (plot: {Path(cfg.out) / 'best_of_n.png'})")
     return shift
+
+
+# ----------------------------------------------------------------------------- loading
+
+def load_data(cfg, tok, block_size):
+    """The training pairs (and how many were dropped as too long) and the held-out ones, checked now."""
+    pairs, dropped = formats.pairs(cfg.data, tok, block_size)  # prompt and reply within the context
+    formats.require_some(pairs, dropped, cfg.data, "preference pairs", block_size)
+    test_pairs = formats.pairs(cfg.test_data, tok, block_size)[0] if cfg.test_data else []
+    print0(f"rm: {len(pairs):,} pairs from {cfg.data} ({len(dropped)} dropped as longer than the context), "
+           f"{len(test_pairs):,} held out")
+    return [p[:3] for p in pairs], len(dropped), [p[:3] for p in test_pairs]
+
+
+# ----------------------------------------------------------------------------- the settings
+
+@dataclass
+class Config:
+    data: str = "data/tinyworld/prefs_train.jsonl"  # preference pairs: {"prompt", "chosen", "rejected"}
+    test_data: str = "data/tinyworld/prefs_test.jsonl"  # held-out pairs for the accuracy (empty: none)
+    tokenizer: str = ""                # default: the one the --init checkpoint was trained with
+    init: str = "out/sft/ckpt.pt"      # the SFT checkpoint whose trunk the reward model starts from
+    out: str = "out/rm"                # where ckpt.pt, log.jsonl and metrics.json go
+    resume: bool = False               # continue exactly from out/ckpt.pt (optimizer, step, RNG)
+    batch_size: int = 32               # pairs per step, over all processes
+    max_steps: int = 160               # optimizer steps (160 x 32: TinyWorld's 3,000 pairs, about 1.7 times)
+    stop_at: int = 0                   # stop early at this step with a checkpoint (0: run to max_steps)
+    lr: float = 5e-4                   # peak learning rate
+    min_lr: float = 5e-5               # learning rate at the end of the cosine
+    warmup_steps: int = 10             # linear warm-up steps
+    weight_decay: float = 0.0          # AdamW decay on matrices
+    margin: float = 0.0                # required gap between chosen and rejected scores
+    center_coef: float = 0.01          # weight of mean((r_chosen + r_rejected)^2): keeps scores near 0
+    lm_coef: float = 1.0               # weight of the language-modelling loss on the chosen replies (0: off)
+    grad_clip: float = 1.0             # clip the gradient norm to this (0: off)
+    eval_every: int = 60               # steps between held-out accuracies and checkpoints
+    log_every: int = 10                # steps between printed lines
+    zero_prompts: int = 256            # SFT replies sampled to set the score's zero (0: no shift)
+    best_of: int = 16                  # best of n for n = 1, 2, 4, ... up to this, on held-out questions (0: skip)
+    best_of_prompts: int = 64          # the held-out questions best of n is measured on
+    world: str = "data/tinyworld"      # the TinyWorld whose gold rater ranks fresh pairs of SFT replies (empty: skip)
+    max_new_tokens: int = 64           # length limit of the sampled replies
+    device: str = "auto"               # auto (cuda, mps, cpu), or a torch device name
+    compile: bool = False              # torch.compile the model
+    seed: int = 1337                   # seeds data order and sampling
+
+
+PRESETS = {
+    # HH-RLHF helpful-base (python -m data.prepare_hh_rlhf), from a GPU SFT run of the 12x768 model
+    "gpu": dict(data="data/real/hh_train.jsonl", test_data="data/real/hh_test.jsonl", batch_size=64,
+                max_steps=1500, lr=1e-5, min_lr=1e-6, warmup_steps=50, eval_every=250, log_every=25,
+                world="", compile=True),
+    # the whole journey's plumbing in about a minute on a CPU, nothing learned (make demo PRESET=smoke)
+    "smoke": dict(batch_size=4, max_steps=2, warmup_steps=1, eval_every=2, log_every=1, zero_prompts=4, best_of=2,
+                  best_of_prompts=2, max_new_tokens=8),
+}
 
 
 if __name__ == "__main__":

@@ -33,46 +33,6 @@ from data.tokenizer import load_tokenizer
 from run import Run
 
 
-@dataclass
-class Config:
-    data: str = "data/tinyworld/sft_train.jsonl"   # training conversations: {"messages": [{"role", "content"}, ...]}
-    val_data: str = ""                 # held-out conversations, same format, for a validation loss (empty: none)
-    qa_data: str = "data/tinyworld/sft_test.jsonl"  # held-out questions with "answer" and "split" (empty: skip)
-    tokenizer: str = ""                # default: the one the --init checkpoint was trained with
-    init: str = "out/pretrain/ckpt.pt"  # a pretrain checkpoint, or an sft one to fine-tune further
-    out: str = "out/sft"               # where ckpt.pt, log.jsonl and metrics.json go
-    resume: bool = False               # continue exactly from out/ckpt.pt (optimizer, step, RNG)
-    batch_size: int = 16               # conversations per micro-step, over all processes
-    grad_accum: int = 1                # micro-steps per optimizer step
-    max_steps: int = 400               # optimizer steps
-    stop_at: int = 0                   # stop early at this step with a checkpoint (0: run to max_steps)
-    lr: float = 2e-3                   # peak learning rate
-    min_lr: float = 2e-5               # learning rate at the end of the cosine
-    warmup_steps: int = 20             # linear warm-up steps
-    weight_decay: float = 0.0          # AdamW decay on matrices
-    replay_data: str = "data/tinyworld/corpus_train.txt"  # pre-training text replayed in every step (empty: none)
-    replay_batch: int = 8              # windows of replayed text per micro-step, over all processes
-    replay_coef: float = 1.0           # weight of the replayed text's next-token loss beside the SFT loss
-    grad_clip: float = 1.0             # clip the gradient norm to this (0: off)
-    eval_every: int = 100              # steps between validation losses and checkpoints
-    log_every: int = 50                # steps between printed lines
-    max_new_tokens: int = evals.QA_TOKENS  # reply budget of the QA evaluation (the report's: the same figure)
-    device: str = "auto"               # auto (cuda, mps, cpu), or a torch device name
-    compile: bool = False              # torch.compile the model
-    seed: int = 1337                   # seeds data order and dropout
-
-
-PRESETS = {
-    # Dolly 15k (python -m data.prepare_chat) on a 12x768 model pre-trained with train_pretrain.py --preset=gpu
-    "gpu": dict(data="data/real/chat_train.jsonl", val_data="data/real/chat_val.jsonl", qa_data="", replay_data="",
-                batch_size=32, grad_accum=2, max_steps=2000, lr=5e-5, min_lr=5e-6, warmup_steps=100,
-                eval_every=250, log_every=25, compile=True),
-    # the whole journey's plumbing in about a minute on a CPU, nothing learned (make demo PRESET=smoke)
-    "smoke": dict(batch_size=4, max_steps=4, warmup_steps=1, eval_every=4, log_every=2, replay_batch=2,
-                  max_new_tokens=8),
-}
-
-
 # ----------------------------------------------------------------------------- the loss
 
 def sft_loss(logprobs, mask, n_tokens=None):
@@ -91,8 +51,6 @@ def sft_loss(logprobs, mask, n_tokens=None):
 
 
 # ----------------------------------------------------------------------------- the data
-
-
 
 def collate(examples):
     """Pad conversations into one batch: inputs x = ids[:-1], targets y = ids[1:], and the mask shifted
@@ -117,53 +75,11 @@ def get_batch(examples, batch_size, gen, rank, world):
     return collate([examples[i] for i in picks.tolist()])
 
 
-def load_replay(path, tok, block_size):
-    """Pre-training text as one tensor of token ids, each document followed by <|endoftext|>."""
-    ids = torch.tensor([i for doc in read_documents(path) for i in tok.encode_document(doc)])
-    if len(ids) <= block_size + 1:
-        raise UserError(f"--replay_data={path} has {len(ids)} tokens, fewer than one window: "
-                        "give more text, or --replay_data= for none")
-    return ids
-
-
 def get_replay_batch(ids, batch_size, block_size, gen, rank, world):
     """Random windows of the replayed text, x = ids[i:i+T] and y = ids[i+1:i+T+1], as in pre-training."""
     starts = torch.randint(len(ids) - block_size - 1, (batch_size,), generator=gen)[rank::world].tolist()
     return (torch.stack([ids[i:i + block_size] for i in starts]),
             torch.stack([ids[i + 1:i + 1 + block_size] for i in starts]))
-
-
-@torch.no_grad()
-def evaluate(model, examples, cfg, run):
-    """Validation loss: the token-level mean over every held-out conversation."""
-    model.eval()
-    total, count = 0.0, 0
-    for start in range(run.rank * cfg.batch_size, len(examples), run.world * cfg.batch_size):
-        x, y, m = (t.to(run.device) for t in collate(examples[start:start + cfg.batch_size]))
-        with common.autocast(run.device):
-            total += sft_loss(-model(x, y, reduction="none"), m, n_tokens=1).item()
-        count += m.sum().item()
-    model.train()
-    return common.all_mean(total) / max(common.all_mean(count), 1)
-
-
-@torch.no_grad()
-def loss_after_step(model, x, y, device):
-    """The loss of the step's last batch under the updated weights, which are about to be saved."""
-    model.eval()
-    with common.autocast(device):
-        loss = model(x, y).item()
-    model.train()
-    return common.all_mean(loss)
-
-
-def qa_eval(model, tok, questions, cfg, label):
-    """Held-out QA accuracy (seen / unseen characters) and format compliance, printed with examples."""
-    result = evals.qa_accuracy(model, tok, questions, cfg.max_new_tokens)
-    print0(evals.describe_qa(result, f"sft: {label}"))
-    for question, answer, reply in result.pop("examples"):
-        print0(f"    {question!r} ({answer}) -> {reply[:120]!r}")
-    return result
 
 
 # ----------------------------------------------------------------------------- training
@@ -235,6 +151,43 @@ def main(cfg):
     run.finish(metrics)
 
 
+# ----------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def evaluate(model, examples, cfg, run):
+    """Validation loss: the token-level mean over every held-out conversation."""
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(run.rank * cfg.batch_size, len(examples), run.world * cfg.batch_size):
+        x, y, m = (t.to(run.device) for t in collate(examples[start:start + cfg.batch_size]))
+        with common.autocast(run.device):
+            total += sft_loss(-model(x, y, reduction="none"), m, n_tokens=1).item()
+        count += m.sum().item()
+    model.train()
+    return common.all_mean(total) / max(common.all_mean(count), 1)
+
+
+@torch.no_grad()
+def loss_after_step(model, x, y, device):
+    """The loss of the step's last batch under the updated weights, which are about to be saved."""
+    model.eval()
+    with common.autocast(device):
+        loss = model(x, y).item()
+    model.train()
+    return common.all_mean(loss)
+
+
+def qa_eval(model, tok, questions, cfg, label):
+    """Held-out QA accuracy (seen / unseen characters) and format compliance, printed with examples."""
+    result = evals.qa_accuracy(model, tok, questions, cfg.max_new_tokens)
+    print0(evals.describe_qa(result, f"sft: {label}"))
+    for question, answer, reply in result.pop("examples"):
+        print0(f"    {question!r} ({answer}) -> {reply[:120]!r}")
+    return result
+
+
+# ----------------------------------------------------------------------------- loading
+
 def load_data(cfg, tok, block_size):
     """The conversations to learn (and those dropped as too long), the held-out ones, the held-out
     questions and the replayed pre-training text: all read and checked before training starts."""
@@ -258,6 +211,57 @@ def load_data(cfg, tok, block_size):
         print0(f"sft: replaying {cfg.replay_batch} windows of {cfg.replay_data} ({len(replay):,} tokens) "
                "per micro-step")
     return examples, dropped, val_examples, questions, replay
+
+
+def load_replay(path, tok, block_size):
+    """Pre-training text as one tensor of token ids, each document followed by <|endoftext|>."""
+    ids = torch.tensor([i for doc in read_documents(path) for i in tok.encode_document(doc)])
+    if len(ids) <= block_size + 1:
+        raise UserError(f"--replay_data={path} has {len(ids)} tokens, fewer than one window: "
+                        "give more text, or --replay_data= for none")
+    return ids
+
+
+# ----------------------------------------------------------------------------- the settings
+
+@dataclass
+class Config:
+    data: str = "data/tinyworld/sft_train.jsonl"   # training conversations: {"messages": [{"role", "content"}, ...]}
+    val_data: str = ""                 # held-out conversations, same format, for a validation loss (empty: none)
+    qa_data: str = "data/tinyworld/sft_test.jsonl"  # held-out questions with "answer" and "split" (empty: skip)
+    tokenizer: str = ""                # default: the one the --init checkpoint was trained with
+    init: str = "out/pretrain/ckpt.pt"  # a pretrain checkpoint, or an sft one to fine-tune further
+    out: str = "out/sft"               # where ckpt.pt, log.jsonl and metrics.json go
+    resume: bool = False               # continue exactly from out/ckpt.pt (optimizer, step, RNG)
+    batch_size: int = 16               # conversations per micro-step, over all processes
+    grad_accum: int = 1                # micro-steps per optimizer step
+    max_steps: int = 400               # optimizer steps
+    stop_at: int = 0                   # stop early at this step with a checkpoint (0: run to max_steps)
+    lr: float = 2e-3                   # peak learning rate
+    min_lr: float = 2e-5               # learning rate at the end of the cosine
+    warmup_steps: int = 20             # linear warm-up steps
+    weight_decay: float = 0.0          # AdamW decay on matrices
+    replay_data: str = "data/tinyworld/corpus_train.txt"  # pre-training text replayed in every step (empty: none)
+    replay_batch: int = 8              # windows of replayed text per micro-step, over all processes
+    replay_coef: float = 1.0           # weight of the replayed text's next-token loss beside the SFT loss
+    grad_clip: float = 1.0             # clip the gradient norm to this (0: off)
+    eval_every: int = 100              # steps between validation losses and checkpoints
+    log_every: int = 50                # steps between printed lines
+    max_new_tokens: int = evals.QA_TOKENS  # reply budget of the QA evaluation (the report's: the same figure)
+    device: str = "auto"               # auto (cuda, mps, cpu), or a torch device name
+    compile: bool = False              # torch.compile the model
+    seed: int = 1337                   # seeds data order and dropout
+
+
+PRESETS = {
+    # Dolly 15k (python -m data.prepare_chat) on a 12x768 model pre-trained with train_pretrain.py --preset=gpu
+    "gpu": dict(data="data/real/chat_train.jsonl", val_data="data/real/chat_val.jsonl", qa_data="", replay_data="",
+                batch_size=32, grad_accum=2, max_steps=2000, lr=5e-5, min_lr=5e-6, warmup_steps=100,
+                eval_every=250, log_every=25, compile=True),
+    # the whole journey's plumbing in about a minute on a CPU, nothing learned (make demo PRESET=smoke)
+    "smoke": dict(batch_size=4, max_steps=4, warmup_steps=1, eval_every=4, log_every=2, replay_batch=2,
+                  max_new_tokens=8),
+}
 
 
 if __name__ == "__main__":
