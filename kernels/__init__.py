@@ -20,11 +20,15 @@ import os
 import torch
 import torch.nn.functional as F
 
-try:
-    import triton  # noqa: F401
-    HAS_TRITON = True
-except ImportError:
-    HAS_TRITON = False
+# A plain CPU run (no GPU, no Triton interpreter, no KERNELS choice) only ever takes the PyTorch path:
+# it skips importing Triton, which would cost every process a quarter of a second.
+HAS_TRITON = False
+if torch.cuda.is_available() or "TRITON_INTERPRET" in os.environ or "KERNELS" in os.environ:
+    try:
+        import triton  # noqa: F401
+        HAS_TRITON = True
+    except ImportError:
+        pass
 
 if HAS_TRITON:
     # Imported before the functions below are defined: importing a submodule sets the package attribute
