@@ -6,7 +6,7 @@
 
 The Triton kernel runs when the tensors are on CUDA and Triton imports; otherwise PyTorch's own fused
 ops run (for linear_cross_entropy: the same chunked loop in plain torch, or whole logits where Triton
-does not install). KERNELS=torch|triton|auto overrides the choice (triton on CPU tensors needs
+is not imported: it does not install, or a plain CPU run skips it, below). KERNELS=torch|triton|auto overrides the choice (triton on CPU tensors needs
 TRITON_INTERPRET=1, which is how the tests run the kernels on a machine without a GPU).
 
 Where they run: attention in every forward pass of the model (model.py); cross_entropy in every loss
