@@ -6,8 +6,9 @@
 
 The Triton kernel runs when the tensors are on CUDA and Triton imports; otherwise PyTorch's own fused
 ops run (for linear_cross_entropy: the same chunked loop in plain torch, or whole logits where Triton
-is not imported: it does not install, or a plain CPU run skips it, below). KERNELS=torch|triton|auto overrides the choice (triton on CPU tensors needs
-TRITON_INTERPRET=1, which is how the tests run the kernels on a machine without a GPU).
+is not imported: it does not install, or a plain CPU run skips it, below). KERNELS=torch|triton|auto
+overrides the choice (triton on CPU tensors needs TRITON_INTERPRET=1, which is how the tests run the
+kernels on a machine without a GPU).
 
 Where they run: attention in every forward pass of the model (model.py); cross_entropy in every loss
 over logits (the model's forward with targets, train_pretrain.pretrain_loss). linear_cross_entropy
