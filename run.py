@@ -56,7 +56,8 @@ class Run:
             cli.check_writable(cfg.out)
         self.ckpt_path = Path(cfg.out) / "ckpt.pt"
         self.end = cfg.stop_at if 0 < cfg.stop_at < cfg.max_steps else cfg.max_steps
-        self.step, self.lr, self.since, self.train_seconds = 0, cfg.lr, 0, 0.0
+        self.step, self.lr, self.since = 0, cfg.lr, 0
+        self.train_seconds, self.t_loop = 0.0, None  # training seconds before this run's loop (--resume), its start
 
     def resumed(self):
         """Under --resume, this stage's own checkpoint (in --out); otherwise None."""
@@ -81,9 +82,10 @@ class Run:
                 self.optimizer.load_state_dict(ckpt["optimizer"])
             except ValueError as e:
                 raise UserError(f"--resume: {e}") from None
-            self.step = ckpt["step"]
+            self.step, self.train_seconds = ckpt["step"], ckpt.get("train_seconds", 0.0)
             self.data_gen.set_state(ckpt["data_rng"])
-            common.set_rng_state(ckpt["rng"])
+            rng = ckpt["rng"]  # under DDP, a list: each rank's own (PPO and GRPO sample other replies on each)
+            common.set_rng_state(rng[self.rank % len(rng)] if isinstance(rng, list) else rng)
         self.model = self.ddp(torch.compile(self.raw) if cfg.compile else self.raw)
         self.tok, self.tokenizer, self.keep = tok, tokenizer, keep
         self.unit, self.flops_per_unit = unit, flops_per_unit
@@ -99,18 +101,26 @@ class Run:
 
     def save(self):
         """The checkpoint: enough to rebuild the model, and to resume exactly. Written by rank 0, atomically."""
+        rng = common.rng_state()
+        if self.world > 1:  # every rank saves at the same steps, so each can hand rank 0 its random state
+            rng = [None] * self.world
+            torch.distributed.all_gather_object(rng, common.rng_state())
         if is_master():
             common.save_checkpoint(self.ckpt_path, {
                 "stage": self.stage, "model_args": dataclasses.asdict(self.raw.config), "model": self.raw.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "step": self.step, "config": dataclasses.asdict(self.cfg),
-                "tokenizer": self.tokenizer, "data_rng": self.data_gen.get_state(), "rng": common.rng_state(),
-                "tokenizer_fingerprint": self.tok.fingerprint, **self.keep()})
+                "tokenizer": self.tokenizer, "data_rng": self.data_gen.get_state(), "rng": rng,
+                "tokenizer_fingerprint": self.tok.fingerprint, "train_seconds": self.seconds(), **self.keep()})
+
+    def seconds(self):
+        """Seconds of training of this checkpoint: earlier runs' (--resume) and this run's loop so far."""
+        return self.train_seconds + (time.time() - self.t_loop if self.t_loop is not None else 0.0)
 
     def steps(self):
         """The loop: yields each step's number with its learning rate set. Ctrl-C or SIGTERM ends the loop
         after the step in progress, saves, says how to go on and exits; a loop that runs out saves too."""
         self.logger.phase("training")
-        t_start = self.t_last = time.time()
+        self.t_loop = self.t_last = time.time()
         with StopOnSignal() as stop:
             while self.step < self.end and not stop.requested():
                 self.lr = lr_at(self.step, self.cfg.lr, self.cfg.min_lr, self.cfg.warmup_steps, self.cfg.max_steps)
@@ -123,7 +133,7 @@ class Run:
                    f"continue with: python train_{self.stage}.py --resume (and the same flags)")
             common.teardown_ddp()
             raise SystemExit(stop.exit_code)
-        self.train_seconds = time.time() - t_start  # this run's, evaluations and checkpoints included
+        self.train_seconds, self.t_loop = self.seconds(), None  # evaluations and checkpoints included
         self.logger.phase("evaluation")
         self.save()
 
@@ -149,7 +159,9 @@ class Run:
 
     def check(self, value, what="loss", step=None):
         """Stop when value is NaN or infinite, before weights that produce it can be saved: the checkpoint
-        on disk stays the last good one."""
+        on disk stays the last good one. Under DDP the ranks agree first: a rank that stopped alone would
+        leave the others waiting for it at their next all-reduce."""
+        value = all_mean(value)
         if not math.isfinite(value):
             kept = (f"the last good checkpoint is kept in {self.ckpt_path}: continue from it with --resume and a "
                     "lower --lr" if self.ckpt_path.is_file() else "no checkpoint was written: lower --lr")

@@ -71,6 +71,17 @@ def test_checkpoint_round_trip_and_stage_check(tmp_path):
         common.load_checkpoint(tmp_path / "none.pt", made_by="python train_pretrain.py")
 
 
+def test_a_nan_on_any_rank_stops_every_rank(tmp_path, monkeypatch):
+    """Run.check agrees over the ranks first: this rank's value is fine, another's was NaN, so the mean
+    all of them see is NaN and every rank stops at the same step (none is left waiting on the others)."""
+    stopping = run.Run.__new__(run.Run)
+    stopping.ckpt_path, stopping.step = tmp_path / "ckpt.pt", 3
+    stopping.check(1.0)  # one process: its own value
+    monkeypatch.setattr(run, "all_mean", lambda value: (value + float("nan")) / 2)  # two ranks, the other's NaN
+    with pytest.raises(cli.UserError, match="the loss became nan at step 3; no checkpoint was written"):
+        stopping.check(1.0)
+
+
 def test_peak_flops_on_cpu_is_a_positive_measurement():
     flops = run.peak_flops("cpu")
     assert flops > 1e8 and math.isfinite(flops)

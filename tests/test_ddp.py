@@ -6,6 +6,7 @@ test_pretrain.py.)"""
 import json
 
 import pytest
+import torch
 
 import common
 from conftest import run_script
@@ -37,17 +38,44 @@ def curve(stage, out):
     return [(r["step"], r[CURVE[stage]]) for r in rows if CURVE[stage] in r]
 
 
-@pytest.mark.parametrize("stage", ["sft", "rm", "dpo", "ppo", "grpo"])
+def torchrun(stage, fx, out, *extra):
+    r = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", f"train_{stage}.py",
+                   *flags(stage, fx, out), *extra, env={"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("stage", ["sft", "rm", "dpo", "grpo"])  # PPO: the resume test below
 def test_two_processes_run_every_stage(stage, tiny_world, tiny_pretrained, tiny_sft, tiny_rm, tmp_path):
     fx = {"world": tiny_world, "pretrained": tiny_pretrained, "sft": tiny_sft, "rm": tiny_rm}
     one, two = tmp_path / "one", tmp_path / "two"
     single = {"OMP_NUM_THREADS": "1"}
-    r = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", f"train_{stage}.py",
-                   *flags(stage, fx, two), env=single)
-    assert r.returncode == 0, r.stderr
+    torchrun(stage, fx, two)
     assert [step for step, _ in curve(stage, two)] == list(range(1, STEPS + 1))  # each step logged once
     assert common.load_checkpoint(two / "ckpt.pt", [stage])["step"] == STEPS
     if stage in ("sft", "rm", "dpo"):  # deterministic: the same curve as one process
         r = run_script(f"train_{stage}.py", *flags(stage, fx, one), env=single)
         assert r.returncode == 0, r.stderr
         assert [v for _, v in curve(stage, two)] == pytest.approx([v for _, v in curve(stage, one)], rel=1e-4)
+
+
+def test_two_processes_resume_exactly_each_rank_with_its_own_random_state(tiny_world, tiny_pretrained, tiny_sft,
+                                                                       tiny_rm, tmp_path):
+    """PPO samples other replies on each rank (seed + rank): stopped at step 2 and resumed, two processes
+    end with the scores, losses and weights of a run never stopped, which they do only if each rank got
+    its own random state back, not rank 0's. (The fault table resumes every stage in one process.)"""
+    fx = {"world": tiny_world, "pretrained": tiny_pretrained, "sft": tiny_sft, "rm": tiny_rm}
+    whole, halves = tmp_path / "whole", tmp_path / "halves"
+    torchrun("ppo", fx, whole)
+    torchrun("ppo", fx, halves, f"--stop_at={STEPS // 2}")
+    first = common.load_checkpoint(halves / "ckpt.pt", ["ppo"])
+    assert first["step"] == STEPS // 2 and first["train_seconds"] > 0
+    torchrun("ppo", fx, halves, "--resume")
+    # the seconds of training count both runs: the first half's, kept in its checkpoint, and the second's
+    assert json.loads((halves / "metrics.json").read_text())["train_seconds"] > first["train_seconds"]
+    rows = [[json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()] for out in (whole, halves)]
+    assert [r["step"] for r in rows[0]] == list(range(1, STEPS + 1))  # each step logged once
+    keys = ("rollout/score", "rollout/kl", "loss/policy", "loss/value")
+    assert [[r[k] for k in keys] for r in rows[1]] == [[r[k] for k in keys] for r in rows[0]]
+    ckpts = [common.load_checkpoint(out / "ckpt.pt", ["ppo"]) for out in (whole, halves)]
+    assert ckpts[0]["step"] == ckpts[1]["step"] == STEPS
+    assert all(torch.equal(ckpts[0]["model"][k], ckpts[1]["model"][k]) for k in ckpts[0]["model"])
