@@ -145,9 +145,9 @@ def cell(text):
     return text.replace("|", "\\|").replace("\n", "<br>") or "(nothing)"
 
 
-def story(rows, vocab_size, grpo_from):
+def story(rows, vocab_size, grpo_from, grpo_metrics):
     """What each stage changed, in a sentence each, from the measured rows (a stage not run is left out).
-    grpo_from: the label of the stage whose checkpoint GRPO started from."""
+    grpo_from: the label of the stage whose checkpoint GRPO started from; grpo_metrics: its metrics.json."""
     def pct(label, key):
         v = rows.get(label, {}).get(key)
         return "?" if v is None else f"{v:.0%}"
@@ -157,6 +157,7 @@ def story(rows, vocab_size, grpo_from):
         return "?" if v is None else fmt.format(v)
 
     r, p, s = "0 random init", "1 pre-trained", "2 SFT"
+    credit = (grpo_metrics.get("format_reward", 0.0), grpo_metrics.get("step_reward", 0.0))
     lines = {
         p: f"**Pre-training** (next-token prediction on the corpus): validation loss {num(r, 'val_loss')} -> "
            f"{num(p, 'val_loss')} (a uniform guess over {vocab_size:,} tokens scores ln {vocab_size} = "
@@ -170,9 +171,10 @@ def story(rows, vocab_size, grpo_from):
         "3 reward model": f"**The reward model** (Bradley-Terry on preference pairs) orders "
                           f"{pct('3 reward model', 'rm_acc')} of held-out pairs as the gold rater does: "
                           f"{pct('3 reward model', 'rm_style')} of those where both replies are right and differ in "
-                          f"manner, {pct('3 reward model', 'rm_facts')} of those where one of them is wrong, and "
-                          f"{pct('3 reward model', 'rm_facts_unseen')} of those about characters that no training pair "
-                          "mentions: there it can only check a reply against what pre-training taught the trunk.",
+                          f"manner, {pct('3 reward model', 'rm_facts')} of those where one of them is wrong about a "
+                          f"character the training pairs mention, and {pct('3 reward model', 'rm_facts_unseen')} of "
+                          "those about characters that no training pair mentions: there it can only check a reply "
+                          "against what pre-training taught the trunk.",
         "3 PPO": f"**PPO** (maximise the learned reward, minus a KL penalty to SFT): wins {pct('3 PPO', 'win')} "
                  f"against SFT by the gold rater, {num('3 PPO', 'kl', '{:.1f}')} nats per reply from SFT. Where "
                  "its replies in the journey below pick up habits, those are what the reward model scores highly, "
@@ -183,10 +185,12 @@ def story(rows, vocab_size, grpo_from):
                   f"greedily {pct(grpo_from, 'math')} ({grpo_from[2:]}, where it started) -> {pct('4 GRPO', 'math')}, "
                   f"answers that work the steps rather than give a number alone {pct(grpo_from, 'worked')} -> "
                   f"{pct('4 GRPO', 'worked')}, their steps stated right {pct(grpo_from, 'steps')} -> "
-                  f"{pct('4 GRPO', 'steps')}. The reward is the final number alone"
-                  + (": nothing asked for the steps, yet working them out is what paid."
-                     if rows.get('4 GRPO', {}).get('worked', 0) > rows.get(grpo_from, {}).get('worked', 1) + 0.1
-                     and rows.get('4 GRPO', {}).get('math', 0) > rows.get(grpo_from, {}).get('math', 1) else ".")
+                  f"{pct('4 GRPO', 'steps')}. "
+                  + (f"The reward is the final number plus partial credit (--format_reward={credit[0]}, "
+                     f"--step_reward={credit[1]})." if any(credit) else "The reward is the final number alone"
+                     + (": nothing asked for the steps, yet working them out is what paid."
+                        if rows.get('4 GRPO', {}).get('worked', 0) > rows.get(grpo_from, {}).get('worked', 1) + 0.1
+                        and rows.get('4 GRPO', {}).get('math', 0) > rows.get(grpo_from, {}).get('math', 1) else "."))
                   + " By level below.",
     }
     return [f"- {line}" for label, line in lines.items() if label in rows]
@@ -293,7 +297,7 @@ def main(cfg):
           "held-out reasoning problems solved greedily, and the share of their steps stated right; the reward "
           "model's accuracy on held-out preference pairs; KL to SFT in nats per "
           "sampled reply; seconds of training.", "", *table, "", "## What each stage did", "",
-          *story(rows, base["model_args"]["vocab_size"], grpo_from), "",
+          *story(rows, base["model_args"]["vocab_size"], grpo_from, models.get("4 GRPO", (None, {}))[1]), "",
           "## Reasoning, level by level", "",
           "Held-out problems about the characters' facts (level = how many characters a problem is about), greedy: "
           "the share solved and the share of their steps stated right (`tinymath.check_steps`), and the share of answers "

@@ -199,7 +199,7 @@ def main(cfg):
         print0(f"grpo: starting from {init} (a {ckpt['stage']} checkpoint)")
     tokenizer = cfg.tokenizer or ckpt["tokenizer"]
     tok = load_tokenizer(tokenizer)
-    model = common.gpt_from_checkpoint(ckpt, tok)
+    model = common.gpt_from_checkpoint(ckpt, tok, dropout=0.0)  # ratios of 1 must mean "the same policy"
     problems, test, rater = load_data(cfg, tok, model.config.block_size)
     ref = None
     if cfg.beta > 0:  # the KL penalty's anchor: the starting model, frozen (built before the RNG is restored)
@@ -241,7 +241,7 @@ def main(cfg):
         metrics = {k: common.all_mean(v) for k, v in metrics.items()}
         run.log(metrics, save=run.due())
 
-    summary = {"init": init, "loss_type": cfg.loss_type}
+    summary = {"init": init, "loss_type": cfg.loss_type, "format_reward": cfg.format_reward, "step_reward": cfg.step_reward}
     if test and common.is_master():
         summary.update(before=before, after=evaluate(run, tok, test, cfg, rater, "after"))
     run.finish(summary)

@@ -142,8 +142,8 @@ def main(cfg):
         if metrics.get("test_accuracy_facts") is not None:
             unseen = metrics.get("test_accuracy_facts_unseen")
             print0(f"rm: {metrics['test_accuracy_style']:.1%} where both replies are right and differ in manner, "
-                   f"{metrics['test_accuracy_facts']:.1%} where one of them is wrong"
-                   + (f" ({unseen:.1%} about characters no training pair mentions)" if unseen is not None else ""))
+                   f"{metrics['test_accuracy_facts']:.1%} where one is wrong about a character the training pairs "
+                   "mention" + (f", {unseen:.1%} about characters no training pair mentions" if unseen is not None else ""))
 
 
 # ----------------------------------------------------------------------------- evaluation
