@@ -16,8 +16,11 @@ from kernels.attention import attention_reference
 
 CUDA = torch.cuda.is_available()
 DEVICES = KERNEL_DEVICES
-# examples share the monkeypatched KERNELS=triton, which is what we want
-SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# examples share the monkeypatched KERNELS=triton, which is what we want. On a GPU an example can compile
+# new kernels (a new dtype, head size or divisibility: seconds each, and make gpu's time is short); the
+# interpreter on a CPU runs the same kernel code through more of them.
+SETTINGS = settings(max_examples=12 if CUDA else 30, deadline=None,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 def dtypes(device):
