@@ -20,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import fcntl
+import json
 import subprocess
 
 import pytest
@@ -34,6 +35,43 @@ def run_script(*args, env=None, timeout=300, input=None):
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=full_env, capture_output=True, text=True,
                           timeout=timeout, input=input)
 
+
+
+# Runs each argv of a JSON list as `python argv[0] argv[1:]` would, one after another in this one
+# process; writes [exit code, stdout, stderr] for each. Usage: python -c IN_ONE_PROCESS argvs.json results.json
+IN_ONE_PROCESS = r"""
+import contextlib, io, json, runpy, sys, traceback
+runs, results_file = json.load(open(sys.argv[1])), sys.argv[2]
+results = []
+for argv in runs:
+    out, err = io.StringIO(), io.StringIO()
+    sys.argv = argv
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            runpy.run_path(argv[0], run_name="__main__")
+            code = 0
+        except SystemExit as e:  # as the interpreter does: an int is the code, a message goes to stderr
+            code = e.code if isinstance(e.code, int) else int(e.code is not None)
+            if isinstance(e.code, str):
+                print(e.code, file=sys.stderr)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+    results.append([code, out.getvalue(), err.getvalue()])
+with open(results_file, "w") as f:
+    json.dump(results, f)
+"""
+
+
+def run_scripts(argvs, workdir, env=None, timeout=300):
+    """Each argv run as `python argv[0] argv[1:]` would, one after another in a single process, so that a
+    list of a user's mistakes pays for importing torch once: a CompletedProcess for each."""
+    (workdir / "argvs.json").write_text(json.dumps([[str(a) for a in argv] for argv in argvs]))
+    r = run_script("-c", IN_ONE_PROCESS, str(workdir / "argvs.json"), str(workdir / "results.json"), env=env,
+                   timeout=timeout)
+    assert r.returncode == 0, r.stderr
+    results = json.loads((workdir / "results.json").read_text())
+    return [subprocess.CompletedProcess(argv, *result) for argv, result in zip(argvs, results)]
 
 def made_once(tmp_path_factory, name, make):
     """The directory of a session fixture, made by make(directory) once for the whole run: when pytest-xdist

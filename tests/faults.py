@@ -35,7 +35,7 @@ import torch
 
 import common
 from cli import UserError
-from conftest import ROOT
+from conftest import ROOT, run_scripts
 from data.tokenizer import load_ranks, save_tokenizer
 
 # Every tiny run has the same schedule, so the tests can name steps: 64 steps, a checkpoint and a printed
@@ -307,32 +307,6 @@ def side_by_side(jobs):
         return {script: f.result() for script, f in futures.items()}
 
 
-# Runs each argv of a JSON list as `python argv[0] argv[1:]` would, one after another in this one
-# process; writes [exit code, stdout, stderr] for each. Usage: python -c IN_ONE_PROCESS argvs.json results.json
-IN_ONE_PROCESS = r"""
-import contextlib, io, json, runpy, sys, traceback
-runs, results_file = json.load(open(sys.argv[1])), sys.argv[2]
-results = []
-for argv in runs:
-    out, err = io.StringIO(), io.StringIO()
-    sys.argv = argv
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            runpy.run_path(argv[0], run_name="__main__")
-            code = 0
-        except SystemExit as e:  # as the interpreter does: an int is the code, a message goes to stderr
-            code = e.code if isinstance(e.code, int) else int(e.code is not None)
-            if isinstance(e.code, str):
-                print(e.code, file=sys.stderr)
-        except BaseException:
-            traceback.print_exc()
-            code = 1
-    results.append([code, out.getvalue(), err.getvalue()])
-with open(results_file, "w") as f:
-    json.dump(results, f)
-"""
-
-
 def prepare_mistakes(row, fx, root, names):
     """The cases `names` of a row, each in a directory of its own whose --out holds an earlier run's files.
     Returns {case: (argv, the case, its directory)}."""
@@ -351,13 +325,9 @@ def run_mistakes(made, root):
     """Run the prepared cases in one process. Returns {case: (result, the case, its directory, the
     directory's files before, after)}."""
     before = {name: snapshot(tmp) for name, (_, _, tmp) in made.items()}
-    argvs = [argv for argv, _, _ in made.values()]
-    write(root / "argvs.json", json.dumps(argvs))
-    code, _, err = Background(["-c", IN_ONE_PROCESS, str(root / "argvs.json"), str(root / "results.json")]).finish()
-    assert code == 0, err
-    results = json.loads((root / "results.json").read_text())
-    return {name: (subprocess.CompletedProcess(argv, *result), case, tmp, before[name], snapshot(tmp))
-            for (name, (argv, case, tmp)), result in zip(made.items(), results)}
+    results = run_scripts([argv for argv, _, _ in made.values()], root, timeout=600)
+    return {name: (result, case, tmp, before[name], snapshot(tmp))
+            for (name, (_, case, tmp)), result in zip(made.items(), results)}
 
 
 def run_to_the_end(argv):

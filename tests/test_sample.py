@@ -1,7 +1,7 @@
 """sample.py: complete, chat and read stdin with a checkpoint; the random model; bad input."""
 import pytest
 
-from conftest import error_line, run_script
+from conftest import error_line, run_script, run_scripts
 
 
 def test_completes_text_and_repeats_with_the_seed(tiny_pretrained):
@@ -25,11 +25,17 @@ def test_scratch_is_the_random_model(tiny_world):
     assert r.stdout.startswith("Once upon a time")
 
 
-@pytest.mark.parametrize("flag, message", [
-    ("--prompt=" + "word " * 200, "the prompt has"),
-    ("--init=/no/such/ckpt.pt", "no checkpoint at /no/such/ckpt.pt"),
-    ("--num_samples=0", "must be positive"),
-])
-def test_bad_input_is_one_line(tiny_pretrained, flag, message):
-    r = run_script("sample.py", f"--init={tiny_pretrained}", flag)
-    assert message in error_line(r)
+BAD_INPUT = {"--prompt=" + "word " * 200: "the prompt has", "--init=/no/such/ckpt.pt": "no checkpoint at /no/such/ckpt.pt",
+             "--num_samples=0": "must be positive"}
+
+
+@pytest.fixture(scope="module")
+def bad_input(tiny_pretrained, tmp_path_factory):
+    """flag -> the result of sample.py given it, every mistake run in one process."""
+    argvs = [["sample.py", f"--init={tiny_pretrained}", flag] for flag in BAD_INPUT]
+    return dict(zip(BAD_INPUT, run_scripts(argvs, tmp_path_factory.mktemp("bad_input"))))
+
+
+@pytest.mark.parametrize("flag", BAD_INPUT, ids=["long prompt", "no checkpoint", "no samples"])
+def test_bad_input_is_one_line(bad_input, flag):
+    assert BAD_INPUT[flag] in error_line(bad_input[flag])
