@@ -36,7 +36,6 @@ def run_script(*args, env=None, timeout=300, input=None):
                           timeout=timeout, input=input)
 
 
-
 # Runs each argv of a JSON list as `python argv[0] argv[1:]` would, one after another in this one
 # process; writes [exit code, stdout, stderr] for each. Usage: python -c IN_ONE_PROCESS argvs.json results.json
 IN_ONE_PROCESS = r"""
@@ -72,6 +71,7 @@ def run_scripts(argvs, workdir, env=None, timeout=300):
     assert r.returncode == 0, r.stderr
     results = json.loads((workdir / "results.json").read_text())
     return [subprocess.CompletedProcess(argv, *result) for argv, result in zip(argvs, results)]
+
 
 def made_once(tmp_path_factory, name, make):
     """The directory of a session fixture, made by make(directory) once for the whole run: when pytest-xdist
