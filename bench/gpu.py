@@ -15,6 +15,8 @@ Without a GPU the same run is dry: the Triton kernels through the interpreter, t
 shapes, `torch.compile` with its eager backend, the journey at toy size (PRESET=smoke), and the file
 goes to --out, never over the committed GPU results. tests/test_gpu_bench.py runs it so CI keeps it working.
 --only=training,journey reruns a part (on a GPU into bench/RESULTS-gpu-partial.md), when GPU minutes are short.
+The file is rewritten after every section, and the journey, last, is cut to what --budget leaves, so a
+run inside a lent GPU's 600 s command ends with its results written.
 """
 import datetime
 import itertools
@@ -64,6 +66,8 @@ class Config:
                                        # journey (empty: all; a partial GPU run writes RESULTS-gpu-partial.md)
     tests_timeout: int = 240           # seconds before the tests are stopped (an empty Triton cache compiles a lot)
     journey_timeout: int = 240         # seconds before the journey is stopped and reported as over time
+    budget: int = 540                  # seconds for the whole run (a lent GPU's command gets 600): the journey,
+                                       # last, gets at most what the sections before it left
 
 
 # ----------------------------------------------------------------------------- 1. the tests
@@ -291,6 +295,8 @@ def main(cfg):
     summary = []
     for section in sections:
         t0 = time.time()
+        if section.func is run_journey:  # stopped at the budget, it is reported as over time, not killed unwritten
+            cfg.journey_timeout = min(cfg.journey_timeout, max(1, int(started + cfg.budget - t0)))
         try:
             title, header, rows, line = section()
         except Exception as e:  # one broken section must not cost the GPU minutes the others measure

@@ -92,3 +92,12 @@ def test_a_gpu_makes_tinyworld_gpu_sized_unless_told_otherwise(monkeypatch, caps
     assert cli.parse_config(train_pretrain.Config, ["--n_layer=2"], train_pretrain.PRESETS).n_layer == 2
     monkeypatch.setattr(common.torch.cuda, "is_available", lambda: False)
     assert cli.parse_config(train_pretrain.Config, [], train_pretrain.PRESETS) == cpu
+
+
+@DRY_ONLY
+def test_the_journey_gets_what_the_budget_leaves_and_is_reported_stopped(tmp_path):
+    """make gpu must write its results inside a lent GPU's command limit: the journey, last, is cut to
+    the budget's remainder (here 1 s) and reported as stopped, with the exit code that flags it."""
+    r = run_script("bench/gpu.py", "--only=journey", "--budget=1", f"--out={tmp_path}", timeout=120)
+    assert r.returncode == 1 and "journey: stopped after 1 s" in r.stdout, (r.stdout[-2000:], r.stderr[-2000:])
+    assert "## The TinyWorld journey" in (tmp_path / "RESULTS-dry.md").read_text()
