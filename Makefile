@@ -9,6 +9,10 @@
 #   interpreter, the journey at PRESET=smoke) in out/gpu/RESULTS-dry.md.
 # PY=python3 (or any interpreter that has the requirements) uses it as it is and installs nothing.
 PY := .venv/bin/python
+# pip installs without byte-compiling every file (half of the installation's time); Python writes the
+# bytecode of the modules that are imported, the first time they are, which it may only where
+# PYTHONDONTWRITEBYTECODE is not set: so it is not passed on to the commands below.
+unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: test bench gpu venv demo clean FORCE
 
@@ -21,7 +25,7 @@ endif
 .venv/.installed: requirements.txt
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-compile -r requirements.txt
 	touch $@
 
 test: venv
