@@ -169,12 +169,13 @@ def evaluate(model, examples, cfg, run):
 
 @torch.no_grad()
 def loss_after_step(model, x, y, device):
-    """The loss of the step's last batch under the updated weights, which are about to be saved."""
+    """This rank's loss of the step's last batch under the updated weights, which are about to be saved
+    (run.check averages it over the ranks)."""
     model.eval()
     with common.autocast(device):
         loss = model(x, y).item()
     model.train()
-    return common.all_mean(loss)
+    return loss
 
 
 def qa_eval(model, tok, questions, cfg, label):
