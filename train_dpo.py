@@ -37,7 +37,7 @@ import evals
 from cli import UserError
 from common import print0
 from data import formats, numbered_records
-from data.batches import pack_responses
+from data.batches import by_length, pack_responses
 from data.tinyworld_facts import load_world
 from data.tokenizer import load_tokenizer
 from run import Run
@@ -95,14 +95,17 @@ def get_batch(pairs, batch_size, gen, rank, world):
 
 def pair_logprobs(model, batch, device):
     """log pi(chosen | prompt) and log pi(rejected | prompt), each (N,), summed over the reply tokens.
-    Chosen and rejected replies go through the model as one batch: one forward, the call that
-    synchronises gradients under DDP."""
-    prompts = [p for p, _, _, _ in batch]
-    x, y, mask = pack_responses(prompts + prompts, [c for _, c, _, _ in batch] + [r for _, _, r, _ in batch])
-    x, y, mask = x.to(device), y.to(device), mask.to(device)
-    with common.autocast(device):
-        logprobs = -model(x, y, reduction="none")
-    return (mask * logprobs.float()).sum(1).chunk(2)
+    Both replies of every pair go through the model in groups of similar length before one backward
+    (under DDP, the one that synchronises gradients)."""
+    prompts = [p for p, _, _, _ in batch] * 2
+    replies = [c for _, c, _, _ in batch] + [r for _, _, r, _ in batch]
+
+    def logprobs(rows):
+        x, y, mask = (t.to(device) for t in pack_responses([prompts[i] for i in rows], [replies[i] for i in rows]))
+        with common.autocast(device):
+            return (mask * -model(x, y, reduction="none").float()).sum(1)
+
+    return by_length([len(p) + len(r) for p, r in zip(prompts, replies)], logprobs).chunk(2)
 
 
 # ----------------------------------------------------------------------------- training

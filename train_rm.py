@@ -27,8 +27,8 @@ clean, and a quarter of the characters appear in no training pair: the accuracy 
 pairs about them shows whether the model checks what pre-training taught or recalls the pairs.
 Besides their accuracy, the model is checked on fresh pairs: two replies sampled from the SFT policy
 for each held-out prompt, ranked by TinyWorld's gold rater, which is what PPO will ask of it.
-Each step: 1. a batch of pairs; 2. both replies of each scored in one forward pass, the loss, backward;
-3. the update. Writes out/rm/ckpt.pt, log.jsonl and metrics.json.
+Each step: 1. a batch of pairs; 2. both replies of each scored (in groups of similar length), the
+loss, backward; 3. the update. Writes out/rm/ckpt.pt, log.jsonl and metrics.json.
 """
 import math
 from dataclasses import dataclass
@@ -72,8 +72,8 @@ def reward_loss(r_chosen, r_rejected, margin=0.0, center_coef=0.0, lm_nll=None, 
 # ----------------------------------------------------------------------------- the data
 
 def pair_scores(model, batch, every_rank=False):
-    """(r_chosen, r_rejected, the chosen replies' mean -log p per token) for a list of pairs, in one
-    forward pass over both sides. every_rank (in training, where every rank calls it at once): the mean
+    """(r_chosen, r_rejected, the chosen replies' mean -log p per token) for a list of pairs, both
+    sides scored together. every_rank (in training, where every rank calls it at once): the mean
     divides by the chosen replies' tokens on every rank (each rank by their mean), so that under DDP
     the averaged gradient is the whole batch's."""
     prompts, n = [p for p, _, _ in batch], len(batch)

@@ -29,6 +29,7 @@ import evals
 from cli import UserError
 from common import print0
 from data import formats, read_documents
+from data.batches import length_groups
 from data.tokenizer import load_tokenizer
 from run import Run
 
@@ -69,10 +70,12 @@ def collate(examples):
 
 
 def get_batch(examples, batch_size, gen, rank, world):
-    """A random batch of conversations. Every rank draws the same indices from the same generator and
-    keeps its own slice, so the global batch does not depend on the world size."""
+    """A random batch of conversations, as a few padded groups of similar length. Every rank draws the
+    same indices from the same generator and keeps its own slice, so the global batch does not depend
+    on the world size."""
     picks = torch.randint(len(examples), (batch_size,), generator=gen)[rank::world]
-    return collate([examples[i] for i in picks.tolist()])
+    batch = [examples[i] for i in picks.tolist()]
+    return [collate([batch[i] for i in rows]) for rows in length_groups([len(ids) for ids, _ in batch])]
 
 
 def get_replay_batch(ids, batch_size, block_size, gen, rank, world):
@@ -113,18 +116,20 @@ def main(cfg):
         # 1. The whole step's micro-batches first: the loss divides by their total count of learned
         # tokens. DDP averages gradients over ranks, so each rank divides by that count / world.
         batches = [get_batch(examples, cfg.batch_size, run.data_gen, run.rank, run.world) for _ in range(cfg.grad_accum)]
-        n_tokens = common.all_mean(sum(m.sum().item() for _, _, m in batches)) * run.world
+        n_tokens = common.all_mean(sum(m.sum().item() for groups in batches for _, _, m in groups)) * run.world
         loss_sum = replay_sum = 0.0
-        for micro, (x, y, m) in enumerate(batches):  # 2.
+        for micro, groups in enumerate(batches):  # 2.
             last = micro == cfg.grad_accum - 1
-            x, y, m = x.to(run.device), y.to(run.device), m.to(run.device)
             run.sync(last and replay is None)
-            with common.autocast(run.device):
-                logprobs = -model(x, y, reduction="none")  # log p of each target, (B, T)
-                loss = sft_loss(logprobs, m, n_tokens=n_tokens / run.world)
+            loss = 0.0
+            for x, y, m in groups:
+                x, y, m = x.to(run.device), y.to(run.device), m.to(run.device)
+                with common.autocast(run.device):
+                    logprobs = -model(x, y, reduction="none")  # log p of each target, (B, T)
+                    loss = loss + sft_loss(logprobs, m, n_tokens=n_tokens / run.world)
+                run.count(x.numel())
             loss.backward()
             loss_sum += loss.item()
-            run.count(x.numel())
             if replay is not None:  # plus windows of pre-training text and their mean next-token loss
                 px, py = get_replay_batch(replay, cfg.replay_batch, block_size, run.data_gen, run.rank, run.world)
                 run.sync(last)

@@ -2,6 +2,28 @@
 feed the model, and how a reward model scores replies."""
 import torch
 
+# A batch of replies drawn at random pads every row to its longest: on TinyWorld's preference pairs
+# that is ~4x the real tokens, on its conversations ~2.6x. Rows sorted by length and cut into a few
+# groups, each padded only to its own longest, compute the same thing for a fraction of the work.
+GROUPS = 4
+
+
+def length_groups(lengths, groups=GROUPS):
+    """Row indices sorted by length and cut into at most `groups` runs of near-equal size: padded one
+    run at a time, short rows no longer pay for the longest one."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    size = -(-len(order) // max(1, groups))  # ceil
+    return [order[i:i + size] for i in range(0, len(order), size)]
+
+
+def by_length(lengths, fn, groups=GROUPS):
+    """fn(rows) for each length group of row indices, a tensor with one entry per row; the entries put
+    back in the rows' order. Under DDP these are several forwards before one backward, which is fine."""
+    parts, order = [], []
+    for rows in length_groups(lengths, groups):
+        parts.append(fn(rows))
+        order += rows
+    return torch.cat(parts)[torch.tensor(order, device=parts[0].device).argsort()]
 
 def pack_responses(prompts, responses):
     """Prompt-and-response token lists as one right-padded batch for the post-training stages.
@@ -29,11 +51,16 @@ def pad_right(seqs, value=0):
 
 
 def score_replies(rm, prompts, replies):
-    """A model.RewardModel's scores of prompt + reply token lists, in one right-padded batch.
-    Returns (scores (B,), each reply token's log-prob (B, T-1), the number of reply tokens (B,))."""
+    """A model.RewardModel's scores of prompt + reply token lists, padded a length group at a time.
+    Returns (scores (B,), the sum of each reply's token log-probs (B,), the number of reply tokens (B,))."""
     device = next(rm.parameters()).device
     seqs = [p + r for p, r in zip(prompts, replies)]
-    start = torch.tensor([len(p) for p in prompts], device=device)
-    end = torch.tensor([len(s) - 1 for s in seqs], device=device)
-    scores, logp = rm(pad_right(seqs).to(device), start, end)
-    return scores, logp, end - start + 1
+
+    def score(rows):
+        start = torch.tensor([len(prompts[i]) for i in rows], device=device)
+        end = torch.tensor([len(seqs[i]) - 1 for i in rows], device=device)
+        r, logp = rm(pad_right([seqs[i] for i in rows]).to(device), start, end)
+        return torch.stack([r, logp.sum(1)], 1)
+
+    both = by_length([len(s) for s in seqs], score)
+    return both[:, 0], both[:, 1], torch.tensor([len(r) for r in replies], device=device)

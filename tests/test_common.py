@@ -9,7 +9,7 @@ from hypothesis import given, strategies as st
 
 import cli
 import common
-from data.batches import pack_responses
+from data.batches import by_length, length_groups, pack_responses
 import run
 from cli import UserError
 
@@ -85,6 +85,21 @@ def test_a_nan_on_any_rank_stops_every_rank(tmp_path, monkeypatch):
 def test_peak_flops_on_cpu_is_a_positive_measurement():
     flops = run.peak_flops("cpu")
     assert flops > 1e8 and math.isfinite(flops)
+
+
+@given(st.lists(st.integers(1, 128), min_size=1, max_size=70), st.integers(1, 9))
+def test_length_groups_cut_the_rows_sorted_by_length_into_at_most_that_many(lengths, groups):
+    runs = length_groups(lengths, groups)
+    rows = [i for run in runs for i in run]
+    assert sorted(rows) == list(range(len(lengths))) and len(runs) <= groups  # every row once
+    assert [lengths[i] for i in rows] == sorted(lengths) and all(runs)
+    assert max(map(len, runs)) - min(map(len, runs)) <= len(runs)  # near-equal sizes
+
+
+@given(st.lists(st.integers(1, 128), min_size=1, max_size=40), st.integers(1, 9))
+def test_by_length_gives_each_row_its_own_result_in_the_callers_order(lengths, groups):
+    value = torch.tensor(lengths, dtype=torch.float32) * 10 + torch.arange(len(lengths))
+    assert torch.equal(by_length(lengths, lambda rows: value[rows], groups), value)
 
 
 @given(st.lists(st.tuples(st.lists(st.integers(1, 50), min_size=1, max_size=6),

@@ -10,7 +10,8 @@ from hypothesis import given, strategies as st
 import common
 from conftest import run_script
 from faults import LONG_PAIR, Case, Script, data_file_cases, good_pair, jsonl, write, wrong_file
-from train_dpo import dpo_loss
+from model import GPT, GPTConfig
+from train_dpo import dpo_loss, pair_logprobs
 
 # ----------------------------------------------------------------------------- the losses
 
@@ -167,3 +168,20 @@ DPO_CASES = {
 
 
 FAULTS = Script("train_dpo.py", fault_flags, init="tiny_sft", wrong_stage="pretrain", cases=DPO_CASES)
+
+
+tokens = st.lists(st.integers(0, 63), min_size=1, max_size=20)
+
+
+@given(st.lists(st.tuples(tokens, tokens, tokens), min_size=1, max_size=10))
+def test_pair_logprobs_in_length_groups_equal_each_pair_alone(pairs):
+    """Both replies of every pair are scored in groups of similar length: each log-prob is the reply's
+    own sum over its tokens, as if it were scored alone."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, block_size=48, n_layer=1, n_head=2, n_embd=16, rope=True)).eval()
+    batch = [(p, c, r, None) for p, c, r in pairs]
+    with torch.no_grad():
+        chosen, rejected = pair_logprobs(model, batch, "cpu")
+        alone = [pair_logprobs(model, [pair], "cpu") for pair in batch]
+    assert torch.allclose(chosen, torch.cat([c for c, _ in alone]), atol=1e-4)
+    assert torch.allclose(rejected, torch.cat([r for _, r in alone]), atol=1e-4)

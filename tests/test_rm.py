@@ -14,6 +14,7 @@ from data.batches import score_replies
 from data.tinyworld_chat import gold_score
 from data.tinyworld_facts import VALUES, fact_sentence, load_world, question
 from data.tokenizer import load_tokenizer
+from model import GPTConfig, RewardModel
 from faults import LONG_PAIR, Case, Script, data_file_cases, good_pair, jsonl, write, wrong_file
 from train_rm import reward_loss
 
@@ -123,6 +124,25 @@ def test_reward_accuracy_counts_each_kind_of_pair_apart(tiny_world):
     assert evals.reward_accuracy(LongerWins(128), tok, records, world) == {"all": 4 / 6, "facts": 0.5, "style": 0.5,
                                                                           "facts_unseen": 1.0}
     assert evals.reward_accuracy(LongerWins(128), tok, records) == {"all": 4 / 6}  # no world: no kinds
+
+
+tokens = st.lists(st.integers(0, 63), min_size=1, max_size=20)
+
+
+@given(st.lists(st.tuples(tokens, tokens), min_size=1, max_size=12))
+def test_replies_scored_in_length_groups_score_as_one_by_one(pairs):
+    """Padding a length group at a time changes nothing a row computes: each score and log-prob sum is
+    the row's own, scored alone without any padding."""
+    torch.manual_seed(0)
+    rm = RewardModel(GPTConfig(vocab_size=64, block_size=48, n_layer=1, n_head=2, n_embd=16, rope=True)).eval()
+    torch.nn.init.normal_(rm.gate.weight, std=1.0)  # the log-prob part weighs in too
+    prompts, replies = [p for p, _ in pairs], [r for _, r in pairs]
+    with torch.no_grad():
+        scores, logp, lengths = score_replies(rm, prompts, replies)
+        alone = [score_replies(rm, [p], [r]) for p, r in pairs]
+    assert torch.allclose(scores, torch.cat([a[0] for a in alone]), atol=1e-5)
+    assert torch.allclose(logp, torch.cat([a[1] for a in alone]), atol=1e-4)
+    assert lengths.tolist() == [len(r) for r in replies]
 
 
 def test_best_of_n_keeps_the_highest_scored_of_the_first_n_replies(tiny_world, tiny_sft):

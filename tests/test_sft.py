@@ -10,7 +10,8 @@ import common
 from conftest import run_script
 from data.tokenizer import load_tokenizer
 from faults import Case, Script, data_file_cases, jsonl, write, wrong_file
-from train_sft import collate, sft_loss
+from model import GPT, GPTConfig
+from train_sft import collate, get_batch, sft_loss
 
 # ----------------------------------------------------------------------------- the loss
 
@@ -161,3 +162,26 @@ SFT_CASES = {
 
 
 FAULTS = Script("train_sft.py", fault_flags, init="tiny_pretrained", wrong_stage="rm", cases=SFT_CASES)
+
+
+conversation = st.lists(st.tuples(st.integers(0, 63), st.booleans()), min_size=2, max_size=30)
+
+
+@given(st.lists(conversation, min_size=1, max_size=12), st.integers(0, 2**31 - 1))
+def test_a_batch_in_length_groups_has_the_loss_of_one_padded_batch(conversations, seed):
+    """get_batch pads a few groups of similar length instead of one batch: the loss over the step's
+    learned tokens, summed over the groups, is the one padded batch's."""
+    examples = [([t for t, _ in c], [int(m) for _, m in c]) for c in conversations]
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, block_size=48, n_layer=1, n_head=2, n_embd=16, rope=True)).eval()
+    picks = torch.randint(len(examples), (8,), generator=torch.Generator().manual_seed(seed))
+    groups = get_batch(examples, 8, torch.Generator().manual_seed(seed), 0, 1)
+    x, y, m = collate([examples[i] for i in picks.tolist()])
+    n_tokens = m.sum().item()
+    if n_tokens == 0:
+        return
+    with torch.no_grad():
+        whole = sft_loss(-model(x, y, reduction="none"), m)
+        grouped = sum(sft_loss(-model(gx, gy, reduction="none"), gm, n_tokens=n_tokens) for gx, gy, gm in groups)
+    assert sum(gm.sum().item() for _, _, gm in groups) == n_tokens
+    assert grouped.item() == pytest.approx(whole.item(), abs=1e-5)
