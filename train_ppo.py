@@ -290,7 +290,7 @@ class Config:
     batch_size: int = 32               # prompts per rollout, over all processes
     minibatch_size: int = 16           # rollouts per gradient step, per process
     ppo_epochs: int = 4                # passes over each batch of rollouts
-    max_steps: int = 50                # rollout-and-update steps
+    max_steps: int = 70                # rollout-and-update steps
     stop_at: int = 0                   # stop early at this step with a checkpoint (0: run to max_steps)
     lr: float = 1e-4                   # the policy's peak learning rate
     critic_lr: float = 1e-3            # the critic's learning rate
