@@ -2,9 +2,9 @@
 feed the model, and how a reward model scores replies."""
 import torch
 
-# A batch of replies drawn at random pads every row to its longest: on TinyWorld's preference pairs
-# that is ~4x the real tokens, on its conversations ~2.6x. Rows sorted by length and cut into a few
-# groups, each padded only to its own longest, compute the same thing for a fraction of the work.
+# A batch of replies drawn at random pads every row to its longest, and a few long replies make most
+# of it padding. Rows sorted by length and cut into a few groups, each padded only to its own longest,
+# compute the same thing for a fraction of the work.
 GROUPS = 4
 
 
@@ -24,6 +24,7 @@ def by_length(lengths, fn, groups=GROUPS):
         parts.append(fn(rows))
         order += rows
     return torch.cat(parts)[torch.tensor(order, device=parts[0].device).argsort()]
+
 
 def pack_responses(prompts, responses):
     """Prompt-and-response token lists as one right-padded batch for the post-training stages.

@@ -170,6 +170,8 @@ DPO_CASES = {
 FAULTS = Script("train_dpo.py", fault_flags, init="tiny_sft", wrong_stage="pretrain", cases=DPO_CASES)
 
 
+# ----------------------------------------------------------------------------- batches padded by length group
+
 tokens = st.lists(st.integers(0, 63), min_size=1, max_size=20)
 
 

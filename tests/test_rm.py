@@ -14,8 +14,8 @@ from data.batches import score_replies
 from data.tinyworld_chat import gold_score
 from data.tinyworld_facts import VALUES, fact_sentence, load_world, question
 from data.tokenizer import load_tokenizer
-from model import GPTConfig, RewardModel
 from faults import LONG_PAIR, Case, Script, data_file_cases, good_pair, jsonl, write, wrong_file
+from model import GPTConfig, RewardModel
 from train_rm import reward_loss
 
 finite = st.floats(-20, 20, allow_nan=False)

@@ -164,6 +164,8 @@ SFT_CASES = {
 FAULTS = Script("train_sft.py", fault_flags, init="tiny_pretrained", wrong_stage="rm", cases=SFT_CASES)
 
 
+# ----------------------------------------------------------------------------- batches padded by length group
+
 conversation = st.lists(st.tuples(st.integers(0, 63), st.booleans()), min_size=2, max_size=30)
 
 
