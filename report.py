@@ -158,6 +158,14 @@ def story(rows, vocab_size, grpo_from, grpo_metrics):
 
     r, p, s = "0 random init", "1 pre-trained", "2 SFT"
     credit = (grpo_metrics.get("format_reward", 0.0), grpo_metrics.get("step_reward", 0.0))
+    grpo, start = rows.get("4 GRPO", {}), rows.get(grpo_from, {})
+    paid = grpo.get("worked", 0) > start.get("worked", 1) + 0.1 and grpo.get("math", 0) > start.get("math", 1)
+    if any(credit):
+        reward = (f"The reward is the final number plus partial credit (--format_reward={credit[0]}, "
+                  f"--step_reward={credit[1]}).")
+    else:
+        reward = "The reward is the final number alone" + (
+            ": nothing asked for the steps, yet working them out is what paid." if paid else ".")
     lines = {
         p: f"**Pre-training** (next-token prediction on the corpus): validation loss {num(r, 'val_loss')} -> "
            f"{num(p, 'val_loss')} (a uniform guess over {vocab_size:,} tokens scores ln {vocab_size} = "
@@ -185,13 +193,7 @@ def story(rows, vocab_size, grpo_from, grpo_metrics):
                   f"greedily {pct(grpo_from, 'math')} ({grpo_from[2:]}, where it started) -> {pct('4 GRPO', 'math')}, "
                   f"answers that work the steps rather than give a number alone {pct(grpo_from, 'worked')} -> "
                   f"{pct('4 GRPO', 'worked')}, their steps stated right {pct(grpo_from, 'steps')} -> "
-                  f"{pct('4 GRPO', 'steps')}. "
-                  + (f"The reward is the final number plus partial credit (--format_reward={credit[0]}, "
-                     f"--step_reward={credit[1]})." if any(credit) else "The reward is the final number alone"
-                     + (": nothing asked for the steps, yet working them out is what paid."
-                        if rows.get('4 GRPO', {}).get('worked', 0) > rows.get(grpo_from, {}).get('worked', 1) + 0.1
-                        and rows.get('4 GRPO', {}).get('math', 0) > rows.get(grpo_from, {}).get('math', 1) else "."))
-                  + " By level below.",
+                  f"{pct('4 GRPO', 'steps')}. {reward} By level below.",
     }
     return [f"- {line}" for label, line in lines.items() if label in rows]
 
