@@ -22,9 +22,9 @@ def die(msg):
 
 def run_main(main, config_cls, presets=None):
     """main(config) with the config from the command line; a UserError becomes one line on stderr
-    and exit code 2."""
+    and exit code 2. --help shows the docstring of main's module, then the flags."""
     try:
-        main(parse_config(config_cls, presets=presets))
+        main(parse_config(config_cls, presets=presets, doc=sys.modules[main.__module__].__doc__))
     except UserError as e:
         die(str(e))
     except BrokenPipeError:  # the output piped into a reader that stopped early (--help | head): not an error
@@ -38,9 +38,12 @@ def run_main(main, config_cls, presets=None):
 
 
 def field_comments(cls):
-    """{field: comment} from the `name: type = default  # comment` lines of a config dataclass."""
-    src = inspect.getsource(cls)
-    return dict(re.findall(r"^\s+(\w+)\s*:[^#\n]*#\s*(.*)$", src, flags=re.M))
+    """{field: comment} from the `name: type = default  # comment` lines of a config dataclass and the
+    classes it extends (its own comment first)."""
+    comments = {}
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        comments.update(re.findall(r"^\s+(\w+)\s*:[^#\n]*#\s*(.*)$", inspect.getsource(klass), flags=re.M))
+    return comments
 
 
 def parse_value(name, text, kind):
@@ -56,14 +59,14 @@ def parse_value(name, text, kind):
         raise UserError(f"--{name} expects {kind.__name__}, got {text!r}") from None
 
 
-def parse_config(cls, argv=None, presets=None):
+def parse_config(cls, argv=None, presets=None, doc=None):
     """A config from `--field=value` arguments. `--preset=NAME` first applies a named set of
     defaults from `presets`; fields given on the command line win over it. Where a script has a
     `tinyworld_gpu` preset and a CUDA GPU is used, that preset is the default (`--preset=cpu`: none)."""
     argv = sys.argv[1:] if argv is None else argv
     fields = {f.name: f for f in dataclasses.fields(cls)}
     if "-h" in argv or "--help" in argv:
-        print_help(cls, presets)
+        print_help(cls, presets, doc)
         sys.exit(0)
     given = {}
     for arg in argv:
@@ -96,10 +99,13 @@ def on_gpu(device):
     return device == "auto" and torch.cuda.is_available()
 
 
-def print_help(cls, presets=None):
-    print((sys.modules[cls.__module__].__doc__ or "").strip() + "\n\nflags (--field=value):")
+def print_help(cls, presets=None, doc=None):
+    """The script's docstring (doc; by default, that of the config's module), then each flag with its
+    default and comment: the stage's own first, then those every stage shares."""
+    print((doc or sys.modules[cls.__module__].__doc__ or "").strip() + "\n\nflags (--field=value):")
     comments = field_comments(cls)
-    for f in dataclasses.fields(cls):
+    own = vars(cls).get("__annotations__", {})
+    for f in sorted(dataclasses.fields(cls), key=lambda f: f.name not in own):
         print(f"  --{f.name}={f.default!s:<28} {comments.get(f.name, '')}")
     if presets:
         print("  --preset=NAME                  " + "; ".join(f"{k}: {v}" for k, v in presets.items()))

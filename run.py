@@ -1,9 +1,9 @@
 """One training run's skeleton, written once, so that each train_*.py's main() shows its algorithm:
 
-    run = Run("sft", cfg, per_rank=["batch_size"])       # device, DDP, checks, an --out that can be written
-    ckpt = run.resumed() or common.load_checkpoint(cfg.init, ["pretrain", "sft"])
-    ...                                                  # the stage's own: tokenizer, model, data
-    model = run.start(model, ckpt, tok, tokenizer)       # AdamW, the data order and the step; the log
+    run = Run("sft", cfg, per_rank=["batch_size"])       # device, DDP, cfg.check(), an --out that can be written
+    ckpt, init, tok = run.load(["pretrain", "sft"])     # --resume's checkpoint or --init's, and the tokenizer
+    ...                                                  # the stage's own: model, data
+    model = run.start(model, ckpt)                       # AdamW, the data order and the step; the log
     for step in run.steps():        # the step's learning rate is set; Ctrl-C ends the step, saves, exits
         ...                         # batch, forward, loss, backward
         run.update(loss)            # stop on a non-finite loss, clip, AdamW's step, count the step
@@ -37,6 +37,7 @@ import cli
 import common
 from cli import UserError
 from common import all_mean, is_master, print0
+from data.tokenizer import load_tokenizer
 
 
 class Run:
@@ -46,6 +47,7 @@ class Run:
 
     def __init__(self, stage, cfg, per_rank=("batch_size",)):
         """per_rank: the flags (batch sizes) that DDP splits over the processes, so must divide by their number."""
+        cfg.check()
         self.stage, self.cfg = stage, cfg
         self.rank, self.world, self.device = common.setup_ddp(common.pick_device(cfg.device))
         for name in per_rank:
@@ -65,7 +67,20 @@ class Run:
             return None
         return common.load_checkpoint(self.ckpt_path, [self.stage], made_by=f"python train_{self.stage}.py")
 
-    def start(self, model, ckpt, tok, tokenizer, keep=dict, seed=None, unit=None, flops_per_unit=None):
+    def load(self, stages, made_by="python train_sft.py", init=None):
+        """(ckpt, init_ckpt, tok): the checkpoint the model starts from (under --resume, this stage's
+        own), the one the run first started from (init, by default --init; None for "scratch"), which
+        must be of one of stages, and the tokenizer: --tokenizer, else the checkpoint's, else
+        out/tokenizer. self.init keeps init's path; every checkpoint records it."""
+        ckpt = self.resumed()
+        self.init = (ckpt or {}).get("init") or init or self.cfg.init
+        init_ckpt = None if self.init == "scratch" else common.load_checkpoint(self.init, stages, made_by=made_by)
+        ckpt = ckpt or init_ckpt
+        self.tokenizer = self.cfg.tokenizer or (ckpt["tokenizer"] if ckpt else "out/tokenizer")
+        self.tok = load_tokenizer(self.tokenizer)
+        return ckpt, init_ckpt, self.tok
+
+    def start(self, model, ckpt, keep=dict, seed=None, unit=None, flops_per_unit=None):
         """AdamW over the model, the generator that orders the data, and the step: all restored exactly
         from ckpt under --resume. seed: the global RNG's seed from here on (None: left as it is); keep()
         returns the stage's own fields for each checkpoint; unit names the speed each printed line shows
@@ -87,10 +102,13 @@ class Run:
             rng = ckpt["rng"]  # under DDP, a list: each rank's own (PPO and GRPO sample other replies on each)
             common.set_rng_state(rng[self.rank % len(rng)] if isinstance(rng, list) else rng)
         self.model = self.ddp(torch.compile(self.raw) if cfg.compile else self.raw)
-        self.tok, self.tokenizer, self.keep = tok, tokenizer, keep
+        self.keep = keep
         self.unit, self.flops_per_unit = unit, flops_per_unit
         self.peak = peak_flops(self.device) if flops_per_unit else None
         self.logger = Logger(cfg.out, self.stage, cfg.max_steps, resume=cfg.resume, start_step=self.step)
+        self.logger.phase("evaluation")  # what a stage does before its loop: the figures at the start
+        print0(f"{self.stage}: {self.raw.num_params() / 1e6:.2f}M parameters, on {self.device} x{self.world}, "
+               f"from {self.ckpt_path if cfg.resume else self.init} (step {self.step} of {cfg.max_steps})")
         return self.model
 
     def ddp(self, net):
@@ -109,7 +127,7 @@ class Run:
             common.save_checkpoint(self.ckpt_path, {
                 "stage": self.stage, "model_args": dataclasses.asdict(self.raw.config), "model": self.raw.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "step": self.step, "config": dataclasses.asdict(self.cfg),
-                "tokenizer": self.tokenizer, "data_rng": self.data_gen.get_state(), "rng": rng,
+                "tokenizer": self.tokenizer, "init": self.init, "data_rng": self.data_gen.get_state(), "rng": rng,
                 "tokenizer_fingerprint": self.tok.fingerprint, "train_seconds": self.seconds(), **self.keep()})
 
     def seconds(self):
@@ -142,12 +160,6 @@ class Run:
         if self.world > 1:
             self.model.require_backward_grad_sync = now
 
-    def update(self, loss):
-        """After the backward passes: stop on a non-finite loss, clip the gradient, AdamW's step, count the step."""
-        self.check(loss, "loss", self.step + 1)
-        self.apply_gradients()
-        self.step += 1
-
     def apply_gradients(self, net=None, optimizer=None):
         """Clip the gradient of net (the model) to --grad_clip, take optimizer's (AdamW's) step, clear the
         gradients. A stage with a second network (PPO's critic) passes it and its optimizer."""
@@ -166,6 +178,17 @@ class Run:
             kept = (f"the last good checkpoint is kept in {self.ckpt_path}: continue from it with --resume and a "
                     "lower --lr" if self.ckpt_path.is_file() else "no checkpoint was written: lower --lr")
             raise UserError(f"the {what} became {value} at step {step or self.step}; {kept} (or check the data)")
+
+    @torch.no_grad()
+    def check_after_update(self, fn, what="loss after the update", step=None):
+        """Stop when fn(model), a loss or log-probability under the weights just updated (no dropout, no
+        gradient), is not finite: a finite loss can still leave weights that are not, or whose logits
+        overflow, and those must not be saved. Every rank calls it at once."""
+        self.raw.eval()
+        with common.autocast(self.device):
+            value = float(fn(self.raw))
+        self.raw.train()
+        self.check(value, what, step)
 
     def due(self):
         """Whether this step ends with a checkpoint (and the evaluations that go with it): every

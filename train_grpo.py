@@ -21,7 +21,6 @@ rewarded for the final number only, GRPO finds that the worked answers are the o
 are sampled at temperature 0.7, where this small model's samples keep the steps its greedy answer gets
 right. Partial credit is off: on the seeds tried it did not lift pass@1 consistently. Writes to out/grpo/.
 """
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,13 +29,12 @@ import cli
 import common
 import evals
 import kernels
-from cli import UserError
+import configs
+import stage_evals
 from common import print0
-from data import formats
+from data import loaders
 from data.batches import pack_responses
 from data.tinymath import check_answer, check_steps, extract_answer, shows_work
-from data.tinyworld_facts import load_world
-from data.tokenizer import load_tokenizer
 from run import Run
 
 
@@ -113,7 +111,7 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, eps_low=0.2, eps_high=0.2, be
     return loss, stats
 
 
-# ----------------------------------------------------------------------------- rollouts, the update and the evaluation
+# ----------------------------------------------------------------------------- rollouts and the update
 
 def rollouts(model, tok, problems, picks, cfg, world):
     """G answers to each picked problem, sampled together with the KV cache, and their rewards: (prompts,
@@ -165,51 +163,31 @@ def update(run, ref, batch, denom, cfg):
         run.check(loss_sum, "loss", run.step + 1)  # no step on a broken gradient
         run.apply_gradients()
         # finite weights can still give logits that overflow, which the next rollout could not sample from
-        with torch.no_grad(), common.autocast(run.device):
-            after = run.raw.token_logprobs(x[:1], y[:1]).sum().item()  # run.check agrees over the ranks
-        run.check(after, "log-probability after the update", run.step + 1)
+        run.check_after_update(lambda net: net.token_logprobs(x[:1], y[:1]).sum(), "log-probability after the update",
+                               run.step + 1)
     n = max(mask.sum().item(), 1)
     return loss_sum, clipped / n, kl / n
-
-
-def evaluate(run, tok, problems, cfg, world, when):
-    """pass@1, pass@k and steps right on the held-out problems, overall and per level (evals.math_eval):
-    printed, logged as eval/* and returned."""
-    result = evals.math_eval(run.raw, tok, problems, cfg.max_new_tokens, cfg.pass_k, cfg.seed, world)
-    result.pop("solved")  # per problem: the figures above are what the log and metrics.json keep
-    print0(evals.describe_math(result, f"grpo: {when}", cfg.pass_k))
-    run.logger.log(run.step, printed=False, **{f"eval/{k}": v for k, v in result.items()})
-    return result
 
 
 # ----------------------------------------------------------------------------- training
 
 def main(cfg):
-    check_config(cfg)
     run = Run("grpo", cfg, per_rank=("prompts_per_step",))
 
-    # the policy: from an SFT or preference-tuned checkpoint, or resumed exactly
+    # the policy: from an SFT or preference-tuned checkpoint (by default the latest stage that has run), or resumed
     latest = next((p for p in ("out/ppo/ckpt.pt", "out/dpo/ckpt.pt") if Path(p).is_file()), "out/sft/ckpt.pt")
-    init = cfg.init or latest  # by default the latest stage before this one that has run
-    ckpt = run.resumed()
-    if ckpt:
-        init = ckpt.get("init", init)
-    else:
-        ckpt = common.load_checkpoint(init, ["sft", "ppo", "dpo", "grpo"], made_by="python train_sft.py")
-        print0(f"grpo: starting from {init} (a {ckpt['stage']} checkpoint)")
-    tokenizer = cfg.tokenizer or ckpt["tokenizer"]
-    tok = load_tokenizer(tokenizer)
+    ckpt, init, tok = run.load(["sft", "ppo", "dpo", "grpo"], init=cfg.init or latest)
+    print0(f"grpo: starting from {run.init} (a {init['stage']} checkpoint)")
     model = common.gpt_from_checkpoint(ckpt, tok, dropout=0.0)  # ratios of 1 must mean "the same policy"
-    problems, test, rater = load_data(cfg, tok, model.config.block_size)
+    problems, test, rater = loaders.grpo(cfg, tok, model.config.block_size)
     ref = None
     if cfg.beta > 0:  # the KL penalty's anchor: the starting model, frozen (built before the RNG is restored)
-        ref = common.gpt_from_checkpoint(common.load_checkpoint(init), tok).to(run.device).eval().requires_grad_(False)
+        ref = common.gpt_from_checkpoint(init, tok).to(run.device).eval().requires_grad_(False)
     before = ckpt.get("eval_before") if cfg.resume else None
-    run.start(model, ckpt, tok, tokenizer, seed=cfg.seed + run.rank, unit="perf/tokens_per_s",  # each rank its own answers
-              keep=lambda: dict(init=init, eval_before=before))
-    run.logger.phase("evaluation")
+    run.start(model, ckpt, seed=cfg.seed + run.rank, unit="perf/tokens_per_s",  # each rank its own answers
+              keep=lambda: dict(eval_before=before))
     if run.step == 0 and test and common.is_master():
-        before = evaluate(run, tok, test, cfg, rater, "before")
+        before = stage_evals.grpo_eval(run, tok, test, cfg, rater, "before")
 
     for step in run.steps():
         # 1-2. this rank's share of the step's problems, G answers to each, and their rewards
@@ -241,90 +219,11 @@ def main(cfg):
         metrics = {k: common.all_mean(v) for k, v in metrics.items()}
         run.log(metrics, save=run.due())
 
-    summary = {"init": init, "loss_type": cfg.loss_type, "format_reward": cfg.format_reward, "step_reward": cfg.step_reward}
+    summary = {"init": run.init, "loss_type": cfg.loss_type, "format_reward": cfg.format_reward, "step_reward": cfg.step_reward}
     if test and common.is_master():
-        summary.update(before=before, after=evaluate(run, tok, test, cfg, rater, "after"))
+        summary.update(before=before, after=stage_evals.grpo_eval(run, tok, test, cfg, rater, "after"))
     run.finish(summary)
 
 
-def check_config(cfg):
-    cli.require_positive(cfg, "prompts_per_step", "max_new_tokens", "max_steps", "micro_batch", "passes",
-                         "pass_k", "eval_every", "log_every", "lr", "temperature")
-    cli.require_choice(cfg, "loss_type", ("grpo", "dr_grpo", "dapo"))
-    cli.require_choice(cfg, "scale", ("group", "none"))
-    if cfg.group_size < 2:
-        raise UserError(f"--group_size must be 2 or more (an answer is judged against its group), got {cfg.group_size}")
-
-
-def load_data(cfg, tok, block_size):
-    """The training problems and the held-out ones that fit the context beside the answers, and the
-    world the steps are marked against (wanted by the evaluation and the step reward)."""
-    room = block_size - cfg.max_new_tokens
-    if room <= 0:
-        raise UserError(f"--max_new_tokens={cfg.max_new_tokens} leaves no room for a prompt in the context "
-                        f"({block_size} tokens): lower it")
-    problems, dropped = formats.problems(cfg.data, tok, room)
-    formats.require_some(problems, dropped, cfg.data, "problems", f"{room} for a prompt beside --max_new_tokens="
-                         f"{cfg.max_new_tokens}", "lower --max_new_tokens, or give shorter problems")
-    test = formats.problems(cfg.test_data, tok, room)[0][:cfg.test_limit or None] if cfg.test_data else []
-    rater = load_world(cfg.world) if cfg.world and (test or cfg.step_reward) else None
-    print0(f"grpo: {len(problems):,} problems from {cfg.data}, {len(dropped)} dropped as too long for the context; "
-           f"{cfg.prompts_per_step} problems x {cfg.group_size} answers per step")
-    return problems, test, rater
-
-
-# ----------------------------------------------------------------------------- the settings
-
-@dataclass
-class Config:
-    data: str = "data/tinyworld/math_train.jsonl"   # training problems: {"question", "answer" ending in "#### n"}
-    test_data: str = "data/tinyworld/math_test.jsonl"  # held-out problems, same format, for pass@1 and pass@k
-    tokenizer: str = ""                # default: the one the --init checkpoint was trained with
-    init: str = ""                     # start from this checkpoint (default: out/ppo, else out/dpo, else out/sft)
-    out: str = "out/grpo"              # where ckpt.pt, log.jsonl and metrics.json go
-    resume: bool = False               # continue exactly from out/ckpt.pt (optimizer, step, RNG)
-    prompts_per_step: int = 8          # problems per step, over all processes
-    group_size: int = 8                # answers sampled per problem (G)
-    max_new_tokens: int = 72           # answer length limit, in training and evaluation (TinyWorld's: under 64)
-    temperature: float = 0.7           # sampling temperature of the rollouts (the policy trained: logits / T)
-    format_reward: float = 0.0         # extra reward for an answer that ends its turn with "#### <number>"
-    step_reward: float = 0.0           # extra reward per share of the reference's steps stated right (TinyWorld)
-    scale: str = "group"               # advantages divided by the group's std (group), or not (none: Dr. GRPO)
-    skip_all_equal: bool = True        # leave groups with all-equal rewards out of the update (DAPO)
-    loss_type: str = "grpo"            # grpo (mean per answer), dr_grpo (sum / G*max_new_tokens), dapo (token mean)
-    eps_low: float = 0.2               # clip the ratio below at 1 - eps_low
-    eps_high: float = 0.2              # clip the ratio above at 1 + eps_high (DAPO: 0.28)
-    beta: float = 0.05                 # weight of the k3 KL penalty to the starting model (0: no reference loaded)
-    passes: int = 1                    # optimizer steps on each batch of rollouts (the first is on-policy)
-    micro_batch: int = 64              # answers per forward and backward
-    max_steps: int = 80                # steps, each a batch of rollouts
-    stop_at: int = 0                   # stop early at this step with a checkpoint (0: run to max_steps)
-    lr: float = 1e-4                   # peak learning rate
-    min_lr: float = 1e-4               # learning rate at the end of the cosine (the same: a constant rate)
-    warmup_steps: int = 5              # linear warm-up steps
-    weight_decay: float = 0.0          # AdamW decay on matrices
-    grad_clip: float = 1.0             # clip the gradient norm to this (0: off)
-    pass_k: int = 8                    # samples per held-out problem for pass@k
-    test_limit: int = 0                # held-out problems evaluated (0: all)
-    world: str = "data/tinyworld"      # the TinyWorld whose facts the step checker knows (empty: none, as for GSM8K)
-    eval_every: int = 20               # steps between checkpoints
-    log_every: int = 10                # steps between printed lines
-    device: str = "auto"               # auto (cuda, mps, cpu), or a torch device name
-    compile: bool = False              # torch.compile the model
-    seed: int = 1337                   # seeds problem order and sampling
-
-
-PRESETS = {
-    # GSM8K (python -m data.prepare_gsm8k) on a model fine-tuned with train_sft.py --preset=gpu
-    "gpu": dict(data="data/real/gsm8k_train.jsonl", test_data="data/real/gsm8k_test.jsonl", prompts_per_step=32,
-                group_size=8, max_new_tokens=256, format_reward=0.1, eps_high=0.28, lr=1e-6, min_lr=1e-6,
-                max_steps=500, micro_batch=32, test_limit=500, world="", eval_every=50, log_every=5, compile=True,
-                temperature=1.0),  # TinyWorld's 0.7 was chosen for the small model; not measured here
-    # the whole journey's plumbing in about a minute on a CPU, nothing learned (make demo PRESET=smoke)
-    "smoke": dict(prompts_per_step=2, group_size=2, max_new_tokens=8, pass_k=2, test_limit=2, max_steps=2,
-                  warmup_steps=1, eval_every=2, log_every=1),
-}
-
-
 if __name__ == "__main__":
-    cli.run_main(main, Config, PRESETS)
+    cli.run_main(main, configs.GRPO, configs.PRESETS["grpo"])

@@ -22,9 +22,6 @@ ratios compare the distribution the tokens were drawn from. Dropout is off: rati
 the true one can be watched side by side (out/<run>/reward_vs_gold.png): where the first keeps rising
 and the second does not, the policy is exploiting the reward model. Writes out/ppo/ckpt.pt, log.jsonl and metrics.json.
 """
-from dataclasses import dataclass
-from pathlib import Path
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -32,11 +29,11 @@ import torch.nn.functional as F
 import cli
 import common
 import evals
+import configs
+import stage_evals
 from cli import UserError
-from common import print0
-from data import formats, read_jsonl, tinyworld
+from data import loaders, tinyworld
 from data.batches import pack_responses, score_replies
-from data.tokenizer import load_tokenizer
 from run import Run
 
 
@@ -140,20 +137,17 @@ def rollout(policy, ref, critic, rm, tok, questions, cfg, device):
 # ----------------------------------------------------------------------------- training
 
 def main(cfg):
-    cli.require_positive(cfg, "batch_size", "minibatch_size", "ppo_epochs", "max_steps", "eval_every", "log_every",
-                         "max_new_tokens", "lr", "critic_lr", "temperature")
-    cli.require_choice(cfg, "kl_estimator", ("k1", "k3"))
     run = Run("ppo", cfg)
 
     # the four networks: policy and reference from SFT, critic and reward model from the reward model
-    ckpt = run.resumed()
-    init, reward_model = (ckpt["init"], ckpt["reward_model"]) if ckpt else (cfg.init, cfg.reward_model)
-    tokenizer, tok, policy, ref, rm, critic = networks(ckpt, init, reward_model, cfg, run.device)
-    questions, rater, judge = load_data(cfg, tok, policy.config.block_size)
-    model = run.start(policy, ckpt, tok, tokenizer, seed=cfg.seed + run.rank, keep=lambda: dict(  # each rank its own replies
-        critic=critic.state_dict(), critic_optimizer=critic_opt.state_dict(), init=init, reward_model=reward_model))
+    ckpt, sft, tok = run.load(["sft"])
+    reward_model = ckpt["reward_model"] if cfg.resume else cfg.reward_model
+    policy, ref, rm, critic = networks(ckpt, sft, reward_model, tok, run)
+    questions, rater, judge = loaders.ppo(cfg, tok, policy.config.block_size)
+    model = run.start(policy, ckpt, seed=cfg.seed + run.rank, keep=lambda: dict(  # each rank its own replies
+        critic=critic.state_dict(), critic_optimizer=critic_opt.state_dict(), reward_model=reward_model))
     critic_opt = critic.configure_optimizer(cfg.critic_lr, cfg.weight_decay)
-    if ckpt:
+    if cfg.resume:
         critic_opt.load_state_dict(ckpt["critic_optimizer"])
     critic_model = run.ddp(critic)
 
@@ -191,14 +185,13 @@ def main(cfg):
         gold = [tinyworld.gold_score(questions[i], t, rater) for i, t in zip(picks, batch["texts"])] if judge else None
         metrics = step_metrics(batch, kl, stats, gold, run.lr)
         # finite losses can still leave weights whose probabilities the next rollout cannot sample from
-        with torch.no_grad():
-            after = token_logprobs(policy, batch["x"][:1], batch["y"][:1], cfg.temperature)[0].sum().item()
-        run.check(after, "policy's log-probability after the update")
+        run.check_after_update(lambda net: token_logprobs(net, batch["x"][:1], batch["y"][:1], cfg.temperature)[0].sum(),
+                               "policy's log-probability after the update")
         run.log(metrics, save=run.due())
 
     result = {"final": metrics}
     if common.is_master():
-        result.update(final_evaluation(policy, ref, tok, rater if judge else None, cfg))
+        result.update(stage_evals.after_ppo(policy, ref, tok, rater if judge else None, cfg))
     run.finish(result)
 
 
@@ -214,117 +207,21 @@ def step_metrics(batch, kl, stats, gold, lr):
     return {k: common.all_mean(v) for k, v in metrics.items()}
 
 
-def final_evaluation(policy, ref, tok, rater, cfg):
-    """The reward model's score against the gold rater's over training (a plot), and on held-out prompts
-    PPO's greedy replies against SFT's: the gold rater's verdict, KL to SFT, held-out QA of both."""
-    result = {}
-    if rater is not None:
-        evals.plot_reward_vs_gold(Path(cfg.out) / "log.jsonl", Path(cfg.out) / "reward_vs_gold.png")
-    if cfg.test_data and rater is not None:
-        held_out = formats.prompts(cfg.test_data)
-        versus = evals.gold_win_rate(policy, ref, tok, held_out, cfg.max_new_tokens, rater)
-        kl_ref = evals.kl_to_reference(policy, ref, tok, held_out, cfg.max_new_tokens)
-        result.update(win_rate_vs_sft=versus["win_rate"], gold_score=versus["score"],
-                      sft_gold_score=versus["baseline_score"], kl_to_sft=kl_ref)
-        print0(f"ppo: on {len(held_out)} held-out prompts, wins {versus['win_rate']:.1%} against SFT by the "
-               f"gold rater (mean gold score {versus['score']:.2f} vs {versus['baseline_score']:.2f}); "
-               f"KL to SFT {kl_ref:.2f} nats per reply")
-        for q, mine, theirs in versus["examples"]:
-            print0(f"    {q!r}\n      ppo: {mine[:100]!r}\n      sft: {theirs[:100]!r}")
-    if cfg.qa_data:
-        records = read_jsonl(cfg.qa_data)
-        for name, net in (("sft", ref), ("ppo", policy)):
-            result[f"qa_{name}"] = qa = evals.qa_accuracy(net, tok, records)
-            qa.pop("examples")
-            print0(evals.describe_qa(qa, f"ppo: {name}"))
-    return result
-
-
-def networks(ckpt, init, reward_model, cfg, device):
-    """The tokenizer and the four networks: policy (ours under --resume) and frozen reference from SFT,
-    frozen reward model and critic (its trunk and head, trained from here) from the reward model."""
-    sft = common.load_checkpoint(init, ["sft"], made_by="python train_sft.py")
+def networks(ckpt, sft, reward_model, tok, run):
+    """The four networks: policy (ours under --resume) and frozen reference from SFT, frozen reward model
+    and critic (its trunk and head, trained from here) from the reward model."""
     rm_ckpt = common.load_checkpoint(reward_model, ["rm"], made_by="python train_rm.py")
     if rm_ckpt["model_args"]["vocab_size"] != sft["model_args"]["vocab_size"]:
-        raise UserError(f"the reward model {reward_model} and the policy {init} use different vocabularies: "
+        raise UserError(f"the reward model {reward_model} and the policy {run.init} use different vocabularies: "
                         "train the reward model from this SFT checkpoint")
-    tokenizer = cfg.tokenizer or sft["tokenizer"]
-    tok = load_tokenizer(tokenizer)
-    policy = common.gpt_from_checkpoint(ckpt or sft, tok, dropout=0.0).to(device)
-    ref = common.gpt_from_checkpoint(sft, tok).to(device).eval().requires_grad_(False)
-    rm = common.gpt_from_checkpoint(rm_ckpt, tok, reward=True).to(device).eval().requires_grad_(False)
-    critic = common.gpt_from_checkpoint(rm_ckpt, tok, value_head=True, dropout=0.0).to(device)
-    if ckpt:
+    policy = common.gpt_from_checkpoint(ckpt, tok, dropout=0.0).to(run.device)
+    ref = common.gpt_from_checkpoint(sft, tok).to(run.device).eval().requires_grad_(False)
+    rm = common.gpt_from_checkpoint(rm_ckpt, tok, reward=True).to(run.device).eval().requires_grad_(False)
+    critic = common.gpt_from_checkpoint(rm_ckpt, tok, value_head=True, dropout=0.0).to(run.device)
+    if run.cfg.resume:
         critic.load_state_dict(ckpt["critic"])
-    return tokenizer, tok, policy, ref, rm, critic
-
-
-def load_data(cfg, tok, block_size):
-    """The prompts, checked against the context; the world the gold rater knows, and whether it can judge them."""
-    questions = formats.prompts(cfg.data)
-    if not questions:
-        raise UserError(f"{cfg.data} holds no prompts: give a JSONL file of preference pairs or conversations")
-    longest = max(len(tok.render_prompt([{"role": "user", "content": q}])) for q in questions)
-    if longest + cfg.max_new_tokens > block_size:
-        raise UserError(f"a prompt of {longest} tokens and --max_new_tokens={cfg.max_new_tokens} do not fit in the "
-                        f"context ({block_size}): lower --max_new_tokens or shorten the prompts")
-    rater = tinyworld.load_world(cfg.world) if cfg.world else None  # the world the gold rater knows
-    judge = rater is not None and rater.parse_question(questions[0]) is not None
-    print0(f"ppo: {len(questions):,} prompts from {cfg.data}; policy and reference from {cfg.init}, "
-           f"critic and reward model from {cfg.reward_model}")
-    return questions, rater, judge
-
-
-# ----------------------------------------------------------------------------- the settings
-
-@dataclass
-class Config:
-    data: str = "data/tinyworld/prefs_train.jsonl"  # prompts to train on: JSONL records with "prompt" or "messages"
-    test_data: str = "data/tinyworld/prefs_test.jsonl"  # held-out prompts for the final head-to-head (empty: none)
-    qa_data: str = "data/tinyworld/sft_test.jsonl"  # held-out questions for answer accuracy (empty: skip)
-    tokenizer: str = ""                # default: the one the --init checkpoint was trained with
-    init: str = "out/sft/ckpt.pt"      # the SFT checkpoint: the policy's start and the frozen reference
-    reward_model: str = "out/rm/ckpt.pt"  # the reward model: scores replies, and the critic's start
-    out: str = "out/ppo"               # where ckpt.pt, log.jsonl, metrics.json and the plot go
-    resume: bool = False               # continue exactly from out/ckpt.pt
-    batch_size: int = 32               # prompts per rollout, over all processes
-    minibatch_size: int = 16           # rollouts per gradient step, per process
-    ppo_epochs: int = 4                # passes over each batch of rollouts
-    max_steps: int = 70                # rollout-and-update steps
-    stop_at: int = 0                   # stop early at this step with a checkpoint (0: run to max_steps)
-    lr: float = 1e-4                   # the policy's peak learning rate
-    critic_lr: float = 1e-3            # the critic's learning rate
-    min_lr: float = 3e-5               # the policy's learning rate at the end of the cosine
-    warmup_steps: int = 5              # linear warm-up steps
-    weight_decay: float = 0.0          # AdamW decay on matrices
-    kl_coef: float = 0.05              # beta: weight of the per-token KL penalty to the reference
-    kl_estimator: str = "k1"           # k1 (log pi/pi_ref, unbiased) or k3 ((r-1) - log r, never negative)
-    gamma: float = 1.0                 # discount: 1, the reward arrives once at the end
-    lam: float = 0.95                  # GAE's lambda: bias (0) against variance (1) of the advantages
-    clip: float = 0.2                  # PPO's ratio clip epsilon
-    value_clip: float = 0.2            # how far a value may move from its rollout value per update
-    temperature: float = 1.0           # sampling temperature (logits are divided by it in training too)
-    max_new_tokens: int = 48           # reply length limit
-    missing_end_penalty: float = -1.0  # the score of a reply that never emits <|end|>
-    grad_clip: float = 1.0             # clip each network's gradient norm to this (0: off)
-    eval_every: int = 25               # steps between checkpoints
-    log_every: int = 5                 # steps between printed lines
-    world: str = "data/tinyworld"      # the TinyWorld whose gold rater scores rollouts and the win rate (empty: none)
-    device: str = "auto"               # auto (cuda, mps, cpu), or a torch device name
-    compile: bool = False              # torch.compile the policy
-    seed: int = 1337                   # seeds prompt order and sampling
-
-
-PRESETS = {
-    # HH-RLHF prompts (python -m data.prepare_hh_rlhf), from GPU runs of train_sft.py and train_rm.py
-    "gpu": dict(data="data/real/hh_train.jsonl", test_data="", qa_data="", batch_size=64, minibatch_size=16,
-                max_steps=300, lr=1e-5, critic_lr=1e-5, min_lr=1e-6, warmup_steps=10, max_new_tokens=128,
-                eval_every=50, log_every=5, world=""),
-    # the whole journey's plumbing in about a minute on a CPU, nothing learned (make demo PRESET=smoke)
-    "smoke": dict(batch_size=4, minibatch_size=2, ppo_epochs=1, max_steps=2, warmup_steps=1, max_new_tokens=8,
-                  eval_every=2, log_every=1),
-}
+    return policy, ref, rm, critic
 
 
 if __name__ == "__main__":
-    cli.run_main(main, Config, PRESETS)
+    cli.run_main(main, configs.PPO, configs.PRESETS["ppo"])

@@ -19,18 +19,15 @@ the other names and facts in use. Each step: 1. the step's batches of conversati
 of learned tokens over all of them; 2. each batch's loss (and the replayed text's), backward; 3. the
 update. Writes out/sft/ckpt.pt, log.jsonl and metrics.json.
 """
-from dataclasses import dataclass
-
 import torch
 
 import cli
 import common
-import evals
-from cli import UserError
+import configs
+import stage_evals
 from common import print0
-from data import formats, read_documents
+from data import loaders
 from data.batches import length_groups
-from data.tokenizer import load_tokenizer
 from run import Run
 
 
@@ -88,24 +85,15 @@ def get_replay_batch(ids, batch_size, block_size, gen, rank, world):
 # ----------------------------------------------------------------------------- training
 
 def main(cfg):
-    cli.require_positive(cfg, "batch_size", "grad_accum", "max_steps", "eval_every", "log_every", "max_new_tokens",
-                         "replay_batch", "lr")
     run = Run("sft", cfg, per_rank=("batch_size", "replay_batch"))
-
-    # the model: from a pre-trained (or fine-tuned) checkpoint, or resumed exactly
-    ckpt = run.resumed() or common.load_checkpoint(cfg.init, ["pretrain", "sft"], made_by="python train_pretrain.py")
-    tokenizer = cfg.tokenizer or ckpt["tokenizer"]
-    tok = load_tokenizer(tokenizer)
+    ckpt, _, tok = run.load(["pretrain", "sft"], made_by="python train_pretrain.py")
     model = common.gpt_from_checkpoint(ckpt, tok)
     block_size = model.config.block_size
-    examples, dropped, val_examples, questions, replay = load_data(cfg, tok, block_size)
+    examples, dropped, val_examples, questions, replay = loaders.sft(cfg, tok, block_size)
     before = ckpt.get("qa_before") if cfg.resume else None
-    model = run.start(model, ckpt, tok, tokenizer, seed=cfg.seed, unit="perf/tokens_per_s", keep=lambda: dict(
-        init=cfg.init if not cfg.resume else ckpt.get("init"), qa_before=before))
-    run.logger.phase("evaluation")
+    model = run.start(model, ckpt, seed=cfg.seed, unit="perf/tokens_per_s", keep=lambda: dict(qa_before=before))
     if run.step == 0 and cfg.qa_data and common.is_master():  # the starting point, for the before -> after
-        before = qa_eval(run.raw, tok, questions, cfg, "before fine-tuning")
-        run.logger.log(0, printed=False, **{f"eval/qa_{k}": v for k, v in before.items()})
+        before = stage_evals.sft_qa(run, tok, questions, cfg, "before fine-tuning")
     val_loss = evaluate(model, val_examples, cfg, run) if val_examples else None
     if val_loss is not None and run.step == 0:
         print0(f"sft: validation loss before fine-tuning {val_loss:.4f}")
@@ -139,24 +127,24 @@ def main(cfg):
                 replay_sum += replay_loss.item()
                 run.count(px.numel())
         train_loss, replay_loss = common.all_mean(loss_sum), common.all_mean(replay_sum)
-        run.update(train_loss + replay_loss)  # 3.
+        run.check(train_loss + replay_loss, "loss", run.step + 1)  # 3. the update, never from a broken loss
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        run.step += 1
         metrics = {"loss/train": train_loss, "lr": run.lr, **({"loss/replay": replay_loss} if replay is not None else {})}
         if run.due() and val_examples:  # the weights after a step can be broken while its loss was fine
             val_loss = metrics["loss/val"] = evaluate(model, val_examples, cfg, run)
             run.check(val_loss, "validation loss")
         elif run.due():
-            run.check(loss_after_step(run.raw, x, y, run.device), "loss after the update")
+            run.check_after_update(lambda net: net(x, y))
         run.log(metrics, printed="loss/val" in metrics, save=run.due())
 
     metrics = {"loss": train_loss, "val_loss": val_loss, "conversations": len(examples), "dropped": len(dropped)}
     if cfg.qa_data and common.is_master():
-        after = qa_eval(run.raw, tok, questions, cfg, "after fine-tuning")
-        run.logger.log(run.step, printed=False, **{f"eval/qa_{k}": v for k, v in after.items()})
-        metrics.update(qa_before=before, qa_after=after)
+        metrics.update(qa_before=before, qa_after=stage_evals.sft_qa(run, tok, questions, cfg, "after fine-tuning"))
     run.finish(metrics)
 
-
-# ----------------------------------------------------------------------------- evaluation
 
 @torch.no_grad()
 def evaluate(model, examples, cfg, run):
@@ -172,103 +160,5 @@ def evaluate(model, examples, cfg, run):
     return common.all_mean(total) / max(common.all_mean(count), 1)
 
 
-@torch.no_grad()
-def loss_after_step(model, x, y, device):
-    """This rank's loss of the step's last batch under the updated weights, which are about to be saved
-    (run.check averages it over the ranks)."""
-    model.eval()
-    with common.autocast(device):
-        loss = model(x, y).item()
-    model.train()
-    return loss
-
-
-def qa_eval(model, tok, questions, cfg, label):
-    """Held-out QA accuracy (seen / unseen characters) and format compliance, printed with examples."""
-    result = evals.qa_accuracy(model, tok, questions, cfg.max_new_tokens)
-    print0(evals.describe_qa(result, f"sft: {label}"))
-    for question, answer, reply in result.pop("examples"):
-        print0(f"    {question!r} ({answer}) -> {reply[:120]!r}")
-    return result
-
-
-# ----------------------------------------------------------------------------- loading
-
-def load_data(cfg, tok, block_size):
-    """The conversations to learn (and those dropped as too long), the held-out ones, the held-out
-    questions and the replayed pre-training text: all read and checked before training starts."""
-    context = block_size + 1  # tokens in a conversation the model can learn whole
-    examples, dropped = formats.conversations(cfg.data, tok, block_size)
-    formats.require_some(examples, dropped, cfg.data, "conversations", context,
-                         "shorten them, or fine-tune a model with a longer context")
-    val_examples = []
-    if cfg.val_data:
-        val_examples = formats.conversations(cfg.val_data, tok, block_size)[0]
-        if not val_examples:
-            raise UserError(f"--val_data={cfg.val_data} holds no conversation that fits the context "
-                            f"({context} tokens): give shorter ones, or --val_data= for none")
-    questions = formats.questions(cfg.qa_data, tok, block_size) if cfg.qa_data else None
-    n_learned = sum(sum(mask) for _, mask in examples)
-    first = f", the first at line {dropped[0]}" if dropped else ""
-    print0(f"sft: {len(examples):,} conversations from {cfg.data} ({n_learned:,} tokens learned), "
-           f"{len(dropped)} dropped as longer than the context ({context} tokens{first})")
-    replay = load_replay(cfg.replay_data, tok, block_size) if cfg.replay_data else None
-    if replay is not None:
-        print0(f"sft: replaying {cfg.replay_batch} windows of {cfg.replay_data} ({len(replay):,} tokens) "
-               "per micro-step")
-    return examples, dropped, val_examples, questions, replay
-
-
-def load_replay(path, tok, block_size):
-    """Pre-training text as one tensor of token ids, each document followed by <|endoftext|>."""
-    ids = torch.tensor([i for doc in read_documents(path) for i in tok.encode_document(doc)])
-    if len(ids) <= block_size + 1:
-        raise UserError(f"--replay_data={path} has {len(ids)} tokens, fewer than one window: "
-                        "give more text, or --replay_data= for none")
-    return ids
-
-
-# ----------------------------------------------------------------------------- the settings
-
-@dataclass
-class Config:
-    data: str = "data/tinyworld/sft_train.jsonl"   # training conversations: {"messages": [{"role", "content"}, ...]}
-    val_data: str = ""                 # held-out conversations, same format, for a validation loss (empty: none)
-    qa_data: str = "data/tinyworld/sft_test.jsonl"  # held-out questions with "answer" and "split" (empty: skip)
-    tokenizer: str = ""                # default: the one the --init checkpoint was trained with
-    init: str = "out/pretrain/ckpt.pt"  # a pretrain checkpoint, or an sft one to fine-tune further
-    out: str = "out/sft"               # where ckpt.pt, log.jsonl and metrics.json go
-    resume: bool = False               # continue exactly from out/ckpt.pt (optimizer, step, RNG)
-    batch_size: int = 16               # conversations per micro-step, over all processes
-    grad_accum: int = 1                # micro-steps per optimizer step
-    max_steps: int = 400               # optimizer steps
-    stop_at: int = 0                   # stop early at this step with a checkpoint (0: run to max_steps)
-    lr: float = 2e-3                   # peak learning rate
-    min_lr: float = 2e-5               # learning rate at the end of the cosine
-    warmup_steps: int = 20             # linear warm-up steps
-    weight_decay: float = 0.0          # AdamW decay on matrices
-    replay_data: str = "data/tinyworld/corpus_train.txt"  # pre-training text replayed in every step (empty: none)
-    replay_batch: int = 8              # windows of replayed text per micro-step, over all processes
-    replay_coef: float = 1.0           # weight of the replayed text's next-token loss beside the SFT loss
-    grad_clip: float = 1.0             # clip the gradient norm to this (0: off)
-    eval_every: int = 100              # steps between validation losses and checkpoints
-    log_every: int = 50                # steps between printed lines
-    max_new_tokens: int = evals.QA_TOKENS  # reply budget of the QA evaluation (the report's: the same figure)
-    device: str = "auto"               # auto (cuda, mps, cpu), or a torch device name
-    compile: bool = False              # torch.compile the model
-    seed: int = 1337                   # seeds data order and dropout
-
-
-PRESETS = {
-    # Dolly 15k (python -m data.prepare_chat) on a 12x768 model pre-trained with train_pretrain.py --preset=gpu
-    "gpu": dict(data="data/real/chat_train.jsonl", val_data="data/real/chat_val.jsonl", qa_data="", replay_data="",
-                batch_size=32, grad_accum=2, max_steps=2000, lr=5e-5, min_lr=5e-6, warmup_steps=100,
-                eval_every=250, log_every=25, compile=True),
-    # the whole journey's plumbing in about a minute on a CPU, nothing learned (make demo PRESET=smoke)
-    "smoke": dict(batch_size=4, max_steps=4, warmup_steps=1, eval_every=4, log_every=2, replay_batch=2,
-                  max_new_tokens=8),
-}
-
-
 if __name__ == "__main__":
-    cli.run_main(main, Config, PRESETS)
+    cli.run_main(main, configs.SFT, configs.PRESETS["sft"])

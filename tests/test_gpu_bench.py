@@ -14,7 +14,7 @@ import torch
 import cli
 import common
 import report as report_py
-import train_pretrain
+import configs
 from bench.demo_times import bench_demo_times
 from conftest import ROOT, run_script
 
@@ -82,16 +82,16 @@ def test_the_toy_journey_chains_every_stage_and_the_report_reads_them_all(dry_ru
 
 def test_a_gpu_makes_tinyworld_gpu_sized_unless_told_otherwise(monkeypatch, capsys):
     monkeypatch.setattr(common.torch.cuda, "is_available", lambda: True)
-    gpu = cli.parse_config(train_pretrain.Config, [], train_pretrain.PRESETS)
-    assert (gpu.n_layer, gpu.n_embd) == (6, 384) and gpu.max_steps > train_pretrain.Config.max_steps
+    gpu = cli.parse_config(configs.Pretrain, [], configs.PRESETS["pretrain"])
+    assert (gpu.n_layer, gpu.n_embd) == (6, 384) and gpu.max_steps > configs.Pretrain.max_steps
     assert "--preset=tinyworld_gpu" in capsys.readouterr().out  # said, not silent
-    cpu = train_pretrain.Config()
-    assert cli.parse_config(train_pretrain.Config, ["--preset=cpu"], train_pretrain.PRESETS) == cpu
-    on_cpu = cli.parse_config(train_pretrain.Config, ["--device=cpu"], train_pretrain.PRESETS)
+    cpu = configs.Pretrain()
+    assert cli.parse_config(configs.Pretrain, ["--preset=cpu"], configs.PRESETS["pretrain"]) == cpu
+    on_cpu = cli.parse_config(configs.Pretrain, ["--device=cpu"], configs.PRESETS["pretrain"])
     assert dataclasses.replace(on_cpu, device="auto") == cpu
-    assert cli.parse_config(train_pretrain.Config, ["--n_layer=2"], train_pretrain.PRESETS).n_layer == 2
+    assert cli.parse_config(configs.Pretrain, ["--n_layer=2"], configs.PRESETS["pretrain"]).n_layer == 2
     monkeypatch.setattr(common.torch.cuda, "is_available", lambda: False)
-    assert cli.parse_config(train_pretrain.Config, [], train_pretrain.PRESETS) == cpu
+    assert cli.parse_config(configs.Pretrain, [], configs.PRESETS["pretrain"]) == cpu
 
 
 @DRY_ONLY

@@ -8,13 +8,14 @@ from hypothesis import assume, given, settings, strategies as st
 
 import cli
 import common
+import configs
 import train_grpo
 from conftest import run_script
 from data.tinymath import shows_work
 from data.tinyworld_facts import make_world
 from faults import Case, Script, data_file_cases, jsonl, write, wrong_file
 from model import GPT, GPTConfig
-from train_grpo import Config, answer_logprobs, group_advantages, grpo_loss, k3, reward
+from train_grpo import answer_logprobs, group_advantages, grpo_loss, k3, reward
 
 # ----------------------------------------------------------------------------- group advantages
 
@@ -267,10 +268,10 @@ def test_tiny_run_samples_rewards_evaluates_and_saves(tiny_world, tiny_sft, tmp_
     ckpt = common.load_checkpoint(out / "ckpt.pt", ["grpo"])
     assert ckpt["step"] == 3 and ckpt["init"] == str(tiny_sft)
     # a grpo checkpoint is a valid start for more, through the GPU preset's flags on TinyWorld's files
-    cfg = cli.parse_config(Config, ["--preset=gpu", *grpo_flags(tiny_world, out / "ckpt.pt", tmp_path / "more"),
-                                       "--test_data=", "--max_steps=1", "--compile=false"], train_grpo.PRESETS)
+    cfg = cli.parse_config(configs.GRPO, ["--preset=gpu", *grpo_flags(tiny_world, out / "ckpt.pt", tmp_path / "more"),
+                                       "--test_data=", "--max_steps=1", "--compile=false"], configs.PRESETS["grpo"])
     train_grpo.main(cfg)
-    assert "a grpo checkpoint" in capsys.readouterr().out and cfg.lr == train_grpo.PRESETS["gpu"]["lr"]
+    assert "a grpo checkpoint" in capsys.readouterr().out and cfg.lr == configs.PRESETS["grpo"]["gpu"]["lr"]
 
 
 # ----------------------------------------------------------------------------- its row of the fault table (test_faults.py)

@@ -1,0 +1,194 @@
+"""Each stage's data, read and checked before training starts, so that a wrong file or a too small
+context fails in one line before minutes of work: one function per stage, named after it."""
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import is_master, print0
+from data import UserError, formats, read_documents, tinyworld
+
+# ----------------------------------------------------------------------------- pre-training
+
+
+def pretrain(cfg, tok, block_size, run):
+    """The training and validation text as token ids, tokenized once (this can take minutes), and the
+    TinyWorld whose facts the model should learn (None when --eval_facts is off). block_size: the
+    model's context, which --block_size must fit in."""
+    if cfg.block_size > block_size:
+        source = run.ckpt_path if cfg.resume else run.init
+        raise UserError(f"--block_size={cfg.block_size} is larger than the context of {source} ({block_size} "
+                        f"tokens): use --block_size={block_size} or less")
+    world = world_beside(cfg)
+    data = tokenize_to_memmap(cfg.data, tok), tokenize_to_memmap(cfg.val_data, tok)
+    for name, d in zip(("data", "val_data"), data):
+        if len(d) <= cfg.block_size + 1:
+            raise UserError(f"--{name}={getattr(cfg, name)} has {len(d)} tokens, fewer than one window of "
+                            f"{cfg.block_size + 1}: give more text or a smaller --block_size")
+    return *data, world
+
+
+def world_beside(cfg):
+    """The world whose facts the model should learn, read now so that a missing one fails before training."""
+    if not cfg.eval_facts or not Path(cfg.data).is_file():  # a missing corpus gets its own error
+        return None
+    if not (Path(cfg.data).parent / "meta.json").is_file():
+        raise UserError(f"--eval_facts measures TinyWorld's facts, but {Path(cfg.data).parent} holds no TinyWorld "
+                        "(meta.json): pass --eval_facts=false for another corpus")
+    return tinyworld.load_world(Path(cfg.data).parent)
+
+
+def tokenize_to_memmap(text_path, tok, cache_dir="out/tokens"):
+    """Token ids of a text file as a read-only memmap, tokenized once and cached by (file, tokenizer).
+    Documents are separated by blank lines; each is followed by <|endoftext|>."""
+    text_path = Path(text_path)
+    if not text_path.is_file():  # checked here too: the cache key needs the file's time
+        raise UserError(f"no corpus at {text_path}: run `python -m data.tinyworld` (or a data/prepare_*.py script)")
+    refuse_json_lines(text_path)
+    dtype = np.uint16 if tok.n_vocab <= 65535 else np.uint32
+    key = hashlib.sha1(f"{text_path.resolve()}|{text_path.stat().st_mtime_ns}|{tok.fingerprint}".encode()).hexdigest()[:12]
+    cache = Path(cache_dir) / f"{text_path.stem}-{key}.bin"
+    if not cache.exists():
+        if is_master():
+            t0 = time.time()
+            docs = read_documents(text_path)
+            if not docs:
+                raise UserError(f"{text_path} has no text: give a corpus with documents separated by blank lines")
+            ids = np.array([i for d in docs for i in tok.encode_document(d)], dtype=dtype)
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")  # runs tokenizing at once do not collide
+            ids.tofile(tmp)
+            tmp.replace(cache)
+            print0(f"tokenized {text_path}: {len(docs)} documents, {len(ids):,} tokens in {time.time() - t0:.1f}s")
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()  # the other ranks wait for rank 0's file
+    return np.memmap(cache, dtype=dtype, mode="r")
+
+
+def refuse_json_lines(text_path):
+    """A later stage's JSONL file given as the corpus would train happily on its braces and keys: its
+    first line, a JSON object, gives it away."""
+    with open(text_path, encoding="utf-8", errors="replace") as f:
+        line, text = next(((n, t) for n, t in enumerate(f, 1) if t.strip()), (0, ""))
+    try:
+        is_record = isinstance(json.loads(text), dict)
+    except json.JSONDecodeError:
+        is_record = False
+    if is_record:
+        raise UserError(f"{text_path}:{line} is a JSON record, not text: pre-training reads a corpus of plain text "
+                        "(documents separated by blank lines), such as data/tinyworld/corpus_train.txt")
+
+
+# ----------------------------------------------------------------------------- instruction fine-tuning
+
+
+def sft(cfg, tok, block_size):
+    """The conversations to learn (and those dropped as too long), the held-out ones, the held-out
+    questions and the replayed pre-training text: all read and checked before training starts."""
+    context = block_size + 1  # tokens in a conversation the model can learn whole
+    examples, dropped = formats.conversations(cfg.data, tok, block_size)
+    formats.require_some(examples, dropped, cfg.data, "conversations", context,
+                         "shorten them, or fine-tune a model with a longer context")
+    val_examples = []
+    if cfg.val_data:
+        val_examples = formats.conversations(cfg.val_data, tok, block_size)[0]
+        if not val_examples:
+            raise UserError(f"--val_data={cfg.val_data} holds no conversation that fits the context "
+                            f"({context} tokens): give shorter ones, or --val_data= for none")
+    questions = formats.questions(cfg.qa_data, tok, block_size) if cfg.qa_data else None
+    n_learned = sum(sum(mask) for _, mask in examples)
+    first = f", the first at line {dropped[0]}" if dropped else ""
+    print0(f"sft: {len(examples):,} conversations from {cfg.data} ({n_learned:,} tokens learned), "
+           f"{len(dropped)} dropped as longer than the context ({context} tokens{first})")
+    replay = load_replay(cfg.replay_data, tok, block_size) if cfg.replay_data else None
+    if replay is not None:
+        print0(f"sft: replaying {cfg.replay_batch} windows of {cfg.replay_data} ({len(replay):,} tokens) "
+               "per micro-step")
+    return examples, dropped, val_examples, questions, replay
+
+
+def load_replay(path, tok, block_size):
+    """Pre-training text as one tensor of token ids, each document followed by <|endoftext|>."""
+    ids = torch.tensor([i for doc in read_documents(path) for i in tok.encode_document(doc)])
+    if len(ids) <= block_size + 1:
+        raise UserError(f"--replay_data={path} has {len(ids)} tokens, fewer than one window: "
+                        "give more text, or --replay_data= for none")
+    return ids
+
+
+# ----------------------------------------------------------------------------- the reward model
+
+
+def rm(cfg, tok, block_size):
+    """The training pairs (and how many were dropped as too long) and the held-out ones, checked now."""
+    pairs, dropped = formats.pairs(cfg.data, tok, block_size)  # prompt and reply within the context
+    formats.require_some(pairs, dropped, cfg.data, "preference pairs", block_size)
+    test_pairs = formats.pairs(cfg.test_data, tok, block_size)[0] if cfg.test_data else []
+    print0(f"rm: {len(pairs):,} pairs from {cfg.data} ({len(dropped)} dropped as longer than the context), "
+           f"{len(test_pairs):,} held out")
+    return [p[:3] for p in pairs], len(dropped), [p[:3] for p in test_pairs]
+
+
+# ----------------------------------------------------------------------------- DPO
+
+
+def dpo(cfg, tok, block_size):
+    """The training pairs (and those dropped as too long), the held-out pairs and questions, and the
+    world the gold rater knows: everything the final evaluation reads, checked before training."""
+    context = block_size + 1
+    pairs, dropped = formats.pairs(cfg.data, tok, context)
+    formats.require_some(pairs, dropped, cfg.data, "preference pairs", context)
+    test_pairs = formats.pairs(cfg.test_data, tok, context)[0] if cfg.test_data else []
+    if cfg.test_data and not test_pairs:
+        raise UserError(f"--test_data={cfg.test_data} holds no pair that fits the context ({context} tokens): "
+                        "give shorter ones, or --test_data= for none")
+    questions = formats.questions(cfg.qa_data, tok, block_size) if cfg.qa_data else None
+    rater = tinyworld.load_world(cfg.world) if cfg.world else None
+    first = f", the first at line {dropped[0]}" if dropped else ""
+    print0(f"dpo: {len(pairs):,} pairs from {cfg.data}, {len(dropped)} dropped as longer than the context "
+           f"({context} tokens{first}); {len(test_pairs)} held out; {cfg.loss_type} loss, beta {cfg.beta}"
+           + (f", label smoothing {cfg.label_smoothing}" if cfg.label_smoothing else ""))
+    return pairs, dropped, test_pairs, questions, rater
+
+
+# ----------------------------------------------------------------------------- PPO
+
+
+def ppo(cfg, tok, block_size):
+    """The prompts, checked against the context; the world the gold rater knows, and whether it can judge them."""
+    questions = formats.prompts(cfg.data)
+    if not questions:
+        raise UserError(f"{cfg.data} holds no prompts: give a JSONL file of preference pairs or conversations")
+    longest = max(len(tok.render_prompt([{"role": "user", "content": q}])) for q in questions)
+    if longest + cfg.max_new_tokens > block_size:
+        raise UserError(f"a prompt of {longest} tokens and --max_new_tokens={cfg.max_new_tokens} do not fit in the "
+                        f"context ({block_size}): lower --max_new_tokens or shorten the prompts")
+    rater = tinyworld.load_world(cfg.world) if cfg.world else None  # the world the gold rater knows
+    judge = rater is not None and rater.parse_question(questions[0]) is not None
+    print0(f"ppo: {len(questions):,} prompts from {cfg.data}; policy and reference from {cfg.init}, "
+           f"critic and reward model from {cfg.reward_model}")
+    return questions, rater, judge
+
+
+# ----------------------------------------------------------------------------- GRPO
+
+
+def grpo(cfg, tok, block_size):
+    """The training problems and the held-out ones that fit the context beside the answers, and the
+    world the steps are marked against (wanted by the evaluation and the step reward)."""
+    room = block_size - cfg.max_new_tokens
+    if room <= 0:
+        raise UserError(f"--max_new_tokens={cfg.max_new_tokens} leaves no room for a prompt in the context "
+                        f"({block_size} tokens): lower it")
+    problems, dropped = formats.problems(cfg.data, tok, room)
+    formats.require_some(problems, dropped, cfg.data, "problems", f"{room} for a prompt beside --max_new_tokens="
+                         f"{cfg.max_new_tokens}", "lower --max_new_tokens, or give shorter problems")
+    test = formats.problems(cfg.test_data, tok, room)[0][:cfg.test_limit or None] if cfg.test_data else []
+    rater = tinyworld.load_world(cfg.world) if cfg.world and (test or cfg.step_reward) else None
+    print0(f"grpo: {len(problems):,} problems from {cfg.data}, {len(dropped)} dropped as too long for the context; "
+           f"{cfg.prompts_per_step} problems x {cfg.group_size} answers per step")
+    return problems, test, rater
