@@ -39,7 +39,8 @@ gpu:
 	$(if $(wildcard $(PY)),$(PY),python3) bench/gpu.py
 
 # The demo's stages are file targets: a stage whose outputs exist (metrics.json is written last) is
-# skipped; it runs again when its script or an earlier stage's output is newer. `make clean` redoes all.
+# skipped; it runs again when its script, configs.py (its flags' defaults) or an earlier stage's output
+# is newer. `make clean` redoes all.
 TW := data/tinyworld/meta.json
 PRESET ?=
 STAGE = @printf "\n=== %s ===\n" "$(1)" && $(PY) $(2) $(if $(PRESET),--preset=$(PRESET))
@@ -61,21 +62,21 @@ $(TW): out/.seed data/tinyworld.py data/tinyworld_facts.py data/tinyworld_chat.p
 	$(call STAGE,TinyWorld: the data (seed $(SEED)),-m data.tinyworld --seed=$(SEED))
 out/tokenizer/tokenizer.json: $(TW) data/tokenizer.py
 	$(call STAGE,the tokenizer,-m data.tokenizer)
-out/pretrain/metrics.json: out/tokenizer/tokenizer.json train_pretrain.py
+out/pretrain/metrics.json: out/tokenizer/tokenizer.json train_pretrain.py configs.py
 	$(call STAGE,stage 1: pre-training,train_pretrain.py $(RUN_SEED))
-out/sft/metrics.json: out/pretrain/metrics.json train_sft.py
+out/sft/metrics.json: out/pretrain/metrics.json train_sft.py configs.py
 	$(call STAGE,stage 2: instruction fine-tuning,train_sft.py $(SKIP_EVALS) $(RUN_SEED))
 # the contrast: the same SFT budget on the same set with each worked answer cut to "#### n" (report.py compares)
-out/sft_answers_only/metrics.json: out/pretrain/metrics.json train_sft.py
+out/sft_answers_only/metrics.json: out/pretrain/metrics.json train_sft.py configs.py
 	$(call STAGE,stage 2 contrast: SFT with answers only,train_sft.py --data=data/tinyworld/sft_answers_only.jsonl --qa_data= --out=out/sft_answers_only $(RUN_SEED))
-out/rm/metrics.json: out/sft/metrics.json train_rm.py
+out/rm/metrics.json: out/sft/metrics.json train_rm.py configs.py
 	$(call STAGE,stage 3a: the reward model,train_rm.py $(RUN_SEED))
-out/ppo/metrics.json: out/rm/metrics.json train_ppo.py
+out/ppo/metrics.json: out/rm/metrics.json train_ppo.py configs.py
 	$(call STAGE,stage 3b: RLHF with PPO,train_ppo.py $(SKIP_EVALS) --test_data= $(RUN_SEED))
-out/dpo/metrics.json: out/sft/metrics.json train_dpo.py
+out/dpo/metrics.json: out/sft/metrics.json train_dpo.py configs.py
 	$(call STAGE,stage 3c: DPO,train_dpo.py $(SKIP_EVALS) --test_data= --world= $(RUN_SEED))
 # GRPO starts from PPO's policy; DPO only runs before it, as the stages are numbered
-out/grpo/metrics.json: out/ppo/metrics.json train_grpo.py | out/dpo/metrics.json
+out/grpo/metrics.json: out/ppo/metrics.json train_grpo.py configs.py | out/dpo/metrics.json
 	$(call STAGE,stage 4: reasoning RL with GRPO,train_grpo.py $(RUN_SEED))
 out/report.md: out/grpo/metrics.json out/dpo/metrics.json out/sft_answers_only/metrics.json report.py evals.py
 	$(call STAGE,the report,report.py $(RUN_SEED))

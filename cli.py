@@ -106,9 +106,9 @@ def print_help(cls, presets=None, doc=None):
     comments = field_comments(cls)
     own = vars(cls).get("__annotations__", {})
     for f in sorted(dataclasses.fields(cls), key=lambda f: f.name not in own):
-        print(f"  --{f.name}={f.default!s:<28} {comments.get(f.name, '')}")
+        print(f"  {f'--{f.name}={f.default}':<40} {comments.get(f.name, '')}")
     if presets:
-        print("  --preset=NAME                  " + "; ".join(f"{k}: {v}" for k, v in presets.items()))
+        print(f"  {'--preset=NAME':<40} " + "; ".join(f"{k}: {v}" for k, v in presets.items()))
 
 # ----------------------------------------------------------------------------- checks
 

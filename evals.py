@@ -2,6 +2,7 @@
 so that every figure of a stage is computed by the same function wherever it appears."""
 import torch
 
+from configs import QA_TOKENS
 from data import tinymath, tinyworld
 from data.batches import pack_responses, score_replies
 
@@ -32,10 +33,6 @@ def fact_accuracy(model, tok, world=None, max_new_tokens=4):
     hits = [tinyworld.completes_fact(t, a) for t, (_, a) in zip(texts, pairs)]
     examples = [(p, a, t) for (p, a), t in zip(pairs, texts)]
     return sum(hits) / len(hits), examples
-
-
-
-QA_TOKENS = 96  # the reply budget of held-out QA wherever it is measured, so that one checkpoint has one figure
 
 
 def qa_accuracy(model, tok, records, max_new_tokens=QA_TOKENS, n_examples=2):

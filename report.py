@@ -25,6 +25,7 @@ import cli
 import common
 import evals
 from cli import UserError
+from configs import QA_TOKENS
 from data import read_documents, read_jsonl, tinyworld
 from data.tokenizer import load_tokenizer
 from model import GPT, GPTConfig
@@ -34,7 +35,7 @@ from model import GPT, GPTConfig
 class Config:
     out: str = "out"                   # the stages' output directories are here; report.md goes here too
     data: str = "data/tinyworld"       # TinyWorld's files: the held-out sets the measures use
-    max_new_tokens: int = evals.QA_TOKENS  # reply length limit (the context's room permitting), QA's as everywhere
+    max_new_tokens: int = QA_TOKENS  # reply length limit (the context's room permitting), QA's as everywhere
     math_tokens: int = 72              # answer length limit on the reasoning problems, as train_grpo.py's
     device: str = "auto"               # auto (cuda, mps, cpu), or a torch device name
     seed: int = 1337                   # seeds the random model and the sampled replies of the KL

@@ -1,12 +1,14 @@
 """One training run's skeleton, written once, so that each train_*.py's main() shows its algorithm:
 
-    run = Run("sft", cfg, per_rank=["batch_size"])       # device, DDP, cfg.check(), an --out that can be written
+    run = Run("sft", cfg, per_rank=["batch_size"])       # cfg.check(), device, DDP, an --out that can be written
     ckpt, init, tok = run.load(["pretrain", "sft"])     # --resume's checkpoint or --init's, and the tokenizer
     ...                                                  # the stage's own: model, data
     model = run.start(model, ckpt)                       # AdamW, the data order and the step; the log
     for step in run.steps():        # the step's learning rate is set; Ctrl-C ends the step, saves, exits
         ...                         # batch, forward, loss, backward
-        run.update(loss)            # stop on a non-finite loss, clip, AdamW's step, count the step
+        run.check(loss)             # the update: never from a non-finite loss; clip; AdamW's step; step += 1
+        ...
+        run.check_after_update(fn)  # on checkpoint steps: the weights just made give a finite fn(model)
         run.log(metrics, save=run.due())      # the row in log.jsonl, then the checkpoint
     run.finish(metrics)             # metrics.json, the last line, DDP torn down
 

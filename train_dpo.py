@@ -18,7 +18,7 @@ update.
 At the end: on held-out pairs (clean labels, prompts no training pair asks), the implicit reward's
 accuracy; on their prompts, the gold rater's win rate of the policy's greedy replies against SFT's and
 the KL to SFT on sampled replies; held-out QA accuracy (preferences should change the manner of the
-answers, not their facts). Writes out/dpo/ckpt.pt, log.jsonl and metrics.json.
+answers, not their facts). Flags: configs.DPO. Writes out/dpo/ckpt.pt, log.jsonl and metrics.json.
 
 Which loss: TinyWorld's rater flips a share of the training labels, which is what conservative
 (label smoothing) and robust DPO are for. In the CPU budget, a fraction of an epoch, the margins

@@ -19,7 +19,8 @@ times at temperature 1 (pass@k), per level too, with the share of their steps st
 Why the defaults: SFT's set answers some problems step by step and as many with the number alone;
 rewarded for the final number only, GRPO finds that the worked answers are the ones that pay. Rollouts
 are sampled at temperature 0.7, where this small model's samples keep the steps its greedy answer gets
-right. Partial credit is off: on the seeds tried it did not lift pass@1 consistently. Writes to out/grpo/.
+right. Partial credit is off: on the seeds tried it did not lift pass@1 consistently. Flags: configs.GRPO.
+Writes out/grpo/ckpt.pt, log.jsonl and metrics.json.
 """
 from pathlib import Path
 

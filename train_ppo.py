@@ -20,7 +20,8 @@ Logits are divided by the sampling temperature both when sampling and when scori
 ratios compare the distribution the tokens were drawn from. Dropout is off: ratios of 1 must mean
 "the same policy". On TinyWorld the gold rater also scores every rollout, so the learned reward and
 the true one can be watched side by side (out/<run>/reward_vs_gold.png): where the first keeps rising
-and the second does not, the policy is exploiting the reward model. Writes out/ppo/ckpt.pt, log.jsonl and metrics.json.
+and the second does not, the policy is exploiting the reward model. Flags: configs.PPO.
+Writes out/ppo/ckpt.pt, log.jsonl and metrics.json.
 """
 import numpy as np
 import torch
@@ -185,7 +186,8 @@ def main(cfg):
         gold = [tinyworld.gold_score(questions[i], t, rater) for i, t in zip(picks, batch["texts"])] if judge else None
         metrics = step_metrics(batch, kl, stats, gold, run.lr)
         # finite losses can still leave weights whose probabilities the next rollout cannot sample from
-        run.check_after_update(lambda net: token_logprobs(net, batch["x"][:1], batch["y"][:1], cfg.temperature)[0].sum(),
+        first = batch["x"][:1], batch["y"][:1]
+        run.check_after_update(lambda net: token_logprobs(net, *first, cfg.temperature)[0].sum(),
                                "policy's log-probability after the update")
         run.log(metrics, save=run.due())
 

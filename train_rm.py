@@ -28,7 +28,7 @@ pairs about them shows whether the model checks what pre-training taught or reca
 Besides their accuracy, the model is checked on fresh pairs: two replies sampled from the SFT policy
 for each held-out prompt, ranked by TinyWorld's gold rater, which is what PPO will ask of it.
 Each step: 1. a batch of pairs; 2. both replies of each scored (in groups of similar length), the
-loss, backward; 3. the update. Writes out/rm/ckpt.pt, log.jsonl and metrics.json.
+loss, backward; 3. the update. Flags: configs.RM. Writes out/rm/ckpt.pt, log.jsonl and metrics.json.
 """
 import torch
 import torch.nn.functional as F
@@ -89,7 +89,8 @@ def main(cfg):
     test_acc = None
     if run.step == 0 and test_pairs:
         test_acc = stage_evals.rm_accuracy(model, test_pairs, cfg, run)
-        common.print0(f"rm: held-out accuracy before training {test_acc:.1%} (an untrained head; the gate at its small start)")
+        common.print0(f"rm: held-out accuracy before training {test_acc:.1%} (an untrained head; the gate at its "
+                      "small start)")
         run.logger.log(0, printed=False, **{"eval/accuracy": test_acc})
 
     train_loss = None

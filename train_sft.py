@@ -17,7 +17,7 @@ characters SFT talks about ("Joan's pet is a dog." when asked about Lucy); so ea
 windows of the pre-training text with their next-token loss (--replay_data, --replay_coef), which keeps
 the other names and facts in use. Each step: 1. the step's batches of conversations and the count
 of learned tokens over all of them; 2. each batch's loss (and the replayed text's), backward; 3. the
-update. Writes out/sft/ckpt.pt, log.jsonl and metrics.json.
+update. Flags: configs.SFT. Writes out/sft/ckpt.pt, log.jsonl and metrics.json.
 """
 import torch
 

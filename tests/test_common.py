@@ -1,5 +1,6 @@
 """common.py: the command line from a dataclass, the schedule, atomic checkpoints. How they refuse
 bad input (flags, unsafe checkpoints, unwritable output): test_faults.py."""
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -40,6 +41,32 @@ def test_help_lists_fields_defaults_and_comments(capsys):
     out = capsys.readouterr().out
     for line in ("--steps=10", "how many steps", "--lr=0.001", "the learning rate", "--fast=False"):
         assert line in out
+
+
+@dataclass
+class Stage(Demo):
+    steps: int = 20        # this stage's steps
+    beta: float = 0.1      # this stage's own knob
+
+
+def test_help_puts_the_stage_flags_first_and_keeps_the_shared_ones_comments(capsys):
+    """A stage's config extends the shared one (configs.Common): --help shows the script's docstring, the
+    stage's own flags with their comments, then the shared ones with theirs."""
+    with pytest.raises(SystemExit):
+        cli.parse_config(Stage, ["--help"], doc="what the script does")
+    out = capsys.readouterr().out
+    flags = [line.split()[0] for line in out.splitlines() if line.startswith("  --")]
+    assert out.startswith("what the script does")
+    assert flags == ["--steps=20", "--beta=0.1", "--lr=0.001", "--name=run", "--fast=False"]
+    assert "this stage's steps" in out and "how many steps" not in out and "the learning rate" in out
+
+
+def test_every_stage_config_has_a_comment_for_each_flag_and_accepts_its_defaults():
+    import configs
+    for cls in (configs.Pretrain, configs.SFT, configs.RM, configs.DPO, configs.PPO, configs.GRPO):
+        comments = cli.field_comments(cls)
+        assert [f.name for f in dataclasses.fields(cls) if not comments.get(f.name)] == [], cls.__name__
+        cls().check()  # the defaults pass their own checks
 
 
 def test_require_choice_names_the_choices():
