@@ -104,8 +104,9 @@ def print_help(cls, presets=None, doc=None):
     default and comment: the stage's own first, then those every stage shares."""
     print((doc or sys.modules[cls.__module__].__doc__ or "").strip() + "\n\nflags (--field=value):")
     comments = field_comments(cls)
-    own = vars(cls).get("__annotations__", {})
-    for f in sorted(dataclasses.fields(cls), key=lambda f: f.name not in own):
+    own = list(vars(cls).get("__annotations__", {}))  # in the order the stage's class declares them
+    shared = [f for f in dataclasses.fields(cls) if f.name not in own]
+    for f in sorted((f for f in dataclasses.fields(cls) if f.name in own), key=lambda f: own.index(f.name)) + shared:
         print(f"  {f'--{f.name}={f.default}':<40} {comments.get(f.name, '')}")
     if presets:
         print(f"  {'--preset=NAME':<40} " + "; ".join(f"{k}: {v}" for k, v in presets.items()))

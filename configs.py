@@ -14,7 +14,14 @@ QA_TOKENS = 96  # the reply budget of held-out QA wherever it is measured, so th
 
 @dataclass
 class Common:
-    """The flags every stage has, with the same meaning and default."""
+    """The flags every stage has, with the same meaning; a stage redeclares those whose default is its own."""
+    out: str = "out"                   # where ckpt.pt, log.jsonl and metrics.json go
+    max_steps: int = 100               # optimizer steps
+    lr: float = 1e-4                   # peak learning rate
+    min_lr: float = 1e-5               # learning rate at the end of the cosine
+    warmup_steps: int = 10             # linear warm-up steps
+    eval_every: int = 100              # steps between checkpoints
+    log_every: int = 10                # steps between printed lines
     tokenizer: str = ""                # default: the one the --init checkpoint was trained with
     resume: bool = False               # continue exactly from <out>/ckpt.pt (optimizer, step, RNG)
     stop_at: int = 0                   # stop early at this step with a checkpoint (0: run to max_steps)
@@ -37,7 +44,7 @@ class Pretrain(Common):
     tokenizer: str = ""                # a directory from `python -m data.tokenizer`, or gpt2; default:
                                        # out/tokenizer, or the one the --init checkpoint was trained with
     init: str = "scratch"              # scratch, a pretrain checkpoint to continue from, or a GPT-2 directory
-    out: str = "out/pretrain"          # where ckpt.pt, log.jsonl and metrics.json go
+    out: str = "out/pretrain"
     n_layer: int = 4                   # transformer blocks
     n_head: int = 4                    # attention heads
     n_embd: int = 128                  # residual stream width
@@ -46,14 +53,14 @@ class Pretrain(Common):
     dropout: float = 0.0               # dropout probability (0: we see the data less than 3 times)
     batch_size: int = 16               # sequences per micro-step, over all processes
     grad_accum: int = 1                # micro-steps per optimizer step
-    max_steps: int = 1200              # optimizer steps
-    lr: float = 3e-3                   # peak learning rate
-    min_lr: float = 3e-4               # learning rate at the end of the cosine
-    warmup_steps: int = 50             # linear warm-up steps
+    max_steps: int = 1200
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 50
     weight_decay: float = 0.1          # AdamW decay on matrices
     eval_every: int = 300              # steps between validation losses
     eval_batches: int = 8              # batches per validation loss
-    log_every: int = 100               # steps between printed lines
+    log_every: int = 100
     eval_facts: bool = True            # at the end, measure fact completion on the TinyWorld beside --data
 
     def model_config(self, vocab_size):
@@ -79,18 +86,18 @@ class SFT(Common):
     val_data: str = ""                 # held-out conversations, same format, for a validation loss (empty: none)
     qa_data: str = "data/tinyworld/sft_test.jsonl"  # held-out questions with "answer" and "split" (empty: skip)
     init: str = "out/pretrain/ckpt.pt"  # a pretrain checkpoint, or an sft one to fine-tune further
-    out: str = "out/sft"               # where ckpt.pt, log.jsonl and metrics.json go
+    out: str = "out/sft"
     batch_size: int = 16               # conversations per micro-step, over all processes
     grad_accum: int = 1                # micro-steps per optimizer step
-    max_steps: int = 400               # optimizer steps
-    lr: float = 2e-3                   # peak learning rate
-    min_lr: float = 2e-5               # learning rate at the end of the cosine
-    warmup_steps: int = 20             # linear warm-up steps
+    max_steps: int = 400
+    lr: float = 2e-3
+    min_lr: float = 2e-5
+    warmup_steps: int = 20
     replay_data: str = "data/tinyworld/corpus_train.txt"  # pre-training text replayed in every step (empty: none)
     replay_batch: int = 8              # windows of replayed text per micro-step, over all processes
     replay_coef: float = 1.0           # weight of the replayed text's next-token loss beside the SFT loss
     eval_every: int = 100              # steps between validation losses and checkpoints
-    log_every: int = 50                # steps between printed lines
+    log_every: int = 50
     max_new_tokens: int = QA_TOKENS    # reply budget of the QA evaluation (the report's: the same figure)
 
     def check(self):
@@ -105,17 +112,17 @@ class RM(Common):
     data: str = "data/tinyworld/prefs_train.jsonl"  # preference pairs: {"prompt", "chosen", "rejected"}
     test_data: str = "data/tinyworld/prefs_test.jsonl"  # held-out pairs for the accuracy (empty: none)
     init: str = "out/sft/ckpt.pt"      # the SFT checkpoint whose trunk the reward model starts from
-    out: str = "out/rm"                # where ckpt.pt, log.jsonl and metrics.json go
+    out: str = "out/rm"
     batch_size: int = 32               # pairs per step, over all processes
     max_steps: int = 160               # optimizer steps (160 x 32: TinyWorld's 3,000 pairs, about 1.7 times)
-    lr: float = 5e-4                   # peak learning rate
-    min_lr: float = 5e-5               # learning rate at the end of the cosine
-    warmup_steps: int = 10             # linear warm-up steps
+    lr: float = 5e-4
+    min_lr: float = 5e-5
+    warmup_steps: int = 10
     margin: float = 0.0                # required gap between chosen and rejected scores
     center_coef: float = 0.01          # weight of mean((r_chosen + r_rejected)^2): keeps scores near 0
     lm_coef: float = 1.0               # weight of the language-modelling loss on the chosen replies (0: off)
     eval_every: int = 60               # steps between held-out accuracies and checkpoints
-    log_every: int = 10                # steps between printed lines
+    log_every: int = 10
     zero_prompts: int = 256            # SFT replies sampled to set the score's zero (0: no shift)
     best_of: int = 16                  # best of n for n = 1, 2, 4, ... up to this, on held-out questions (0: skip)
     best_of_prompts: int = 64          # the held-out questions best of n is measured on
@@ -142,18 +149,18 @@ class DPO(Common):
     qa_data: str = "data/tinyworld/sft_test.jsonl"  # held-out questions with "answer" and "split" (empty: skip)
     world: str = "data/tinyworld"      # the TinyWorld whose gold rater judges the win rate (empty: no win rate)
     init: str = "out/sft/ckpt.pt"      # the sft checkpoint: the policy's start and the frozen reference
-    out: str = "out/dpo"               # where ckpt.pt, log.jsonl and metrics.json go
+    out: str = "out/dpo"
     loss_type: str = "sigmoid"         # sigmoid (DPO), ipo, or robust (unbiased under label noise): see dpo_loss
     beta: float = 0.3                  # strength of the pull to the reference: the implicit reward's scale
     label_smoothing: float = 0.0       # assumed rate of flipped labels, for sigmoid and robust (below 0.5)
     batch_size: int = 16               # pairs per micro-step, over all processes
     grad_accum: int = 1                # micro-steps per optimizer step
-    max_steps: int = 60                # optimizer steps
-    lr: float = 1.5e-4                 # peak learning rate
-    min_lr: float = 2e-5               # learning rate at the end of the cosine
-    warmup_steps: int = 10             # linear warm-up steps
-    eval_every: int = 30               # steps between checkpoints
-    log_every: int = 10                # steps between printed lines
+    max_steps: int = 60
+    lr: float = 1.5e-4
+    min_lr: float = 2e-5
+    warmup_steps: int = 10
+    eval_every: int = 30
+    log_every: int = 10
     max_new_tokens: int = 128          # reply length limit when generating for the win rate and KL (QA: QA_TOKENS)
 
     def check(self):
@@ -186,7 +193,7 @@ class PPO(Common):
     lr: float = 1e-4                   # the policy's peak learning rate
     critic_lr: float = 1e-3            # the critic's learning rate
     min_lr: float = 3e-5               # the policy's learning rate at the end of the cosine
-    warmup_steps: int = 5              # linear warm-up steps
+    warmup_steps: int = 5
     kl_coef: float = 0.05              # beta: weight of the per-token KL penalty to the reference
     kl_estimator: str = "k1"           # k1 (log pi/pi_ref, unbiased) or k3 ((r-1) - log r, never negative)
     gamma: float = 1.0                 # discount: 1, the reward arrives once at the end
@@ -196,8 +203,8 @@ class PPO(Common):
     temperature: float = 1.0           # sampling temperature (logits are divided by it in training too)
     max_new_tokens: int = 48           # reply length limit
     missing_end_penalty: float = -1.0  # the score of a reply that never emits <|end|>
-    eval_every: int = 25               # steps between checkpoints
-    log_every: int = 5                 # steps between printed lines
+    eval_every: int = 25
+    log_every: int = 5
     world: str = "data/tinyworld"      # the TinyWorld whose gold rater scores rollouts and the win rate (empty: none)
 
     def check(self):
@@ -213,7 +220,7 @@ class GRPO(Common):
     data: str = "data/tinyworld/math_train.jsonl"   # training problems: {"question", "answer" ending in "#### n"}
     test_data: str = "data/tinyworld/math_test.jsonl"  # held-out problems, same format, for pass@1 and pass@k
     init: str = ""                     # start from this checkpoint (default: out/ppo, else out/dpo, else out/sft)
-    out: str = "out/grpo"              # where ckpt.pt, log.jsonl and metrics.json go
+    out: str = "out/grpo"
     prompts_per_step: int = 8          # problems per step, over all processes
     group_size: int = 8                # answers sampled per problem (G)
     max_new_tokens: int = 72           # answer length limit, in training and evaluation (TinyWorld's: under 64)
@@ -229,14 +236,14 @@ class GRPO(Common):
     passes: int = 1                    # optimizer steps on each batch of rollouts (the first is on-policy)
     micro_batch: int = 64              # answers per forward and backward
     max_steps: int = 80                # steps, each a batch of rollouts
-    lr: float = 1e-4                   # peak learning rate
+    lr: float = 1e-4
     min_lr: float = 1e-4               # learning rate at the end of the cosine (the same: a constant rate)
-    warmup_steps: int = 5              # linear warm-up steps
+    warmup_steps: int = 5
     pass_k: int = 8                    # samples per held-out problem for pass@k
     test_limit: int = 0                # held-out problems evaluated (0: all)
     world: str = "data/tinyworld"      # the TinyWorld whose facts the step checker knows (empty: none, as for GSM8K)
-    eval_every: int = 20               # steps between checkpoints
-    log_every: int = 10                # steps between printed lines
+    eval_every: int = 20
+    log_every: int = 10
 
     def check(self):
         require_positive(self, "prompts_per_step", "max_new_tokens", "max_steps", "micro_batch", "passes",
