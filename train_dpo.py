@@ -76,30 +76,6 @@ def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta, kind="sigmo
     return losses.mean(), metrics
 
 
-# ----------------------------------------------------------------------------- the data
-
-def get_batch(pairs, batch_size, gen, rank, world):
-    """A random batch of pairs. Every rank draws the same indices from the same generator and keeps its
-    own slice, so the global batch does not depend on the world size."""
-    picks = torch.randint(len(pairs), (batch_size,), generator=gen)[rank::world]
-    return [pairs[i] for i in picks.tolist()]
-
-
-def pair_logprobs(model, batch, device):
-    """log pi(chosen | prompt) and log pi(rejected | prompt), each (N,), summed over the reply tokens.
-    Both replies of every pair go through the model in groups of similar length before one backward
-    (under DDP, the one that synchronises gradients)."""
-    prompts = [p for p, _, _, _ in batch] * 2
-    replies = [c for _, c, _, _ in batch] + [r for _, _, r, _ in batch]
-
-    def logprobs(rows):
-        x, y, mask = (t.to(device) for t in pack_responses([prompts[i] for i in rows], [replies[i] for i in rows]))
-        with common.autocast(device):
-            return (mask * -model(x, y, reduction="none").float()).sum(1)
-
-    return by_length([len(p) + len(r) for p, r in zip(prompts, replies)], logprobs).chunk(2)
-
-
 # ----------------------------------------------------------------------------- training
 
 def main(cfg):
@@ -148,6 +124,32 @@ def main(cfg):
             result["peak_memory_gb"] = torch.cuda.max_memory_allocated(run.device) / 2**30
     run.finish(result)
 
+
+# ----------------------------------------------------------------------------- the data
+
+def get_batch(pairs, batch_size, gen, rank, world):
+    """A random batch of pairs. Every rank draws the same indices from the same generator and keeps its
+    own slice, so the global batch does not depend on the world size."""
+    picks = torch.randint(len(pairs), (batch_size,), generator=gen)[rank::world]
+    return [pairs[i] for i in picks.tolist()]
+
+
+def pair_logprobs(model, batch, device):
+    """log pi(chosen | prompt) and log pi(rejected | prompt), each (N,), summed over the reply tokens.
+    Both replies of every pair go through the model in groups of similar length before one backward
+    (under DDP, the one that synchronises gradients)."""
+    prompts = [p for p, _, _, _ in batch] * 2
+    replies = [c for _, c, _, _ in batch] + [r for _, _, r, _ in batch]
+
+    def logprobs(rows):
+        x, y, mask = (t.to(device) for t in pack_responses([prompts[i] for i in rows], [replies[i] for i in rows]))
+        with common.autocast(device):
+            return (mask * -model(x, y, reduction="none").float()).sum(1)
+
+    return by_length([len(p) + len(r) for p, r in zip(prompts, replies)], logprobs).chunk(2)
+
+
+# ----------------------------------------------------------------------------- evaluation
 
 @torch.no_grad()
 def evaluate_pairs(model, ref, pairs, cfg, device):

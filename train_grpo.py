@@ -39,35 +39,7 @@ from data.tinymath import check_answer, check_steps, extract_answer, shows_work
 from run import Run
 
 
-# ----------------------------------------------------------------------------- the reward and the loss
-
-def reward(completion, answer, ended, format_reward=0.0, step_reward=0.0, world=None):
-    """1 if the completion's number after its last "####" equals the answer's, else 0; plus
-    format_reward when the completion ended its turn (<|end|>) with such a number, right or wrong;
-    plus step_reward times the share of the reference's steps the completion states right (given
-    the TinyWorld world that `check_steps` marks them against)."""
-    well_formed = ended and extract_answer(completion) is not None
-    r = float(check_answer(completion, answer)) + format_reward * well_formed
-    if step_reward and world is not None:
-        _, right, total = check_steps(completion, answer, world)
-        r += step_reward * right / max(total, 1)
-    return r
-
-
-def group_advantages(rewards, group_size, scale="group", eps=1e-4):
-    """A_i = (r_i - mean_g r) / (std_g r + eps) within each group of group_size consecutive rewards;
-    with scale="none", A_i = r_i - mean_g r (Dr. GRPO: no std, so low-variance groups are not blown up).
-
-    A group whose rewards are all equal gets exactly zero advantage: it says nothing about which
-    answer is better. Returns (advantages (N,), all_equal (N // group_size,) booleans).
-    """
-    r = rewards.view(-1, group_size).float()
-    all_equal = (r == r[:, :1]).all(1)
-    adv = r - r.mean(1, keepdim=True)
-    if scale == "group":
-        adv = adv / (torch.where(all_equal, 1.0, r.std(1))[:, None] + eps)
-    return torch.where(all_equal[:, None], 0.0, adv).view(-1), all_equal
-
+# ----------------------------------------------------------------------------- the loss
 
 def k3(logp, ref_logp):
     """KL(pi || ref) per token, estimated on samples of pi: (q - 1) - log q with q = ref / pi.
@@ -110,6 +82,92 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, eps_low=0.2, eps_high=0.2, be
         n = mask.sum().clamp(min=1)
         stats = {"clipfrac": (clipped * mask).sum() / n, "kl": (kl * mask).sum() / n}
     return loss, stats
+
+
+# ----------------------------------------------------------------------------- training
+
+def main(cfg):
+    run = Run("grpo", cfg, per_rank=("prompts_per_step",))
+
+    # the policy: from an SFT or preference-tuned checkpoint (by default the latest stage that has run), or resumed
+    latest = next((p for p in ("out/ppo/ckpt.pt", "out/dpo/ckpt.pt") if Path(p).is_file()), "out/sft/ckpt.pt")
+    ckpt, init, tok = run.load(["sft", "ppo", "dpo", "grpo"], init=cfg.init or latest)
+    print0(f"grpo: starting from {run.init} (a {init['stage']} checkpoint)")
+    model = common.gpt_from_checkpoint(ckpt, tok, dropout=0.0)  # ratios of 1 must mean "the same policy"
+    problems, test, rater = loaders.grpo(cfg, tok, model.config.block_size)
+    ref = None
+    if cfg.beta > 0:  # the KL penalty's anchor: the starting model, frozen (built before the RNG is restored)
+        ref = common.gpt_from_checkpoint(init, tok).to(run.device).eval().requires_grad_(False)
+    before = ckpt.get("eval_before") if cfg.resume else None
+    run.start(model, ckpt, seed=cfg.seed + run.rank, unit="perf/tokens_per_s",  # each rank its own answers
+              keep=lambda: dict(eval_before=before))
+    if run.step == 0 and test and common.is_master():
+        before = stage_evals.grpo_eval(run, tok, test, cfg, rater, "before")
+
+    for step in run.steps():
+        # 1-2. this rank's share of the step's problems, G answers to each, and their rewards
+        picks = torch.randint(len(problems), (cfg.prompts_per_step,), generator=run.data_gen)[run.rank::run.world].tolist()
+        prompts, answers, rewards, correct, worked = rollouts(run.raw, tok, problems, picks, cfg, rater)
+        run.count(sum(map(len, answers)))  # the speed logged: answer tokens sampled per second
+
+        # 3. advantages within each group; all-equal groups carry no signal
+        adv, all_equal = group_advantages(rewards, cfg.group_size, cfg.scale)
+        keep = [i for i in range(len(answers)) if not (cfg.skip_all_equal and all_equal[i // cfg.group_size])]
+        rows = keep or [0]  # with nothing to learn here, one answer, masked out: DDP needs every rank's backward
+        x, y, mask = pack_responses([prompts[i] for i in rows], [answers[i] for i in rows])
+        mask, adv = (mask, adv[keep]) if keep else (torch.zeros_like(mask), torch.zeros(1))
+
+        # 4. the update; its divisor counts the kept answers (or their tokens) of every rank
+        n_seqs = common.all_mean(len(keep)) * run.world
+        denom = {"grpo": n_seqs, "dr_grpo": n_seqs * cfg.max_new_tokens,
+                 "dapo": common.all_mean(mask.sum().item()) * run.world}[cfg.loss_type] / run.world
+        loss, clipfrac, kl = 0.0, 0.0, 0.0
+        if n_seqs > 0:
+            batch = tuple(t.to(run.device) for t in (x, y, mask, adv))
+            loss, clipfrac, kl = update(run, ref, batch, denom, cfg)
+        run.step += 1
+
+        metrics = {"loss/policy": loss, "lr": run.lr, "rollout/reward": rewards.mean().item(),
+                   "rollout/accuracy": sum(correct) / len(correct), "rollout/worked": sum(worked) / len(worked),
+                   "rollout/all_equal": all_equal.float().mean().item(), "rollout/length": sum(map(len, answers)) / len(answers),
+                   "policy/clipfrac": clipfrac, **({"policy/kl": kl} if ref is not None else {})}
+        metrics = {k: common.all_mean(v) for k, v in metrics.items()}
+        run.log(metrics, save=run.due())
+
+    summary = {"init": run.init, "loss_type": cfg.loss_type, "format_reward": cfg.format_reward, "step_reward": cfg.step_reward}
+    if test and common.is_master():
+        summary.update(before=before, after=stage_evals.grpo_eval(run, tok, test, cfg, rater, "after"))
+    run.finish(summary)
+
+
+# ----------------------------------------------------------------------------- the reward and the advantages
+
+def reward(completion, answer, ended, format_reward=0.0, step_reward=0.0, world=None):
+    """1 if the completion's number after its last "####" equals the answer's, else 0; plus
+    format_reward when the completion ended its turn (<|end|>) with such a number, right or wrong;
+    plus step_reward times the share of the reference's steps the completion states right (given
+    the TinyWorld world that `check_steps` marks them against)."""
+    well_formed = ended and extract_answer(completion) is not None
+    r = float(check_answer(completion, answer)) + format_reward * well_formed
+    if step_reward and world is not None:
+        _, right, total = check_steps(completion, answer, world)
+        r += step_reward * right / max(total, 1)
+    return r
+
+
+def group_advantages(rewards, group_size, scale="group", eps=1e-4):
+    """A_i = (r_i - mean_g r) / (std_g r + eps) within each group of group_size consecutive rewards;
+    with scale="none", A_i = r_i - mean_g r (Dr. GRPO: no std, so low-variance groups are not blown up).
+
+    A group whose rewards are all equal gets exactly zero advantage: it says nothing about which
+    answer is better. Returns (advantages (N,), all_equal (N // group_size,) booleans).
+    """
+    r = rewards.view(-1, group_size).float()
+    all_equal = (r == r[:, :1]).all(1)
+    adv = r - r.mean(1, keepdim=True)
+    if scale == "group":
+        adv = adv / (torch.where(all_equal, 1.0, r.std(1))[:, None] + eps)
+    return torch.where(all_equal[:, None], 0.0, adv).view(-1), all_equal
 
 
 # ----------------------------------------------------------------------------- rollouts and the update
@@ -168,62 +226,6 @@ def update(run, ref, batch, denom, cfg):
                                run.step + 1)
     n = max(mask.sum().item(), 1)
     return loss_sum, clipped / n, kl / n
-
-
-# ----------------------------------------------------------------------------- training
-
-def main(cfg):
-    run = Run("grpo", cfg, per_rank=("prompts_per_step",))
-
-    # the policy: from an SFT or preference-tuned checkpoint (by default the latest stage that has run), or resumed
-    latest = next((p for p in ("out/ppo/ckpt.pt", "out/dpo/ckpt.pt") if Path(p).is_file()), "out/sft/ckpt.pt")
-    ckpt, init, tok = run.load(["sft", "ppo", "dpo", "grpo"], init=cfg.init or latest)
-    print0(f"grpo: starting from {run.init} (a {init['stage']} checkpoint)")
-    model = common.gpt_from_checkpoint(ckpt, tok, dropout=0.0)  # ratios of 1 must mean "the same policy"
-    problems, test, rater = loaders.grpo(cfg, tok, model.config.block_size)
-    ref = None
-    if cfg.beta > 0:  # the KL penalty's anchor: the starting model, frozen (built before the RNG is restored)
-        ref = common.gpt_from_checkpoint(init, tok).to(run.device).eval().requires_grad_(False)
-    before = ckpt.get("eval_before") if cfg.resume else None
-    run.start(model, ckpt, seed=cfg.seed + run.rank, unit="perf/tokens_per_s",  # each rank its own answers
-              keep=lambda: dict(eval_before=before))
-    if run.step == 0 and test and common.is_master():
-        before = stage_evals.grpo_eval(run, tok, test, cfg, rater, "before")
-
-    for step in run.steps():
-        # 1-2. this rank's share of the step's problems, G answers to each, and their rewards
-        picks = torch.randint(len(problems), (cfg.prompts_per_step,), generator=run.data_gen)[run.rank::run.world].tolist()
-        prompts, answers, rewards, correct, worked = rollouts(run.raw, tok, problems, picks, cfg, rater)
-        run.count(sum(map(len, answers)))  # the speed logged: answer tokens sampled per second
-
-        # 3. advantages within each group; all-equal groups carry no signal
-        adv, all_equal = group_advantages(rewards, cfg.group_size, cfg.scale)
-        keep = [i for i in range(len(answers)) if not (cfg.skip_all_equal and all_equal[i // cfg.group_size])]
-        rows = keep or [0]  # with nothing to learn here, one answer, masked out: DDP needs every rank's backward
-        x, y, mask = pack_responses([prompts[i] for i in rows], [answers[i] for i in rows])
-        mask, adv = (mask, adv[keep]) if keep else (torch.zeros_like(mask), torch.zeros(1))
-
-        # 4. the update; its divisor counts the kept answers (or their tokens) of every rank
-        n_seqs = common.all_mean(len(keep)) * run.world
-        denom = {"grpo": n_seqs, "dr_grpo": n_seqs * cfg.max_new_tokens,
-                 "dapo": common.all_mean(mask.sum().item()) * run.world}[cfg.loss_type] / run.world
-        loss, clipfrac, kl = 0.0, 0.0, 0.0
-        if n_seqs > 0:
-            batch = tuple(t.to(run.device) for t in (x, y, mask, adv))
-            loss, clipfrac, kl = update(run, ref, batch, denom, cfg)
-        run.step += 1
-
-        metrics = {"loss/policy": loss, "lr": run.lr, "rollout/reward": rewards.mean().item(),
-                   "rollout/accuracy": sum(correct) / len(correct), "rollout/worked": sum(worked) / len(worked),
-                   "rollout/all_equal": all_equal.float().mean().item(), "rollout/length": sum(map(len, answers)) / len(answers),
-                   "policy/clipfrac": clipfrac, **({"policy/kl": kl} if ref is not None else {})}
-        metrics = {k: common.all_mean(v) for k, v in metrics.items()}
-        run.log(metrics, save=run.due())
-
-    summary = {"init": run.init, "loss_type": cfg.loss_type, "format_reward": cfg.format_reward, "step_reward": cfg.step_reward}
-    if test and common.is_master():
-        summary.update(before=before, after=stage_evals.grpo_eval(run, tok, test, cfg, rater, "after"))
-    run.finish(summary)
 
 
 if __name__ == "__main__":

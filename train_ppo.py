@@ -38,54 +38,10 @@ from data.batches import pack_responses, score_replies
 from run import Run
 
 
-# ----------------------------------------------------------------------------- the losses
+# ----------------------------------------------------------------------------- the loss
 
 def masked_mean(x, mask):
     return (x * mask).sum() / mask.sum().clamp(min=1)
-
-
-def masked_whiten(x, mask, eps=1e-8):
-    """(x - mean) / std over the tokens where mask is 1; 0 elsewhere. PPO's advantages go through
-    this: their scale changes as the rewards do, the step size should not."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    return (x - mean) * torch.rsqrt(var + eps) * mask
-
-
-def kl_penalty(logp, ref_logp, estimator="k1"):
-    """Per-token estimates of KL(pi || pi_ref) from the sampled token's log-probs, with r = pi_ref / pi:
-    k1 = -log r (unbiased, but any one token can be negative); k3 = (r - 1) - log r (never negative,
-    zero only at r = 1; unbiased too, as E_pi[r - 1] = 0)."""
-    log_r = ref_logp - logp
-    if estimator == "k1":
-        return -log_r
-    if estimator == "k3":
-        return torch.expm1(log_r) - log_r
-    raise ValueError(f"unknown KL estimator {estimator!r}: use k1 or k3")
-
-
-def shape_rewards(score, logp, ref_logp, mask, kl_coef, estimator="k1"):
-    """The per-token rewards PPO maximises: r_t = -kl_coef * KL_t on every reply token, plus the
-    reward model's score (B,) on the last one. Returns (rewards, KL_t), both 0 off the mask."""
-    kl = kl_penalty(logp, ref_logp, estimator) * mask
-    rewards = -kl_coef * kl
-    last = (mask * torch.arange(mask.size(1), device=mask.device)).argmax(1)  # the last reply token's index
-    rewards[torch.arange(len(score), device=mask.device), last] += score
-    return rewards, kl
-
-
-def gae(rewards, values, mask, gamma=1.0, lam=0.95):
-    """Generalised advantage estimation over the reply tokens (mask 1), from the last one back:
-    delta_t = r_t + gamma V_{t+1} - V_t and A_t = delta_t + gamma lam A_{t+1}, with V and A zero after
-    the reply ends. Returns (advantages, returns = advantages + values), both 0 off the mask.
-    lam = 1 gives the return-to-go minus V_t; lam = 0 gives delta_t alone."""
-    adv = torch.zeros_like(rewards)
-    next_value = next_adv = torch.zeros_like(rewards[:, 0])
-    for t in reversed(range(rewards.size(1))):
-        delta = rewards[:, t] + gamma * next_value - values[:, t]
-        adv[:, t] = (delta + gamma * lam * next_adv) * mask[:, t]
-        next_value, next_adv = values[:, t] * mask[:, t], adv[:, t]
-    return adv, (adv + values) * mask
 
 
 def ppo_policy_loss(logp, old_logp, adv, mask, clip=0.2):
@@ -108,31 +64,6 @@ def ppo_value_loss(values, old_values, returns, mask, clip=0.2):
     the critic, like the policy, may move only so far from its rollout-time values per batch."""
     clipped = old_values + (values - old_values).clamp(-clip, clip)
     return 0.5 * masked_mean(torch.max((values - returns) ** 2, (clipped - returns) ** 2), mask)
-
-
-# ----------------------------------------------------------------------------- rollouts
-
-def token_logprobs(model, x, y, temperature):
-    """log pi(y_t) under the temperature-scaled logits, and the entropy of each position's distribution."""
-    logp_all = F.log_softmax(model(x).float() / temperature, dim=-1)
-    logp = logp_all.gather(-1, y.clamp(min=0)[..., None]).squeeze(-1)
-    return logp, -(logp_all.exp() * logp_all).sum(-1)
-
-
-@torch.no_grad()
-def rollout(policy, ref, critic, rm, tok, questions, cfg, device):
-    """Sample a reply to each question and score it: everything the PPO update needs, as tensors."""
-    prompts, outs, texts = evals.chat_replies(policy, tok, questions, cfg.max_new_tokens, temperature=cfg.temperature)
-    x, y, mask = (t.to(device) for t in pack_responses(prompts, outs))
-    ended = torch.tensor([o[-1] == tok.end_id for o in outs], device=device)
-    score = score_replies(rm, prompts, outs)[0]
-    score = torch.where(ended, score, torch.full_like(score, cfg.missing_end_penalty))
-    with common.autocast(device):
-        logp = token_logprobs(policy, x, y, cfg.temperature)[0]
-        ref_logp = token_logprobs(ref, x, y, cfg.temperature)[0]
-        values = critic(x)
-    return dict(x=x, y=y, mask=mask, score=score, logp=logp.float(), ref_logp=ref_logp.float(),
-                values=values.float(), ended=ended.float(), texts=texts)
 
 
 # ----------------------------------------------------------------------------- training
@@ -196,6 +127,79 @@ def main(cfg):
         result.update(stage_evals.after_ppo(policy, ref, tok, rater if judge else None, cfg))
     run.finish(result)
 
+
+# ----------------------------------------------------------------------------- the rewards and the advantages
+
+def kl_penalty(logp, ref_logp, estimator="k1"):
+    """Per-token estimates of KL(pi || pi_ref) from the sampled token's log-probs, with r = pi_ref / pi:
+    k1 = -log r (unbiased, but any one token can be negative); k3 = (r - 1) - log r (never negative,
+    zero only at r = 1; unbiased too, as E_pi[r - 1] = 0)."""
+    log_r = ref_logp - logp
+    if estimator == "k1":
+        return -log_r
+    if estimator == "k3":
+        return torch.expm1(log_r) - log_r
+    raise ValueError(f"unknown KL estimator {estimator!r}: use k1 or k3")
+
+
+def shape_rewards(score, logp, ref_logp, mask, kl_coef, estimator="k1"):
+    """The per-token rewards PPO maximises: r_t = -kl_coef * KL_t on every reply token, plus the
+    reward model's score (B,) on the last one. Returns (rewards, KL_t), both 0 off the mask."""
+    kl = kl_penalty(logp, ref_logp, estimator) * mask
+    rewards = -kl_coef * kl
+    last = (mask * torch.arange(mask.size(1), device=mask.device)).argmax(1)  # the last reply token's index
+    rewards[torch.arange(len(score), device=mask.device), last] += score
+    return rewards, kl
+
+
+def gae(rewards, values, mask, gamma=1.0, lam=0.95):
+    """Generalised advantage estimation over the reply tokens (mask 1), from the last one back:
+    delta_t = r_t + gamma V_{t+1} - V_t and A_t = delta_t + gamma lam A_{t+1}, with V and A zero after
+    the reply ends. Returns (advantages, returns = advantages + values), both 0 off the mask.
+    lam = 1 gives the return-to-go minus V_t; lam = 0 gives delta_t alone."""
+    adv = torch.zeros_like(rewards)
+    next_value = next_adv = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.size(1))):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        adv[:, t] = (delta + gamma * lam * next_adv) * mask[:, t]
+        next_value, next_adv = values[:, t] * mask[:, t], adv[:, t]
+    return adv, (adv + values) * mask
+
+
+def masked_whiten(x, mask, eps=1e-8):
+    """(x - mean) / std over the tokens where mask is 1; 0 elsewhere. PPO's advantages go through
+    this: their scale changes as the rewards do, the step size should not."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    return (x - mean) * torch.rsqrt(var + eps) * mask
+
+
+# ----------------------------------------------------------------------------- rollouts
+
+def token_logprobs(model, x, y, temperature):
+    """log pi(y_t) under the temperature-scaled logits, and the entropy of each position's distribution."""
+    logp_all = F.log_softmax(model(x).float() / temperature, dim=-1)
+    logp = logp_all.gather(-1, y.clamp(min=0)[..., None]).squeeze(-1)
+    return logp, -(logp_all.exp() * logp_all).sum(-1)
+
+
+@torch.no_grad()
+def rollout(policy, ref, critic, rm, tok, questions, cfg, device):
+    """Sample a reply to each question and score it: everything the PPO update needs, as tensors."""
+    prompts, outs, texts = evals.chat_replies(policy, tok, questions, cfg.max_new_tokens, temperature=cfg.temperature)
+    x, y, mask = (t.to(device) for t in pack_responses(prompts, outs))
+    ended = torch.tensor([o[-1] == tok.end_id for o in outs], device=device)
+    score = score_replies(rm, prompts, outs)[0]
+    score = torch.where(ended, score, torch.full_like(score, cfg.missing_end_penalty))
+    with common.autocast(device):
+        logp = token_logprobs(policy, x, y, cfg.temperature)[0]
+        ref_logp = token_logprobs(ref, x, y, cfg.temperature)[0]
+        values = critic(x)
+    return dict(x=x, y=y, mask=mask, score=score, logp=logp.float(), ref_logp=ref_logp.float(),
+                values=values.float(), ended=ended.float(), texts=texts)
+
+
+# ----------------------------------------------------------------------------- the step's row and the networks
 
 def step_metrics(batch, kl, stats, gold, lr):
     """The step's row: what the rollouts got, the update's statistics averaged over its minibatches, and

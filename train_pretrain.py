@@ -32,22 +32,6 @@ def pretrain_loss(logits, targets):
     return kernels.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
 
-# ----------------------------------------------------------------------------- the data
-
-def windows(data, starts, block_size):
-    """x = tokens[i:i+T] and y = tokens[i+1:i+T+1] for each start i."""
-    x = torch.stack([torch.from_numpy(data[i:i + block_size].astype(np.int64)) for i in starts])
-    y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + block_size].astype(np.int64)) for i in starts])
-    return x, y
-
-
-def get_batch(data, batch_size, block_size, gen, rank, world):
-    """Random windows. Every rank draws the same starts from the same generator and keeps its own
-    slice, so the global batch does not depend on the world size."""
-    starts = torch.randint(len(data) - block_size - 1, (batch_size,), generator=gen)[rank::world]
-    return windows(data, starts.tolist(), block_size)
-
-
 # ----------------------------------------------------------------------------- training
 
 def main(cfg):
@@ -94,6 +78,22 @@ def main(cfg):
     if common.is_master():
         metrics.update(stage_evals.after_pretrain(run.raw, tok, world, cfg, run.device))
     run.finish(metrics, f", validation loss {val_loss:.4f}")
+
+
+# ----------------------------------------------------------------------------- the data, and the validation loss on it
+
+def get_batch(data, batch_size, block_size, gen, rank, world):
+    """Random windows. Every rank draws the same starts from the same generator and keeps its own
+    slice, so the global batch does not depend on the world size."""
+    starts = torch.randint(len(data) - block_size - 1, (batch_size,), generator=gen)[rank::world]
+    return windows(data, starts.tolist(), block_size)
+
+
+def windows(data, starts, block_size):
+    """x = tokens[i:i+T] and y = tokens[i+1:i+T+1] for each start i."""
+    x = torch.stack([torch.from_numpy(data[i:i + block_size].astype(np.int64)) for i in starts])
+    y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + block_size].astype(np.int64)) for i in starts])
+    return x, y
 
 
 @torch.no_grad()

@@ -63,19 +63,6 @@ def reward_loss(r_chosen, r_rejected, margin=0.0, center_coef=0.0, lm_nll=None, 
     return loss
 
 
-# ----------------------------------------------------------------------------- the data
-
-def pair_scores(model, batch, every_rank=False):
-    """(r_chosen, r_rejected, the chosen replies' mean -log p per token) for a list of pairs, both
-    sides scored together. every_rank (in training, where every rank calls it at once): the mean
-    divides by the chosen replies' tokens on every rank (each rank by their mean), so that under DDP
-    the averaged gradient is the whole batch's."""
-    prompts, n = [p for p, _, _ in batch], len(batch)
-    r, logp, lengths = score_replies(model, prompts + prompts, [c for _, c, _ in batch] + [x for _, _, x in batch])
-    tokens = common.all_mean(lengths[:n].sum().item()) if every_rank else lengths[:n].sum()
-    return r[:n], r[n:], -logp[:n].sum() / tokens
-
-
 # ----------------------------------------------------------------------------- training
 
 def main(cfg):
@@ -122,6 +109,19 @@ def main(cfg):
         shift = stage_evals.after_rm(run.raw, init, tok, cfg, run.device, metrics)
     run.save()  # with the score shift
     run.finish(metrics)
+
+
+# ----------------------------------------------------------------------------- the data
+
+def pair_scores(model, batch, every_rank=False):
+    """(r_chosen, r_rejected, the chosen replies' mean -log p per token) for a list of pairs, both
+    sides scored together. every_rank (in training, where every rank calls it at once): the mean
+    divides by the chosen replies' tokens on every rank (each rank by their mean), so that under DDP
+    the averaged gradient is the whole batch's."""
+    prompts, n = [p for p, _, _ in batch], len(batch)
+    r, logp, lengths = score_replies(model, prompts + prompts, [c for _, c, _ in batch] + [x for _, _, x in batch])
+    tokens = common.all_mean(lengths[:n].sum().item()) if every_rank else lengths[:n].sum()
+    return r[:n], r[n:], -logp[:n].sum() / tokens
 
 
 if __name__ == "__main__":

@@ -48,40 +48,6 @@ def sft_loss(logprobs, mask, n_tokens=None):
     return -(mask * logprobs).sum() / n_tokens
 
 
-# ----------------------------------------------------------------------------- the data
-
-def collate(examples):
-    """Pad conversations into one batch: inputs x = ids[:-1], targets y = ids[1:], and the mask shifted
-    with the targets (m = mask[1:]), so m[t] says whether y[t], the token predicted at t, is learned.
-    Padding on the right: x 0, y -100 (no loss), m 0."""
-    T = max(len(ids) for ids, _ in examples) - 1
-    x = torch.zeros(len(examples), T, dtype=torch.long)
-    y = torch.full((len(examples), T), -100, dtype=torch.long)
-    m = torch.zeros(len(examples), T)
-    for i, (ids, mask) in enumerate(examples):
-        n = len(ids) - 1
-        x[i, :n] = torch.tensor(ids[:-1])
-        y[i, :n] = torch.tensor(ids[1:])
-        m[i, :n] = torch.tensor(mask[1:], dtype=torch.float)
-    return x, y, m
-
-
-def get_batch(examples, batch_size, gen, rank, world):
-    """A random batch of conversations, as a few padded groups of similar length. Every rank draws the
-    same indices from the same generator and keeps its own slice, so the global batch does not depend
-    on the world size."""
-    picks = torch.randint(len(examples), (batch_size,), generator=gen)[rank::world]
-    batch = [examples[i] for i in picks.tolist()]
-    return [collate([batch[i] for i in rows]) for rows in length_groups([len(ids) for ids, _ in batch])]
-
-
-def get_replay_batch(ids, batch_size, block_size, gen, rank, world):
-    """Random windows of the replayed text, x = ids[i:i+T] and y = ids[i+1:i+T+1], as in pre-training."""
-    starts = torch.randint(len(ids) - block_size - 1, (batch_size,), generator=gen)[rank::world].tolist()
-    return (torch.stack([ids[i:i + block_size] for i in starts]),
-            torch.stack([ids[i + 1:i + 1 + block_size] for i in starts]))
-
-
 # ----------------------------------------------------------------------------- training
 
 def main(cfg):
@@ -145,6 +111,42 @@ def main(cfg):
         metrics.update(qa_before=before, qa_after=stage_evals.sft_qa(run, tok, questions, cfg, "after fine-tuning"))
     run.finish(metrics)
 
+
+# ----------------------------------------------------------------------------- the data
+
+def get_batch(examples, batch_size, gen, rank, world):
+    """A random batch of conversations, as a few padded groups of similar length. Every rank draws the
+    same indices from the same generator and keeps its own slice, so the global batch does not depend
+    on the world size."""
+    picks = torch.randint(len(examples), (batch_size,), generator=gen)[rank::world]
+    batch = [examples[i] for i in picks.tolist()]
+    return [collate([batch[i] for i in rows]) for rows in length_groups([len(ids) for ids, _ in batch])]
+
+
+def collate(examples):
+    """Pad conversations into one batch: inputs x = ids[:-1], targets y = ids[1:], and the mask shifted
+    with the targets (m = mask[1:]), so m[t] says whether y[t], the token predicted at t, is learned.
+    Padding on the right: x 0, y -100 (no loss), m 0."""
+    T = max(len(ids) for ids, _ in examples) - 1
+    x = torch.zeros(len(examples), T, dtype=torch.long)
+    y = torch.full((len(examples), T), -100, dtype=torch.long)
+    m = torch.zeros(len(examples), T)
+    for i, (ids, mask) in enumerate(examples):
+        n = len(ids) - 1
+        x[i, :n] = torch.tensor(ids[:-1])
+        y[i, :n] = torch.tensor(ids[1:])
+        m[i, :n] = torch.tensor(mask[1:], dtype=torch.float)
+    return x, y, m
+
+
+def get_replay_batch(ids, batch_size, block_size, gen, rank, world):
+    """Random windows of the replayed text, x = ids[i:i+T] and y = ids[i+1:i+T+1], as in pre-training."""
+    starts = torch.randint(len(ids) - block_size - 1, (batch_size,), generator=gen)[rank::world].tolist()
+    return (torch.stack([ids[i:i + block_size] for i in starts]),
+            torch.stack([ids[i + 1:i + 1 + block_size] for i in starts]))
+
+
+# ----------------------------------------------------------------------------- evaluation
 
 @torch.no_grad()
 def evaluate(model, examples, cfg, run):
