@@ -6,8 +6,8 @@
     model = run.start(model, ckpt)                       # AdamW, the data order and the step; the log
     for step in run.steps():        # the step's learning rate is set; Ctrl-C ends the step, saves, exits
         ...                         # batch, forward, loss, backward
-        run.check(loss)             # the update: never from a non-finite loss; clip; AdamW's step; step += 1
-        ...
+        run.check(loss)             # stop on a non-finite loss; then the update, written out in the loop:
+        ...                         # clip the gradient, AdamW's step, run.step += 1
         run.check_after_update(fn)  # on checkpoint steps: the weights just made give a finite fn(model)
         run.log(metrics, save=run.due())      # the row in log.jsonl, then the checkpoint
     run.finish(metrics)             # metrics.json, the last line, DDP torn down

@@ -144,9 +144,9 @@ def say_accuracy(metrics):
 
 def after_dpo(policy, ref, tok, pairs, test, questions, rater, cfg, device):
     """The figures of metrics.json, printed: the implicit reward's accuracy on held-out pairs (test: the
-    loss and rewards on them, or None without held-out pairs), KL(policy ||
-    SFT) on replies sampled from the policy, the gold rater's win rate against SFT, held-out QA of both:
-    of all the questions, and of those that are no training pair's prompt (on TinyWorld most are)."""
+    loss and rewards on them, or None without held-out pairs), KL(policy || SFT) on replies sampled
+    from the policy, the gold rater's win rate against SFT, held-out QA of both: of all the questions,
+    and of those that are no training pair's prompt (on TinyWorld most are)."""
     result = {}
     # every distinct held-out prompt, those of pairs too long to train on too: the prompts PPO is judged on
     prompts = sorted({r["prompt"] for _, r in numbered_records(cfg.test_data)}) if test else []
