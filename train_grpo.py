@@ -28,9 +28,9 @@ import torch
 
 import cli
 import common
+import configs
 import evals
 import kernels
-import configs
 import stage_evals
 from common import print0
 from data import loaders

@@ -29,8 +29,8 @@ import torch.nn.functional as F
 
 import cli
 import common
-import evals
 import configs
+import evals
 import stage_evals
 from cli import UserError
 from data import loaders, tinyworld

@@ -15,8 +15,8 @@ import torch
 
 import cli
 import common
-import kernels
 import configs
+import kernels
 import stage_evals
 from data import loaders
 from model import GPT
