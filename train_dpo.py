@@ -32,8 +32,8 @@ import torch.nn.functional as F
 import cli
 import common
 import configs
+import loaders
 import stage_evals
-from data import loaders
 from data.batches import by_length, pack_responses
 from run import Run
 

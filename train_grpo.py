@@ -33,7 +33,7 @@ import evals
 import kernels
 import stage_evals
 from common import print0
-from data import loaders
+import loaders
 from data.batches import pack_responses
 from data.tinymath import check_answer, check_steps, extract_answer, shows_work
 from run import Run

@@ -31,9 +31,10 @@ import cli
 import common
 import configs
 import evals
+import loaders
 import stage_evals
 from cli import UserError
-from data import loaders, tinyworld
+from data import tinyworld
 from data.batches import pack_responses, score_replies
 from run import Run
 

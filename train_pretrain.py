@@ -17,8 +17,8 @@ import cli
 import common
 import configs
 import kernels
+import loaders
 import stage_evals
-from data import loaders
 from model import GPT
 from run import Run
 

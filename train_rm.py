@@ -36,8 +36,8 @@ import torch.nn.functional as F
 import cli
 import common
 import configs
+import loaders
 import stage_evals
-from data import loaders
 from data.batches import score_replies
 from run import Run
 

@@ -26,7 +26,7 @@ import common
 import configs
 import stage_evals
 from common import print0
-from data import loaders
+import loaders
 from data.batches import length_groups
 from run import Run
 
