@@ -1,8 +1,8 @@
 """Every stage's flags, side by side: one dataclass per train_*.py, one comment per field. The command
 line sets them (`--field=value`, or `--preset=NAME` for a named set from PRESETS: "gpu", a real data
 set on one GPU; "smoke", the whole journey's plumbing in about a minute on a CPU, nothing learned) and
-`--help` prints them with these comments. Each class's check() refuses values the stage cannot run with, one error
-line each, before anything is loaded.
+`--help` prints them with these comments. Each class's check() refuses values the stage cannot run
+with, one error line each, before anything is loaded (Run calls it first).
 """
 import math
 from dataclasses import dataclass
@@ -32,7 +32,7 @@ class Common:
     seed: int = 1337                   # seeds initialisation, data order and sampling
 
     def check(self):
-        pass
+        """Each stage checks its own flags; the shared ones need no check of their own."""
 
 
 # ----------------------------------------------------------------------------- pre-training
@@ -57,7 +57,7 @@ class Pretrain(Common):
     lr: float = 3e-3
     min_lr: float = 3e-4
     warmup_steps: int = 50
-    weight_decay: float = 0.1          # AdamW decay on matrices
+    weight_decay: float = 0.1
     eval_every: int = 300              # steps between validation losses
     eval_batches: int = 8              # batches per validation loss
     log_every: int = 100
