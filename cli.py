@@ -104,9 +104,9 @@ def print_help(cls, presets=None, doc=None):
     default and comment: the stage's own first, then those every stage shares."""
     print((doc or sys.modules[cls.__module__].__doc__ or "").strip() + "\n\nflags (--field=value):")
     comments = field_comments(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     own = list(vars(cls).get("__annotations__", {}))  # in the order the stage's class declares them
-    shared = [f for f in dataclasses.fields(cls) if f.name not in own]
-    for f in sorted((f for f in dataclasses.fields(cls) if f.name in own), key=lambda f: own.index(f.name)) + shared:
+    for f in [fields[name] for name in own] + [f for name, f in fields.items() if name not in own]:
         print(f"  {f'--{f.name}={f.default}':<40} {comments.get(f.name, '')}")
     if presets:
         print(f"  {'--preset=NAME':<40} " + "; ".join(f"{k}: {v}" for k, v in presets.items()))

@@ -69,14 +69,17 @@ class Run:
             return None
         return common.load_checkpoint(self.ckpt_path, [self.stage], made_by=f"python train_{self.stage}.py")
 
-    def load(self, stages, made_by="python train_sft.py", init=None):
+    def load(self, stages, made_by="python train_sft.py", init=None, keeps_init=True):
         """(ckpt, init_ckpt, tok): the checkpoint the model starts from (under --resume, this stage's
         own), the one the run first started from (init, by default --init; None for "scratch"), which
         must be of one of stages, and the tokenizer: --tokenizer, else the checkpoint's, else
-        out/tokenizer. self.init keeps init's path; every checkpoint records it."""
+        out/tokenizer. A stage that does not keep the init model beside its own (keeps_init=False:
+        no reference, no policy to compare with) does not read it under --resume. self.init keeps
+        init's path; every checkpoint records it."""
         ckpt = self.resumed()
         self.init = (ckpt or {}).get("init") or init or self.cfg.init
-        init_ckpt = None if self.init == "scratch" else common.load_checkpoint(self.init, stages, made_by=made_by)
+        unread = self.init == "scratch" or (ckpt is not None and not keeps_init)
+        init_ckpt = None if unread else common.load_checkpoint(self.init, stages, made_by=made_by)
         ckpt = ckpt or init_ckpt
         self.tokenizer = self.cfg.tokenizer or (ckpt["tokenizer"] if ckpt else "out/tokenizer")
         self.tok = load_tokenizer(self.tokenizer)

@@ -62,7 +62,7 @@ def rm_accuracy(model, pairs, cfg, run):
     return common.all_mean(right) * run.world / max(len(pairs), 1)
 
 
-def sampled_scores(rm, policy, tok, questions, cfg, device, gen):
+def sampled_scores(rm, policy, tok, questions, cfg, gen):
     """Replies sampled from the policy at temperature 1, and the reward model's scores of them."""
     prompts, outs, texts = evals.chat_replies(policy, tok, questions, cfg.max_new_tokens, temperature=1.0, generator=gen)
     rm.eval()
@@ -70,10 +70,10 @@ def sampled_scores(rm, policy, tok, questions, cfg, device, gen):
     return texts, r
 
 
-def gold_agreement(rm, policy, tok, questions, rater, cfg, device, gen):
+def gold_agreement(rm, policy, tok, questions, rater, cfg, gen):
     """On two replies sampled from the SFT policy per question, how often the reward model orders them
     as the gold rater does (pairs the gold rater scores equal are left out)."""
-    texts, r = sampled_scores(rm, policy, tok, questions + questions, cfg, device, gen)
+    texts, r = sampled_scores(rm, policy, tok, questions + questions, cfg, gen)
     n = len(questions)
     gold = [tinyworld.gold_score(q, t, rater) for q, t in zip(questions + questions, texts)]
     agree = [(gold[i] > gold[n + i]) == (r[i] > r[n + i]).item() for i in range(n) if gold[i] != gold[n + i]]
@@ -90,7 +90,7 @@ def after_rm(model, init, tok, cfg, device, metrics):
     shift = 0.0
     if cfg.zero_prompts > 0:
         picks = torch.randperm(len(questions), generator=torch.Generator().manual_seed(cfg.seed))
-        _, r = sampled_scores(model, policy, tok, [questions[i] for i in picks[:cfg.zero_prompts]], cfg, device, gen)
+        _, r = sampled_scores(model, policy, tok, [questions[i] for i in picks[:cfg.zero_prompts]], cfg, gen)
         shift = r.mean().item()
         with torch.no_grad():
             model.head.bias -= shift
@@ -112,7 +112,7 @@ def gold_checks(model, policy, tok, questions, rater, cfg, device, gen, metrics)
     metrics.update(test_accuracy_style=kinds.get("style"), test_accuracy_facts=kinds.get("facts"),
                    test_accuracy_facts_unseen=kinds.get("facts_unseen"))
     held_out = sorted({r["prompt"] for r in test_records})
-    agree, n = gold_agreement(model, policy, tok, held_out, rater, cfg, device, gen)
+    agree, n = gold_agreement(model, policy, tok, held_out, rater, cfg, gen)
     metrics.update(gold_agreement=agree, gold_pairs=n)
     print0(f"rm: agrees with the gold rater on {agree:.1%} of {n} fresh pairs of SFT replies")
     if cfg.best_of > 0:

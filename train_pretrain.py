@@ -37,7 +37,7 @@ def pretrain_loss(logits, targets):
 def main(cfg):
     run = Run("pretrain", cfg)
     torch.manual_seed(cfg.seed)  # the fresh model's weights
-    ckpt, _, tok = run.load(["pretrain"], made_by="python train_pretrain.py")
+    ckpt, _, tok = run.load(["pretrain"], made_by="python train_pretrain.py", keeps_init=False)
     model = GPT(cfg.model_config(tok.n_vocab)) if ckpt is None else common.gpt_from_checkpoint(ckpt, tok)
     train_data, val_data, world = loaders.pretrain(cfg, tok, model.config.block_size, run)
     model = run.start(model, ckpt, keep=lambda: dict(val_loss=val_loss, val_loss_init=first_val),

@@ -52,7 +52,7 @@ def sft_loss(logprobs, mask, n_tokens=None):
 
 def main(cfg):
     run = Run("sft", cfg, per_rank=("batch_size", "replay_batch"))
-    ckpt, _, tok = run.load(["pretrain", "sft"], made_by="python train_pretrain.py")
+    ckpt, _, tok = run.load(["pretrain", "sft"], made_by="python train_pretrain.py", keeps_init=False)
     model = common.gpt_from_checkpoint(ckpt, tok)
     block_size = model.config.block_size
     examples, dropped, val_examples, questions, replay = loaders.sft(cfg, tok, block_size)
