@@ -53,7 +53,12 @@ def setup_ddp(device):
 
 
 def teardown_ddp():
+    """Leave the process group, every rank together: a rank that left while another still had a
+    collective to call (rank 0 evaluates and saves alone after training) would leave it waiting or
+    failing, so each waits here for all. The process then ends through cli.leave, which says why it
+    skips Python's shutdown."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

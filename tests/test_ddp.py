@@ -79,3 +79,36 @@ def test_two_processes_resume_exactly_each_rank_with_its_own_random_state(tiny_w
     ckpts = [common.load_checkpoint(out / "ckpt.pt", ["ppo"]) for out in (whole, halves)]
     assert ckpts[0]["step"] == ckpts[1]["step"] == STEPS
     assert all(torch.equal(ckpts[0]["model"][k], ckpts[1]["model"][k]) for k in ckpts[0]["model"])
+
+
+def run_exit_worker(*flags):
+    return run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "tests/ddp_exit.py",
+                      *flags, env={"OMP_NUM_THREADS": "1"}, timeout=120)
+
+
+def test_a_run_ends_cleanly_while_a_gloo_worker_still_frees_the_last_collectives_tensor():
+    """The flake's cause, made certain: a gloo worker thread still freeing the last collective's tensor
+    as the process ends. Before cli.leave, Python's shutdown ended that thread mid-free and the process
+    aborted (SIGABRT, "terminate called without an active exception"); now each rank exits 0."""
+    r = run_exit_worker("--ending=done")
+    assert r.returncode == 0, r.stderr
+    assert "terminate called" not in r.stderr
+    assert sorted(line.split(" left")[0] for line in r.stdout.splitlines() if " left " in line) == ["rank 0", "rank 1"]
+
+
+def test_a_user_error_under_torchrun_keeps_its_exit_code_and_its_line():
+    """A mistake found on every rank (a non-finite loss, say) ends each with code 2 and its one line,
+    not an abort, even with a gloo worker thread still busy."""
+    r = run_exit_worker("--ending=error")
+    assert r.returncode != 0 and "terminate called" not in r.stderr and "SIGABRT" not in r.stderr, r.stderr
+    assert "exitcode  : 2" in r.stderr
+    assert "error: rank 0 stopped on purpose" in r.stderr and "error: rank 1 stopped on purpose" in r.stderr
+
+
+def test_no_rank_leaves_the_process_group_before_the_others_reach_it():
+    """Rank 0 works a second longer than rank 1 (as it evaluates alone after training): rank 1 leaves only
+    once rank 0 has reached the teardown too."""
+    r = run_exit_worker("--ending=done", "--alone=1.0")
+    assert r.returncode == 0, r.stderr
+    at = {line.rsplit(" at ", 1)[0]: float(line.rsplit(" at ", 1)[1]) for line in r.stdout.splitlines() if " at " in line}
+    assert at["rank 1 left"] >= at["rank 0 reached the teardown"] > at["rank 1 reached the teardown"] + 0.5
