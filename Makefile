@@ -1,4 +1,4 @@
-# make test: create .venv if missing, install requirements.txt, run the tests.
+# make test: create .venv if missing, install requirements.txt and requirements-test.txt, run the tests.
 # make demo: every stage in order on TinyWorld, then the report (CPU, or a GPU when present).
 # make demo SEED=N: another world and other initialisations (N is passed to TinyWorld and every stage).
 # make clean: remove out/ and data/tinyworld/, so that the next demo redoes every stage.
@@ -14,12 +14,14 @@ PY := .venv/bin/python
 # PYTHONDONTWRITEBYTECODE is not set: so it is not passed on to the commands below.
 unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: test bench gpu venv demo clean FORCE
+.PHONY: test bench gpu venv test-venv demo clean FORCE
 
 ifeq ($(PY),.venv/bin/python)
 venv: .venv/.installed
+test-venv: .venv/.installed-test
 else
 venv:
+test-venv:
 endif
 
 .venv/.installed: requirements.txt
@@ -28,11 +30,16 @@ endif
 	$(PY) -m pip install -q --no-compile -r requirements.txt
 	touch $@
 
-test: venv
+# what only the tests need (the real transformers and tokenizers, which an export is checked against)
+.venv/.installed-test: requirements-test.txt .venv/.installed
+	$(PY) -m pip install -q --no-compile -r requirements-test.txt
+	touch $@
+
+test: test-venv
 	$(PY) -m pytest -q -n auto --dist loadfile tests
 
 bench: venv
-	$(PY) bench/kernels.py
+	$(PY) bench/speed.py
 
 # the GPU machines have every requirement installed and no network: make gpu uses .venv where it exists, else python3
 gpu:
@@ -78,7 +85,7 @@ out/dpo/metrics.json: out/sft/metrics.json train_dpo.py configs.py
 # GRPO starts from PPO's policy; DPO only runs before it, as the stages are numbered
 out/grpo/metrics.json: out/ppo/metrics.json train_grpo.py configs.py | out/dpo/metrics.json
 	$(call STAGE,stage 4: reasoning RL with GRPO,train_grpo.py $(RUN_SEED))
-out/report.md: out/grpo/metrics.json out/dpo/metrics.json out/sft_answers_only/metrics.json report.py evals.py
+out/report.md: out/grpo/metrics.json out/dpo/metrics.json out/sft_answers_only/metrics.json report.py measures.py
 	$(call STAGE,the report,report.py $(RUN_SEED))
 
 clean:

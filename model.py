@@ -2,7 +2,7 @@
 
 Pre-LayerNorm blocks, learned positions, a GELU MLP, tied input and output embeddings, optional
 biases: the same shapes and names as GPT-2, so `GPT.from_gpt2` can load its weights. Attention and
-cross-entropy go through `kernels`, which picks our Triton kernels on a GPU and PyTorch elsewhere.
+cross-entropy go through `gpt_kernels`, which picks our Triton kernels on a GPU and PyTorch elsewhere.
 
     model = GPT(GPTConfig(vocab_size=1458))
     loss = model(idx, targets)                    # mean next-token loss
@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
+import gpt_kernels
 from optim import AdamW
 
 
@@ -51,7 +51,7 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.append(layer, k, v)  # keys and values of every token so far
         if mask is None:
-            y = kernels.attention(q, k, v, causal=True)
+            y = gpt_kernels.attention(q, k, v, causal=True)
         else:
             # generation: padding and a cache make the mask more than "causal", so it is explicit
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -176,7 +176,7 @@ class GPT(nn.Module):
         logits = self.lm_head(self.hidden(idx))
         if targets is None:
             return logits
-        loss = kernels.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction=reduction)
+        loss = gpt_kernels.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction=reduction)
         return loss.view(targets.shape) if reduction == "none" else loss
 
     def token_logprobs(self, idx, targets):

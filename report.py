@@ -4,7 +4,7 @@
     python report.py --out=/tmp/run --data=/tmp/world
 
 For each stage whose checkpoint exists (0 random init, 1 pre-training, 2 SFT, 3 PPO, 3 DPO, 4 GRPO)
-every measure is computed fresh from the checkpoint by the functions the stages use (evals.py) on
+every measure is computed fresh from the checkpoint by the functions the stages use (measures.py) on
 TinyWorld's held-out sets: validation loss on the corpus, fact completion, held-out answers about
 seen and unseen characters and their format, head-to-head wins against SFT by the gold rater, the
 reasoning problems solved, their steps right and the share worked step by step (per level too,
@@ -23,7 +23,7 @@ import torch
 
 import cli
 import common
-import evals
+import measures
 from cli import UserError
 from configs import QA_TOKENS
 from data import read_documents, read_jsonl, tinyworld
@@ -56,7 +56,7 @@ CURVES = {"pretrain": ["loss/train", "loss/val"], "sft": ["loss/train", "loss/re
 def math_measures(model, tok, sets, cfg):
     """Greedy pass@1 on the held-out problems, the share of their steps stated right and the share of
     answers that write steps before "####", per level too, and which problems were solved."""
-    m = evals.math_eval(model, tok, sets["math"], cfg.math_tokens, k=0, world=sets["world"])
+    m = measures.math_eval(model, tok, sets["math"], cfg.math_tokens, k=0, world=sets["world"])
     return {"math": m["pass@1"], "steps": m["steps"], "worked": m["worked"], "levels": m["levels"], "solved": m["solved"]}
 
 
@@ -89,16 +89,16 @@ def reasoning_table(rows, grpo_metrics, contrast):
 def measure(model, tok, sets, sft, sft_gold, cfg):
     """Every column of the table for one model. SFT's own gold scores and its KL to itself (zero, term by
     term) are known without generating again."""
-    qa = evals.qa_accuracy(model, tok, sets["qa"], cfg.max_new_tokens)
+    qa = measures.qa_accuracy(model, tok, sets["qa"], cfg.max_new_tokens)
     is_sft = model is sft
-    gold = sft_gold if is_sft else evals.gold_scores(model, tok, sets["questions"], cfg.max_new_tokens, sets["world"])[0]
+    gold = sft_gold if is_sft else measures.gold_scores(model, tok, sets["questions"], cfg.max_new_tokens, sets["world"])[0]
     gen = torch.Generator(device=model.lm_head.weight.device).manual_seed(cfg.seed)
     reasoning = math_measures(model, tok, sets, cfg)
-    kl = None if sft is None else 0.0 if is_sft else evals.kl_to_reference(model, sft, tok, sets["questions"],
+    kl = None if sft is None else 0.0 if is_sft else measures.kl_to_reference(model, sft, tok, sets["questions"],
                                                                               generator=gen)
-    return {"val_loss": evals.text_loss(model, sets["val_ids"]), "facts": evals.fact_accuracy(model, tok, sets["world"])[0],
+    return {"val_loss": measures.text_loss(model, sets["val_ids"]), "facts": measures.fact_accuracy(model, tok, sets["world"])[0],
             "seen": qa.get("seen"), "unseen": qa.get("unseen"), "format": qa["format"],
-            "win": evals.win_rate(gold, sft_gold) if sft_gold else None, **reasoning, "kl": kl}
+            "win": measures.win_rate(gold, sft_gold) if sft_gold else None, **reasoning, "kl": kl}
 
 
 def plot(log_path, names, title, png):
@@ -135,10 +135,10 @@ def reply(model, label, tok, prompt, cfg):
         room = min(48, model.config.block_size - len(ids))
         if room <= 0:
             return "(the prompt fills the context)"
-        out = evals.generate_batched(model, [ids], room, stop_tokens=[tok.eot_id],
+        out = measures.generate_batched(model, [ids], room, stop_tokens=[tok.eot_id],
                                      temperature=1.0 if label.startswith("0") else 0.0, generator=gen)[0]
         return "(continues) " + tok.decode(t for t in out if t != tok.eot_id)
-    return evals.chat_replies(model, tok, [prompt], cfg.max_new_tokens)[2][0]
+    return measures.chat_replies(model, tok, [prompt], cfg.max_new_tokens)[2][0]
 
 
 def cell(text):
@@ -223,7 +223,7 @@ def main(cfg):
             models[label] = (common.gpt_from_checkpoint(ckpt, tok), json.loads(metrics.read_text()) if metrics.is_file() else {})
     sft = models.get("2 SFT", (None,))[0]
     sft = sft.to(device).eval() if sft is not None else None
-    sft_gold = evals.gold_scores(sft, tok, sets["questions"], cfg.max_new_tokens, world)[0] if sft is not None else None
+    sft_gold = measures.gold_scores(sft, tok, sets["questions"], cfg.max_new_tokens, world)[0] if sft is not None else None
 
     rows = {}
     for label, (model, metrics) in models.items():
@@ -235,7 +235,7 @@ def main(cfg):
         print("report: measuring 3 reward model ...", flush=True)
         rm = common.gpt_from_checkpoint(common.load_checkpoint(out / "rm" / "ckpt.pt", ["rm"]), tok, reward=True)
         rm_metrics = json.loads((out / "rm" / "metrics.json").read_text()) if (out / "rm" / "metrics.json").is_file() else {}
-        acc = evals.reward_accuracy(rm.to(device), tok, read_jsonl(data / "prefs_test.jsonl"), world)
+        acc = measures.reward_accuracy(rm.to(device), tok, read_jsonl(data / "prefs_test.jsonl"), world)
         rows["3 reward model"] = {"rm_acc": acc["all"], "rm_facts": acc.get("facts"), "rm_style": acc.get("style"),
                                   "rm_facts_unseen": acc.get("facts_unseen"),
                                   "seconds": rm_metrics.get("train_seconds")}
@@ -287,7 +287,7 @@ def main(cfg):
     no_kl = out / "ppo" / "no_kl"
     if (no_kl / "reward_vs_gold.png").is_file() and (no_kl / "log.jsonl").is_file():  # the README's run without KL
         figures += [f"PPO without its KL penalty (`train_ppo.py --kl_coef=0 --max_steps=120 --out={no_kl}`): "
-                    f"{evals.reward_vs_gold(read_jsonl(no_kl / 'log.jsonl'))}", "",
+                    f"{measures.reward_vs_gold(read_jsonl(no_kl / 'log.jsonl'))}", "",
                     "![reward vs gold](ppo/no_kl/reward_vs_gold.png)", ""]
 
     machine = torch.cuda.get_device_name(device) if device.startswith("cuda") else \

@@ -1,12 +1,12 @@
 """What each stage measures and says once its training ends (and, where a before/after matters,
-before it starts): one function per stage, from the shared measures in evals.py. Each prints its
+before it starts): one function per stage, from the shared measures in measures.py. Each prints its
 figures and returns them for the stage's metrics.json; only rank 0 calls them."""
 from pathlib import Path
 
 import torch
 
 import common
-import evals
+import measures
 from common import print0
 from data import formats, numbered_records, read_jsonl, tinyworld
 from data.batches import score_replies
@@ -25,7 +25,7 @@ def after_pretrain(model, tok, world, cfg, device):
         print0(f"--- {tok.decode(p[1:] + o)!r}")
     if world is None:
         return {}
-    accuracy, examples = evals.fact_accuracy(model, tok, world)
+    accuracy, examples = measures.fact_accuracy(model, tok, world)
     print0(f"pretrain: fact completion {accuracy:.1%} of {len(examples)} facts, e.g. "
            + "; ".join(f"{p!r} -> {t!r}" for p, _, t in examples[:3]))
     return {"fact_accuracy": accuracy}
@@ -37,8 +37,8 @@ def after_pretrain(model, tok, world, cfg, device):
 def sft_qa(run, tok, questions, cfg, when):
     """Held-out QA accuracy (seen / unseen characters) and format compliance, printed with examples and
     logged as eval/qa_* at this step."""
-    result = evals.qa_accuracy(run.raw, tok, questions, cfg.max_new_tokens)
-    print0(evals.describe_qa(result, f"sft: {when}"))
+    result = measures.qa_accuracy(run.raw, tok, questions, cfg.max_new_tokens)
+    print0(measures.describe_qa(result, f"sft: {when}"))
     for question, answer, reply in result.pop("examples"):
         print0(f"    {question!r} ({answer}) -> {reply[:120]!r}")
     run.logger.log(run.step, printed=False, **{f"eval/qa_{k}": v for k, v in result.items()})
@@ -64,7 +64,7 @@ def rm_accuracy(model, pairs, cfg, run):
 
 def sampled_scores(rm, policy, tok, questions, cfg, gen):
     """Replies sampled from the policy at temperature 1, and the reward model's scores of them."""
-    prompts, outs, texts = evals.chat_replies(policy, tok, questions, cfg.max_new_tokens, temperature=1.0, generator=gen)
+    prompts, outs, texts = measures.chat_replies(policy, tok, questions, cfg.max_new_tokens, temperature=1.0, generator=gen)
     rm.eval()
     r = torch.cat([score_replies(rm, prompts[i:i + 64], outs[i:i + 64])[0] for i in range(0, len(prompts), 64)])
     return texts, r
@@ -108,7 +108,7 @@ def gold_checks(model, policy, tok, questions, rater, cfg, device, gen, metrics)
     """Into metrics: held-out accuracy by kind of pair, agreement with the gold rater on fresh pairs of
     SFT replies, and best of n."""
     test_records = read_jsonl(cfg.test_data)
-    kinds = evals.reward_accuracy(model, tok, test_records, rater)
+    kinds = measures.reward_accuracy(model, tok, test_records, rater)
     metrics.update(test_accuracy_style=kinds.get("style"), test_accuracy_facts=kinds.get("facts"),
                    test_accuracy_facts_unseen=kinds.get("facts_unseen"))
     held_out = sorted({r["prompt"] for r in test_records})
@@ -119,9 +119,9 @@ def gold_checks(model, policy, tok, questions, rater, cfg, device, gen, metrics)
         ns = [2 ** i for i in range(cfg.best_of.bit_length()) if 2 ** i <= cfg.best_of]
         picks = torch.randperm(len(held_out), generator=torch.Generator().manual_seed(cfg.seed))
         asked = [held_out[i] for i in picks[:cfg.best_of_prompts]]
-        best = evals.best_of_n(policy, model, tok, asked, ns, cfg.max_new_tokens, gen, rater)
+        best = measures.best_of_n(policy, model, tok, asked, ns, cfg.max_new_tokens, gen, rater)
         metrics["best_of_n"] = best
-        evals.plot_best_of_n(best, Path(cfg.out) / "best_of_n.png")
+        measures.plot_best_of_n(best, Path(cfg.out) / "best_of_n.png")
         print0("rm: best of n SFT replies (n, reward model's score, gold rater's score): "
                + ", ".join(f"{n}: {r:.2f}, {g:.2f}" for n, r, g in zip(best["n"], best["rm"], best["gold"]))
                + f" (plot: {Path(cfg.out) / 'best_of_n.png'})")
@@ -154,12 +154,12 @@ def after_dpo(policy, ref, tok, pairs, test, questions, rater, cfg, device):
     if test:
         result["test"] = test
         gen = torch.Generator(device=device).manual_seed(cfg.seed)
-        kl = result["kl_to_sft"] = evals.kl_to_reference(policy, ref, tok, prompts, cfg.max_new_tokens, generator=gen)
+        kl = result["kl_to_sft"] = measures.kl_to_reference(policy, ref, tok, prompts, cfg.max_new_tokens, generator=gen)
         print0(f"dpo: on {test['pairs']} held-out pairs, the implicit reward ranks the chosen reply first in "
                f"{test['rewards/accuracy']:.1%} (margin {test['rewards/margin']:.3f}, loss {test['loss']:.4f}); "
                f"KL to SFT {kl:.2f} nats per reply")
     if rater is not None:
-        versus = evals.gold_win_rate(policy, ref, tok, prompts, cfg.max_new_tokens, world=rater)
+        versus = measures.gold_win_rate(policy, ref, tok, prompts, cfg.max_new_tokens, world=rater)
         result.update(win_rate_vs_sft=versus["win_rate"], gold_score=versus["score"],
                       sft_gold_score=versus["baseline_score"], win_rate_prompts=len(prompts))
         print0(f"dpo: on {len(prompts)} held-out prompts, wins {versus['win_rate']:.1%} against SFT by the gold rater "
@@ -180,9 +180,9 @@ def dpo_qa(model, name, tok, questions, fresh):
     result = {}
     for key, records in ((f"qa_{name}", questions), (f"qa_{name}_not_trained", fresh)):
         if records:
-            result[key] = evals.qa_accuracy(model, tok, records)
+            result[key] = measures.qa_accuracy(model, tok, records)
             result[key].pop("examples")
-    line = evals.describe_qa(result[f"qa_{name}"], f"dpo: {name}")
+    line = measures.describe_qa(result[f"qa_{name}"], f"dpo: {name}")
     if fresh:
         line += f"; {result[f'qa_{name}_not_trained']['accuracy']:.1%} of the {len(fresh)} no training pair asks"
     print0(line)
@@ -197,11 +197,11 @@ def after_ppo(policy, ref, tok, rater, cfg):
     PPO's greedy replies against SFT's: the gold rater's verdict, KL to SFT, held-out QA of both."""
     result = {}
     if rater is not None:
-        evals.plot_reward_vs_gold(Path(cfg.out) / "log.jsonl", Path(cfg.out) / "reward_vs_gold.png")
+        measures.plot_reward_vs_gold(Path(cfg.out) / "log.jsonl", Path(cfg.out) / "reward_vs_gold.png")
     if cfg.test_data and rater is not None:
         held_out = formats.prompts(cfg.test_data)
-        versus = evals.gold_win_rate(policy, ref, tok, held_out, cfg.max_new_tokens, rater)
-        kl_ref = evals.kl_to_reference(policy, ref, tok, held_out, cfg.max_new_tokens)
+        versus = measures.gold_win_rate(policy, ref, tok, held_out, cfg.max_new_tokens, rater)
+        kl_ref = measures.kl_to_reference(policy, ref, tok, held_out, cfg.max_new_tokens)
         result.update(win_rate_vs_sft=versus["win_rate"], gold_score=versus["score"],
                       sft_gold_score=versus["baseline_score"], kl_to_sft=kl_ref)
         print0(f"ppo: on {len(held_out)} held-out prompts, wins {versus['win_rate']:.1%} against SFT by the "
@@ -212,9 +212,9 @@ def after_ppo(policy, ref, tok, rater, cfg):
     if cfg.qa_data:
         records = read_jsonl(cfg.qa_data)
         for name, net in (("sft", ref), ("ppo", policy)):
-            result[f"qa_{name}"] = qa = evals.qa_accuracy(net, tok, records)
+            result[f"qa_{name}"] = qa = measures.qa_accuracy(net, tok, records)
             qa.pop("examples")
-            print0(evals.describe_qa(qa, f"ppo: {name}"))
+            print0(measures.describe_qa(qa, f"ppo: {name}"))
     return result
 
 
@@ -222,10 +222,10 @@ def after_ppo(policy, ref, tok, rater, cfg):
 
 
 def grpo_eval(run, tok, problems, cfg, world, when):
-    """pass@1, pass@k and steps right on the held-out problems, overall and per level (evals.math_eval):
+    """pass@1, pass@k and steps right on the held-out problems, overall and per level (measures.math_eval):
     printed, logged as eval/* and returned."""
-    result = evals.math_eval(run.raw, tok, problems, cfg.max_new_tokens, cfg.pass_k, cfg.seed, world)
+    result = measures.math_eval(run.raw, tok, problems, cfg.max_new_tokens, cfg.pass_k, cfg.seed, world)
     result.pop("solved")  # per problem: the figures above are what the log and metrics.json keep
-    print0(evals.describe_math(result, f"grpo: {when}", cfg.pass_k))
+    print0(measures.describe_math(result, f"grpo: {when}", cfg.pass_k))
     run.logger.log(run.step, printed=False, **{f"eval/{k}": v for k, v in result.items()})
     return result

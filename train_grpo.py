@@ -29,11 +29,11 @@ import torch
 import cli
 import common
 import configs
-import evals
-import kernels
+import gpt_kernels
+import loaders
+import measures
 import stage_evals
 from common import print0
-import loaders
 from data.batches import pack_responses
 from data.tinymath import check_answer, check_steps, extract_answer, shows_work
 from run import Run
@@ -177,7 +177,7 @@ def rollouts(model, tok, problems, picks, cfg, world):
     answers, rewards, correct, worked: steps before its "####"), one entry per answer, grouped by problem."""
     prompts = [problems[i]["prompt"] for i in picks for _ in range(cfg.group_size)]
     refs = [problems[i]["answer"] for i in picks for _ in range(cfg.group_size)]
-    answers = evals.generate_batched(model, prompts, cfg.max_new_tokens, stop_tokens=[tok.end_id, tok.eot_id],
+    answers = measures.generate_batched(model, prompts, cfg.max_new_tokens, stop_tokens=[tok.end_id, tok.eot_id],
                                      batch_size=len(prompts), temperature=cfg.temperature)
     texts = [tok.decode(t for t in a if t not in (tok.end_id, tok.eot_id)) for a in answers]
     rewards = torch.tensor([reward(t, r, a[-1:] == [tok.end_id], cfg.format_reward, cfg.step_reward, world)
@@ -192,7 +192,7 @@ def answer_logprobs(model, x, y, temperature):
     if temperature == 1.0:
         return -model(x, y, reduction="none")
     logits = model(x).float() / temperature  # in fp32: under bf16 autocast the division would round
-    return -kernels.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape)
+    return -gpt_kernels.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape)
 
 
 def update(run, ref, batch, denom, cfg):

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 import cli
 import common
 import configs
-import evals
 import loaders
+import measures
 import stage_evals
 from cli import UserError
 from data import tinyworld
@@ -187,7 +187,7 @@ def token_logprobs(model, x, y, temperature):
 @torch.no_grad()
 def rollout(policy, ref, critic, rm, tok, questions, cfg, device):
     """Sample a reply to each question and score it: everything the PPO update needs, as tensors."""
-    prompts, outs, texts = evals.chat_replies(policy, tok, questions, cfg.max_new_tokens, temperature=cfg.temperature)
+    prompts, outs, texts = measures.chat_replies(policy, tok, questions, cfg.max_new_tokens, temperature=cfg.temperature)
     x, y, mask = (t.to(device) for t in pack_responses(prompts, outs))
     ended = torch.tensor([o[-1] == tok.end_id for o in outs], device=device)
     score = score_replies(rm, prompts, outs)[0]

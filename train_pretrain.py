@@ -16,7 +16,7 @@ import torch
 import cli
 import common
 import configs
-import kernels
+import gpt_kernels
 import loaders
 import stage_evals
 from model import GPT
@@ -28,8 +28,8 @@ from run import Run
 def pretrain_loss(logits, targets):
     """Mean over tokens of -log p(y_t | x_<=t) = -log softmax(logits_t)[y_t], the next-token loss:
     logits (B, T, V) from the model on x, targets (B, T) = x shifted by one. The fused cross-entropy
-    kernel computes it in one pass over the vocabulary (kernels.cross_entropy)."""
-    return kernels.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    kernel computes it in one pass over the vocabulary (gpt_kernels.cross_entropy)."""
+    return gpt_kernels.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
 
 # ----------------------------------------------------------------------------- training

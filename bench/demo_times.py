@@ -5,7 +5,7 @@ its logger exists; training is the training loop (with the validations inside it
 measures before and after it. report.py is all start-up and evaluation; its own time is read from
 out/report.md. No figure here is measured by this script: it reads what the last `make demo` wrote.
 
-    python bench/demo_times.py        # this table alone; bench/kernels.py puts it in bench/RESULTS.md
+    python bench/demo_times.py        # this table alone; bench/speed.py puts it in bench/RESULTS.md
 """
 import json
 import re

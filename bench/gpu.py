@@ -50,7 +50,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import cli  # noqa: E402
 from run import peak_flops  # noqa: E402
-import kernels  # noqa: E402
+import gpt_kernels  # noqa: E402
 import model as model_module  # noqa: E402
 from measure import device_name, fmt, fwd_bwd, markdown_table, peak_extra_mb, time_ms, triton_version  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
@@ -115,8 +115,8 @@ def attention_section(device):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
     def ours(q, k, v):
-        out = kernels.attention(q, k, v, causal=True)
-        assert kernels.last_backend["attention"] == "triton"
+        out = gpt_kernels.attention(q, k, v, causal=True)
+        assert gpt_kernels.last_backend["attention"] == "triton"
         return out
 
     rows, speedups = [], []
@@ -155,18 +155,18 @@ def cross_entropy_section(device):
         weight = (0.02 * torch.randn(V, C, device=device, dtype=dtype)).requires_grad_()
 
         def ours(x):
-            loss = kernels.cross_entropy(x, targets)
-            assert kernels.last_backend["cross_entropy"] == "triton"
+            loss = gpt_kernels.cross_entropy(x, targets)
+            assert gpt_kernels.last_backend["cross_entropy"] == "triton"
             return loss
 
         eager = lambda x: F.cross_entropy(x, targets)  # noqa: E731
         cases = [  # name, fn, inputs
             ("F.cross_entropy, eager", eager, (logits,)),
             ("F.cross_entropy, torch.compile", compiled(eager), (logits,)),
-            ("kernels.cross_entropy (ours)", ours, (logits,)),
+            ("gpt_kernels.cross_entropy (ours)", ours, (logits,)),
             ("F.cross_entropy(hidden @ weight.T)", lambda h, w: F.cross_entropy(h @ w.T, targets), (hidden, weight)),
-            (f"kernels.linear_cross_entropy (ours, chunks of {N // 4})",
-             lambda h, w: kernels.linear_cross_entropy(h, w, targets, chunk_size=N // 4), (hidden, weight)),
+            (f"gpt_kernels.linear_cross_entropy (ours, chunks of {N // 4})",
+             lambda h, w: gpt_kernels.linear_cross_entropy(h, w, targets, chunk_size=N // 4), (hidden, weight)),
         ]
         runs = [fwd_bwd(fn, inputs) for _, fn, inputs in cases]
         times = time_ms(runs, device, warmup=reps, reps=reps)
@@ -198,7 +198,7 @@ def training_section(device):
     seconds, backend, failed, mode = {}, {}, {}, os.environ["KERNELS"]
     for is_compiled in (False, True):
         for name in ("ours", "plain"):
-            model_module.kernels = kernels if name == "ours" else PLAIN
+            model_module.gpt_kernels = gpt_kernels if name == "ours" else PLAIN
             # dry, torch.compile would trace Triton's interpreter itself: the compiled rows take the torch path
             os.environ["KERNELS"] = "torch" if DRY and is_compiled else mode
             try:
@@ -207,9 +207,9 @@ def training_section(device):
             except Exception as e:  # a compile that fails is a finding; the other rows still get measured
                 failed[name, is_compiled] = f"failed: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
             finally:
-                model_module.kernels = kernels
-            backend[name, is_compiled] = (f"{kernels.last_backend.get('attention', '?')}/"
-                                          f"{kernels.last_backend.get('cross_entropy', '?')}")
+                model_module.gpt_kernels = gpt_kernels
+            backend[name, is_compiled] = (f"{gpt_kernels.last_backend.get('attention', '?')}/"
+                                          f"{gpt_kernels.last_backend.get('cross_entropy', '?')}")
     os.environ["KERNELS"] = mode
     tok_s = {key: batch * cfg.block_size / s for key, s in seconds.items()}
     mfu = {key: t * flops_per_token / peak if peak else None for key, t in tok_s.items()}

@@ -1,6 +1,6 @@
 """How the benchmarks measure and print: interleaved medians, peak memory, markdown tables, the device's name.
 
-Shared by bench/kernels.py (make bench) and bench/gpu.py (make gpu).
+Shared by bench/speed.py (make bench) and bench/gpu.py (make gpu).
 """
 import platform
 import statistics

@@ -6,7 +6,7 @@ demo's time. The rows: 64 prompts of 20-40 tokens continued by 64 tokens, greedy
 rollout's shape, where each row stops at its own length (40 of the vocabulary's tokens count as stop
 tokens for the random model, so rows end after about 30 tokens) and stopped rows leave the batch.
 
-    python bench/sampling.py      # this table alone; bench/kernels.py puts it in bench/RESULTS.md
+    python bench/sampling.py      # this table alone; bench/speed.py puts it in bench/RESULTS.md
 """
 import statistics
 import sys

@@ -1,10 +1,10 @@
 """Our GPT's training step against the same GPT calling PyTorch's ops directly (SDPA + F.cross_entropy).
 
-The two differ only in what `model.kernels` points at, so the gap is exactly the cost (or gain) of
+The two differ only in what `model.gpt_kernels` points at, so the gap is exactly the cost (or gain) of
 our dispatch and kernels. Runs are interleaved (ours, plain, plain, ours, ...) so that the machine's
 drift hits both alike and neither always runs first; the table gives the median of each.
 
-    python bench/train_step.py      # this table alone; bench/kernels.py puts it in bench/RESULTS.md
+    python bench/train_step.py      # this table alone; bench/speed.py puts it in bench/RESULTS.md
 """
 import statistics
 import sys
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import kernels  # noqa: E402
+import gpt_kernels  # noqa: E402
 import model as model_module  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
@@ -61,14 +61,14 @@ def bench_train_step(device, rounds=5, steps=3):
     times = {"ours": [], "plain": []}
     for r in range(rounds):
         for name in ("ours", "plain") if r % 2 == 0 else ("plain", "ours"):  # neither always runs first
-            model_module.kernels = kernels if name == "ours" else PLAIN
+            model_module.gpt_kernels = gpt_kernels if name == "ours" else PLAIN
             try:
                 times[name].append(step_time(gpt, opt, x, y, device, steps))
             finally:
-                model_module.kernels = kernels
+                model_module.gpt_kernels = gpt_kernels
     tokens = batch * cfg.block_size
     ours, plain = statistics.median(times["ours"]), statistics.median(times["plain"])
-    backend = kernels.last_backend.get("attention", "?") + "/" + kernels.last_backend.get("cross_entropy", "?")
+    backend = gpt_kernels.last_backend.get("attention", "?") + "/" + gpt_kernels.last_backend.get("cross_entropy", "?")
     title = (f"Training step: GPT {cfg.n_layer} layers x {cfg.n_embd} wide, vocab {cfg.vocab_size}, "
              f"T={cfg.block_size}, batch {batch} (median of {rounds} interleaved rounds of {steps} steps)")
     header = ["model", "ms/step", "tokens/s", "speed vs plain"]

@@ -10,16 +10,16 @@ import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-import kernels
+import gpt_kernels
 from conftest import KERNEL_DEVICES
-from kernels.attention import attention_reference
+from gpt_kernels.attention import attention_reference
 
 CUDA = torch.cuda.is_available()
 DEVICES = KERNEL_DEVICES
 # examples share the monkeypatched KERNELS=triton, which is what we want. On a GPU an example can compile
 # new kernels (a new dtype, head size or divisibility: seconds each, and make gpu's time is short); the
 # interpreter on a CPU runs the same kernel code through more of them.
-SETTINGS = settings(max_examples=12 if CUDA else 30, deadline=None,
+SETTINGS = settings(max_examples=12 if CUDA else 30,
                     suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
@@ -54,13 +54,13 @@ def assert_close(actual, expected, tol, what):
 
 
 def check_against_reference(shapes, causal, dtype, device, layouts, seed):
-    """Run kernels.attention and the reference on the same inputs; compare output and dq, dk, dv."""
+    """Run gpt_kernels.attention and the reference on the same inputs; compare output and dq, dk, dv."""
     gen = torch.Generator().manual_seed(seed)
     q, k, v, do = (make(s, dtype, device, lay, gen) for s, lay in zip(shapes, layouts))
     q, k, v = (t.requires_grad_() for t in (q, k, v))
-    kernels.last_backend.clear()
-    out = kernels.attention(q, k, v, causal=causal)
-    assert kernels.last_backend["attention"] == "triton"
+    gpt_kernels.last_backend.clear()
+    out = gpt_kernels.attention(q, k, v, causal=causal)
+    assert gpt_kernels.last_backend["attention"] == "triton"
     out.backward(do)
     # the reference sees the same (rounded) values, in fp32
     q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
@@ -136,7 +136,7 @@ def test_attention_refuses_unsupported_head_dims(D, monkeypatch):
     monkeypatch.setenv("KERNELS", "triton")
     q = torch.randn(1, 1, 4, D, device="cuda" if CUDA else "cpu")
     with pytest.raises(ValueError, match="head dims 16 to 128"):
-        kernels.attention(q, q, q)
+        gpt_kernels.attention(q, q, q)
 
 
 def test_attention_torch_backend(monkeypatch):
@@ -144,9 +144,9 @@ def test_attention_torch_backend(monkeypatch):
     monkeypatch.setenv("KERNELS", "torch")
     gen = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(2, 2, 13, 32, generator=gen) for _ in range(3))
-    kernels.last_backend.clear()
-    out = kernels.attention(q, k, v, causal=True)
-    assert kernels.last_backend["attention"] == "torch"
+    gpt_kernels.last_backend.clear()
+    out = gpt_kernels.attention(q, k, v, causal=True)
+    assert gpt_kernels.last_backend["attention"] == "torch"
     assert_close(out, attention_reference(q, k, v, causal=True), 1e-5, "out")
 
 
@@ -167,8 +167,8 @@ def test_attention_int64_offsets(monkeypatch):
     gen = torch.Generator(device="cuda").manual_seed(0)
     q, k, v, do = (torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(4))
     q, k, v = (t.requires_grad_() for t in (q, k, v))
-    out = kernels.attention(q, k, v, causal=True)
-    assert kernels.last_backend["attention"] == "triton"
+    out = gpt_kernels.attention(q, k, v, causal=True)
+    assert gpt_kernels.last_backend["attention"] == "triton"
     out.backward(do)
     last = slice(H - 2, H)  # check the two last heads, the ones an int32 offset would wrap around on
     q32, k32, v32 = (t.detach()[:, last].float().requires_grad_() for t in (q, k, v))

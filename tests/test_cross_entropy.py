@@ -12,14 +12,14 @@ import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-import kernels
+import gpt_kernels
 from conftest import KERNEL_DEVICES
-from kernels.cross_entropy import cross_entropy_reference
+from gpt_kernels.cross_entropy import cross_entropy_reference
 
 CUDA = torch.cuda.is_available()
 DEVICES = KERNEL_DEVICES
 # fewer on a GPU, where an example can compile new kernels (see test_attention.py)
-SETTINGS = settings(max_examples=12 if CUDA else 30, deadline=None,
+SETTINGS = settings(max_examples=12 if CUDA else 30,
                     suppress_health_check=[HealthCheck.function_scoped_fixture])
 REDUCTIONS = st.sampled_from(["mean", "sum", "none"])
 
@@ -77,9 +77,9 @@ def test_cross_entropy_matches_reference(device, data, monkeypatch):
     logits.requires_grad_()
     targets = targets_with_ignored(N, V, data.draw(st.sampled_from([0.0, 0.3, 1.0]), label="ignored"), gen, device)
 
-    kernels.last_backend.clear()
-    loss = kernels.cross_entropy(logits, targets, reduction=reduction)
-    assert kernels.last_backend["cross_entropy"] == "triton"
+    gpt_kernels.last_backend.clear()
+    loss = gpt_kernels.cross_entropy(logits, targets, reduction=reduction)
+    assert gpt_kernels.last_backend["cross_entropy"] == "triton"
     grad = upstream_grad(loss, gen)
     loss.backward(grad)
 
@@ -106,8 +106,8 @@ def test_cross_entropy_large_vocabularies(device, V, monkeypatch):
     logits = (4 * torch.randn(N, V, generator=gen)).to(device).requires_grad_()
     targets = torch.randint(0, V, (N,), generator=gen).to(device)
     targets[1] = V - 1
-    loss = kernels.cross_entropy(logits, targets)
-    assert kernels.last_backend["cross_entropy"] == "triton"
+    loss = gpt_kernels.cross_entropy(logits, targets)
+    assert gpt_kernels.last_backend["cross_entropy"] == "triton"
     loss.backward()
     ref_logits = logits.detach().clone().requires_grad_()
     ref = F.cross_entropy(ref_logits, targets)
@@ -124,8 +124,8 @@ def test_cross_entropy_int64_offsets(monkeypatch):
     gen = torch.Generator(device="cuda").manual_seed(0)
     logits = torch.randn(N, V, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
     targets = torch.randint(0, V, (N,), device="cuda", generator=gen)
-    loss = kernels.cross_entropy(logits, targets, reduction="none")
-    assert kernels.last_backend["cross_entropy"] == "triton"
+    loss = gpt_kernels.cross_entropy(logits, targets, reduction="none")
+    assert gpt_kernels.last_backend["cross_entropy"] == "triton"
     loss.sum().backward()
     last = slice(N - 4, N)
     ref_logits = logits.detach()[last].float().requires_grad_()
@@ -149,7 +149,7 @@ def test_cross_entropy_target_out_of_range_is_nan(monkeypatch):
     monkeypatch.setenv("KERNELS", "triton")
     logits = torch.randn(3, 10, device="cuda" if CUDA else "cpu")
     targets = torch.tensor([1, 10, 2], device=logits.device)
-    loss = kernels.cross_entropy(logits, targets, reduction="none")
+    loss = gpt_kernels.cross_entropy(logits, targets, reduction="none")
     assert not loss[0].isnan() and loss[1].isnan() and not loss[2].isnan()
 
 
@@ -171,9 +171,9 @@ def test_linear_cross_entropy_matches_reference(device, data, monkeypatch):
     weight = torch.randn(V, C, generator=gen).to(device=device, dtype=dtype).requires_grad_()
     targets = targets_with_ignored(B * T, V, data.draw(st.sampled_from([0.0, 0.3])), gen, device).view(B, T)
 
-    kernels.last_backend.clear()
-    loss = kernels.linear_cross_entropy(hidden, weight, targets, reduction=reduction, chunk_size=chunk_size)
-    assert kernels.last_backend["linear_cross_entropy"] == backend
+    gpt_kernels.last_backend.clear()
+    loss = gpt_kernels.linear_cross_entropy(hidden, weight, targets, reduction=reduction, chunk_size=chunk_size)
+    assert gpt_kernels.last_backend["linear_cross_entropy"] == backend
     grad = upstream_grad(loss, gen)
     loss.backward(grad)
 
@@ -195,9 +195,9 @@ def test_cross_entropy_torch_backend(monkeypatch):
     gen = torch.Generator().manual_seed(2)
     logits = torch.randn(11, 37, generator=gen, requires_grad=True)
     targets = targets_with_ignored(11, 37, 0.3, gen, "cpu")
-    kernels.last_backend.clear()
-    loss = kernels.cross_entropy(logits, targets)
-    assert kernels.last_backend["cross_entropy"] == "torch"
+    gpt_kernels.last_backend.clear()
+    loss = gpt_kernels.cross_entropy(logits, targets)
+    assert gpt_kernels.last_backend["cross_entropy"] == "torch"
     assert_close(loss, cross_entropy_reference(logits, targets), 1e-6, "loss")
 
 
@@ -205,8 +205,8 @@ def test_cross_entropy_refuses_bad_arguments(monkeypatch):
     monkeypatch.setenv("KERNELS", "triton")
     logits, targets = torch.randn(4, 10), torch.zeros(4, dtype=torch.long)
     with pytest.raises(ValueError, match="reduction"):
-        kernels.cross_entropy(logits, targets, reduction="max")
+        gpt_kernels.cross_entropy(logits, targets, reduction="max")
     with pytest.raises(ValueError, match="logits \\(N, V\\)"):
-        kernels.cross_entropy(logits.view(2, 2, 10), targets.view(2, 2))
+        gpt_kernels.cross_entropy(logits.view(2, 2, 10), targets.view(2, 2))
     with pytest.raises(ValueError, match="reduction"):
-        kernels.linear_cross_entropy(torch.randn(4, 8), torch.randn(10, 8), targets, reduction="max")
+        gpt_kernels.linear_cross_entropy(torch.randn(4, 8), torch.randn(10, 8), targets, reduction="max")

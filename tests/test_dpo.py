@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, strategies as st
 
 import common
 from conftest import run_script
@@ -175,7 +175,6 @@ FAULTS = Script("train_dpo.py", fault_flags, init="tiny_sft", wrong_stage="pretr
 tokens = st.lists(st.integers(0, 63), min_size=1, max_size=20)
 
 
-@settings(deadline=None)  # a few forwards of a tiny model per example: the time varies with the machine
 @given(st.lists(st.tuples(tokens, tokens, tokens), min_size=1, max_size=10))
 def test_pair_logprobs_in_length_groups_equal_each_pair_alone(pairs):
     """Both replies of every pair are scored in groups of similar length: each log-prob is the reply's

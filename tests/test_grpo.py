@@ -216,7 +216,7 @@ def test_the_step_reward_is_bounded_and_grows_with_the_steps_right(answer, step_
             assert reward(other, PROBLEM, ended, format_reward, step_reward, WORLD) >= r
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=20)
 @given(st.floats(0.2, 3.0), st.integers(0, 2**16))
 def test_answer_logprobs_are_those_of_the_tempered_policy_that_sampled(temperature, seed):
     torch.manual_seed(seed)

@@ -26,7 +26,7 @@ def greedy_by_recomputation(model, prompt, n, stop=()):
     return ids[len(prompt):]
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=15)
 @given(seed=st.integers(0, 10_000), prompt=st.lists(st.integers(0, 60), min_size=1, max_size=20),
        n=st.integers(1, 20), rope=st.booleans())
 def test_cached_greedy_equals_recomputation(seed, prompt, n, rope):
@@ -34,7 +34,7 @@ def test_cached_greedy_equals_recomputation(seed, prompt, n, rope):
     assert model.generate([prompt], n, temperature=0)[0] == greedy_by_recomputation(model, prompt, n)
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=10)
 @given(prompts=st.lists(st.lists(st.integers(0, 60), min_size=1, max_size=16), min_size=2, max_size=4),
        rope=st.booleans())
 def test_batch_of_different_lengths_equals_one_by_one(prompts, rope):
@@ -44,7 +44,7 @@ def test_batch_of_different_lengths_equals_one_by_one(prompts, rope):
     assert batched == alone
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=10)
 @given(prompts=st.lists(st.lists(st.integers(0, 60), min_size=1, max_size=16), min_size=4, max_size=8),
        stops=st.lists(st.integers(0, 60), min_size=1, max_size=12))
 def test_rows_that_stop_early_leave_the_others_unchanged(prompts, stops):
@@ -97,7 +97,7 @@ def test_prompt_longer_than_context_is_refused():
         model(torch.zeros(1, 49, dtype=torch.long))
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=20)
 @given(B=st.integers(1, 3), T=st.integers(1, 20), seed=st.integers(0, 1000), ignored=st.floats(0, 1))
 def test_token_logprobs_equal_log_softmax_gathered(B, T, seed, ignored):
     model = tiny_model(seed % 3)
@@ -162,7 +162,7 @@ def test_optimizer_decays_matrices_only():
     assert len(decayed["params"]) + len(plain["params"]) == len(list(model.parameters()))
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=30)
 @given(seed=st.integers(0, 10_000), k=st.integers(1, 10), p=st.floats(0.05, 0.99))
 def test_sampling_stays_inside_top_k_and_top_p(seed, k, p):
     g = torch.Generator().manual_seed(seed)
@@ -196,7 +196,7 @@ def rows_of(seqs):
     return x
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=10)
 @given(seed=st.integers(0, 1000),
        lengths=st.lists(st.tuples(st.integers(1, 10), st.integers(1, 10)), min_size=1, max_size=4))
 def test_reward_score_is_the_head_plus_the_gated_surprise_beyond_the_expected(seed, lengths):

@@ -22,7 +22,7 @@ def set_grads(params, seed):
 SHAPES = st.lists(st.lists(st.integers(1, 5), min_size=1, max_size=3), min_size=1, max_size=4)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40)
 @given(shapes=SHAPES, seed=st.integers(0, 10_000), lrs=st.lists(st.floats(1e-4, 0.1), min_size=1, max_size=6),
        wd=st.sampled_from([0.0, 0.1]), b1=st.floats(0.5, 0.95), b2=st.floats(0.9, 0.999))
 def test_adamw_equals_torch_adamw(shapes, seed, lrs, wd, b1, b2):

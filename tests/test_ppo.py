@@ -8,7 +8,7 @@ import torch
 from hypothesis import assume, given, strategies as st
 
 import common
-import evals
+import measures
 from conftest import run_script
 from faults import LONG_PAIR, Case, Script, data_file_cases, good_pair, jsonl, write
 from train_ppo import gae, kl_penalty, masked_whiten, ppo_policy_loss, ppo_value_loss, shape_rewards
@@ -159,8 +159,8 @@ FAULTS = Script("train_ppo.py", fault_flags, init="tiny_sft", wrong_stage="rm", 
 
 def test_the_report_calls_it_reward_hacking_only_when_the_gold_score_falls_as_the_reward_rises():
     steps = lambda gold: [{"step": i, "rollout/score": i / 10, "rollout/gold": gold(i)} for i in range(12)]
-    hacked = evals.reward_vs_gold(steps(lambda i: 2 - i / 10))
+    hacked = measures.reward_vs_gold(steps(lambda i: 2 - i / 10))
     assert "0.20 -> 0.90" in hacked and "1.80 -> 1.10" in hacked and "reward hacking" in hacked
-    honest = evals.reward_vs_gold(steps(lambda i: 1 + i / 10))
+    honest = measures.reward_vs_gold(steps(lambda i: 1 + i / 10))
     assert "1.20 -> 1.90" in honest and "reward hacking" not in honest
-    assert "fewer than 10 steps" in evals.reward_vs_gold(steps(lambda i: 1.0)[:9])
+    assert "fewer than 10 steps" in measures.reward_vs_gold(steps(lambda i: 1.0)[:9])

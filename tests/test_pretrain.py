@@ -15,7 +15,7 @@ TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_
         "--log_every=2", "--warmup_steps=2"]
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=30)
 @given(st.integers(1, 3), st.integers(1, 9), st.integers(2, 50), st.floats(0.1, 10.0), st.integers(0, 2**31 - 1))
 def test_pretrain_loss_is_the_mean_next_token_negative_log_likelihood(B, T, V, scale, seed):
     g = torch.Generator().manual_seed(seed)

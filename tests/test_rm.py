@@ -5,10 +5,10 @@ import types
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, strategies as st
 
 import common
-import evals
+import measures
 from conftest import run_script
 from data.batches import score_replies
 from data.tinyworld_chat import gold_score
@@ -121,15 +121,14 @@ def test_reward_accuracy_counts_each_kind_of_pair_apart(tiny_world):
                pair("How are you?", "Fine, thank you.", "Ugh."),                 # neither kind, won
                pair(q, right + " word" * 200, right),                            # longer than the context: left out
                {**pair(q, "Sure! " + right, wrong), "split": "unseen"}]          # facts, about an unseen character: won
-    assert evals.reward_accuracy(LongerWins(128), tok, records, world) == {"all": 4 / 6, "facts": 0.5, "style": 0.5,
+    assert measures.reward_accuracy(LongerWins(128), tok, records, world) == {"all": 4 / 6, "facts": 0.5, "style": 0.5,
                                                                           "facts_unseen": 1.0}
-    assert evals.reward_accuracy(LongerWins(128), tok, records) == {"all": 4 / 6}  # no world: no kinds
+    assert measures.reward_accuracy(LongerWins(128), tok, records) == {"all": 4 / 6}  # no world: no kinds
 
 
 tokens = st.lists(st.integers(0, 63), min_size=1, max_size=20)
 
 
-@settings(deadline=None)  # a few forwards of a tiny model per example: the time varies with the machine
 @given(st.lists(st.tuples(tokens, tokens), min_size=1, max_size=12))
 def test_replies_scored_in_length_groups_score_as_one_by_one(pairs):
     """Padding a length group at a time changes nothing a row computes: each score and log-prob sum is
@@ -154,9 +153,9 @@ def test_best_of_n_keeps_the_highest_scored_of_the_first_n_replies(tiny_world, t
     rm = common.gpt_from_checkpoint(ckpt, tok, reward=True).eval()
     torch.nn.init.normal_(rm.head.weight, std=1.0)  # scores that differ from reply to reply
     questions = [question(c, "pet", 0) for c in world.characters[:3]]
-    best = evals.best_of_n(policy, rm, tok, questions, (1, 2, 4), 8, torch.Generator().manual_seed(5), world)
+    best = measures.best_of_n(policy, rm, tok, questions, (1, 2, 4), 8, torch.Generator().manual_seed(5), world)
     # the same samples again, scored one by one
-    prompts, outs, texts = evals.chat_replies(policy, tok, [q for q in questions for _ in range(4)], 8,
+    prompts, outs, texts = measures.chat_replies(policy, tok, [q for q in questions for _ in range(4)], 8,
                                               temperature=1.0, generator=torch.Generator().manual_seed(5))
     scores = torch.stack([score_replies(rm, [p], [o])[0][0] for p, o in zip(prompts, outs)]).view(3, 4)
     for i, n in enumerate((1, 2, 4)):

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, strategies as st
 
 import common
 from conftest import run_script
@@ -169,7 +169,6 @@ FAULTS = Script("train_sft.py", fault_flags, init="tiny_pretrained", wrong_stage
 conversation = st.lists(st.tuples(st.integers(0, 63), st.booleans()), min_size=2, max_size=30)
 
 
-@settings(deadline=None)  # a few forwards of a tiny model per example: the time varies with the machine
 @given(st.lists(conversation, min_size=1, max_size=12), st.integers(0, 2**31 - 1))
 def test_a_batch_in_length_groups_has_the_loss_of_one_padded_batch(conversations, seed):
     """get_batch pads a few groups of similar length instead of one batch: the loss over the step's

@@ -75,7 +75,7 @@ def tok(tmp_path_factory):
 # Training
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40)
 @given(st.text(alphabet="aab cd'\n1.é", max_size=120), st.integers(256, 300))
 def test_train_bpe_matches_naive_trainer(text, vocab_size):
     assert train_bpe(text, vocab_size) == naive_train(text, vocab_size)
@@ -102,14 +102,14 @@ texts = st.one_of(
 )
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200)
 @given(texts)
 def test_encode_matches_naive_bpe(tok, text):
     ranks = tok.encoding._mergeable_ranks
     assert tok.encode(text) == naive_encode(text, ranks)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200)
 @given(texts)
 def test_round_trip(tok, text):
     assert tok.decode(tok.encode(text)) == text
@@ -181,7 +181,7 @@ def test_chat_mask_is_exactly_assistant_content_and_end(tok):
 
 
 @given(st.lists(st.text(max_size=20), min_size=2, max_size=6).filter(lambda xs: len(xs) % 2 == 0))
-@settings(max_examples=50, deadline=None)
+@settings(max_examples=50)
 def test_render_prompt_is_prefix_of_render_chat(tok, contents):
     messages = [{"role": ("user", "assistant")[i % 2], "content": c} for i, c in enumerate(contents)]
     ids, mask = tok.render_chat(messages)

@@ -1,9 +1,9 @@
 """Speed and memory of our kernels against PyTorch's own ops; prints a table and writes bench/RESULTS.md.
 
-    .venv/bin/python bench/kernels.py        (or: make bench)
+    .venv/bin/python bench/speed.py        (or: make bench)
 
 On a GPU: make gpu's attention and cross-entropy tables (bench/gpu.py, which runs much more: the
-tests compiled, GPT-2 small's MFU, the journey at GPU size). On a CPU the dispatch runs PyTorch's own ops, so we check that going through `kernels` costs nothing
+tests compiled, GPT-2 small's MFU, the journey at GPU size). On a CPU the dispatch runs PyTorch's own ops, so we check that going through `gpt_kernels` costs nothing
 against calling those ops directly. Every number in RESULTS.md comes from the run that wrote it.
 """
 import datetime
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ["KERNELS"] = "auto"  # measure the dispatch's own choice: Triton on CUDA tensors, PyTorch elsewhere
-import kernels  # noqa: E402
+import gpt_kernels  # noqa: E402
 from measure import device_name, fmt, fwd_bwd, markdown_table, time_ms, triton_version  # noqa: E402  (bench/ is on sys.path)
 from demo_times import bench_demo_times  # noqa: E402
 from sampling import bench_sampling  # noqa: E402
@@ -36,13 +36,13 @@ def cpu_dispatch(device):
     weight = (0.02 * torch.randn(4096, 256, generator=gen)).requires_grad_()
 
     def via_kernels_attention(q, k, v):
-        out = kernels.attention(q, k, v, causal=True)
-        assert kernels.last_backend["attention"] == "torch"
+        out = gpt_kernels.attention(q, k, v, causal=True)
+        assert gpt_kernels.last_backend["attention"] == "torch"
         return out.sum()
 
     def via_kernels_ce(x):
-        loss = kernels.cross_entropy(x, targets)
-        assert kernels.last_backend["cross_entropy"] == "torch"
+        loss = gpt_kernels.cross_entropy(x, targets)
+        assert gpt_kernels.last_backend["cross_entropy"] == "torch"
         return loss
 
     pairs = [  # what, through kernels, directly, inputs
@@ -51,7 +51,7 @@ def cpu_dispatch(device):
         ("cross_entropy (2048, 4096) fwd+bwd", via_kernels_ce,
          lambda x: F.cross_entropy(x.float(), targets), (logits,)),
         ("linear_cross_entropy (2048x256 @ 256x4096) fwd+bwd, chunked vs whole logits",
-         lambda h, w: kernels.linear_cross_entropy(h, w, targets, chunk_size=512),
+         lambda h, w: gpt_kernels.linear_cross_entropy(h, w, targets, chunk_size=512),
          lambda h, w: F.cross_entropy(h @ w.T, targets), (hidden, weight)),
     ]
     rows = []
@@ -81,7 +81,7 @@ def main():
         f"- device: {device_name(device)}",
         f"- torch {torch.__version__}, triton {triton_version()}, Python {platform.python_version()}",
         f"- date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}",
-        "- command: `.venv/bin/python bench/kernels.py`; times are medians (CUDA events on a GPU, wall clock on a CPU)",
+        "- command: `.venv/bin/python bench/speed.py`; times are medians (CUDA events on a GPU, wall clock on a CPU)",
     ]
     if device.type != "cuda":
         parts.append("- no GPU in this run: the Triton kernels' speed and memory are not measured here")
