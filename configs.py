@@ -61,7 +61,8 @@ class Pretrain(Common):
     eval_every: int = 300              # steps between validation losses
     eval_batches: int = 8              # batches per validation loss
     log_every: int = 100
-    eval_facts: bool = True            # at the end, measure fact completion on the TinyWorld beside --data
+    eval_facts: bool = True            # measure fact completion on the TinyWorld beside --data, at the end
+    facts_every: int = 50              # and every this many steps on a fixed half of the facts (0: at the end only)
 
     def model_config(self, vocab_size):
         """The shape of a fresh model: these flags and the tokenizer's vocabulary."""
@@ -72,6 +73,8 @@ class Pretrain(Common):
     def check(self):
         require_positive(self, "batch_size", "grad_accum", "max_steps", "block_size", "eval_every", "eval_batches",
                          "log_every", "n_layer", "n_head", "n_embd", "lr")
+        if self.facts_every < 0:
+            raise UserError(f"--facts_every is a number of steps, or 0 for none, got {self.facts_every}")
         if not 0 <= self.dropout < 1:
             raise UserError(f"--dropout is a probability below 1, got {self.dropout}")
         if self.n_embd % self.n_head:

@@ -22,11 +22,12 @@ def generate_batched(model, prompts, max_new_tokens, stop_tokens=(), batch_size=
     return outs
 
 
-def fact_accuracy(model, tok, world=None, max_new_tokens=4):
+def fact_accuracy(model, tok, world=None, max_new_tokens=4, every=1):
     """Fraction of the world's facts the model completes greedily: "<Name>'s favourite colour is" ->
-    " blue". Every character counts, those seen in SFT and those not. Returns (accuracy, examples)."""
+    " blue". Every character counts, those seen in SFT and those not; every=k takes every k-th fact
+    only (a fixed sample, for a curve). Returns (accuracy, examples)."""
     world = world or tinyworld.default_world()
-    pairs = tinyworld.fact_prompts(world)
+    pairs = tinyworld.fact_prompts(world)[::every]
     prompts = [[tok.eot_id] + tok.encode(p) for p, _ in pairs]
     outs = generate_batched(model, prompts, max_new_tokens, stop_tokens=[tok.eot_id])
     texts = [tok.decode(o) for o in outs]
@@ -233,6 +234,27 @@ def describe_math(result, label, k):
              f"(of {result['n']} problems)" + (f"\n    pass@1 / pass@{k} by {by_level}" if levels else "")]
     lines += [f"    {question!r}\n      -> {answer!r}" for question, answer in result.pop("examples")]
     return "\n".join(lines)
+
+
+def facts_arrival(log):
+    """The steps at which pre-training's facts curve (eval/facts in its log) first reaches 10%, 50% and 90%
+    ({level: step, or None where it never did}), and its last value: where the plateau ends and how
+    sharp the jump is."""
+    points = [(r["step"], r["eval/facts"]) for r in log if isinstance(r.get("eval/facts"), (int, float))]
+    first = {level: next((step for step, v in points if v >= level), None) for level in (0.1, 0.5, 0.9)}
+    return first, (points[-1][1] if points else None)
+
+
+def describe_facts_arrival(log):
+    """A sentence on the facts curve for the report, from facts_arrival."""
+    first, last = facts_arrival(log)
+    if last is None:
+        return "pre-training's log has no facts curve (eval/facts; --facts_every=0 turns it off)."
+    reached = [f"{level:.0%} at step {step}" for level, step in first.items() if step is not None]
+    never = [f"{level:.0%}" for level, step in first.items() if step is None]
+    said = ("fact completion on a fixed half of the world's facts during pre-training first reaches "
+            + ", ".join(reached) if reached else "fact completion during pre-training never reaches 10%")
+    return said + (f" (never {' or '.join(never)})" if reached and never else "") + f", and ends at {last:.0%}."
 
 
 def reward_vs_gold(log, n=5):

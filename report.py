@@ -48,7 +48,7 @@ COLUMNS = [("val_loss", "val loss", "{:.2f}"), ("facts", "facts", "{:.0%}"), ("s
            ("math", "math", "{:.0%}"), ("steps", "steps right", "{:.0%}"), ("rm_acc", "RM accuracy", "{:.0%}"), ("kl", "KL to SFT", "{:.1f}"),
            ("seconds", "train s", "{:.0f}")]
 # each stage's curves, by the names every stage logs (run.py's docstring lists them)
-CURVES = {"pretrain": ["loss/train", "loss/val"], "sft": ["loss/train", "loss/replay"],
+CURVES = {"pretrain": ["loss/train", "loss/val", "eval/facts"], "sft": ["loss/train", "loss/replay"],
           "rm": ["train/accuracy", "eval/accuracy"], "ppo": ["rollout/score", "rollout/gold", "rollout/kl"],
           "dpo": ["loss/train", "rewards/accuracy"], "grpo": ["rollout/reward", "rollout/accuracy"]}
 
@@ -276,6 +276,12 @@ def main(cfg):
         if missing:
             figures += [f"Not drawn for {stage}: {', '.join(missing)} ({log} has no such rows).", ""]
             print(f"report: {log} has no {', '.join(missing)}: not drawn", file=sys.stderr)
+    if (out / "pretrain" / "log.jsonl").is_file():
+        arrival = measures.describe_facts_arrival(read_jsonl(out / "pretrain" / "log.jsonl"))
+        figures += [f"The facts arrive late and together: {arrival} Language comes first (the validation loss "
+                    "falls from the start), then a plateau while fact completion stays near zero, then the jump: "
+                    "the model has to learn to look a character's name up before it can say any of their "
+                    "facts, and once it can, most facts come at once.", ""]
     best = rm_metrics.get("best_of_n")
     if best and "gold" in best and (out / "rm" / "best_of_n.png").is_file():  # written by train_rm.py
         figures += [f"Best of n, the reward model's cheap use: sample n SFT replies per held-out question and keep "

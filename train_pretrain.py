@@ -18,6 +18,7 @@ import common
 import configs
 import gpt_kernels
 import loaders
+import measures
 import stage_evals
 from model import GPT
 from run import Run
@@ -49,7 +50,7 @@ def main(cfg):
     else:
         val_loss = first_val = evaluate(model, val_data, cfg, run)
         common.print0(f"pretrain: validation loss at init {val_loss:.4f} (ln V = {np.log(tok.n_vocab):.4f})")
-        run.logger.log(0, printed=False, **{"loss/val": val_loss})
+        run.logger.log(0, printed=False, **{"loss/val": val_loss, **facts_curve(run, tok, world, cfg)})
 
     for step in run.steps():
         loss_sum = 0.0
@@ -68,7 +69,7 @@ def main(cfg):
         run.optimizer.step()
         run.optimizer.zero_grad(set_to_none=True)
         run.step += 1
-        metrics = {"loss/train": train_loss, "lr": run.lr}
+        metrics = {"loss/train": train_loss, "lr": run.lr, **facts_curve(run, tok, world, cfg)}
         if run.due():  # the weights after a step can be broken while its loss (from before it) was fine
             val_loss = metrics["loss/val"] = evaluate(model, val_data, cfg, run)
             run.check(val_loss, "validation loss")
@@ -94,6 +95,17 @@ def windows(data, starts, block_size):
     x = torch.stack([torch.from_numpy(data[i:i + block_size].astype(np.int64)) for i in starts])
     y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + block_size].astype(np.int64)) for i in starts])
     return x, y
+
+
+def facts_curve(run, tok, world, cfg):
+    """{"eval/facts": greedy fact completion on every second fact} every --facts_every steps, else {}: the
+    curve that shows the facts arriving (a plateau, then a jump). Rank 0 measures; the others go on."""
+    if world is None or not cfg.facts_every or run.step % cfg.facts_every or not common.is_master():
+        return {}
+    run.raw.eval()
+    accuracy = measures.fact_accuracy(run.raw, tok, world, every=2)[0]
+    run.raw.train()
+    return {"eval/facts": accuracy}
 
 
 @torch.no_grad()

@@ -33,7 +33,7 @@ if torch.cuda.is_available() or "TRITON_INTERPRET" in os.environ or "KERNELS" in
 
 if HAS_TRITON:
     # Imported before the functions below are defined: importing a submodule sets the package attribute
-    # of its name, and `gpt_kernels.attention` must end up the function, not the module kernels/attention.py.
+    # of its name, and `gpt_kernels.attention` must end up the function, not the module gpt_kernels/attention.py.
     from . import attention as _attention, cross_entropy as _cross_entropy
 
 # which backend ran last, per op: the tests read it to prove the Triton code, not a fallback, ran

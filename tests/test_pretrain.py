@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import common
+import measures
 from conftest import run_script
 from faults import Case, Script, write, wrong_file
 from train_pretrain import pretrain_loss
@@ -37,9 +38,13 @@ def losses(out):
 
 
 def test_tiny_run_trains_evaluates_and_saves(tiny_world, tmp_path):
-    r = run_script("train_pretrain.py", *flags(tiny_world, tmp_path / "pt", "--max_steps=30", "--eval_every=10"))
+    r = run_script("train_pretrain.py", *flags(tiny_world, tmp_path / "pt", "--max_steps=30", "--eval_every=10",
+                                               "--facts_every=15"))
     assert r.returncode == 0, r.stderr
     assert "pretrain 30/30" in r.stdout and "fact completion" in r.stdout
+    rows = [json.loads(line) for line in (tmp_path / "pt" / "log.jsonl").read_text().splitlines()]
+    curve = [(row["step"], row["eval/facts"]) for row in rows if "eval/facts" in row]  # the facts curve
+    assert [step for step, _ in curve] == [0, 15, 30] and all(0.0 <= v <= 1.0 for _, v in curve)
     metrics = json.loads((tmp_path / "pt" / "metrics.json").read_text())
     assert metrics["val_loss"] < metrics["val_loss_init"] - 0.5  # it learned something
     assert 0.0 <= metrics["fact_accuracy"] <= 1.0
@@ -92,3 +97,13 @@ PRETRAIN_CASES = {
 
 
 FAULTS = Script("train_pretrain.py", fault_flags, init="tiny_pretrained", wrong_stage="sft", cases=PRETRAIN_CASES)
+
+
+def test_facts_arrival_finds_where_the_curve_first_crosses_each_level():
+    log = [{"step": 0, "loss/val": 7.0}] + [{"step": s, "eval/facts": v} for s, v in
+                                            [(0, 0.0), (50, 0.02), (100, 0.3), (150, 0.6), (200, 0.45), (250, 0.95)]]
+    assert measures.facts_arrival(log) == ({0.1: 100, 0.5: 150, 0.9: 250}, 0.95)  # the first crossing, not a later one
+    assert measures.facts_arrival(log[:4]) == ({0.1: 100, 0.5: None, 0.9: None}, 0.3)
+    said = measures.describe_facts_arrival(log[:4])
+    assert "10% at step 100" in said and "never 50% or 90%" in said and "ends at 30%" in said
+    assert "no facts curve" in measures.describe_facts_arrival([{"step": 1, "loss/train": 2.0}])
