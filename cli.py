@@ -6,6 +6,7 @@ import math
 import os
 import re
 import sys
+import traceback
 from pathlib import Path
 
 # ----------------------------------------------------------------------------- user errors
@@ -34,6 +35,9 @@ def run_main(main, config_cls, presets=None):
         if isinstance(e.code, str):
             print(e.code, file=sys.stderr, flush=True)
         code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    except Exception:  # a bug: its traceback, as Python would print it, and exit code 1
+        traceback.print_exc()
+        code = 1
     leave(code)
 
 
