@@ -58,7 +58,8 @@ def teardown_ddp():
     failing, so each waits here for all. The process then ends through cli.leave, which says why it
     skips Python's shutdown."""
     if dist.is_initialized():
-        dist.barrier()
+        nccl = dist.get_backend() == "nccl"
+        dist.barrier(device_ids=[torch.cuda.current_device()] if nccl else None)
         dist.destroy_process_group()
 
 
