@@ -278,10 +278,10 @@ def main(cfg):
             print(f"report: {log} has no {', '.join(missing)}: not drawn", file=sys.stderr)
     if (out / "pretrain" / "log.jsonl").is_file():
         arrival = measures.describe_facts_arrival(read_jsonl(out / "pretrain" / "log.jsonl"))
-        figures += [f"The facts arrive late and together: {arrival} Language comes first (the validation loss "
-                    "falls from the start), then a plateau while fact completion stays near zero, then the jump: "
-                    "the model has to learn to look a character's name up before it can say any of their "
-                    "facts, and once it can, most facts come at once.", ""]
+        figures += [f"The facts curve (the pre-training panel's third): {arrival} The validation loss falls from "
+                    "the first steps, while fact completion sits on a plateau, then jumps and most facts come at "
+                    "once: the three phases Zucchet et al. (2025) describe, the jump coming once the model can "
+                    "recall a fact from a character's name. Its step differs from world to world.", ""]
     best = rm_metrics.get("best_of_n")
     if best and "gold" in best and (out / "rm" / "best_of_n.png").is_file():  # written by train_rm.py
         figures += [f"Best of n, the reward model's cheap use: sample n SFT replies per held-out question and keep "
