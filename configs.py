@@ -274,7 +274,7 @@ PRESETS = {
                               warmup_steps=100, eval_every=500, log_every=100),
         "cpu": {},  # the CPU sizes above, on a GPU too
         "smoke": dict(n_layer=1, n_head=2, n_embd=32, batch_size=4, max_steps=6, eval_every=6, eval_batches=1,
-                      warmup_steps=2, log_every=2),
+                      warmup_steps=2, log_every=2, facts_every=3),
     },
     "sft": {
         # Dolly 15k (python -m data.prepare_chat) on a 12x768 model pre-trained with train_pretrain.py --preset=gpu

@@ -1,6 +1,6 @@
 """The journey in one page: every stage's checkpoint on the same measures and the same prompts.
 
-    python report.py                  # reads out/*/ckpt.pt, writes out/report.md and the figures beside it
+    python report.py                  # reads out/*/ckpt.pt, writes out/report.md, out/report.json and the figures
     python report.py --out=/tmp/run --data=/tmp/world
 
 For each stage whose checkpoint exists (0 random init, 1 pre-training, 2 SFT, 3 PPO, 3 DPO, 4 GRPO)
@@ -12,9 +12,10 @@ beside the answers-only SFT run when out/sft_answers_only exists), and KL to SFT
 same three prompts are put to every stage, and each stage's training curves are drawn from its log.jsonl.
 """
 import json
-import sys
 import math
+import os
 import platform
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -316,8 +317,32 @@ def main(cfg):
           f"The journey's problem below is {'the first held-out one GRPO solves and ' + grpo_from[2:] + ' did not' if newly else 'the first held-out one'}.", "",
           "## The same prompts, every stage", "", *journey, "## Training curves", "", *figures]
     (out / "report.md").write_text("\n".join(md) + "\n")
+    write_results(out / "report.json", rows, contrast, models.get("4 GRPO", (None, {}))[1], rm_metrics, out, cfg,
+                  machine, time.time() - t0)
     print("\n".join(table))
     print(f"report: {out / 'report.md'} in {time.time() - t0:.0f}s")
+
+
+def write_results(path, rows, contrast, grpo_metrics, rm_metrics, out, cfg, machine, seconds):
+    """report.json: the report's figures for programs (make seeds reads it), unrounded: each stage's row of the
+    table with its reasoning levels, the answers-only contrast, GRPO's own before and after, best of n, where
+    pre-training's facts curve crossed 10/50/90%, each stage's seconds (metrics.json's), the report's own."""
+    drop = lambda r: {k: v for k, v in (r or {}).items() if k != "solved"} or None  # per problem: report.md's
+    log = out / "pretrain" / "log.jsonl"
+    first, last = measures.facts_arrival(read_jsonl(log)) if log.is_file() else ({}, None)
+    stage_seconds = {}
+    for stage in ("pretrain", "sft", "sft_answers_only", "rm", "ppo", "dpo", "grpo"):
+        if (out / stage / "metrics.json").is_file():
+            stage_seconds[stage] = json.loads((out / stage / "metrics.json").read_text()).get("seconds")
+    results = {"seed": cfg.seed, "machine": machine, "report_seconds": round(seconds, 1),
+               "stages": {label: drop(r) for label, r in rows.items()}, "answers_only_sft": drop(contrast),
+               "grpo": {k: drop(grpo_metrics.get(k)) for k in ("before", "after")},
+               "best_of_n": rm_metrics.get("best_of_n"),
+               "facts_curve": {"first_step": {f"{level:.0%}": step for level, step in first.items()}, "last": last},
+               "stage_seconds": stage_seconds}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(results, indent=1) + "\n")
+    os.replace(tmp, path)
 
 
 PRESETS = {"smoke": dict(max_new_tokens=8, math_tokens=8)}  # make demo PRESET=smoke: the plumbing in a minute

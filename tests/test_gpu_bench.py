@@ -66,6 +66,11 @@ def test_the_toy_journey_chains_every_stage_and_the_report_reads_them_all(dry_ru
     assert "What is an LLM?" in report
     # every curve report.py asks for is in its stage's log: a renamed metric would show as "Not drawn"
     assert "Not drawn" not in report and all((journey / f"report-{s}.png").is_file() for s in report_py.CURVES)
+    results = json.loads((journey / "report.json").read_text())  # the same figures, for programs (make seeds)
+    assert [label for label in results["stages"] if label in report] == list(results["stages"])
+    assert 0 <= results["stages"]["2 SFT"]["format"] <= 1 and 0 <= results["stages"]["3 reward model"]["rm_acc"] <= 1
+    assert 0 <= results["facts_curve"]["last"] <= 1 and set(results["facts_curve"]["first_step"]) == {"10%", "50%", "90%"}
+    assert set(results["stage_seconds"]) == {"pretrain", "sft", "sft_answers_only", "rm", "ppo", "dpo", "grpo"}
     for stage, steps in (("pretrain", 6), ("sft", 4), ("sft_answers_only", 4), ("rm", 2), ("ppo", 2), ("dpo", 2),
                          ("grpo", 2)):  # each stage ran the smoke preset's steps and wrote its checkpoint
         assert (journey / stage / "ckpt.pt").is_file(), stage
