@@ -102,10 +102,7 @@ def facts_curve(run, tok, world, cfg):
     curve that shows the facts arriving (a plateau, then a jump). Rank 0 measures; the others go on."""
     if world is None or not cfg.facts_every or run.step % cfg.facts_every or not common.is_master():
         return {}
-    run.raw.eval()
-    accuracy = measures.fact_accuracy(run.raw, tok, world, every=2)[0]
-    run.raw.train()
-    return {"eval/facts": accuracy}
+    return {"eval/facts": measures.fact_accuracy(run.raw, tok, world, every=2)[0]}  # generate_batched: eval mode, then back
 
 
 @torch.no_grad()
