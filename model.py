@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import gpt_kernels
-from optim import AdamW
+from optim import AdamW, Muon, Optimizers
 
 
 @dataclass
@@ -183,14 +183,18 @@ class GPT(nn.Module):
         """log p(targets[b, t] | idx[b, :t+1]) for every position, shape (B, T); 0 where targets is -100."""
         return -self(idx, targets, reduction="none")
 
-    def configure_optimizer(self, lr, weight_decay, betas=(0.9, 0.95)):
-        """AdamW with weight decay on matrices only: biases and LayerNorm gains are not decayed."""
-        params = [p for p in self.parameters() if p.requires_grad]
+    def configure_optimizer(self, lr, weight_decay, betas=(0.9, 0.95), optimizer="adamw"):
+        """AdamW with weight decay on matrices only: biases and LayerNorm gains are not decayed. With
+        optimizer="muon", the blocks' weight matrices take Muon's step instead and the rest AdamW's."""
+        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        hidden = [p for n, p in named if optimizer == "muon" and p.dim() == 2 and n.startswith("transformer.h.")]
+        params = [p for _, p in named if all(p is not q for q in hidden)]
         groups = [
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
-        return AdamW(groups, lr=lr, betas=betas)
+        adamw = AdamW(groups, lr=lr, betas=betas)
+        return Optimizers(Muon(hidden, lr, weight_decay), adamw) if hidden else adamw
 
     def flops_per_token(self, seq_len):
         """Training FLOPs per token: 6 per parameter (forward 2, backward 4) plus attention's scores."""
