@@ -53,12 +53,17 @@ class Pretrain(Common):
     dropout: float = 0.0               # dropout probability (0: we see the data less than 3 times)
     batch_size: int = 16               # sequences per micro-step, over all processes
     grad_accum: int = 1                # micro-steps per optimizer step
-    max_steps: int = 1200
+    max_steps: int = 500
     lr: float = 3e-3
-    min_lr: float = 3e-4
+    min_lr: float = 3e-4               # the learning rate at the end of the decay
     warmup_steps: int = 50
     weight_decay: float = 0.1
-    eval_every: int = 300              # steps between validation losses
+    schedule: str = "wsd"              # wsd (warm up, hold --lr, down to --min_lr over the last --cooldown), or cosine
+    cooldown: float = 0.2              # the fraction of the steps that wsd decays over
+    optimizer: str = "muon"            # muon: Muon for the blocks' weight matrices, AdamW for the rest; or adamw
+    focus_steps: int = 150             # TinyWorld's curriculum: these first steps see only --focus_cast characters (0: off)
+    focus_cast: int = 12               # how many characters (the first of the cast) the curriculum starts on
+    eval_every: int = 250              # steps between validation losses
     eval_batches: int = 8              # batches per validation loss
     log_every: int = 100
     eval_facts: bool = True            # measure fact completion on the TinyWorld beside --data, at the end
@@ -73,8 +78,15 @@ class Pretrain(Common):
     def check(self):
         require_positive(self, "batch_size", "grad_accum", "max_steps", "block_size", "eval_every", "eval_batches",
                          "log_every", "n_layer", "n_head", "n_embd", "lr")
-        if self.facts_every < 0:
-            raise UserError(f"--facts_every is a number of steps, or 0 for none, got {self.facts_every}")
+        require_choice(self, "optimizer", ("muon", "adamw"))
+        require_choice(self, "schedule", ("wsd", "cosine"))
+        if not 0 < self.cooldown <= 1:
+            raise UserError(f"--cooldown is a fraction of the steps, above 0 and at most 1, got {self.cooldown}")
+        for name in ("facts_every", "focus_steps"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name} is a number of steps, or 0 for none, got {getattr(self, name)}")
+        if self.focus_steps:
+            require_positive(self, "focus_cast")
         if not 0 <= self.dropout < 1:
             raise UserError(f"--dropout is a probability below 1, got {self.dropout}")
         if self.n_embd % self.n_head:
@@ -266,7 +278,7 @@ PRESETS = {
         "gpu": dict(data="data/real/tinystories_train.txt", val_data="data/real/tinystories_val.txt",
                     n_layer=12, n_head=12, n_embd=768, block_size=512, batch_size=64, grad_accum=2,
                     max_steps=5000, lr=6e-4, min_lr=6e-5, warmup_steps=200, eval_every=500, eval_batches=20,
-                    log_every=50, compile=True, eval_facts=False),
+                    log_every=50, compile=True, eval_facts=False, focus_steps=0),
         # TinyWorld on one CUDA GPU, the default there (make demo, make gpu): a 6x384 model (head dim 64, as the
         # kernels like), 2.5x the tokens; sized from the FLOPs a GPU gives in about a minute, not yet measured
         # on one. No dropout: the RL stages inherit the model, and dropout would make their ratios noisy.
@@ -274,7 +286,7 @@ PRESETS = {
                               warmup_steps=100, eval_every=500, log_every=100),
         "cpu": {},  # the CPU sizes above, on a GPU too
         "smoke": dict(n_layer=1, n_head=2, n_embd=32, batch_size=4, max_steps=6, eval_every=6, eval_batches=1,
-                      warmup_steps=2, log_every=2, facts_every=3),
+                      warmup_steps=2, log_every=2, facts_every=3, focus_steps=2, focus_cast=2),
     },
     "sft": {
         # Dolly 15k (python -m data.prepare_chat) on a 12x768 model pre-trained with train_pretrain.py --preset=gpu

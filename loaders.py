@@ -17,7 +17,7 @@ from data import UserError, formats, read_documents, tinyworld
 
 def pretrain(cfg, tok, block_size, run):
     """The training and validation text as token ids, tokenized once (this can take minutes), and the
-    TinyWorld whose facts the model should learn (None when --eval_facts is off). block_size: the
+    TinyWorld beside them (None when neither --eval_facts nor --focus_steps needs it). block_size: the
     model's context, which --block_size must fit in."""
     if cfg.block_size > block_size:
         source = run.ckpt_path if cfg.resume else run.init
@@ -33,13 +33,20 @@ def pretrain(cfg, tok, block_size, run):
 
 
 def world_beside(cfg):
-    """The world whose facts the model should learn, read now so that a missing one fails before training."""
-    if not cfg.eval_facts or not Path(cfg.data).is_file():  # a missing corpus gets its own error
+    """The world whose facts the model should learn (for --eval_facts) and whose cast the curriculum
+    starts on (--focus_steps), read now so that a missing one fails before training. None when neither
+    asks for it, or when only the curriculum does and --data is another corpus: it then has no cast
+    to start on, and every step draws from all of the text."""
+    here = Path(cfg.data).parent / "meta.json"
+    if not (cfg.eval_facts or cfg.focus_steps) or not Path(cfg.data).is_file():  # a missing corpus: its own error
         return None
-    if not (Path(cfg.data).parent / "meta.json").is_file():
-        raise UserError(f"--eval_facts measures TinyWorld's facts, but {Path(cfg.data).parent} holds no TinyWorld "
-                        "(meta.json): pass --eval_facts=false for another corpus")
-    return tinyworld.load_world(Path(cfg.data).parent)
+    if not here.is_file():
+        if cfg.eval_facts:
+            raise UserError(f"--eval_facts measures TinyWorld's facts, but {here.parent} holds no TinyWorld "
+                            "(meta.json): pass --eval_facts=false for another corpus")
+        print0(f"pretrain: {here.parent} holds no TinyWorld, so no curriculum: every step draws from all of --data")
+        return None
+    return tinyworld.load_world(here.parent)
 
 
 def tokenize_to_memmap(text_path, tok, cache_dir="out/tokens"):

@@ -86,7 +86,7 @@ class Run:
         return ckpt, init_ckpt, self.tok
 
     def start(self, model, ckpt, keep=dict, seed=None, unit=None, flops_per_unit=None):
-        """AdamW over the model, the generator that orders the data, and the step: all restored exactly
+        """The optimizer over the model, the generator that orders the data, and the step: all restored exactly
         from ckpt under --resume. seed: the global RNG's seed from here on (None: left as it is); keep()
         returns the stage's own fields for each checkpoint; unit names the speed each printed line shows
         (of what run.count counts), flops_per_unit adds MFU to it. Returns the model to call: compiled
@@ -95,7 +95,9 @@ class Run:
         if seed is not None:
             torch.manual_seed(seed)
         self.raw = model.to(self.device)
-        self.optimizer = model.configure_optimizer(cfg.lr, cfg.weight_decay)
+        # pre-training chooses its optimizer and schedule (configs.Pretrain); the other stages take AdamW on a cosine
+        self.optimizer = model.configure_optimizer(cfg.lr, cfg.weight_decay, optimizer=getattr(cfg, "optimizer", "adamw"))
+        self.cooldown = cfg.cooldown if getattr(cfg, "schedule", "cosine") == "wsd" else None
         self.data_gen = torch.Generator().manual_seed(cfg.seed)
         if cfg.resume:
             try:
@@ -146,7 +148,8 @@ class Run:
         self.t_loop = self.t_last = time.time()
         with StopOnSignal() as stop:
             while self.step < self.end and not stop.requested():
-                self.lr = lr_at(self.step, self.cfg.lr, self.cfg.min_lr, self.cfg.warmup_steps, self.cfg.max_steps)
+                self.lr = lr_at(self.step, self.cfg.lr, self.cfg.min_lr, self.cfg.warmup_steps, self.cfg.max_steps,
+                                self.cooldown)
                 for group in self.optimizer.param_groups:
                     group["lr"] = self.lr
                 yield self.step
@@ -266,10 +269,15 @@ class StopOnSignal:
         return 128 + (self.signum or signal.SIGINT)  # the shell's convention: 130 for Ctrl-C
 
 
-def lr_at(step, max_lr, min_lr, warmup, total):
-    """Linear warm-up to max_lr over `warmup` steps, then a cosine down to min_lr at `total`."""
+def lr_at(step, max_lr, min_lr, warmup, total, cooldown=None):
+    """Linear warm-up to max_lr over `warmup` steps, then a cosine down to min_lr at `total`; or, given
+    cooldown (a fraction of total), warm-up-stable-decay: max_lr until the last cooldown * total steps,
+    then a straight line down to min_lr at `total`."""
     if step < warmup:
         return max_lr * (step + 1) / warmup
+    if cooldown is not None:
+        start = total - cooldown * total
+        return max_lr if step < start else max_lr + (min_lr - max_lr) * min(1.0, (step - start) / max(1, total - start))
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (max_lr - min_lr)
 

@@ -6,9 +6,14 @@
     torchrun --standalone --nproc_per_node=8 train_pretrain.py --preset=gpu
 
 The loss is the mean over tokens of -log p(x_{t+1} | x_<=t). The corpus is tokenized once into a
-memmap of token ids. Each step: 1. random windows of it, --grad_accum batches; 2. each batch's loss,
-backward; 3. the update (clipped gradient, AdamW). Flags: configs.Pretrain. Writes out/pretrain/.
+memmap of token ids. Each step: 1. random windows of it, --grad_accum batches (for the first
+--focus_steps, only windows of the documents about a few characters: a curriculum, focus_starts);
+2. each batch's loss, backward; 3. the update: the gradient clipped, then Muon's step for the blocks'
+weight matrices and AdamW's for the rest (optim.py), at a learning rate that warms up, holds, and
+decays over the last --cooldown of the steps (run.lr_at). Flags: configs.Pretrain. Writes out/pretrain/.
 """
+
+import re
 
 import numpy as np
 import torch
@@ -20,6 +25,7 @@ import gpt_kernels
 import loaders
 import measures
 import stage_evals
+from cli import UserError
 from model import GPT
 from run import Run
 
@@ -41,10 +47,15 @@ def main(cfg):
     ckpt, _, tok = run.load(["pretrain"], made_by="python train_pretrain.py", keeps_init=False)
     model = GPT(cfg.model_config(tok.n_vocab)) if ckpt is None else common.gpt_from_checkpoint(ckpt, tok)
     train_data, val_data, world = loaders.pretrain(cfg, tok, model.config.block_size, run)
+    focus = focus_starts(train_data, tok, world, cfg) if cfg.focus_steps and world is not None else None
+    world = world if cfg.eval_facts else None  # the facts measured
     model = run.start(model, ckpt, keep=lambda: dict(val_loss=val_loss, val_loss_init=first_val),
                       unit="perf/tokens_per_s", flops_per_unit=model.flops_per_token(cfg.block_size))
     common.print0(f"pretrain: vocab {tok.n_vocab}, {len(train_data):,} training tokens, "
                   f"{cfg.batch_size * cfg.grad_accum * cfg.block_size:,} per step")
+    if focus is not None:
+        common.print0(f"pretrain: the first {cfg.focus_steps} steps draw from the documents about {cfg.focus_cast} "
+                      f"characters and those about none ({len(focus):,} window starts), then from all")
     if cfg.resume:
         val_loss, first_val = ckpt["val_loss"], ckpt["val_loss_init"]
     else:
@@ -55,7 +66,8 @@ def main(cfg):
     for step in run.steps():
         loss_sum = 0.0
         for micro in range(cfg.grad_accum):  # 1-2. windows, their loss, backward
-            x, y = get_batch(train_data, cfg.batch_size, cfg.block_size, run.data_gen, run.rank, run.world)
+            x, y = get_batch(train_data, cfg.batch_size, cfg.block_size, run.data_gen, run.rank, run.world,
+                             focus if run.step < cfg.focus_steps else None)
             x, y = x.to(run.device), y.to(run.device)
             run.sync(micro == cfg.grad_accum - 1)
             with common.autocast(run.device):
@@ -83,11 +95,35 @@ def main(cfg):
 
 # ----------------------------------------------------------------------------- the data, and the validation loss on it
 
-def get_batch(data, batch_size, block_size, gen, rank, world):
-    """Random windows. Every rank draws the same starts from the same generator and keeps its own
-    slice, so the global batch does not depend on the world size."""
-    starts = torch.randint(len(data) - block_size - 1, (batch_size,), generator=gen)[rank::world]
+def get_batch(data, batch_size, block_size, gen, rank, world, allowed=None):
+    """Random windows (starting at one of `allowed`, when given). Every rank draws the same starts
+    from the same generator and keeps its own slice, so the global batch does not depend on the world size."""
+    if allowed is None:
+        starts = torch.randint(len(data) - block_size - 1, (batch_size,), generator=gen)[rank::world]
+    else:
+        starts = torch.from_numpy(allowed)[torch.randint(len(allowed), (batch_size,), generator=gen)][rank::world]
     return windows(data, starts.tolist(), block_size)
+
+
+def focus_starts(data, tok, world, cfg):
+    """The curriculum's window starts: every token of the documents that name no character outside the
+    first --focus_cast of the cast (those about them, and those about no one). Few characters, each met
+    often, make the recall circuit form sooner (the plateau of Zucchet et al. 2025 shortens when a few
+    individuals dominate); once it has, every character's facts are learned through it."""
+    names = [c.name for c in world.characters]
+    focus = set(names[:cfg.focus_cast])
+    pattern = re.compile(r"\b(" + "|".join(map(re.escape, names)) + r")\b")
+    keep = np.zeros(len(data), dtype=bool)
+    start = 0
+    for end in np.flatnonzero(np.asarray(data) == tok.eot_id):  # each document ends with <|endoftext|>
+        if set(pattern.findall(tok.decode(data[start:end].tolist()))) <= focus:
+            keep[start:end + 1] = True
+        start = end + 1
+    keep[len(data) - cfg.block_size - 1:] = False  # a window must fit before the end
+    if not keep.any():
+        raise UserError(f"no document of {cfg.data} is about only the first {cfg.focus_cast} characters or none: "
+                        "raise --focus_cast, or --focus_steps=0 for no curriculum")
+    return np.flatnonzero(keep)
 
 
 def windows(data, starts, block_size):

@@ -86,6 +86,20 @@ def test_schedule_warms_up_then_decays_to_min(max_lr, frac, warmup, total):
     assert min_lr - 1e-12 <= mid <= max_lr + 1e-12
 
 
+@given(max_lr=st.floats(1e-5, 1.0), frac=st.floats(0.0, 1.0), warmup=st.integers(1, 50), total=st.integers(200, 10_000),
+       cooldown=st.floats(0.01, 0.5))
+def test_warmup_stable_decay_holds_the_peak_then_falls_in_a_straight_line_to_min(max_lr, frac, warmup, total, cooldown):
+    min_lr = max_lr * frac
+    lr = lambda s: run.lr_at(s, max_lr, min_lr, warmup, total, cooldown)  # noqa: E731
+    start = total - cooldown * total  # where the decay begins
+    assert lr(0) == pytest.approx(max_lr / warmup) and lr(warmup - 1) == pytest.approx(max_lr)
+    assert all(lr(s) == max_lr for s in (warmup, (warmup + int(start)) // 2, int(start)))  # the plateau
+    assert lr(total) == pytest.approx(min_lr)
+    assert lr(round((start + total) / 2)) == pytest.approx((max_lr + min_lr) / 2, abs=(max_lr - min_lr) / max(1, total - start))
+    after = [lr(s) for s in range(warmup, total + 1, max(1, total // 100))]
+    assert all(a >= b - 1e-15 for a, b in zip(after, after[1:]))  # never rises after the warm-up
+
+
 def test_checkpoint_round_trip_and_stage_check(tmp_path):
     path = tmp_path / "ckpt.pt"
     common.save_checkpoint(path, {"stage": "pretrain", "model": {"w": torch.ones(2)}, "step": 3})

@@ -53,10 +53,12 @@ def test_tiny_run_trains_evaluates_and_saves(tiny_world, tmp_path):
 
 
 def test_ddp_two_processes_match_one(tiny_world, tmp_path):
+    """Across the curriculum's end (step 2 of 4), with Muon: every rank draws the same windows and keeps its share."""
     one, two = tmp_path / "one", tmp_path / "two"
-    assert run_script("train_pretrain.py", *flags(tiny_world, one, "--max_steps=4", "--eval_every=4")).returncode == 0
+    extra = ["--max_steps=4", "--eval_every=4", "--focus_steps=2", "--focus_cast=2"]
+    assert run_script("train_pretrain.py", *flags(tiny_world, one, *extra)).returncode == 0
     r = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_pretrain.py",
-                   *flags(tiny_world, two, "--max_steps=4", "--eval_every=4"), env={"OMP_NUM_THREADS": "1"})
+                   *flags(tiny_world, two, *extra), env={"OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr
     assert losses(two) == pytest.approx(losses(one), rel=1e-4)
 
@@ -107,3 +109,58 @@ def test_facts_arrival_finds_where_the_curve_first_crosses_each_level():
     said = measures.describe_facts_arrival(log[:4])
     assert "10% at step 100" in said and "never 50% or 90%" in said and "ends at 30%" in said
     assert "no facts curve" in measures.describe_facts_arrival([{"step": 1, "loss/train": 2.0}])
+
+
+# ----------------------------------------------------------------------------- the curriculum, the schedule, Muon: resumed exactly
+
+def test_the_curriculum_draws_from_the_focus_cast_then_from_everyone(tiny_world, tmp_path):
+    import re
+
+    import configs
+    import loaders
+    from data import tinyworld
+    from data.tokenizer import load_tokenizer
+    from train_pretrain import focus_starts, get_batch
+    tok, world = load_tokenizer(tiny_world["tokenizer"]), tinyworld.load_world(tiny_world["data"])
+    data = loaders.tokenize_to_memmap(tiny_world["data"] / "corpus_train.txt", tok, cache_dir=tmp_path)
+    cfg = configs.Pretrain(focus_cast=2, block_size=32)
+    allowed = focus_starts(data, tok, world, cfg)
+    names = [c.name for c in world.characters]
+    pattern = re.compile(r"\b(" + "|".join(names) + r")\b")
+    ends = [int(e) for e in (data == tok.eot_id).nonzero()[0]]
+
+    def document(i):  # the text of the document that token i is in
+        end = next(e for e in ends if e >= i)
+        start = max([e + 1 for e in ends if e < i], default=0)
+        return tok.decode(data[start:end].tolist())
+
+    def named(starts):
+        return set().union(*(pattern.findall(document(int(s))) for s in starts))
+
+    def draw(seed, allowed, steps):
+        gen = torch.Generator().manual_seed(seed)
+        return [get_batch(data, 8, 32, gen, 0, 1, allowed) for _ in range(steps)]
+
+    assert 0 < len(allowed) < len(data) and named(allowed) == set(names[:2])  # only the focus cast's documents
+    first, again = draw(0, allowed, 3), draw(0, allowed, 3)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(first, again))  # the same seed, the same windows
+    windows = torch.cat([x for x, _ in draw(0, None, 60)])  # after the curriculum: every window of the corpus
+    seen = set(pattern.findall(" ".join(tok.decode(w.tolist()) for w in windows)))
+    assert seen == set(names)  # every character, by the end
+
+
+@pytest.mark.parametrize("optimizer", ["muon", "adamw"])
+def test_resume_is_exact_across_the_curriculum_and_the_schedule(tiny_world, tmp_path, optimizer):
+    """Stopped at step 3 and resumed: the same losses and weights as one run, across the end of the
+    curriculum (step 4) and the start of the learning rate's decay (step 6 of 8), with Muon's momentum."""
+    extra = ["--max_steps=8", "--eval_every=4", "--focus_steps=4", "--focus_cast=2", "--schedule=wsd",
+             "--cooldown=0.25", f"--optimizer={optimizer}", "--facts_every=0"]
+    whole, halves = tmp_path / "whole", tmp_path / "halves"
+    assert run_script("train_pretrain.py", *flags(tiny_world, whole, *extra)).returncode == 0
+    r = run_script("train_pretrain.py", *flags(tiny_world, halves, *extra, "--stop_at=3"))
+    assert r.returncode == 0, r.stderr
+    r = run_script("train_pretrain.py", *flags(tiny_world, halves, *extra, "--resume"))
+    assert r.returncode == 0, r.stderr
+    assert losses(halves) == losses(whole) and len(losses(whole)) == 8
+    a, b = (common.load_checkpoint(d / "ckpt.pt", ["pretrain"]) for d in (whole, halves))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
