@@ -3,6 +3,7 @@
 # make demo SEED=N: another world and other initialisations (N is passed to TinyWorld and every stage).
 # make clean: remove out/ and data/tinyworld/, so that the next demo redoes every stage.
 # make demo PRESET=smoke: every stage at toy size, a check of the plumbing in about a minute.
+# make seeds (SEEDS="0 1 2"): the demo on each seed, then out/seeds.md: every figure per seed, min and median.
 # make bench: the speed and memory benchmarks (CPU here; GPU where one is present).
 # make gpu: on a CUDA GPU, the kernel tests compiled, the GPU benchmarks and the journey at GPU size, all
 #   in bench/RESULTS-gpu.md (under 8 minutes); without one, the same run dry (tiny shapes, Triton's
@@ -14,7 +15,7 @@ PY := .venv/bin/python
 # PYTHONDONTWRITEBYTECODE is not set: so it is not passed on to the commands below.
 unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: test bench gpu venv test-venv demo clean FORCE
+.PHONY: test bench gpu venv test-venv demo seeds clean FORCE
 
 ifeq ($(PY),.venv/bin/python)
 venv: .venv/.installed
@@ -87,6 +88,18 @@ out/grpo/metrics.json: out/ppo/metrics.json train_grpo.py configs.py | out/dpo/m
 	$(call STAGE,stage 4: reasoning RL with GRPO,train_grpo.py $(RUN_SEED))
 out/report.md: out/grpo/metrics.json out/dpo/metrics.json out/sft_answers_only/metrics.json report.py measures.py
 	$(call STAGE,the report,report.py $(RUN_SEED))
+
+# make seeds: the demo once per seed of SEEDS, each seed's report, figures and stage metrics kept in
+# out/seeds/<N>/, then out/seeds.md: every figure per seed with its minimum and median (seeds.py).
+SEEDS ?= 0 1 2
+KEPT = report.md report.json report-*.png */metrics.json */log.jsonl rm/best_of_n.png
+seeds: venv
+	@set -e; for s in $(SEEDS); do \
+	  $(MAKE) --no-print-directory demo SEED=$$s PRESET=$(PRESET); \
+	  rm -rf out/seeds/$$s && mkdir -p out/seeds/$$s; \
+	  (cd out && for f in $(KEPT); do [ -e "$$f" ] && cp --parents "$$f" seeds/$$s/ || true; done); \
+	done
+	$(PY) seeds.py --seeds="$(SEEDS)"
 
 clean:
 	rm -rf out data/tinyworld

@@ -298,7 +298,7 @@ def main(cfg):
                     "![reward vs gold](ppo/no_kl/reward_vs_gold.png)", ""]
 
     machine = torch.cuda.get_device_name(device) if device.startswith("cuda") else \
-        f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+        f"{platform.processor() or platform.machine()} CPU ({torch.backends.cpu.get_cpu_capability()}), {torch.get_num_threads()} threads"
     md = ["# The journey: from random weights to an assistant", "",
           f"Measured by `python report.py` on {machine} in {time.time() - t0:.0f} s, from the checkpoints in "
           f"`{out}/`. Columns: validation loss on the corpus; greedy fact completion (all characters); held-out "
