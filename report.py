@@ -279,10 +279,14 @@ def main(cfg):
             print(f"report: {log} has no {', '.join(missing)}: not drawn", file=sys.stderr)
     if (out / "pretrain" / "log.jsonl").is_file():
         arrival = measures.describe_facts_arrival(read_jsonl(out / "pretrain" / "log.jsonl"))
+        focus = base["config"].get("focus_steps", 0)
+        curriculum = (f" Its first {focus} steps saw only the documents about {base['config']['focus_cast']} "
+                      "characters (the curriculum): few characters met often make that circuit form sooner, and "
+                      "once it has, every character's facts come through it." if focus else "")
         figures += [f"The facts curve (the pre-training panel's third): {arrival} The validation loss falls from "
                     "the first steps, while fact completion sits on a plateau, then jumps and most facts come at "
                     "once: the three phases Zucchet et al. (2025) describe, the jump coming once the model can "
-                    "recall a fact from a character's name. Its step differs from world to world.", ""]
+                    f"recall a fact from a character's name.{curriculum}", ""]
     best = rm_metrics.get("best_of_n")
     if best and "gold" in best and (out / "rm" / "best_of_n.png").is_file():  # written by train_rm.py
         figures += [f"Best of n, the reward model's cheap use: sample n SFT replies per held-out question and keep "
