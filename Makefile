@@ -95,9 +95,11 @@ SEEDS ?= 0 1 2
 KEPT = report.md report.json report-*.png */metrics.json */log.jsonl rm/best_of_n.png
 seeds: venv
 	@set -e; for s in $(SEEDS); do \
+	  start=$$(date +%s); \
 	  $(MAKE) --no-print-directory demo SEED=$$s PRESET=$(PRESET); \
 	  rm -rf out/seeds/$$s && mkdir -p out/seeds/$$s; \
 	  (cd out && for f in $(KEPT); do [ -e "$$f" ] && cp --parents "$$f" seeds/$$s/ || true; done); \
+	  echo "seed $$s: the demo in $$(( $$(date +%s) - start )) s, kept in out/seeds/$$s/"; \
 	done
 	$(PY) seeds.py --seeds="$(SEEDS)"
 

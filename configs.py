@@ -61,7 +61,7 @@ class Pretrain(Common):
     schedule: str = "wsd"              # wsd (warm up, hold --lr, down to --min_lr over the last --cooldown), or cosine
     cooldown: float = 0.2              # the fraction of the steps that wsd decays over
     optimizer: str = "muon"            # muon: Muon for the blocks' weight matrices, AdamW for the rest; or adamw
-    focus_steps: int = 150             # TinyWorld's curriculum: these first steps see only --focus_cast characters (0: off)
+    focus_steps: int = 150             # TinyWorld's curriculum: steps that see only --focus_cast characters (0: off)
     focus_cast: int = 12               # how many characters (the first of the cast) the curriculum starts on
     eval_every: int = 250              # steps between validation losses
     eval_batches: int = 8              # batches per validation loss
@@ -280,8 +280,9 @@ PRESETS = {
                     max_steps=5000, lr=6e-4, min_lr=6e-5, warmup_steps=200, eval_every=500, eval_batches=20,
                     log_every=50, compile=True, eval_facts=False, focus_steps=0),
         # TinyWorld on one CUDA GPU, the default there (make demo, make gpu): a 6x384 model (head dim 64, as the
-        # kernels like), 2.5x the tokens; sized from the FLOPs a GPU gives in about a minute, not yet measured
-        # on one. No dropout: the RL stages inherit the model, and dropout would make their ratios noisy.
+        # kernels like), 6x the CPU default's tokens, with its curriculum, Muon and schedule; sized from the FLOPs
+        # a GPU gives in about a minute, not yet measured on one. No dropout: the RL stages inherit the model, and
+        # dropout would make their ratios noisy.
         "tinyworld_gpu": dict(n_layer=6, n_head=6, n_embd=384, batch_size=32, max_steps=1500, lr=1e-3, min_lr=1e-4,
                               warmup_steps=100, eval_every=500, log_every=100),
         "cpu": {},  # the CPU sizes above, on a GPU too

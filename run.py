@@ -96,7 +96,8 @@ class Run:
             torch.manual_seed(seed)
         self.raw = model.to(self.device)
         # pre-training chooses its optimizer and schedule (configs.Pretrain); the other stages take AdamW on a cosine
-        self.optimizer = model.configure_optimizer(cfg.lr, cfg.weight_decay, optimizer=getattr(cfg, "optimizer", "adamw"))
+        self.optimizer = model.configure_optimizer(cfg.lr, cfg.weight_decay,
+                                                   optimizer=getattr(cfg, "optimizer", "adamw"))
         self.cooldown = cfg.cooldown if getattr(cfg, "schedule", "cosine") == "wsd" else None
         self.data_gen = torch.Generator().manual_seed(cfg.seed)
         if cfg.resume:

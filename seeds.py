@@ -57,6 +57,31 @@ def table(reports):
     return lines
 
 
+def pct(x):
+    return "" if x is None else f"{x:.1%}"
+
+
+def headline(r):
+    """The README's across-seeds columns, from one report.json."""
+    st = r.get("stages", {})
+    get = lambda stage, key: (st.get(stage) or {}).get(key)  # noqa: E731
+    before, after = (r.get("grpo") or {}).get("before") or {}, (r.get("grpo") or {}).get("after") or {}
+    k = next((key for key in after if key.startswith("pass@") and key != "pass@1"), None)
+    grpo = (f"{pct(before.get('pass@1'))} -> {pct(after.get('pass@1'))}" +
+            (f" ({pct(before.get(k))} -> {pct(after.get(k))})" if k else "")) if after else ""
+    return [pct(get("1 pre-trained", "facts")),
+            f"{pct(get('2 SFT', 'seen'))} / {pct(get('2 SFT', 'unseen'))}",
+            ", ".join(pct(get("3 reward model", key)) for key in ("rm_acc", "rm_style", "rm_facts", "rm_facts_unseen")),
+            f"{pct(get('3 PPO', 'win'))}, {pct(get('3 PPO', 'seen'))} / {pct(get('3 PPO', 'unseen'))}",
+            grpo, f"{((r.get('stage_seconds') or {}).get('pretrain') or {}).get('training', 0):.0f}, "
+                  f"{sum((v or {}).get('training', 0) for v in r.get('stage_seconds', {}).values()):.0f}"]
+
+
+HEADLINE = ["seed", "facts", "SFT QA seen / unseen", "RM: all, manner, facts, unseen characters",
+            "PPO: wins, QA seen / unseen", "GRPO pass@1 (pass@k), before -> after",
+            "training s: pre-training, all stages"]
+
+
 def main(cfg):
     seeds = cfg.seeds.split()
     if not seeds:
@@ -72,13 +97,16 @@ def main(cfg):
     lines = [f"# Every figure on seeds {', '.join(seeds)}", "",
              "Each seed is a TinyWorld of its own and its own initialisations (`make demo SEED=N`); each seed's "
              f"report is in {cfg.dir}/<seed>/report.md. Fractions are shares (0.95 = 95%); seconds are on "
-             f"{' and '.join(machines)}.", "", *table(reports), ""]
+             f"{' and '.join(machines)}.", "",
+             "| " + " | ".join(HEADLINE) + " |", "|---" * len(HEADLINE) + "|",
+             *(f"| {seed} | " + " | ".join(headline(r)) + " |" for seed, r in reports.items()), "",
+             "Every figure:", "", *table(reports), ""]
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text("\n".join(lines))
     os.replace(tmp, out)
-    print(f"seeds: {len(lines) - 7} figures on {len(seeds)} seeds in {out}")
+    print(f"seeds: every figure on {len(seeds)} seeds in {out}")
 
 
 if __name__ == "__main__":

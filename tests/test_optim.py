@@ -1,5 +1,7 @@
-"""optim.AdamW: step for step the update torch.optim.AdamW makes, and a state that resumes exactly."""
+"""optim.AdamW: step for step the update torch.optim.AdamW makes, and a state that resumes exactly; optim.Muon:
+its orthogonalisation against an SVD, its step against a plain reference, a toy fit, and Muon with AdamW resumed."""
 import io
+import math
 from unittest import mock
 
 import pytest
@@ -92,7 +94,7 @@ def test_orthogonalize_keeps_the_singular_vectors_and_sets_the_values_near_one(r
     k = min(rows, cols)
     u, _ = torch.linalg.qr(torch.randn(rows, k, generator=gen, dtype=torch.float64))
     v, _ = torch.linalg.qr(torch.randn(cols, k, generator=gen, dtype=torch.float64))
-    s = scale * torch.logspace(0, -torch.log10(torch.tensor(spread)).item(), k, dtype=torch.float64)  # largest / smallest = spread
+    s = scale * torch.logspace(0, -math.log10(spread), k, dtype=torch.float64)  # largest / smallest = spread
     g = (u * s) @ v.T
     o = optim.orthogonalize(g.float()).double()
     inside = u.T @ o @ v  # in g's singular basis: diagonal when o has g's singular vectors
@@ -130,7 +132,7 @@ def test_muon_step_equals_the_reference(shapes, seed, lrs, weight_decay, beta):
         for p, g in zip(params64, grads_per_step[-1]):
             p.grad = g.clone()
         opt.param_groups[0]["lr"] = lr
-        with mock.patch.object(optim, "orthogonalize", lambda g: polar(g).to(g.dtype)):  # the algebra around it, exactly
+        with mock.patch.object(optim, "orthogonalize", lambda g: polar(g).to(g.dtype)):  # the algebra, exactly
             opt.step()
     for ours, ref in zip(params64, muon_reference(params, grads_per_step, lrs, weight_decay, beta)):
         torch.testing.assert_close(ours.detach(), ref, rtol=1e-9, atol=1e-9)

@@ -111,7 +111,7 @@ def test_facts_arrival_finds_where_the_curve_first_crosses_each_level():
     assert "no facts curve" in measures.describe_facts_arrival([{"step": 1, "loss/train": 2.0}])
 
 
-# ----------------------------------------------------------------------------- the curriculum, the schedule, Muon: resumed exactly
+# ----------------------------------------------------------------------------- the curriculum, the schedule, Muon
 
 def test_the_curriculum_draws_from_the_focus_cast_then_from_everyone(tiny_world, tmp_path):
     import re

@@ -23,6 +23,7 @@ def test_the_table_has_a_row_per_figure_a_column_per_seed_and_the_min_and_median
     assert rows["s"] == ["10", "12", "11", "10", "11"]
     assert rows["extra"] == ["", "5", "", "5", "5"]  # a figure one seed lacks: the others' min and median
     assert not any(k.startswith(("seed", "machine")) or "unseen" in k for k in rows)  # not figures; None is absent
+    assert len(seeds.headline({})) == len(seeds.HEADLINE) - 1  # a report without a stage: blank cells, no error
 
 
 def test_a_missing_report_is_one_line_naming_the_command(tmp_path):
@@ -47,6 +48,8 @@ def test_make_seeds_runs_the_demo_per_seed_into_its_own_folder_and_writes_the_ta
         assert not list((work / "out" / "seeds" / s).glob("*/ckpt.pt"))  # the figures, not the weights
     table = (work / "out" / "seeds.md").read_text()
     assert "| figure | seed 3 | seed 4 | min | median |" in table
+    headline = [line for line in table.splitlines() if line.startswith(("| 3 | ", "| 4 | "))]  # the README's columns
+    assert len(headline) == 2 and all(line.count(" | ") == len(seeds.HEADLINE) - 1 for line in headline)
     facts = [results[s]["stages"]["1 pre-trained"]["facts"] for s in ("3", "4")]
     row = next(line for line in table.splitlines() if line.startswith("| stages / 1 pre-trained / facts |"))
     assert row.strip("| ").split(" | ")[1:] == [seeds.fmt(v) for v in (*facts, min(facts), (facts[0] + facts[1]) / 2)]
