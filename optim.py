@@ -17,6 +17,16 @@ import math
 import torch
 
 
+def clear_grads(groups, set_to_none=True):
+    """Every parameter's gradient dropped (None: the next backward allocates afresh) or zeroed."""
+    for group in groups:
+        for p in group["params"]:
+            if set_to_none:
+                p.grad = None
+            elif p.grad is not None:
+                p.grad.zero_()
+
+
 class AdamW:
     def __init__(self, groups, lr, betas=(0.9, 0.999), eps=1e-8):
         """groups: [{"params": [...], "weight_decay": wd}, ...], as torch.optim takes them. Each group's
@@ -50,12 +60,7 @@ class AdamW:
             torch._foreach_addcdiv_(params, m, denom, value=-lr / (1 - b1 ** self.t))
 
     def zero_grad(self, set_to_none=True):
-        for group in self.param_groups:
-            for p in group["params"]:
-                if set_to_none:
-                    p.grad = None
-                elif p.grad is not None:
-                    p.grad.zero_()
+        clear_grads(self.param_groups, set_to_none)
 
     def state_dict(self):
         """Tensors, numbers and strings only: a checkpoint holding it loads with weights_only=True."""
@@ -116,7 +121,7 @@ class Muon:
     much along its rare directions as along its common ones. 0.2 * sqrt(max(rows, cols)) gives the
     update the root-mean-square size of AdamW's, about 0.2 (Moonlight's scaling), so one learning rate
     and schedule serves both optimizers. Only for 2-D weights inside the blocks: embeddings, the head,
-    biases and norms stay with AdamW (with_adamw builds the pair).
+    biases and norms stay with AdamW (GPT.configure_optimizer builds the pair, an Optimizers).
     """
 
     def __init__(self, params, lr, weight_decay=0.0, beta=0.95):
@@ -142,7 +147,7 @@ class Muon:
             torch._foreach_add_(params, list(updates.unbind()), alpha=-lr * 0.2 * math.sqrt(max(shape)))
 
     def zero_grad(self, set_to_none=True):
-        AdamW.zero_grad(self, set_to_none)
+        clear_grads(self.param_groups, set_to_none)
 
     def state_dict(self):
         return {"muon": self.m, "hyper": [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]}

@@ -10,13 +10,13 @@ figures, each stage's metrics.json and log.jsonl) in out/seeds/<N>/; this reads 
 median: the README's across-seeds table comes from here, not from notes.
 """
 import json
-import os
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
 import cli
 from cli import UserError
+from data import write_atomic
 
 SKIP = {"seed", "machine"}  # what describes a run rather than measures it; the machine is printed once
 
@@ -74,7 +74,7 @@ def headline(r):
             ", ".join(pct(get("3 reward model", key)) for key in ("rm_acc", "rm_style", "rm_facts", "rm_facts_unseen")),
             f"{pct(get('3 PPO', 'win'))}, {pct(get('3 PPO', 'seen'))} / {pct(get('3 PPO', 'unseen'))}",
             grpo, f"{((r.get('stage_seconds') or {}).get('pretrain') or {}).get('training', 0):.0f}, "
-                  f"{sum((v or {}).get('training', 0) for v in r.get('stage_seconds', {}).values()):.0f}"]
+                  f"{sum((v or {}).get('training', 0) for v in (r.get('stage_seconds') or {}).values()):.0f}"]
 
 
 HEADLINE = ["seed", "facts", "SFT QA seen / unseen", "RM: all, manner, facts, unseen characters",
@@ -101,12 +101,8 @@ def main(cfg):
              "| " + " | ".join(HEADLINE) + " |", "|---" * len(HEADLINE) + "|",
              *(f"| {seed} | " + " | ".join(headline(r)) + " |" for seed, r in reports.items()), "",
              "Every figure:", "", *table(reports), ""]
-    out = Path(cfg.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text("\n".join(lines))
-    os.replace(tmp, out)
-    print(f"seeds: every figure on {len(seeds)} seeds in {out}")
+    write_atomic(cfg.out, "\n".join(lines))
+    print(f"seeds: every figure on {len(seeds)} seeds in {cfg.out}")
 
 
 if __name__ == "__main__":

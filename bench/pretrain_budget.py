@@ -10,8 +10,6 @@ training seconds (metrics.json's train_seconds: the loop, with the evaluations i
 new / old, and each run's fact completion. Writes bench/RESULTS-pretrain.md.
 """
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -22,8 +20,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import torch  # noqa: E402
+
 import cli  # noqa: E402
 from cli import UserError  # noqa: E402
+from data import write_atomic  # noqa: E402
+from measure import device_name, markdown_table  # noqa: E402  (bench/ is on sys.path)
 
 # the defaults before: 1200 steps of AdamW on a cosine, every step over the whole cast
 OLD = ["--optimizer=adamw", "--schedule=cosine", "--focus_steps=0", "--max_steps=1200"]
@@ -61,31 +63,25 @@ def main(cfg):
         for name, flags in (("old", OLD), ("new", [])):
             run_dir = out / f"{name}{i}"
             print(f"pair {i + 1}/{cfg.pairs}: {name} settings -> {run_dir}", flush=True)
-            t0 = time.time()
             run(common + [f"--out={run_dir}"] + flags, out / f"{name}{i}.log")
             metrics = json.loads((run_dir / "metrics.json").read_text())
-            pair[name] = (metrics["train_seconds"], metrics.get("fact_accuracy"), metrics["steps"], time.time() - t0)
+            pair[name] = (metrics["train_seconds"], metrics.get("fact_accuracy"), metrics["steps"])
         rows.append(pair)
         old, new = pair["old"][0], pair["new"][0]
         print(f"  old {old:.0f} s, new {new:.0f} s: {new / old:.2f}", flush=True)
     ratios = [p["new"][0] / p["old"][0] for p in rows]
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-    try:
-        import torch
-        machine += f", {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads"
-    except ImportError:
-        pass
+    machine = f"{device_name(torch.device('cpu'))} ({torch.backends.cpu.get_cpu_capability()})"
     lines = ["# Pre-training's time: the old settings against today's defaults", "",
              f"- command: `python bench/pretrain_budget.py --world={cfg.world} --pairs={cfg.pairs}`; "
              f"{time.strftime('%Y-%m-%d')}, {machine}",
              f"- old: `{' '.join(OLD)}`; new: the defaults (configs.Pretrain); TinyWorld {cfg.world}, seed "
-             f"{1337 + cfg.world}; run in turns, old first", "",
-             "| pair | old: steps, train s, facts | new: steps, train s, facts | new / old |", "|---|---|---|---|"]
-    for i, p in enumerate(rows):
-        cell = lambda r: f"{r[2]}, {r[0]:.0f} s" + (f", {r[1]:.1%}" if r[1] is not None else "")  # noqa: E731
-        lines.append(f"| {i + 1} | {cell(p['old'])} | {cell(p['new'])} | {ratios[i]:.2f} |")
+             f"{1337 + cfg.world}; run in turns, old first", ""]
+    cell = lambda r: f"{r[2]}, {r[0]:.0f} s" + (f", {r[1]:.1%}" if r[1] is not None else "")  # noqa: E731
+    table = [[i + 1, cell(p["old"]), cell(p["new"]), f"{r:.2f}"] for i, (p, r) in enumerate(zip(rows, ratios))]
+    header = ["pair", "old: steps, train s, facts", "new: steps, train s, facts", "new / old"]
+    lines.append(markdown_table(header, table))
     lines += ["", f"Median ratio of training seconds, new / old: **{statistics.median(ratios):.2f}**.", ""]
-    Path(cfg.results).write_text("\n".join(lines))
+    write_atomic(cfg.results, "\n".join(lines))
     print(f"pretrain budget: new / old = {statistics.median(ratios):.2f} (median of {len(ratios)}), in {cfg.results}")
 
 
