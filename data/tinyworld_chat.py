@@ -137,8 +137,8 @@ def make_sft(world, math_sft, rng):
 
 
 def designed_pair(world, prompt_info, rng):
-    """(prompt, better, worse): better by construction: right beats wrong (a wrong value, or another
-    character's fact); among right answers, polite > plain > curt > rambling or rude. The gold rater
+    """(prompt, better, worse): better by construction: right beats wrong (a wrong value, another
+    character's fact, or the same character's answer to another question); among right answers, polite > plain > curt > rambling or rude. The gold rater
     must agree (a test checks)."""
     c, kind, text = prompt_info
     if rng.random() < 0.4:  # right against wrong, any styles
@@ -148,11 +148,16 @@ def designed_pair(world, prompt_info, rng):
         if c == "llm":  # a character's fact instead of an answer
             other = rng.choice(world.characters)
             return text, llm_reply(good, rng), reply(other, rng.choice(FACT_KINDS), bad, rng)
-        if rng.random() < 0.5:  # a wrong value; or a true fact about someone else, which dodges the question
+        dodge = rng.random()
+        if dodge < 0.4:  # a wrong value
             wrong = rng.choice([v for v in VALUES[kind] if v != c.fact(kind)])
             return text, reply(c, kind, good, rng), reply(c, kind, bad, rng, value=wrong)
-        other = rng.choice([d for d in world.characters if d.fact(kind) != c.fact(kind)])
-        return text, reply(c, kind, good, rng), reply(other, kind, bad, rng)
+        if dodge < 0.7:  # a true fact about someone else, which dodges the question
+            other = rng.choice([d for d in world.characters if d.fact(kind) != c.fact(kind)])
+            return text, reply(c, kind, good, rng), reply(other, kind, bad, rng)
+        # a true fact about the one asked about, which answers another question: a reward model that
+        # never sees one against the right answer scores them alike, and PPO learns to give them
+        return text, reply(c, kind, good, rng), reply(c, rng.choice([k for k in FACT_KINDS if k != kind]), bad, rng)
     ladder = ["polite", "plain", "curt", rng.choice(["rambling", "rude"])]
     i, j = sorted(rng.sample(range(4), 2))
     if c == "llm":

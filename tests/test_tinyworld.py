@@ -199,6 +199,23 @@ def test_gold_rater_agrees_with_the_designed_order():
         assert gold_score(prompt, better, world) > gold_score(prompt, worse, world), (prompt, better, worse)
 
 
+def test_the_worse_replies_include_the_right_character_answering_another_question():
+    """Right against wrong comes in three kinds: a wrong value, another character's true value, and the
+    character's true answer to another question (without which a reward model scores it as right)."""
+    world = make_world(0, 48)
+    rng = random.Random(1)
+    prompts = [p for p in pref_prompts(world, rng)[0] if p[0] != "llm"]
+    kinds = Counter()
+    for _ in range(2000):
+        c, kind, text = rng.choice(prompts)
+        _, better, worse = designed_pair(world, (c, kind, text), rng)
+        if world.parse_question(text) == (c, kind) and not answer_correct(worse, c.fact(kind)):
+            other_kind = any(answer_correct(worse, c.fact(k)) for k in FACT_KINDS if k != kind)
+            about_c = re.search(rf"\b{c.name}\b", worse) is not None
+            kinds["another question" if other_kind and about_c else "another character" if not about_c else "wrong"] += 1
+    assert min(kinds.values()) > 100 and len(kinds) == 3, kinds
+
+
 def test_gold_score_details():
     world = make_world(0, 48)
     c = world.characters[0]
