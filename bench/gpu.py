@@ -3,7 +3,8 @@
     python3 bench/gpu.py        (or: make gpu PY=python3 where PyTorch, Triton and pytest are installed already)
 
 1. the kernel and model tests, compiled on the GPU: bf16 and fp16, head dims 64 and 128, T up to 8192,
-   V = 50257 and 128256, a cross-entropy over more than 2**31 logits;
+   V = 50257 and 128256, a cross-entropy over more than 2**31 logits; and every kernel compiled for
+   Ampere and Hopper with ptxas's count of registers and spills (bench/compile_kernels.py);
 2. benchmarks side by side in one run: attention against SDPA's flash backend (TFLOP/s); cross-entropy
    against F.cross_entropy, eager and compiled (time, peak memory); the chunked linear cross-entropy's
    peak memory against materialised logits; GPT-2 small's training tokens/s and MFU, ours against the
@@ -20,6 +21,7 @@ run inside a lent GPU's 600 s command ends with its results written.
 """
 import datetime
 import itertools
+import json
 import os
 import platform
 import shutil
@@ -54,6 +56,7 @@ import gpt_kernels  # noqa: E402
 import model as model_module  # noqa: E402
 from measure import device_name, fmt, fwd_bwd, markdown_table, peak_extra_mb, time_ms, triton_version  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
+from compile_kernels import HEADER as COMPILE_HEADER, table_rows as compile_rows  # noqa: E402
 from train_step import PLAIN, step_time  # noqa: E402
 
 TEST_FILES = ["tests/test_attention.py", "tests/test_cross_entropy.py", "tests/test_model.py"]
@@ -62,8 +65,8 @@ TEST_FILES = ["tests/test_attention.py", "tests/test_cross_entropy.py", "tests/t
 @dataclass
 class Config:
     out: str = "out/gpu"               # scratch (the journey's copy, logs); a dry run's RESULTS-dry.md goes here
-    only: str = ""                     # sections to run, comma-separated: tests, attention, cross_entropy, training,
-                                       # journey (empty: all; a partial GPU run writes RESULTS-gpu-partial.md)
+    only: str = ""                     # sections to run, comma-separated: tests, compile, attention, cross_entropy,
+                                       # training, journey (empty: all; a partial GPU run writes RESULTS-gpu-partial.md)
     tests_timeout: int = 240           # seconds before the tests are stopped (an empty Triton cache compiles a lot)
     journey_timeout: int = 240         # seconds before the journey is stopped and reported as over time
     budget: int = 540                  # seconds for the whole run (a lent GPU's command gets 600): the journey,
@@ -85,6 +88,20 @@ def run_tests(cfg):
              result, f"{time.time() - t0:.0f}"]] + [["", "", f, ""] for f in failed]
     return ("The kernel and model tests", ["files", "kernels", "result", "seconds"], rows,
             f"tests: {result}" + ("" if rc == 0 else f" (FAILED, see {log})"))
+
+
+def run_compile(cfg):
+    """bench/compile_kernels.py, every kernel built for Ampere and Hopper, in a process of its own (a dry
+    run's interpreter cannot compile); (title, header, rows, summary line)."""
+    log, rows_file = Path(cfg.out) / "compile.log", Path(cfg.out) / "compile.json"
+    rows_file.unlink(missing_ok=True)
+    rc = run_logged([sys.executable, "bench/compile_kernels.py", f"--json={rows_file}"], log, cfg.tests_timeout,
+                    cwd=ROOT)
+    lines = log.read_text().strip().splitlines() or ["(no output)"]
+    rows = compile_rows(json.loads(rows_file.read_text())) if rows_file.is_file() else []
+    line = f"stopped after {cfg.tests_timeout} s" if rc is None else lines[-1]
+    return ("Every Triton kernel compiled for Ampere and Hopper (bench/compile_kernels.py)", COMPILE_HEADER, rows,
+            f"compile: {line}" + ("" if rc == 0 else f" (FAILED, see {log})"))
 
 
 def run_logged(cmd, log, timeout, cwd=None):
@@ -272,7 +289,8 @@ def main(cfg):
     # on a GPU the dispatch's own choice (Triton on CUDA tensors); dry, the Triton code itself through the interpreter
     os.environ["KERNELS"] = "triton" if DRY else "auto"
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
-    names = {"tests": partial(run_tests, cfg), "attention": partial(attention_section, device),
+    names = {"tests": partial(run_tests, cfg), "compile": partial(run_compile, cfg),
+             "attention": partial(attention_section, device),
              "cross_entropy": partial(cross_entropy_section, device), "training": partial(training_section, device),
              "journey": partial(run_journey, cfg)}
     chosen = [n.strip() for n in cfg.only.split(",") if n.strip()] or list(names)

@@ -21,6 +21,7 @@ sys.path.insert(0, str(ROOT))
 os.environ["KERNELS"] = "auto"  # measure the dispatch's own choice: Triton on CUDA tensors, PyTorch elsewhere
 import gpt_kernels  # noqa: E402
 from measure import device_name, fmt, fwd_bwd, markdown_table, time_ms, triton_version  # noqa: E402  (bench/ is on sys.path)
+from compile_kernels import section as compile_section  # noqa: E402
 from demo_times import bench_demo_times  # noqa: E402
 from sampling import bench_sampling  # noqa: E402
 from train_step import bench_train_step  # noqa: E402
@@ -67,7 +68,8 @@ def cpu_dispatch(device):
 def main():
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
-    # each section returns (title, header, rows); the model's training-step comparison joins these lists
+    # each section returns (title, header, rows[, a line for under the table]); the model's training-step
+    # comparison joins these lists
     if device.type == "cuda":  # make gpu's measures of the kernels, and its own file: bench/RESULTS-gpu.md
         from gpu import attention_section, cross_entropy_section
         sections = [lambda d: attention_section(d)[:3], lambda d: cross_entropy_section(d)[:3]]
@@ -86,14 +88,15 @@ def main():
     if device.type != "cuda":
         parts.append("- no GPU in this run: the Triton kernels' speed and memory are not measured here")
     sections.append(lambda d: bench_demo_times(d, ROOT / "out"))  # None until a make demo has run
+    sections.append(lambda d: compile_section())  # every kernel built for Ampere and Hopper: no GPU needed
     for section in sections:
         result = section(device)
         if result is None:
             continue
-        title, header, rows = result
+        title, header, rows, *note = result  # a section may end with a line said under its table
         table = markdown_table(header, rows)
-        print(f"\n## {title}\n\n{table}")
-        parts += ["", f"## {title}", "", table]
+        print(f"\n## {title}\n\n{table}" + "".join(f"\n\n{line}" for line in note))
+        parts += ["", f"## {title}", "", table] + [x for line in note for x in ("", line)]
     parts += ["", f"Benchmark wall time: {time.time() - started:.0f} s", ""]
     (ROOT / "bench" / "RESULTS.md").write_text("\n".join(parts))
     print(f"\nwrote {ROOT / 'bench' / 'RESULTS.md'}")

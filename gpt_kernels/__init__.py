@@ -54,11 +54,17 @@ def use_triton(*tensors):
 
 
 def attention(q, k, v, causal=True):
-    if use_triton(q, k, v):
+    if use_triton(q, k, v) and not _would_spill(q):
         last_backend["attention"] = "triton"
         return _attention.flash_attention(q, k, v, causal)
     last_backend["attention"] = "torch"
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+
+def _would_spill(q):
+    """Left to PyTorch by the dispatch (KERNELS=auto): where our attention kernels spill registers on this GPU."""
+    return (q.is_cuda and os.environ.get("KERNELS", "auto") == "auto"
+            and _attention.spills(q.dtype, q.shape[-1], torch.cuda.get_device_capability(q.device)))
 
 
 def cross_entropy(logits, targets, ignore_index=-100, reduction="mean"):

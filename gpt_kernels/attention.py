@@ -255,15 +255,35 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,
 
 # ----------------------------------------------------------------------------- the autograd function
 
-def _config(block_d, dtype, device):
-    """Block sizes (fwd BLOCK_M, BLOCK_N; dK/dV BLOCK_M, BLOCK_N; dQ BLOCK_M, BLOCK_N), warps, stages."""
+def _config(block_d, dtype, device, capability=None):
+    """Each kernel's launch: fwd, dkdv, dq: (BLOCK_M, BLOCK_N, warps, stages); delta: (BLOCK_M, warps).
+
+    capability: the GPU's (major, minor), read from the device when not given. bench/compile_kernels.py
+    compiles every choice made here for Ampere and Hopper: each builds without spilling a register and
+    within shared memory, on the tensor cores (wgmma on Hopper, which wants BLOCK_M >= 64), except
+    where `spills` says; those were the largest blocks tried that do. Their speed against other
+    spill-free choices is not yet measured on a GPU.
+    """
     if device.type != "cuda":  # the interpreter: small blocks keep the tests fast and cross many block edges
-        return dict(fwd=(16, 16), dkdv=(16, 16), dq=(16, 16), num_warps=4, num_stages=1)
-    if dtype == torch.float32:  # 4-byte tiles: half the blocks so that shared memory still fits
-        return dict(fwd=(64, 32), dkdv=(32, 64), dq=(64, 32), num_warps=4, num_stages=2)
-    if block_d <= 64:
-        return dict(fwd=(128, 64), dkdv=(32, 128), dq=(128, 32), num_warps=4, num_stages=3)
-    return dict(fwd=(128, 64), dkdv=(32, 128), dq=(128, 32), num_warps=8, num_stages=2)
+        return dict(fwd=(16, 16, 4, 1), dkdv=(16, 16, 4, 1), dq=(16, 16, 4, 1), delta=(64, 4))
+    hopper = (capability or torch.cuda.get_device_capability(device))[0] >= 9
+    if dtype == torch.float32:  # 4-byte tiles: smaller blocks, so that registers and shared memory still fit
+        if block_d <= 64:
+            return dict(fwd=(64, 32, 4, 2), dkdv=(32, 64, 8, 2) if hopper else (32, 32, 8, 2), dq=(64, 32, 8, 2),
+                        delta=(32, 4))
+        return dict(fwd=(64, 32, 8, 2), dkdv=(32, 32, 8, 2), dq=(64, 32, 8, 2), delta=(32, 4))
+    if block_d <= 64:  # Hopper's forward fits 128 x 64 in 4 warps; Ampere's spills there, and at 8 warps too
+        return dict(fwd=(128, 64, 4, 3) if hopper else (128, 32, 8, 3), dkdv=(32, 128, 8, 3), dq=(128, 32, 8, 3),
+                    delta=(32, 4))
+    return dict(fwd=(64, 64, 8, 3), dkdv=(32, 64, 8, 3), dq=(64, 64, 8, 3) if hopper else (32, 64, 8, 2),
+                delta=(32, 4))
+
+
+def spills(dtype, head_dim, capability):
+    """Whether every block tried spills registers here (bench/compile_kernels.py): fp32 inputs with head
+    dims above 64 on Hopper (its wgmma wants 64-row blocks, which do not fit then). The dispatch
+    (gpt_kernels.attention) gives these to PyTorch's attention."""
+    return dtype == torch.float32 and head_dim > 64 and capability[0] >= 9
 
 
 def _inner_contiguous(t):
@@ -280,15 +300,14 @@ class _FlashAttention(torch.autograd.Function):
         T_K = k.shape[2]
         block_d = max(16, triton.next_power_of_2(D))
         cfg = _config(block_d, q.dtype, q.device)
-        block_m, block_n = cfg["fwd"]
+        block_m, block_n, warps, stages = cfg["fwd"]
         o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         lse = torch.empty((B * H, T_Q), dtype=torch.float32, device=q.device)
         sm_scale = 1.0 / math.sqrt(D)
         _fwd_kernel[(triton.cdiv(T_Q, block_m), B * H)](
             q, k, v, o, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
             H, T_Q, T_K, sm_scale * LOG2E, CAUSAL=causal, HEAD_DIM=D,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps, num_stages=stages)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.causal, ctx.block_d, ctx.cfg = causal, block_d, cfg
         return o
@@ -301,24 +320,25 @@ class _FlashAttention(torch.autograd.Function):
         T_K = k.shape[2]
         cfg, block_d = ctx.cfg, ctx.block_d
         sm_scale = 1.0 / math.sqrt(D)
-        launch = dict(CAUSAL=ctx.causal, HEAD_DIM=D, BLOCK_D=block_d,
-                      num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        launch = dict(CAUSAL=ctx.causal, HEAD_DIM=D, BLOCK_D=block_d)
         dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
         dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)  # dk's layout: the kernel shares strides
         delta = torch.empty_like(lse)
         strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
 
-        _bwd_delta_kernel[(triton.cdiv(T_Q, 64), B * H)](
-            o, do, delta, *o.stride()[:3], *do.stride()[:3], H, T_Q, HEAD_DIM=D, BLOCK_M=64, BLOCK_D=block_d)
-        block_m, block_n = cfg["dkdv"]
+        block_m, warps = cfg["delta"]
+        _bwd_delta_kernel[(triton.cdiv(T_Q, block_m), B * H)](
+            o, do, delta, *o.stride()[:3], *do.stride()[:3], H, T_Q, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_D=block_d,
+            num_warps=warps)
+        block_m, block_n, warps, stages = cfg["dkdv"]
         _bwd_dkdv_kernel[(triton.cdiv(T_K, block_n), B * H)](
             q, k, v, do, dk, dv, lse, delta, *strides, *dk.stride()[:3], H, T_Q, T_K, sm_scale * LOG2E, sm_scale,
-            BLOCK_M=block_m, BLOCK_N=block_n, **launch)
-        block_m, block_n = cfg["dq"]
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **launch)
+        block_m, block_n, warps, stages = cfg["dq"]
         _bwd_dq_kernel[(triton.cdiv(T_Q, block_m), B * H)](
             q, k, v, do, dq, lse, delta, *strides, *dq.stride()[:3], H, T_Q, T_K, sm_scale * LOG2E, sm_scale,
-            BLOCK_M=block_m, BLOCK_N=block_n, **launch)
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **launch)
         return dq, dk, dv, None
 
 

@@ -89,9 +89,10 @@ def _ce_backward_kernel(LOGITS, DLOGITS, TARGETS, LSE, GRAD, stride_row, stride_
         tl.store(DLOGITS + cols, d.to(DLOGITS.dtype.element_ty), mask=cols < V)
 
 
-def _launch_config(logits):
-    V = logits.shape[1]
-    if logits.device.type != "cuda":  # the interpreter: small blocks so that tests cross block edges,
+def _launch_config(V, device_type):
+    """Block of the vocabulary and warps, for rows of V logits on a device type (gpt_kernels/aot.py
+    compiles every choice made here for Ampere and Hopper)."""
+    if device_type != "cuda":  # the interpreter: small blocks so that tests cross block edges,
         return dict(BLOCK_V=32 if V <= 1024 else 2048, num_warps=4)  # and fewer steps for a big V
     block = min(4096, triton.next_power_of_2(V))
     return dict(BLOCK_V=block, num_warps=8 if block >= 2048 else 4)
@@ -101,14 +102,15 @@ def _rows_loss_lse(logits, targets, ignore_index):
     N, V = logits.shape
     loss = torch.empty(N, dtype=torch.float32, device=logits.device)
     lse = torch.empty(N, dtype=torch.float32, device=logits.device)
-    _ce_forward_kernel[(N,)](logits, targets, loss, lse, logits.stride(0), V, ignore_index, **_launch_config(logits))
+    _ce_forward_kernel[(N,)](logits, targets, loss, lse, logits.stride(0), V, ignore_index,
+                             **_launch_config(V, logits.device.type))
     return loss, lse
 
 
 def _rows_dlogits(logits, targets, lse, grad_rows, ignore_index, out):
     N, V = logits.shape
     _ce_backward_kernel[(N,)](logits, out, targets, lse, grad_rows, logits.stride(0), out.stride(0),
-                              grad_rows.stride(0), V, ignore_index, **_launch_config(logits))
+                              grad_rows.stride(0), V, ignore_index, **_launch_config(V, logits.device.type))
     return out
 
 
