@@ -1,8 +1,7 @@
 """Every Triton kernel, at every configuration the dispatch can pick, compiled for Ampere (sm_80) and
 Hopper (sm_90) on a machine without a GPU, and what the compiler says of each.
 
-    python bench/compile_kernels.py            # the table, every kernel on both targets (a minute on 2 cores)
-    python bench/compile_kernels.py --quick    # each attention configuration at the largest head dim it serves
+    python bench/compile_kernels.py        # the table (half a minute on 2 cores); exit 1 if anything is wrong
 
 The kernel tests run through Triton's interpreter, which accepts programs the compiler rejects or
 builds badly. Triton compiles without a GPU when it is given the target (`triton.compile(ASTSource(...),
@@ -13,8 +12,8 @@ on any machine we can check what only the compiler knows:
     cache, so that ptxas runs);
   - shared memory per block: Triton's own count (the kernel's metadata), against the card's limit
     (sm_80: 163 KB, sm_90: 227 KB);
-  - tensor cores: the matrix products of the attention kernels should be `mma` on sm_80 and `wgmma`
-    on sm_90 (fp32 inputs too: tl.dot takes them as tf32, Triton's default).
+  - tensor cores: the matrix products of the attention kernels should be `mma` on sm_80 and `wgmma`,
+    only, on sm_90 (fp32 inputs too: tl.dot takes them as tf32, Triton's default).
 Speed, and agreement with the reference at size, need the GPU itself (`make gpu`).
 
 The configurations come from the dispatch (`attention._config`, `cross_entropy._launch_config`), the
@@ -22,14 +21,18 @@ launches' arguments from the kernels' own signatures: the attention kernels are 
 (the model's only use) at each head-dim bucket (16, 32, 64, 128, with HEAD_DIM at the bucket's top),
 cross-entropy at three vocabulary sizes, one per path (V <= 1024, up to 2048, above: 4096-wide blocks),
 for fp16, bf16 and fp32; what the dispatch leaves to PyTorch (`attention.spills`) is not compiled.
-Pointers are marked 16-byte aligned, as PyTorch's allocations are; integer arguments are left general
-(a launch also specialises those divisible by 16, which can vectorise loads: not compiled here).
+Pointers are marked 16-byte aligned, as PyTorch's allocations are. A launch also specialises each
+integer argument divisible by 16, which changes the code (vectorised loads, fewer masks): each
+configuration is compiled twice, with every integer so marked (a GPT's strides and lengths in
+training) and with none (ints "any").
 """
 import argparse
 import contextlib
+import dataclasses
 import importlib
 import io
 import json
+import multiprocessing
 import os
 import re
 import subprocess
@@ -37,7 +40,6 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -56,6 +58,9 @@ from measure import markdown_table  # noqa: E402  (bench/ is on sys.path)
 att = importlib.import_module("gpt_kernels.attention")
 ce = importlib.import_module("gpt_kernels.cross_entropy")
 
+KERNELS = {"attention forward": att._fwd_kernel, "attention backward delta": att._bwd_delta_kernel,
+           "attention backward dK dV": att._bwd_dkdv_kernel, "attention backward dQ": att._bwd_dq_kernel,
+           "cross-entropy forward": ce._ce_forward_kernel, "cross-entropy backward": ce._ce_backward_kernel}
 TARGETS = {"sm_80": 80, "sm_90": 90}
 SHARED_LIMIT = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}  # bytes per block an SM can give (opt-in maximum)
 DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
@@ -64,7 +69,7 @@ VOCABS = (1000, 2000, 50257)  # one per path of _launch_config
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
-@dataclass
+@dataclasses.dataclass
 class Launch:
     """One kernel at one configuration: what triton.compile needs, and the labels of the table."""
     kernel: str
@@ -75,6 +80,7 @@ class Launch:
     num_warps: int
     num_stages: int
     matmul: bool  # does it multiply matrices (tensor cores expected)?
+    ints_aligned: bool = True  # every integer argument marked divisible by 16
     floats: tuple = ("qk_scale", "sm_scale")
 
     def source(self):
@@ -83,31 +89,21 @@ class Launch:
         for name in fn.arg_names:
             signature[name] = ("constexpr" if name in self.constexprs else self.pointers.get(name)
                                or ("fp32" if name in self.floats else "i32"))
-        aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names) if name in self.pointers}
+        aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+                   if name in self.pointers or (self.ints_aligned and signature[name] == "i32")}
         return ASTSource(fn, signature, constexprs=self.constexprs, attrs=aligned)
 
 
-KERNELS = {"attention forward": att._fwd_kernel, "attention backward delta": att._bwd_delta_kernel,
-           "attention backward dK dV": att._bwd_dkdv_kernel, "attention backward dQ": att._bwd_dq_kernel,
-           "cross-entropy forward": ce._ce_forward_kernel, "cross-entropy backward": ce._ce_backward_kernel}
-
-
-def launches(quick=False):
-    """(launch, target) for every launch the dispatch can make on Ampere and on Hopper. quick: each
-    attention configuration of `_config` only at the largest head dim it serves, where registers and
-    shared memory are most used."""
+def launches():
+    """(launch, target) for every launch the dispatch can make on Ampere and on Hopper, each with its
+    integers marked divisible by 16 and not."""
     cuda = torch.device("cuda")  # a device object only: nothing here needs a GPU
     out = []
     for target, arch in TARGETS.items():
         capability = (arch // 10, arch % 10)
         for dtype, t in DTYPES.items():
             p = "*" + t
-            largest = {}  # each distinct configuration -> the largest head dim it serves
             for D in HEAD_DIMS:
-                if att.spills(dtype, D, capability):
-                    continue
-                largest[repr(att._config(max(16, triton.next_power_of_2(D)), dtype, cuda, capability))] = D
-            for D in sorted(largest.values()) if quick else HEAD_DIMS:
                 if att.spills(dtype, D, capability):  # the dispatch does not launch these (PyTorch's attention runs)
                     continue
                 block_d = max(16, triton.next_power_of_2(D))
@@ -133,7 +129,8 @@ def launches(quick=False):
                                 dict(BLOCK_V=cfg["BLOCK_V"]), cfg["num_warps"], 3, matmul=False), target),
                         (Launch("cross-entropy backward", t, f"V={V}", {**rows, "DLOGITS": p, "GRAD": "*fp32"},
                                 dict(BLOCK_V=cfg["BLOCK_V"]), cfg["num_warps"], 3, matmul=False), target)]
-    return out
+    return [(dataclasses.replace(launch, ints_aligned=aligned), target) for launch, target in out
+            for aligned in (True, False)]
 
 
 def compile_launch(launch, target):
@@ -161,8 +158,9 @@ def compile_launch(launch, target):
     registers = int(re.search(r"Used (\d+) registers", log).group(1))
     spills = sum(map(int, re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log).groups()))
     ptx = kernel.asm["ptx"]
-    tensor_core = "wgmma" if "wgmma" in ptx else "mma" if "mma.sync" in ptx else "-"
+    tensor_core = "+".join(name for name, op in (("wgmma", "wgmma."), ("mma", "mma.sync")) if op in ptx) or "-"
     return dict(kernel=launch.kernel, dtype=launch.dtype, shape=launch.shape, target=target,
+                ints="÷16" if launch.ints_aligned else "any",
                 blocks=" x ".join(f"{k}={v}" for k, v in launch.constexprs.items() if k.startswith("BLOCK")),
                 warps=launch.num_warps, stages=launch.num_stages, registers=registers, spill_bytes=spills,
                 shared=kernel.metadata.shared, tensor_core=tensor_core, matmul=launch.matmul, seconds=seconds)
@@ -174,8 +172,12 @@ def ptxas_log(ptx, arch):
         src = os.path.join(tmp, "kernel.ptx")
         with open(src, "w") as f:
             f.write(ptx)
-        name = "ptxas-blackwell" if os.path.exists(os.path.join(BIN, "ptxas-blackwell")) else "ptxas"
-        return subprocess.run([os.path.join(BIN, name), "-v", f"--gpu-name=sm_{arch}{'a' if arch == 90 else ''}", src,
+        try:  # the ptxas Triton itself uses for this architecture
+            from triton.backends.nvidia.compiler import get_ptxas
+            ptxas = get_ptxas(arch).path
+        except (ImportError, AttributeError, TypeError):
+            ptxas = os.path.join(BIN, "ptxas")
+        return subprocess.run([ptxas, "-v", f"--gpu-name=sm_{arch}{'a' if arch == 90 else ''}", src,
                                "-o", os.path.join(tmp, "kernel.cubin")], capture_output=True, text=True,
                               check=True).stderr
 
@@ -188,19 +190,24 @@ def problems(row):
     if row["shared"] > SHARED_LIMIT[row["target"]]:
         found.append(f"{row['shared']} bytes of shared memory, over {row['target']}'s {SHARED_LIMIT[row['target']]}")
     if row["matmul"]:
-        want = "wgmma" if row["target"] == "sm_90" else "mma"
+        want = "wgmma" if row["target"] == "sm_90" else "mma"  # and only it: no product left on the older path
         if row["tensor_core"] != want:
             found.append(f"its matrix products use {row['tensor_core']}, not {want}")
     return found
 
 
-def compile_all(quick=False, workers=None):
-    """Every launch on both targets, compiled `workers` at once (default: one per core): the rows."""
-    jobs = launches(quick)
+HEADER = ["kernel", "dtype", "shape", "ints", "target", "blocks", "warps", "stages", "registers", "spills (bytes)",
+          "shared (KB)", "tensor cores", "compile s"]
+
+
+def compile_all(workers=None):
+    """Every launch on both targets, compiled `workers` at once (default: one per core): the rows. The
+    workers are started afresh (spawn), not forked: a caller may have CUDA running (bench/speed.py)."""
+    jobs = launches()
     workers = workers or os.cpu_count() or 1
     if workers == 1:
         return [compile_launch(*job) for job in jobs]
-    with ProcessPoolExecutor(workers) as pool:
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         return list(pool.map(_compile_job, jobs))
 
 
@@ -208,19 +215,16 @@ def _compile_job(job):
     return compile_launch(*job)
 
 
-HEADER = ["kernel", "dtype", "shape", "target", "blocks", "warps", "stages", "registers", "spills (bytes)",
-          "shared (KB)", "tensor cores", "compile s"]
-
-
 def table_rows(rows):
-    return [[r["kernel"], r["dtype"], r["shape"], r["target"], r["blocks"], r["warps"], r["stages"], r["registers"],
-             r["spill_bytes"], f"{r['shared'] / 1024:.0f}", r["tensor_core"] if r["matmul"] else "(no matmul)",
-             f"{r['seconds']:.1f}"] for r in rows]
+    return [[r["kernel"], r["dtype"], r["shape"], r["ints"], r["target"], r["blocks"], r["warps"], r["stages"],
+             r["registers"], r["spill_bytes"], f"{r['shared'] / 1024:.0f}",
+             r["tensor_core"] if r["matmul"] else "(no matmul)", f"{r['seconds']:.1f}"] for r in rows]
 
 
 def summary(rows, seconds):
     """One line: how many compiled, and every problem found (or that there is none)."""
-    bad = [f"{r['kernel']} {r['dtype']} {r['shape']} {r['target']}: {p}" for r in rows for p in problems(r)]
+    bad = [f"{r['kernel']} {r['dtype']} {r['shape']} ints {r['ints']} {r['target']}: {p}"
+           for r in rows for p in problems(r)]
     head = (f"{len(rows)} kernel launches compiled for {' and '.join(TARGETS)} in {seconds:.0f} s "
             f"(Triton {triton.__version__})")
     if not bad:
@@ -229,28 +233,24 @@ def summary(rows, seconds):
     return head + f": {len(bad)} problems: " + "; ".join(bad)
 
 
-def section(device=None, quick=False):
-    """For bench/speed.py and bench/gpu.py: (title, header, rows, summary line)."""
+def section():
+    """For bench/speed.py: (title, header, rows, summary line)."""
     start = time.perf_counter()
-    rows = compile_all(quick)
+    rows = compile_all()
     return ("Every Triton kernel compiled for Ampere and Hopper, without a GPU (bench/compile_kernels.py)",
             HEADER, table_rows(rows), summary(rows, time.perf_counter() - start))
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="each attention configuration at the largest head dim it serves (not every head dim)")
     parser.add_argument("--workers", type=int, default=0, help="compiles at once (default: one per core)")
     parser.add_argument("--json", default="", help="also write the rows to this file")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    n = len(launches(args.quick))
-    print(f"compiling {n} kernel launches for {' and '.join(TARGETS)} ...", file=sys.stderr, flush=True)
-    rows = compile_all(args.quick, args.workers)
+    print(f"compiling {len(launches())} kernel launches for {' and '.join(TARGETS)} ...", file=sys.stderr, flush=True)
+    rows = compile_all(args.workers)
     print(markdown_table(HEADER, table_rows(rows)))
-    line = summary(rows, time.perf_counter() - start)
-    print("\n" + line)
+    print("\n" + summary(rows, time.perf_counter() - start))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 1 if any(problems(r) for r in rows) else 0

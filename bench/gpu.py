@@ -15,7 +15,8 @@
 Without a GPU the same run is dry: the Triton kernels through the interpreter, tiny
 shapes, `torch.compile` with its eager backend, the journey at toy size (PRESET=smoke), and the file
 goes to --out, never over the committed GPU results. tests/test_gpu_bench.py runs it so CI keeps it working.
---only=training,journey reruns a part (on a GPU into bench/RESULTS-gpu-partial.md), when GPU minutes are short.
+--only=training,journey reruns some sections (of tests, compile, attention, cross_entropy, training, journey;
+on a GPU into bench/RESULTS-gpu-partial.md), when GPU minutes are short.
 The file is rewritten after every section, and the journey, last, is cut to what --budget leaves, so a
 run inside a lent GPU's 600 s command ends with its results written.
 """
@@ -56,7 +57,6 @@ import gpt_kernels  # noqa: E402
 import model as model_module  # noqa: E402
 from measure import device_name, fmt, fwd_bwd, markdown_table, peak_extra_mb, time_ms, triton_version  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
-from compile_kernels import HEADER as COMPILE_HEADER, table_rows as compile_rows  # noqa: E402
 from train_step import PLAIN, step_time  # noqa: E402
 
 TEST_FILES = ["tests/test_attention.py", "tests/test_cross_entropy.py", "tests/test_model.py"]
@@ -68,6 +68,7 @@ class Config:
     only: str = ""                     # sections to run, comma-separated: tests, compile, attention, cross_entropy,
                                        # training, journey (empty: all; a partial GPU run writes RESULTS-gpu-partial.md)
     tests_timeout: int = 240           # seconds before the tests are stopped (an empty Triton cache compiles a lot)
+    compile_timeout: int = 240         # seconds before bench/compile_kernels.py is stopped
     journey_timeout: int = 240         # seconds before the journey is stopped and reported as over time
     budget: int = 540                  # seconds for the whole run (a lent GPU's command gets 600): the journey,
                                        # last, gets at most what the sections before it left
@@ -93,22 +94,23 @@ def run_tests(cfg):
 def run_compile(cfg):
     """bench/compile_kernels.py, every kernel built for Ampere and Hopper, in a process of its own (a dry
     run's interpreter cannot compile); (title, header, rows, summary line)."""
+    from compile_kernels import HEADER, table_rows
     log, rows_file = Path(cfg.out) / "compile.log", Path(cfg.out) / "compile.json"
     rows_file.unlink(missing_ok=True)
-    rc = run_logged([sys.executable, "bench/compile_kernels.py", f"--json={rows_file}"], log, cfg.tests_timeout,
-                    cwd=ROOT)
+    rc = run_logged([sys.executable, "bench/compile_kernels.py", f"--json={rows_file}"], log, cfg.compile_timeout,
+                    cwd=ROOT, env={k: v for k, v in clean_env().items() if k != "TRITON_INTERPRET"})
     lines = log.read_text().strip().splitlines() or ["(no output)"]
-    rows = compile_rows(json.loads(rows_file.read_text())) if rows_file.is_file() else []
-    line = f"stopped after {cfg.tests_timeout} s" if rc is None else lines[-1]
-    return ("Every Triton kernel compiled for Ampere and Hopper (bench/compile_kernels.py)", COMPILE_HEADER, rows,
+    rows = table_rows(json.loads(rows_file.read_text())) if rows_file.is_file() else []
+    line = f"stopped after {cfg.compile_timeout} s" if rc is None else lines[-1]
+    return ("Every Triton kernel compiled for Ampere and Hopper (bench/compile_kernels.py)", HEADER, rows,
             f"compile: {line}" + ("" if rc == 0 else f" (FAILED, see {log})"))
 
 
-def run_logged(cmd, log, timeout, cwd=None):
+def run_logged(cmd, log, timeout, cwd=None, env=None):
     """cmd's exit code, its output in log; None if it ran past timeout, and then it and every process it
     started (its own process group) are stopped, so none keeps the GPU busy after us."""
     with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=cwd, env=clean_env(),
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=cwd, env=env or clean_env(),
                                 start_new_session=True)
         try:
             return proc.wait(timeout=timeout)

@@ -4,7 +4,8 @@
     cross_entropy(logits, targets, ignore_index, reduction)          logits: (N, V), targets: (N,)
     linear_cross_entropy(hidden, weight, targets, ignore_index, reduction)  hidden: (N, C), weight: (V, C)
 
-The Triton kernel runs when the tensors are on CUDA and Triton imports; otherwise PyTorch's own fused
+The Triton kernel runs when the tensors are on CUDA and Triton imports (for attention: except where
+its kernels would spill registers on that GPU, `attention.spills`); otherwise PyTorch's own fused
 ops run (for linear_cross_entropy: the same chunked loop in plain torch, or whole logits where Triton
 is not imported: it does not install, or a plain CPU run skips it, below). KERNELS=torch|triton|auto
 overrides the choice (triton on CPU tensors needs TRITON_INTERPRET=1, which is how the tests run the

@@ -259,18 +259,19 @@ def _config(block_d, dtype, device, capability=None):
     """Each kernel's launch: fwd, dkdv, dq: (BLOCK_M, BLOCK_N, warps, stages); delta: (BLOCK_M, warps).
 
     capability: the GPU's (major, minor), read from the device when not given. bench/compile_kernels.py
-    compiles every choice made here for Ampere and Hopper: each builds without spilling a register and
-    within shared memory, on the tensor cores (wgmma on Hopper, which wants BLOCK_M >= 64), except
-    where `spills` says; those were the largest blocks tried that do. Their speed against other
-    spill-free choices is not yet measured on a GPU.
+    compiles every choice made here for A100/H100-class GPUs (sm_80, sm_90): each builds without
+    spilling a register, within shared memory and on the tensor cores (wgmma on Hopper, whose products
+    need 64 rows), except where `spills` says. Each was picked among the blocks tried there, the old
+    ones where they did not spill. Not checked: the smaller shared memory of other Ampere and Ada cards
+    (sm_86, sm_89: about 99 KB), and speed against other spill-free choices, which needs a GPU.
     """
     if device.type != "cuda":  # the interpreter: small blocks keep the tests fast and cross many block edges
         return dict(fwd=(16, 16, 4, 1), dkdv=(16, 16, 4, 1), dq=(16, 16, 4, 1), delta=(64, 4))
     hopper = (capability or torch.cuda.get_device_capability(device))[0] >= 9
     if dtype == torch.float32:  # 4-byte tiles: smaller blocks, so that registers and shared memory still fit
         if block_d <= 64:
-            return dict(fwd=(64, 32, 4, 2), dkdv=(32, 64, 8, 2) if hopper else (32, 32, 8, 2), dq=(64, 32, 8, 2),
-                        delta=(32, 4))
+            return dict(fwd=(64, 32, 4, 2), dkdv=(32, 64, 8, 2) if hopper else (32, 32, 8, 2),
+                        dq=(64, 32, 8, 2) if hopper else (32, 32, 8, 2), delta=(32, 4))
         return dict(fwd=(64, 32, 8, 2), dkdv=(32, 32, 8, 2), dq=(64, 32, 8, 2), delta=(32, 4))
     if block_d <= 64:  # Hopper's forward fits 128 x 64 in 4 warps; Ampere's spills there, and at 8 warps too
         return dict(fwd=(128, 64, 4, 3) if hopper else (128, 32, 8, 3), dkdv=(32, 128, 8, 3), dq=(128, 32, 8, 3),

@@ -90,7 +90,7 @@ def _ce_backward_kernel(LOGITS, DLOGITS, TARGETS, LSE, GRAD, stride_row, stride_
 
 
 def _launch_config(V, device_type):
-    """Block of the vocabulary and warps, for rows of V logits on a device type (gpt_kernels/aot.py
+    """Block of the vocabulary and warps, for rows of V logits on a device type (bench/compile_kernels.py
     compiles every choice made here for Ampere and Hopper)."""
     if device_type != "cuda":  # the interpreter: small blocks so that tests cross block edges,
         return dict(BLOCK_V=32 if V <= 1024 else 2048, num_warps=4)  # and fewer steps for a big V
