@@ -3,6 +3,8 @@
 Without a GPU the kernels run through Triton's interpreter on CPU tensors (tests/conftest.py); with one
 they run compiled on CUDA tensors, on larger shapes and in bf16 too.
 """
+import types
+
 import pytest
 
 pytest.importorskip("triton")  # the kernels and their references live in modules that import it
@@ -177,3 +179,18 @@ def test_attention_int64_offsets(monkeypatch):
     assert_close(out[:, last], ref, 4e-2, "out")
     for got, want in ((q.grad, q32.grad), (k.grad, k32.grad), (v.grad, v32.grad)):
         assert_close(got[:, last], want, 4e-2, "grad")
+
+
+def test_the_dispatch_leaves_to_pytorch_only_what_would_spill(monkeypatch):
+    """fp32 attention above head dim 64 on Hopper spills registers at every block tried
+    (bench/compile_kernels.py), so KERNELS=auto gives it to PyTorch; nothing else, and KERNELS=triton still
+    runs it. A stand-in for a CUDA tensor: only its device, dtype and shape are read."""
+    def spills(dtype, head_dim, capability, mode="auto"):
+        monkeypatch.setenv("KERNELS", mode)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+        q = types.SimpleNamespace(is_cuda=True, dtype=dtype, shape=(2, 4, 16, head_dim), device="cuda:0")
+        return gpt_kernels._would_spill(q)
+    assert spills(torch.float32, 128, (9, 0))
+    assert not spills(torch.float32, 128, (9, 0), mode="triton")
+    assert not any([spills(torch.float32, 64, (9, 0)), spills(torch.bfloat16, 128, (9, 0)),
+                    spills(torch.float32, 128, (8, 0)), spills(torch.float16, 128, (10, 0))])
