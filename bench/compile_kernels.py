@@ -23,8 +23,8 @@ cross-entropy at three vocabulary sizes, one per path (V <= 1024, up to 2048, ab
 for fp16, bf16 and fp32; what the dispatch leaves to PyTorch (`attention.spills`) is not compiled.
 Pointers are marked 16-byte aligned, as PyTorch's allocations are. A launch also specialises each
 integer argument divisible by 16, which changes the code (vectorised loads, fewer masks): each
-configuration is compiled twice, with every integer so marked (a GPT's strides and lengths in
-training) and with none (ints "any").
+configuration is compiled twice, with the strides and sequence lengths so marked (as in a GPT's
+training; the head count, vocabulary size and ignore_index left general) and with none (ints "any").
 """
 import argparse
 import contextlib
@@ -66,7 +66,8 @@ SHARED_LIMIT = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}  # bytes per block an 
 DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 HEAD_DIMS = (16, 32, 64, 128)
 VOCABS = (1000, 2000, 50257)  # one per path of _launch_config
-BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+FLOATS = ("qk_scale", "sm_scale")  # the kernels' float arguments; every other non-pointer is an int
+COUNTS = ("H", "V", "ignore_index")  # ints that are rarely multiples of 16 (12 heads, 50257 tokens, -100)
 
 
 @dataclasses.dataclass
@@ -80,17 +81,16 @@ class Launch:
     num_warps: int
     num_stages: int
     matmul: bool  # does it multiply matrices (tensor cores expected)?
-    ints_aligned: bool = True  # every integer argument marked divisible by 16
-    floats: tuple = ("qk_scale", "sm_scale")
+    ints_aligned: bool = True  # the strides and sequence lengths marked divisible by 16
 
     def source(self):
         fn = KERNELS[self.kernel]
         signature = {}
         for name in fn.arg_names:
             signature[name] = ("constexpr" if name in self.constexprs else self.pointers.get(name)
-                               or ("fp32" if name in self.floats else "i32"))
-        aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
-                   if name in self.pointers or (self.ints_aligned and signature[name] == "i32")}
+                               or ("fp32" if name in FLOATS else "i32"))
+        aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names) if name in self.pointers
+                   or (self.ints_aligned and signature[name] == "i32" and name not in COUNTS)}
         return ASTSource(fn, signature, constexprs=self.constexprs, attrs=aligned)
 
 
@@ -176,7 +176,7 @@ def ptxas_log(ptx, arch):
             from triton.backends.nvidia.compiler import get_ptxas
             ptxas = get_ptxas(arch).path
         except (ImportError, AttributeError, TypeError):
-            ptxas = os.path.join(BIN, "ptxas")
+            ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
         return subprocess.run([ptxas, "-v", f"--gpu-name=sm_{arch}{'a' if arch == 90 else ''}", src,
                                "-o", os.path.join(tmp, "kernel.cubin")], capture_output=True, text=True,
                               check=True).stderr
