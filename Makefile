@@ -4,6 +4,7 @@
 # make clean: remove out/ and data/tinyworld/, so that the next demo redoes every stage.
 # make demo PRESET=smoke: every stage at toy size, a check of the plumbing in about a minute.
 # make seeds (SEEDS="0 1 2"): the demo on each seed, then out/seeds.md: every figure per seed, min and median.
+# make serve: the stage explorer (serve.py): every stage in out/ answers in the browser, and through an OpenAI API.
 # make bench: the speed and memory benchmarks (CPU here; GPU where one is present).
 # make gpu: on a CUDA GPU, the kernel tests compiled, the GPU benchmarks and the journey at GPU size, all
 #   in bench/RESULTS-gpu.md (under 8 minutes); without one, the same run dry (tiny shapes, Triton's
@@ -15,7 +16,7 @@ PY := .venv/bin/python
 # PYTHONDONTWRITEBYTECODE is not set: so it is not passed on to the commands below.
 unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: test bench gpu venv test-venv demo seeds clean FORCE
+.PHONY: test bench gpu serve venv test-venv demo seeds clean FORCE
 
 ifeq ($(PY),.venv/bin/python)
 venv: .venv/.installed
@@ -41,6 +42,9 @@ test: test-venv
 
 bench: venv
 	$(PY) bench/speed.py
+
+serve: venv
+	$(PY) serve.py
 
 # the GPU machines have every requirement installed and no network: make gpu uses .venv where it exists, else python3
 gpu:

@@ -21,7 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import fcntl
 import json
+import re
 import subprocess
+import threading
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -200,3 +202,40 @@ def pytest_collection_modifyitems(items):
     out last is the whole run's tail, with the other core idle."""
     first = ("test_faults.py", "test_gpu_bench.py")
     items.sort(key=lambda item: first.index(item.path.name) if item.path.name in first else len(first))
+
+
+@pytest.fixture(scope="module")
+def served(tiny_world, tiny_pretrained, tiny_sft, tiny_rm, tmp_path_factory):
+    """An out/ folder as `make demo` leaves it (the later stages are the SFT checkpoint under their names:
+    what is served is what is tested, not what was trained), and a live serve.py on it."""
+    out = stage_folders(tmp_path_factory.mktemp("served"), {"pretrain": tiny_pretrained, "sft": tiny_sft, "ppo": tiny_sft,
+                                                            "dpo": tiny_sft, "grpo": tiny_sft, "rm": tiny_rm})
+    proc, base = start_server(f"--out={out}", f"--data={tiny_world['data']}")
+    yield {"base": base, "out": out, "data": tiny_world["data"], "proc": proc}
+    assert proc.poll() is None, "the server died during the tests"
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def stage_folders(out, ckpts):
+    """out/<stage>/ckpt.pt, each a link to the checkpoint given for that stage."""
+    for stage, ckpt in ckpts.items():
+        (out / stage).mkdir()
+        (out / stage / "ckpt.pt").symlink_to(ckpt)
+    return out
+
+
+def start_server(*args):
+    """serve.py on a free loopback port, as a user starts it; returns (process, base URL) once it listens."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.Popen([sys.executable, "serve.py", "--port=0", *args], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        found = re.search(r"open (http://[\d.]+:\d+)/", line)
+        if found:
+            threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep the pipe drained
+            return proc, found.group(1)
+    raise AssertionError("serve.py did not start:\n" + "".join(lines))

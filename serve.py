@@ -1,0 +1,570 @@
+"""The stage explorer: every stage's checkpoint answers the same prompt, side by side, in the browser,
+and an OpenAI-compatible API to each of them.
+
+    python serve.py                     # loads out/*/ckpt.pt, prints http://127.0.0.1:8000/
+    python serve.py --init=DIR          # also a checkpoint of your own, or a Hugging Face directory
+    make serve
+
+The page (explorer/index.html) streams each stage's reply token by token, each token coloured by the
+probability its stage gave it, and under each reply the reward model's score, the gold rater's, the
+reply's KL to SFT, and for a reasoning problem the verifier and the step checker's marks.
+
+The API is OpenAI's, so any OpenAI client or chat front end can talk to a stage (the model is the
+stage: GET /v1/models lists them):
+    POST /v1/chat/completions, POST /v1/completions   streamed (server-sent events) or not, with
+        temperature, top_p, max_tokens, seed, stop, logprobs and top_logprobs as OpenAI defines them,
+        and two that OpenAI has not: top_k, and ignore_eos (vLLM's name: write max_tokens whatever
+        the model says, end tokens included, as the benchmark does). A logprob is the stage's own log-softmax at that position
+        (before temperature, top-k and top-p), what the model believes, not how it was sampled.
+What is not OpenAI's has plain names of its own:
+    POST /score     {"model", "messages" or "prompt", "reply"}: the reward model's score, the gold
+                    rater's, the reply's KL to SFT in nats, and a reasoning problem's verdicts
+    GET /info       the stages with their labels, the journey's prompts, what /score can judge
+    GET /report     out/report.md and its figures
+A request the server cannot take gets a 4xx in OpenAI's error shape; nothing a client sends or drops
+stops the server.
+
+Why the standard library's server: the page is one file and the replies are a few hundred tokens a
+second, so a threaded http.server serves both, and a reader can read every line between the socket
+and the model here. The models share one lock, taken for one token's forward pass at a time, so
+several streams (the page's six columns, several clients) advance together rather than one after
+another.
+"""
+import json
+import random
+import re
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import torch
+
+import cli
+import common
+from cli import UserError
+from data import read_jsonl, tinymath, tinyworld
+from data.batches import score_replies
+from data.tokenizer import load_tokenizer
+from model import GPT, KVCache, sample_next
+
+PAGE_DIR = Path(__file__).resolve().parent / "explorer"
+STAGES = [("random", "0 random init"), ("pretrain", "1 pre-trained"), ("sft", "2 SFT"), ("ppo", "3 PPO"),
+          ("dpo", "3 DPO"), ("grpo", "4 GRPO")]
+MAX_BODY = 1 << 20  # bytes of a request body
+MAX_STOPS = 4       # stop strings, as OpenAI allows
+
+
+@dataclass
+class Config:
+    out: str = "out"                # the stages' checkpoints: <out>/<stage>/ckpt.pt, and the reward model's
+    data: str = "data/tinyworld"    # TinyWorld's files: the gold rater's world, the journey's prompts
+    init: str = ""                  # more models to serve, comma-separated: ckpt.pt files or Hugging Face directories
+    host: str = "127.0.0.1"         # the address to bind (0.0.0.0 lets other machines in: nothing here is authenticated)
+    port: int = 8000                # 0: any free port (the address printed says which)
+    device: str = "auto"            # auto (cuda, mps, cpu), or a torch device name
+    seed: int = 1337                # the random model's initialisation
+
+
+# ----------------------------------------------------------------------------- the models
+
+
+@dataclass
+class Stage:
+    name: str     # the model id of the API
+    label: str    # what the page calls it
+    model: GPT
+    tok: object
+
+
+def load_stages(cfg, device):
+    """Every stage checkpoint under cfg.out (the random model given the pre-trained one's shape), the
+    --init models, and the reward model when there is one."""
+    out, stages = Path(cfg.out), []
+    for name, label in STAGES[1:]:
+        if (out / name / "ckpt.pt").is_file():
+            ckpt = common.load_checkpoint(out / name / "ckpt.pt")
+            tok = load_tokenizer(ckpt["tokenizer"])
+            stages.append(Stage(name, label, common.gpt_from_checkpoint(ckpt, tok), tok))
+    for path in filter(None, (p.strip() for p in cfg.init.split(","))):
+        ckpt = common.load_checkpoint(path)
+        tok = load_tokenizer(ckpt["tokenizer"])
+        stages.append(Stage(path, path, common.gpt_from_checkpoint(ckpt, tok), tok))
+    if not stages:
+        raise UserError(f"no checkpoint under {out}/*/ckpt.pt and no --init: run `make demo` first")
+    if stages[0].name == "pretrain":  # the random model: the pre-trained one's shape, untrained
+        torch.manual_seed(cfg.seed)
+        stages.insert(0, Stage("random", STAGES[0][1], GPT(stages[0].model.config), stages[0].tok))
+    rm = None
+    if (out / "rm" / "ckpt.pt").is_file():
+        ckpt = common.load_checkpoint(out / "rm" / "ckpt.pt", ["rm"])
+        rm = common.gpt_from_checkpoint(ckpt, load_tokenizer(ckpt["tokenizer"]), reward=True).to(device).eval()
+    for s in stages:
+        s.model.to(device).eval()
+    return {s.name: s for s in stages}, rm
+
+
+# ----------------------------------------------------------------------------- generation, a token at a time
+
+LOCK = threading.Lock()  # one forward pass at a time: the streams take turns token by token
+
+
+@torch.no_grad()
+def generate(model, ids, max_new_tokens, temperature, top_k, top_p, generator, top_n=0):
+    """Yield (token, its log-prob, the top_n most likely (token, log-prob)) for each new token after ids.
+    The same computation as model.generate on one prompt (the same masks, so greedy replies are the
+    same to the bit), one step per next(), so that each token can be sent as soon as it exists."""
+    device = model.lm_head.weight.device
+    cache = KVCache(model.config, 1, len(ids) + max_new_tokens, device, model.lm_head.weight.dtype)
+    x = torch.tensor([ids], device=device)
+    causal = torch.ones(len(ids), len(ids), dtype=torch.bool, device=device).tril()
+    mask = torch.zeros(1, 1, len(ids), len(ids), device=device, dtype=cache.k.dtype).masked_fill(~causal, float("-inf"))
+    for _ in range(max_new_tokens):
+        with LOCK:
+            logits = model.lm_head(model.hidden(x, mask=mask, cache=cache)[:, -1]).float()
+            token = sample_next(logits, temperature, top_k, top_p, generator)
+            logp = torch.log_softmax(logits[0], -1)
+            top = torch.topk(logp, top_n) if top_n else None
+        token = token.item()
+        yield token, logp[token].item(), list(zip(top.indices.tolist(), top.values.tolist())) if top_n else []
+        x = torch.tensor([[token]], device=device)
+        mask = torch.zeros(1, 1, 1, cache.len + 1, device=device, dtype=cache.k.dtype)  # a new token sees all
+
+
+def token_text(tok, token):
+    return tok.decode([token])
+
+
+def reply_stream(stage, ids, stop_ids, stops, opts):
+    """Yield (new text, [(token, logprob, top)] of the tokens that text completes) as the reply grows, then
+    a last (text, tokens, finish_reason). Stop strings end the reply before them, as OpenAI's do; text
+    that might be the start of one is held back until it cannot be."""
+    gen = torch.Generator(device=stage.model.lm_head.weight.device).manual_seed(opts["seed"] % 2 ** 64)
+    tokens, sent_text, sent_tokens, finish, cut = [], 0, 0, "length", -1
+    for token, logp, top in generate(stage.model, ids, opts["max_tokens"], opts["temperature"], opts["top_k"],
+                                     opts["top_p"], gen, opts["top_n"]):
+        if token in stop_ids:
+            finish = "stop"
+            break
+        tokens.append((token, logp, top))
+        text = stage.tok.decode([t for t, _, _ in tokens])
+        cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+        if cut >= 0:
+            finish = "stop"
+            break
+        safe = len(text) - held_back(text, stops)
+        if safe > sent_text:
+            done = tokens_within(stage.tok, tokens, safe)
+            yield text[sent_text:safe], tokens[sent_tokens:done], None
+            sent_text, sent_tokens = safe, done
+    text = stage.tok.decode([t for t, _, _ in tokens])
+    if cut >= 0:  # a stop string: the reply ends before it, and so do its tokens
+        text = text[:cut]
+        done = max(tokens_within(stage.tok, tokens, cut), sent_tokens)
+    else:
+        done = len(tokens)
+    yield text[sent_text:], tokens[sent_tokens:done], finish
+
+
+def held_back(text, stops):
+    """How many characters at the end of text could still become a stop string (or a character whose
+    bytes are not all generated yet)."""
+    n = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+    return max(n, len(text) - len(text.rstrip("\ufffd")))
+
+
+def tokens_within(tok, tokens, n_chars):
+    """How many of tokens are needed to write the first n_chars of their text (the last may overrun it)."""
+    count, length = 0, 0
+    while count < len(tokens) and length < n_chars:
+        length += len(token_text(tok, tokens[count][0]))
+        count += 1
+    return count
+
+
+# ----------------------------------------------------------------------------- what /score says of a reply
+
+
+@torch.no_grad()
+def reply_logprob(model, ids, reply):
+    """The sum of log p(reply token) after ids: a reply's log-probability under a model."""
+    device = model.lm_head.weight.device
+    seq = torch.tensor([ids + reply], device=device)
+    with LOCK:
+        logp = model.token_logprobs(seq[:, :-1], seq[:, 1:])[0, len(ids) - 1:]
+    return logp.sum().item()
+
+
+def math_reference(text, world):
+    """The worked answer of a TinyWorld reasoning problem asked in text, or None if it is not one."""
+    key = " ".join(text.split())
+    people = [world.by_name[n] for n in re.findall(r"\w+", key) if n in world.by_name]
+    for kind in tinymath.KINDS:
+        if people and len(people) <= 3:
+            p = tinymath.problem(people, kind)
+            if p["question"] == key:
+                return p["answer"]
+    return None
+
+
+def reply_tokens(tok, reply, chat):
+    """A reply's tokens as the model wrote them: a special token it wrote (shown as "<|user|>", say) is
+    read back as that token, and a chat reply ends with <|end|>."""
+    return tok.encoding.encode(reply, allowed_special="all") + ([tok.end_id] if chat else [])
+
+
+def judge(server, stage, prompt_ids, question, reply, chat):
+    """The reward model's score, the gold rater's and the KL to SFT of one reply; a reasoning problem's
+    verdicts. Each is None where it has no meaning (no reward model, a plain completion, not a problem)."""
+    tok = stage.tok
+    reply_ids = reply_tokens(tok, reply, chat)
+    verdict = {"reward_model": None, "gold": None, "kl_to_sft": None, "math": None}
+    sft = server.stages.get("sft")
+    if sft is not None and sft.tok.fingerprint == tok.fingerprint:
+        # log stage(reply) - log SFT(reply): one sample's estimate of KL(stage || SFT), the quantity PPO's penalty charges
+        verdict["kl_to_sft"] = reply_logprob(stage.model, prompt_ids, reply_ids) - reply_logprob(sft.model, prompt_ids, reply_ids)
+    if chat and server.rm is not None and server.rm.config.vocab_size == tok.n_vocab:
+        with LOCK:
+            verdict["reward_model"] = score_replies(server.rm, [prompt_ids], [reply_ids])[0].item()
+    if server.world is not None:
+        if chat:
+            verdict["gold"] = tinyworld.gold_score(question, reply, server.world)
+        reference = math_reference(question, server.world)
+        if reference is not None:
+            marks, right, total = tinymath.check_steps(reply, reference, server.world)
+            verdict["math"] = {"verified": tinymath.check_answer(reply, reference),
+                               "expected": tinymath.extract_answer(reference), "answer": tinymath.extract_answer(reply),
+                               "steps": [{"line": line, "right": ok} for line, ok in marks],
+                               "right": right, "total": total}
+    return verdict
+
+
+# ----------------------------------------------------------------------------- requests
+
+
+class ApiError(Exception):
+    """A request the server will not take: an HTTP status and OpenAI's error body."""
+
+    def __init__(self, status, message, param=None, code=None, kind="invalid_request_error"):
+        super().__init__(message)
+        self.status, self.body = status, {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def option(body, name, kinds, default, low=None, high=None):
+    """body[name], checked to be of kinds (bool is never a number here) and within [low, high]."""
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) != (bool in kinds) or not isinstance(value, kinds):
+        names = " or ".join("boolean" if k is bool else "integer" if k is int else "number" if k is float else "string"
+                            for k in kinds)
+        raise ApiError(400, f"'{name}' must be a {names}, got {json.dumps(value)[:40]}", name, "invalid_type")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ApiError(400, f"'{name}' must be between {low} and {high}, got {value}", name, "invalid_value")
+    return value
+
+
+def sampling(body, room):
+    """The sampling options of a completion request, checked, with OpenAI's defaults."""
+    stops = body.get("stop")
+    stops = [stops] if isinstance(stops, str) else stops or []
+    if not isinstance(stops, list) or len(stops) > MAX_STOPS or not all(isinstance(s, str) and s for s in stops):
+        raise ApiError(400, f"'stop' must be a string or a list of at most {MAX_STOPS} non-empty strings", "stop", "invalid_value")
+    if option(body, "n", (int,), 1, 1, 1) != 1:
+        raise ApiError(400, "'n' must be 1", "n")
+    limit = option(body, "max_completion_tokens", (int,), None, 1) or option(body, "max_tokens", (int,), None, 1)
+    if limit is not None and limit > room:
+        raise ApiError(400, f"the prompt leaves room for {room} new tokens in this model's context, but "
+                            f"max_tokens is {limit}: ask for fewer or shorten the prompt",
+                       "max_tokens", "context_length_exceeded")
+    return {"temperature": float(option(body, "temperature", (int, float), 1.0, 0, 2)),
+            "top_p": float(option(body, "top_p", (int, float), 1.0, 0, 1)) or 1e-9,
+            "top_k": option(body, "top_k", (int,), 0, 0) or None,
+            "max_tokens": limit or room, "stop": stops,
+            "seed": option(body, "seed", (int,), None) if body.get("seed") is not None else random.randrange(2 ** 62),
+            "stream": option(body, "stream", (bool,), False),
+            "ignore_eos": option(body, "ignore_eos", (bool,), False)}
+
+
+def chat_prompt(body, tok):
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "'messages' must be a non-empty list of {role, content}", "messages")
+    turns = []
+    for m in messages:
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, list):  # content parts: the text ones
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+        role = {"developer": "system"}.get(m.get("role"), m.get("role")) if isinstance(m, dict) else None
+        if role not in ("system", "user", "assistant") or not isinstance(content, str):
+            raise ApiError(400, "each message needs a role (system, user or assistant) and text content", "messages")
+        turns.append({"role": role, "content": content})
+    if turns[-1]["role"] == "assistant":
+        raise ApiError(400, "the last message must not be the assistant's: it is what the model writes", "messages")
+    question = next(t["content"] for t in reversed(turns) if t["role"] == "user") if any(t["role"] == "user" for t in turns) else ""
+    return tok.render_prompt(turns), question
+
+
+def text_prompt(body, tok):
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise ApiError(400, "'prompt' must be a string (one prompt per request)", "prompt")
+    return [tok.eot_id] + tok.encode(prompt), prompt
+
+
+# ----------------------------------------------------------------------------- the server
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "tinyworld-explorer"
+
+    def log_message(self, fmt, *args):  # one line per request, without the client's address
+        print(f"{self.command} {self.path} {args[1] if len(args) > 1 else ''}", flush=True)
+
+    def do_GET(self):
+        self.answer(self.get)
+
+    def do_POST(self):
+        self.answer(self.post)
+
+    def answer(self, route):
+        try:
+            route(urlparse(self.path).path)
+        except ApiError as e:
+            self.send_json(e.body, e.status)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True  # the client left; the server goes on
+        except Exception as e:  # a bug: a 500 for this request, the traceback for the server's log
+            import traceback
+            traceback.print_exc()
+            self.send_json(ApiError(500, f"internal error ({type(e).__name__})", kind="server_error").body, 500)
+
+    # --- plumbing
+
+    def send_json(self, obj, status=200):
+        body = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def send_file(self, path, kind):
+        body = path.read_bytes()
+        self.send_response(200)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def read_json(self):
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            raise ApiError(400, "a bad Content-Length header") from None
+        if length > MAX_BODY:
+            self.close_connection = True  # the body is not read: the connection cannot be reused
+            raise ApiError(413, f"the request body is over {MAX_BODY} bytes")
+        try:
+            body = json.loads(self.rfile.read(length) or b"null")
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ApiError(400, f"the request body is not JSON ({e})") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the request body must be a JSON object")
+        return body
+
+    def stage(self, body):
+        name = body.get("model")
+        if name not in self.server.stages:
+            raise ApiError(404, f"the model {name!r} does not exist; GET /v1/models lists them", "model", "model_not_found")
+        return self.server.stages[name]
+
+    # --- routes
+
+    def get(self, path):
+        if path == "/v1/models":
+            return self.send_json({"object": "list", "data": [
+                {"id": s.name, "object": "model", "created": self.server.started, "owned_by": "tinyworld"}
+                for s in self.server.stages.values()]})
+        if path == "/info":
+            return self.send_json(self.server.info)
+        if path == "/report" or path.startswith("/report/"):
+            return self.report(path)
+        name = unquote(path).lstrip("/") or "index.html"
+        file = (PAGE_DIR / name).resolve()
+        if file.parent != PAGE_DIR or not file.is_file():  # only the page's own folder, nothing under or above it
+            raise ApiError(404, f"no such page: {path}", code="not_found")
+        self.send_file(file, {".html": "text/html; charset=utf-8", ".css": "text/css", ".js": "text/javascript",
+                              ".png": "image/png"}.get(file.suffix, "application/octet-stream"))
+
+    def report(self, path):
+        """The report, as text, with its figures under it; a figure by its name (report-<stage>.png, rm/best_of_n.png)."""
+        out = Path(self.server.cfg.out)
+        figures = sorted(out.glob("report-*.png")) + sorted(out.glob("rm/best_of_n.png"))
+        names = {str(f.relative_to(out)): f for f in figures}
+        if path == "/report":
+            md = (out / "report.md").read_text() if (out / "report.md").is_file() else "No report yet: run `make demo`."
+            esc = md.replace("&", "&amp;").replace("<", "&lt;")
+            imgs = "".join(f'<p><img src="/report/{n}" style="max-width:100%"></p>' for n in names)
+            page = f"<!doctype html><meta charset=utf-8><title>report</title><pre style='white-space:pre-wrap'>{esc}</pre>{imgs}"
+            body = page.encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            return self.wfile.write(body)
+        name = path[len("/report/"):]
+        if name not in names:
+            raise ApiError(404, f"no such figure: {name}", code="not_found")
+        self.send_file(names[name], "image/png")
+
+    def post(self, path):
+        if path not in ("/v1/chat/completions", "/v1/completions", "/score"):
+            raise ApiError(404, f"no such endpoint: POST {path}", code="not_found")
+        body = self.read_json()
+        stage = self.stage(body)
+        chat = path == "/v1/chat/completions" or (path == "/score" and "messages" in body)
+        ids, question = (chat_prompt if chat else text_prompt)(body, stage.tok)
+        room = stage.model.config.block_size - len(ids)
+        if room <= 0:
+            raise ApiError(400, f"the prompt is {len(ids)} tokens, and this model's context is "
+                                f"{stage.model.config.block_size}: shorten it", "messages" if chat else "prompt",
+                           "context_length_exceeded")
+        if path == "/score":
+            reply = body.get("reply")
+            if not isinstance(reply, str):
+                raise ApiError(400, "'reply' must be a string: the reply to judge", "reply")
+            if len(ids) + len(reply_tokens(stage.tok, reply, chat)) > stage.model.config.block_size:
+                raise ApiError(400, "the prompt and reply are longer than the model's context", "reply", "context_length_exceeded")
+            return self.send_json(judge(self.server, stage, ids, question, reply, chat))
+        opts = sampling(body, room)
+        if chat:
+            opts["logprobs"] = option(body, "logprobs", (bool,), False)
+            opts["top_n"] = option(body, "top_logprobs", (int,), 0, 0, 20)
+            if opts["top_n"] and not opts["logprobs"]:
+                raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
+        else:
+            n = option(body, "logprobs", (int,), None, 0, 5)
+            opts["logprobs"], opts["top_n"] = n is not None, n or 0
+        stop_ids = [] if opts["ignore_eos"] else [stage.tok.end_id, stage.tok.eot_id] if chat else [stage.tok.eot_id]
+        steps = reply_stream(stage, ids, stop_ids, opts["stop"], opts)
+        meta = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24], "created": int(time.time()),
+                "model": stage.name}
+        if opts["stream"]:
+            return self.stream(steps, meta, chat, opts, len(ids), body, stage.tok)
+        text, tokens, finish = "", [], None
+        for piece, toks, finish in steps:
+            text, tokens = text + piece, tokens + toks
+        usage = {"prompt_tokens": len(ids), "completion_tokens": len(tokens), "total_tokens": len(ids) + len(tokens)}
+        logprobs = self.logprobs(stage.tok, tokens, chat) if opts["logprobs"] else None
+        if chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+                      "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
+        self.send_json({**meta, "object": "chat.completion" if chat else "text_completion", "choices": [choice],
+                        "usage": usage})
+
+    def stream(self, steps, meta, chat, opts, n_prompt, body, tok):
+        """Server-sent events: one chunk per piece of text as it is generated, then "data: [DONE]". The
+        connection closes after it (no length is known in advance)."""
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+        kind = "chat.completion.chunk" if chat else "text_completion"
+        send = lambda obj: (self.wfile.write(f"data: {json.dumps(obj)}\n\n".encode()), self.wfile.flush())
+        if chat:
+            send({**meta, "object": kind, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                                        "logprobs": None, "finish_reason": None}]})
+        n_tokens = 0
+        for piece, toks, finish in steps:
+            n_tokens += len(toks)
+            if not piece and not toks and finish is None:
+                continue
+            logprobs = self.logprobs(tok, toks, chat) if opts["logprobs"] else None
+            if chat:
+                choice = {"index": 0, "delta": {"content": piece} if piece or finish is None else {},
+                          "logprobs": logprobs, "finish_reason": finish}
+            else:
+                choice = {"index": 0, "text": piece, "logprobs": logprobs, "finish_reason": finish}
+            send({**meta, "object": kind, "choices": [choice]})
+        options = body.get("stream_options")
+        if isinstance(options, dict) and options.get("include_usage"):
+            send({**meta, "object": kind, "choices": [],
+                  "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_tokens, "total_tokens": n_prompt + n_tokens}})
+        self.wfile.write(b"data: [DONE]\n\n")
+        self.wfile.flush()
+
+    @staticmethod
+    def logprobs(tok, tokens, chat):
+        """Log-probabilities in OpenAI's shape: chat's list of {token, logprob, bytes, top_logprobs}, or
+        completions' parallel lists (tokens, token_logprobs, top_logprobs as {token: logprob}, text_offset)."""
+        piece = lambda t: tok.encoding.decode_single_token_bytes(t)
+        if chat:
+            entry = lambda t, lp: {"token": token_text(tok, t), "logprob": lp, "bytes": list(piece(t))}
+            return {"content": [{**entry(t, lp), "top_logprobs": [entry(a, alp) for a, alp in top]}
+                                for t, lp, top in tokens]}
+        texts = [token_text(tok, t) for t, _, _ in tokens]
+        offsets = [sum(map(len, texts[:i])) for i in range(len(texts))]
+        return {"tokens": texts, "token_logprobs": [lp for _, lp, _ in tokens],
+                "top_logprobs": [{token_text(tok, a): alp for a, alp in top} for _, _, top in tokens],
+                "text_offset": offsets}
+
+
+def journey_prompts(data):
+    """The report's three prompts: what an LLM is, a held-out question about a character SFT never saw,
+    and a held-out reasoning problem."""
+    prompts = ["What is an LLM?"]
+    if (data / "sft_test.jsonl").is_file():
+        qa = read_jsonl(data / "sft_test.jsonl")
+        prompts.append(next((r for r in qa if r.get("split") == "unseen"), qa[0])["messages"][-1]["content"])
+    if (data / "math_test.jsonl").is_file():
+        prompts.append(read_jsonl(data / "math_test.jsonl")[0]["question"])
+    return prompts
+
+
+def make_server(cfg):
+    """The server, its models loaded, bound but not yet serving."""
+    device = common.pick_device(cfg.device)
+    stages, rm = load_stages(cfg, device)
+    data = Path(cfg.data)
+    world = tinyworld.load_world(data) if (data / "meta.json").is_file() else None
+    try:
+        server = ThreadingHTTPServer((cfg.host, cfg.port), Handler)
+    except OSError as e:
+        raise UserError(f"cannot listen on {cfg.host}:{cfg.port} ({e.strerror}): choose another --port") from None
+    server.daemon_threads = True
+    server.cfg, server.stages, server.rm, server.world, server.started = cfg, stages, rm, world, int(time.time())
+    server.info = {"stages": [{"id": s.name, "label": s.label, "context": s.model.config.block_size}
+                              for s in stages.values()],
+                   "presets": journey_prompts(data), "reward_model": rm is not None, "gold_rater": world is not None,
+                   "report": (Path(cfg.out) / "report.md").is_file()}
+    return server
+
+
+def main(cfg):
+    if not 0 <= cfg.port < 65536:
+        raise UserError(f"--port must be between 0 and 65535, got {cfg.port}")
+    server = make_server(cfg)
+    host, port = server.server_address[:2]
+    print(f"serving {', '.join(server.stages)}{' and the reward model' if server.rm else ''}", flush=True)
+    print(f"open http://{host}:{port}/  (the API: http://{host}:{port}/v1; Ctrl-C to stop)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("stopped", flush=True)
+    finally:
+        server.server_close()
+
+
+if __name__ == "__main__":
+    cli.run_main(main, Config)
