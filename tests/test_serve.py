@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import common
-from conftest import error_line, run_scripts
+from conftest import error_line, run_scripts, start_server
 from data import read_jsonl
 from data.tokenizer import load_tokenizer
 
@@ -285,3 +285,19 @@ def test_many_clients_at_once_some_malformed_or_leaving(served):
     assert [r for r in results if r[0] == "bad"] == [("bad", 400)] * 5
     assert [r for r in results if r[0] == "left"] == [("left", 200)] * 5
     assert [m.id for m in client.models.list()][0] == "random" and served["proc"].poll() is None
+
+
+def test_a_hugging_face_directory_is_served_too(tmp_path):
+    from test_hf import write_gpt2_dir
+    hf = write_gpt2_dir(tmp_path / "gpt2-tiny")
+    proc, base = start_server(f"--out={tmp_path / 'no-stages'}", f"--init={hf}")
+    try:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=60)
+        assert [m.id for m in client.models.list()] == [str(hf)]  # no pre-trained stage: no random model either
+        r = client.completions.create(model=str(hf), prompt="the", temperature=0, max_tokens=5, logprobs=2)
+        assert len(r.choices[0].logprobs.tokens) == 5 and "".join(r.choices[0].logprobs.tokens) == r.choices[0].text
+        status, v = raw(base, "POST", "/score", json.dumps({"model": str(hf), "prompt": "the", "reply": " cat"}).encode())
+        assert status == 200 and v == {"reward_model": None, "gold": None, "kl_to_sft": None, "math": None}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
