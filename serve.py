@@ -333,7 +333,24 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self):
         self.answer(self.post)
 
+    def do_OPTIONS(self):  # a browser's check before a chat front end on another origin may POST here
+        self.send_response(204)
+        self.send_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
+        self.send_header("Access-Control-Allow-Headers", "Content-Type, Authorization")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def do_PUT(self):
+        self.answer(lambda path: self.refuse(405, f"{self.command} is not served here: GET or POST"))
+
+    do_DELETE = do_PATCH = do_PUT
+
+    def end_headers(self):
+        self.send_header("Access-Control-Allow-Origin", "*")  # any local front end may call the API
+        super().end_headers()
+
     def answer(self, route):
+        self.streaming = False
         try:
             route(urlparse(self.path).path)
         except ApiError as e:
@@ -343,7 +360,12 @@ class Handler(BaseHTTPRequestHandler):
         except Exception as e:  # a bug: a 500 for this request, the traceback for the server's log
             import traceback
             traceback.print_exc()
-            self.send_json(ApiError(500, f"internal error ({type(e).__name__})", kind="server_error").body, 500)
+            self.close_connection = True
+            if not self.streaming:  # once a stream has begun, its status is sent: it just ends
+                self.send_json(ApiError(500, f"internal error ({type(e).__name__})", kind="server_error").body, 500)
+
+    def refuse(self, status, message):
+        raise ApiError(status, message, code="method_not_allowed")
 
     # --- plumbing
 
@@ -474,6 +496,7 @@ class Handler(BaseHTTPRequestHandler):
     def stream(self, steps, meta, chat, opts, n_prompt, body, tok):
         """Server-sent events: one chunk per piece of text as it is generated, then "data: [DONE]". The
         connection closes after it (no length is known in advance)."""
+        self.streaming = True
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")

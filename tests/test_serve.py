@@ -301,3 +301,16 @@ def test_a_hugging_face_directory_is_served_too(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_other_methods_and_a_browsers_preflight(served):
+    status, body = raw(served["base"], "DELETE", "/v1/models")
+    assert status == 405 and body["error"]["code"] == "method_not_allowed"
+    host, port = served["base"].removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    conn.request("OPTIONS", "/v1/chat/completions", headers={"Origin": "http://localhost:3000",
+                                                             "Access-Control-Request-Method": "POST"})
+    r = conn.getresponse()
+    assert r.status == 204 and r.getheader("Access-Control-Allow-Origin") == "*" and "POST" in r.getheader(
+        "Access-Control-Allow-Methods")
+    conn.close()
