@@ -5,6 +5,8 @@
 # make demo PRESET=smoke: every stage at toy size, a check of the plumbing in about a minute.
 # make seeds (SEEDS="0 1 2"): the demo on each seed, then out/seeds.md: every figure per seed, min and median.
 # make serve: the stage explorer (serve.py): every stage in out/ answers in the browser, and through an OpenAI API.
+# make hacking: reward hacking seen and prevented (hacking.py): PPO against a weak reward model without and
+#   with its KL penalty, and against an ensemble, each scored by the gold rater; out/hacking/ (SEED, PRESET as for demo).
 # make bench: the speed and memory benchmarks (CPU here; GPU where one is present).
 # make gpu: on a CUDA GPU, the kernel tests compiled, the GPU benchmarks and the journey at GPU size, all
 #   in bench/RESULTS-gpu.md (under 8 minutes); without one, the same run dry (tiny shapes, Triton's
@@ -16,7 +18,7 @@ PY := .venv/bin/python
 # PYTHONDONTWRITEBYTECODE is not set: so it is not passed on to the commands below.
 unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: test bench gpu serve venv test-venv demo seeds clean FORCE
+.PHONY: test bench gpu serve hacking venv test-venv demo seeds clean FORCE
 
 ifeq ($(PY),.venv/bin/python)
 venv: .venv/.installed
@@ -45,6 +47,13 @@ bench: venv
 
 serve: venv
 	$(PY) serve.py
+
+# redone, from scratch, when the SFT model under it or the scripts it runs change
+hacking: venv out/hacking/hacking.json
+	@echo "reward hacking, seen and prevented: out/hacking/hacking.md and hacking.png"
+out/hacking/hacking.json: out/rm/metrics.json hacking.py train_rm.py train_ppo.py configs.py
+	rm -rf out/hacking
+	$(PY) hacking.py $(RUN_SEED) $(if $(PRESET),--preset=$(PRESET))
 
 # the GPU machines have every requirement installed and no network: make gpu uses .venv where it exists, else python3
 gpu:

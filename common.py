@@ -143,6 +143,8 @@ def gpt_from_checkpoint(ckpt, tok=None, value_head=False, reward=False, **overri
         raise UserError(f"the checkpoint's weights do not fit its model_args ({first}): "
                         "use a ckpt.pt written by one of the train_*.py scripts, unedited") from None
     missing = [k for k in missing if not k.startswith(("head.", "gate."))]
+    if reward:
+        model.head_only = bool(ckpt.get("head_only", False))  # a reward model that scores by its head alone
     if missing:
         raise UserError(f"the checkpoint lacks weights such as {missing[0]}: it was not written by this project")
     return model

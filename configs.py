@@ -136,6 +136,7 @@ class RM(Common):
     margin: float = 0.0                # required gap between chosen and rejected scores
     center_coef: float = 0.01          # weight of mean((r_chosen + r_rejected)^2): keeps scores near 0
     lm_coef: float = 1.0               # weight of the language-modelling loss on the chosen replies (0: off)
+    head_only: bool = False            # score with the head on the last token alone, no surprise term (the usual, weaker reward model)
     eval_every: int = 60               # steps between held-out accuracies and checkpoints
     log_every: int = 10
     zero_prompts: int = 256            # SFT replies sampled to set the score's zero (0: no shift)
@@ -199,7 +200,9 @@ class PPO(Common):
     test_data: str = "data/tinyworld/prefs_test.jsonl"  # held-out prompts for the final head-to-head (empty: none)
     qa_data: str = "data/tinyworld/sft_test.jsonl"  # held-out questions for answer accuracy (empty: skip)
     init: str = "out/sft/ckpt.pt"      # the SFT checkpoint: the policy's start and the frozen reference
-    reward_model: str = "out/rm/ckpt.pt"  # the reward model: scores replies, and the critic's start
+    reward_model: str = "out/rm/ckpt.pt"  # the reward model (or several, comma-separated): scores replies; the first is the critic's start
+    ensemble: str = "min"              # several reward models' scores combined by: min, mean_std or mean (train_ppo.conservative_score)
+    ensemble_coef: float = 1.0         # mean_std's multiple of the models' spread
     out: str = "out/ppo"               # where ckpt.pt, log.jsonl, metrics.json and the plot go
     batch_size: int = 32               # prompts per rollout, over all processes
     minibatch_size: int = 16           # rollouts per gradient step, per process
@@ -226,6 +229,9 @@ class PPO(Common):
         require_positive(self, "batch_size", "minibatch_size", "ppo_epochs", "max_steps", "eval_every", "log_every",
                          "max_new_tokens", "lr", "critic_lr", "temperature")
         require_choice(self, "kl_estimator", ("k1", "k3"))
+        require_choice(self, "ensemble", ("min", "mean_std", "mean"))
+        if not 0 <= self.ensemble_coef < math.inf:
+            raise UserError(f"--ensemble_coef must be 0 or a positive number, got {self.ensemble_coef}")
 
 
 # ----------------------------------------------------------------------------- GRPO

@@ -257,24 +257,6 @@ def describe_facts_arrival(log):
     return said + (f" (never {' or '.join(never)})" if reached and never else "") + f", and ends at {last:.0%}."
 
 
-def reward_vs_gold(log, n=5):
-    """What a PPO run's learned reward and the gold rater's score did, from its log: the means of its first
-    and last n steps, and whether the gold score fell while the learned reward rose (reward hacking)."""
-    rows = [r for r in log if "rollout/score" in r and "rollout/gold" in r]
-    if len(rows) < 2 * n:
-        return f"its log has fewer than {2 * n} steps with both scores."
-    mean = lambda part, key: sum(r[key] for r in part) / n
-    (s0, s1), (g0, g1) = [(mean(rows[:n], k), mean(rows[-n:], k)) for k in ("rollout/score", "rollout/gold")]
-    said = (f"over its first and last {n} steps the reward model's score went {s0:.2f} -> {s1:.2f} and the gold "
-            f"rater's {g0:.2f} -> {g1:.2f}")
-    if s1 > s0 and g1 < g0:
-        return said + ": the learned reward climbs while the gold rater's score falls, reward hacking."
-    if s1 > s0:
-        return said + ": the gold rater's score rose with the learned reward; in this run the policy found nothing " \
-                      "the reward model overrates."
-    return said + "."
-
-
 def plot_reward_vs_gold(log_path, png):
     """PPO's learned reward (the reward model's score) and the true one (the gold rater's) per step:
     where they part, the policy is exploiting the reward model."""

@@ -333,7 +333,10 @@ class RewardModel(ValueModel):
     trained. The gate starts small (softplus(-2) = 0.13): large enough to learn from the first
     pairs, small enough that the head first learns the manner rather than paying for every word.
     (Its forward is the score, so that DDP sees it; the critic PPO starts from it is a plain ValueModel.)
+    With head_only set (train_rm.py --head_only), the score is the head alone: the field's usual reward
+    model, the weaker one that `make hacking` shows a policy gaming.
     """
+    head_only = False
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -354,6 +357,8 @@ class RewardModel(ValueModel):
         t = torch.arange(idx.size(1) - 1, device=idx.device)[None]
         in_reply = (t >= start[:, None] - 1) & (t < end[:, None])  # position t predicts token t + 1
         logp = logp * in_reply
+        if self.head_only:
+            return head, logp
         charge = (logp + expected).clamp(max=0) * in_reply  # only surprise beyond the expected costs
         return head + (F.softplus(self.gate(h[:, 1:]).squeeze(-1).float()) * charge).sum(1), logp
 

@@ -295,11 +295,12 @@ def main(cfg):
                     f"{best['gold'][-1]:.2f}; where the gold curve flattens or turns down while the reward model's "
                     "still climbs, picking harder for the reward model picks its mistakes (over-optimisation, "
                     "without any RL).", "", "![best of n](rm/best_of_n.png)", ""]
-    no_kl = out / "ppo" / "no_kl"
-    if (no_kl / "reward_vs_gold.png").is_file() and (no_kl / "log.jsonl").is_file():  # the README's run without KL
-        figures += [f"PPO without its KL penalty (`train_ppo.py --kl_coef=0 --max_steps=120 --out={no_kl}`): "
-                    f"{measures.reward_vs_gold(read_jsonl(no_kl / 'log.jsonl'))}", "",
-                    "![reward vs gold](ppo/no_kl/reward_vs_gold.png)", ""]
+    if (out / "hacking" / "hacking.md").is_file() and (out / "hacking" / "hacking.png").is_file():  # make hacking's
+        figures += ["Reward hacking, seen and prevented (`make hacking`, hacking.py): PPO against the field's usual reward "
+                    "model (a head on the last token, which learns the rater's taste for manner but not its facts), "
+                    "without its KL penalty, with it, and without it against an ensemble of such reward models; the "
+                    "gold rater scores every rollout. Gold and learned scores are means over blocks of steps.", "",
+                    (out / "hacking" / "hacking.md").read_text().strip(), "", "![reward hacking](hacking/hacking.png)", ""]
 
     machine = torch.cuda.get_device_name(device) if device.startswith("cuda") else \
         f"{platform.processor() or platform.machine()} CPU ({torch.backends.cpu.get_cpu_capability()}), {torch.get_num_threads()} threads"

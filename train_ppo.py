@@ -1,13 +1,13 @@
 """Stage 3b, RLHF with PPO: make the SFT policy write what the reward model scores high, without drifting.
 
     python train_ppo.py                 # TinyWorld on a CPU, from out/sft and out/rm
-    python train_ppo.py --kl_coef=0 --max_steps=120 --out=out/ppo/no_kl   # no KL penalty: is the reward hacked?
+    python train_ppo.py --kl_coef=0 --out=out/ppo/no_kl   # no KL penalty: is the reward hacked? (make hacking: shown)
     python train_ppo.py --preset=gpu    # HH-RLHF prompts on one GPU, from GPU runs of train_sft.py and train_rm.py
     torchrun --standalone --nproc_per_node=8 train_ppo.py --preset=gpu
 
 Four networks: the policy (trained, from SFT), the reference (frozen SFT), the critic (trained, from
 the reward model: a separate network that predicts how much reward is still to come) and the reward
-model (frozen). Each step:
+model (frozen; or several, --reward_model=A,B,C, whose scores `conservative_score` combines). Each step:
  1. rollout: the policy samples a reply to each prompt of a batch (batched, with the KV cache);
  2. scoring: the reward model scores each whole reply (a reply that never emits <|end|> gets a fixed
     penalty instead); log-probs under the policy and the reference; the critic's values;
@@ -75,7 +75,7 @@ def main(cfg):
     # the four networks: policy and reference from SFT, critic and reward model from the reward model
     ckpt, sft, tok = run.load(["sft"])
     reward_model = ckpt["reward_model"] if cfg.resume else cfg.reward_model
-    policy, ref, rm, critic = networks(ckpt, sft, reward_model, tok, run)
+    policy, ref, rms, critic = networks(ckpt, sft, reward_model, tok, run)
     questions, rater, judge = loaders.ppo(cfg, tok, policy.config.block_size)
     model = run.start(policy, ckpt, seed=cfg.seed + run.rank, keep=lambda: dict(  # each rank its own replies
         critic=critic.state_dict(), critic_optimizer=critic_opt.state_dict(), reward_model=reward_model))
@@ -88,7 +88,7 @@ def main(cfg):
     for step in run.steps():
         # 1-2. rollouts, scored
         picks = torch.randint(len(questions), (cfg.batch_size,), generator=run.data_gen)[run.rank::run.world].tolist()
-        batch = rollout(policy, ref, critic, rm, tok, [questions[i] for i in picks], cfg, run.device)
+        batch = rollout(policy, ref, critic, rms, tok, [questions[i] for i in picks], cfg, run.device)
         mask = batch["mask"]
         # 3-4. rewards, advantages, returns
         rewards, kl = shape_rewards(batch["score"], batch["logp"], batch["ref_logp"], mask, cfg.kl_coef, cfg.kl_estimator)
@@ -143,6 +143,26 @@ def kl_penalty(logp, ref_logp, estimator="k1"):
     raise ValueError(f"unknown KL estimator {estimator!r}: use k1 or k3")
 
 
+def conservative_score(scores, how="min", coef=1.0):
+    """One reward from k reward models' scores of the same replies, scores (k, B), cautious where they disagree:
+
+        how="min":       min over the k models
+        how="mean_std":  mean - coef * std over the k models (the population std: 0 for k = 1)
+        how="mean":      the plain mean (not cautious: the ensemble's average taste)
+
+    A reply that one model overrates and the others do not gains little, so the policy is paid for
+    what the models agree on, and a flaw of one model is worth less to exploit (Coste et al. 2023,
+    "Reward model ensembles help mitigate overoptimization"). Each equals the single score for k = 1,
+    is never above the mean, and does not depend on the order of the models."""
+    if how == "min":
+        return scores.min(0).values
+    if how == "mean_std":
+        return scores.mean(0) - coef * scores.std(0, correction=0)
+    if how == "mean":
+        return scores.mean(0)
+    raise ValueError(f"unknown ensemble rule {how!r}: use min, mean_std or mean")
+
+
 def shape_rewards(score, logp, ref_logp, mask, kl_coef, estimator="k1"):
     """The per-token rewards PPO maximises: r_t = -kl_coef * KL_t on every reply token, plus the
     reward model's score (B,) on the last one. Returns (rewards, KL_t), both 0 off the mask."""
@@ -185,19 +205,21 @@ def token_logprobs(model, x, y, temperature):
 
 
 @torch.no_grad()
-def rollout(policy, ref, critic, rm, tok, questions, cfg, device):
-    """Sample a reply to each question and score it: everything the PPO update needs, as tensors."""
+def rollout(policy, ref, critic, rms, tok, questions, cfg, device):
+    """Sample a reply to each question and score it (by the reward models' conservative score when
+    there are several): everything the PPO update needs, as tensors."""
     prompts, outs, texts = measures.chat_replies(policy, tok, questions, cfg.max_new_tokens, temperature=cfg.temperature)
     x, y, mask = (t.to(device) for t in pack_responses(prompts, outs))
     ended = torch.tensor([o[-1] == tok.end_id for o in outs], device=device)
-    score = score_replies(rm, prompts, outs)[0]
+    scores = torch.stack([score_replies(m, prompts, outs)[0] for m in rms])  # (k, B): each reward model's
+    score = conservative_score(scores, cfg.ensemble, cfg.ensemble_coef)
     score = torch.where(ended, score, torch.full_like(score, cfg.missing_end_penalty))
     with common.autocast(device):
         logp = token_logprobs(policy, x, y, cfg.temperature)[0]
         ref_logp = token_logprobs(ref, x, y, cfg.temperature)[0]
         values = critic(x)
     return dict(x=x, y=y, mask=mask, score=score, logp=logp.float(), ref_logp=ref_logp.float(),
-                values=values.float(), ended=ended.float(), texts=texts)
+                values=values.float(), ended=ended.float(), texts=texts, spread=scores.std(0, correction=0))
 
 
 # ----------------------------------------------------------------------------- the step's row and the networks
@@ -206,7 +228,8 @@ def step_metrics(batch, kl, stats, gold, lr):
     """The step's row: what the rollouts got, the update's statistics averaged over its minibatches, and
     the gold rater's score of the same replies where a world can judge them; averaged over the ranks."""
     mask = batch["mask"]
-    metrics = {"rollout/score": batch["score"].mean().item(), "rollout/kl": kl.sum(1).mean().item()}
+    metrics = {"rollout/score": batch["score"].mean().item(), "rollout/kl": kl.sum(1).mean().item(),
+               "rollout/spread": batch["spread"].mean().item()}
     if gold is not None:
         metrics["rollout/gold"] = float(np.mean(gold))
     metrics.update({k: float(np.mean([s[k] for s in stats])) for k in stats[0]})
@@ -215,19 +238,22 @@ def step_metrics(batch, kl, stats, gold, lr):
 
 
 def networks(ckpt, sft, reward_model, tok, run):
-    """The four networks: policy (ours under --resume) and frozen reference from SFT, frozen reward model
-    and critic (its trunk and head, trained from here) from the reward model."""
-    rm_ckpt = common.load_checkpoint(reward_model, ["rm"], made_by="python train_rm.py")
-    if rm_ckpt["model_args"]["vocab_size"] != sft["model_args"]["vocab_size"]:
-        raise UserError(f"the reward model {reward_model} and the policy {run.init} use different vocabularies: "
-                        "train the reward model from this SFT checkpoint")
+    """The four networks: policy (ours under --resume) and frozen reference from SFT, frozen reward models
+    (one, or an ensemble: reward_model is a comma-separated list) and the critic (its trunk and head,
+    trained from here) from the first of them."""
+    rm_ckpts = []
+    for path in reward_model.split(","):
+        rm_ckpts.append(common.load_checkpoint(path, ["rm"], made_by="python train_rm.py"))
+        if rm_ckpts[-1]["model_args"]["vocab_size"] != sft["model_args"]["vocab_size"]:
+            raise UserError(f"the reward model {path} and the policy {run.init} use different vocabularies: "
+                            "train the reward model from this SFT checkpoint")
     policy = common.gpt_from_checkpoint(ckpt, tok, dropout=0.0).to(run.device)
     ref = common.gpt_from_checkpoint(sft, tok).to(run.device).eval().requires_grad_(False)
-    rm = common.gpt_from_checkpoint(rm_ckpt, tok, reward=True).to(run.device).eval().requires_grad_(False)
-    critic = common.gpt_from_checkpoint(rm_ckpt, tok, value_head=True, dropout=0.0).to(run.device)
+    rms = [common.gpt_from_checkpoint(c, tok, reward=True).to(run.device).eval().requires_grad_(False) for c in rm_ckpts]
+    critic = common.gpt_from_checkpoint(rm_ckpts[0], tok, value_head=True, dropout=0.0).to(run.device)
     if run.cfg.resume:
         critic.load_state_dict(ckpt["critic"])
-    return policy, ref, rm, critic
+    return policy, ref, rms, critic
 
 
 if __name__ == "__main__":

@@ -8,10 +8,10 @@ import torch
 from hypothesis import assume, given, strategies as st
 
 import common
-import measures
-from conftest import run_script
+from conftest import run_script, run_scripts
 from faults import LONG_PAIR, Case, Script, data_file_cases, good_pair, jsonl, write
-from train_ppo import gae, kl_penalty, masked_whiten, ppo_policy_loss, ppo_value_loss, shape_rewards
+from train_ppo import (conservative_score, gae, kl_penalty, masked_whiten, ppo_policy_loss, ppo_value_loss,
+                       shape_rewards)
 
 
 @st.composite
@@ -106,6 +106,40 @@ def test_shaped_rewards_add_up_to_the_score_minus_the_kl_penalty(r, beta, estima
     assert (rewards[mask == 0] == 0).all()
 
 
+@st.composite
+def ensemble_scores(draw, max_models=5, max_rows=6):
+    k, B = draw(st.integers(1, max_models)), draw(st.integers(1, max_rows))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31)))
+    return torch.randn(k, B, generator=gen, dtype=torch.float64) * draw(st.floats(0.01, 10))
+
+
+RULES = [("min", 1.0), ("mean_std", 1.0), ("mean_std", 0.5), ("mean", 0.0)]
+
+
+@given(ensemble_scores(max_models=1), st.sampled_from(RULES))
+def test_one_reward_model_is_its_own_score(scores, rule):
+    assert torch.equal(conservative_score(scores, *rule), scores[0])
+
+
+@given(ensemble_scores(), st.sampled_from(RULES), st.randoms(use_true_random=False))
+def test_the_combination_is_never_above_the_mean_nor_depends_on_the_models_order(scores, rule, rnd):
+    combined = conservative_score(scores, *rule)
+    assert (combined <= scores.mean(0) + 1e-12).all()
+    order = list(range(scores.size(0)))
+    rnd.shuffle(order)
+    assert torch.allclose(conservative_score(scores[order], *rule), combined, rtol=0, atol=1e-12)
+
+
+@given(ensemble_scores(), st.floats(0, 3))
+def test_mean_std_is_the_mean_less_a_multiple_of_the_spread(scores, coef):
+    k = scores.size(0)
+    mean = [sum(scores[:, b].tolist()) / k for b in range(scores.size(1))]
+    std = [math.sqrt(sum((x - m) ** 2 for x in scores[:, b].tolist()) / k) for b, m in enumerate(mean)]
+    expected = torch.tensor([m - coef * s for m, s in zip(mean, std)], dtype=torch.float64)
+    assert torch.allclose(conservative_score(scores, "mean_std", coef), expected, atol=1e-9)
+    assert torch.equal(conservative_score(scores, "min"), torch.tensor([min(scores[:, b].tolist()) for b in range(scores.size(1))], dtype=torch.float64))
+
+
 # ----------------------------------------------------------------------------- end to end
 
 
@@ -133,6 +167,26 @@ def test_tiny_ppo_run_trains_logs_and_saves(tiny_world, tiny_sft, tiny_rm, tmp_p
     assert ckpt["step"] == 3 and "critic" in ckpt
 
 
+def test_an_ensemble_of_one_model_twice_is_that_model_and_an_ensemble_resumes_exactly(tiny_world, tiny_sft, tiny_rm,
+                                                                                        tmp_path):
+    d, rm2 = tiny_world["data"], tmp_path / "rm2"
+    ppo = lambda rms, out, *extra: ["train_ppo.py", *ppo_flags(tiny_world, tiny_sft, rms, tmp_path / out, "--max_steps=4",
+                                                               "--eval_every=2", "--test_data=", "--qa_data=", *extra)]
+    pair = f"{tiny_rm},{rm2 / 'ckpt.pt'}"
+    runs = run_scripts([
+        ["train_rm.py", f"--data={d / 'prefs_train.jsonl'}", "--test_data=", f"--init={tiny_sft}", f"--out={rm2}", "--world=",
+         "--batch_size=4", "--max_steps=2", "--warmup_steps=1", "--zero_prompts=4", "--max_new_tokens=8", "--seed=7"],
+        ppo(str(tiny_rm), "one"), ppo(f"{tiny_rm},{tiny_rm}", "twice", "--ensemble=mean_std"), ppo(pair, "pair"),
+        ppo(pair, "resumed", "--stop_at=2"), ppo(pair, "resumed", "--resume")], tmp_path)
+    assert all(r.returncode == 0 for r in runs), [r.stderr for r in runs]
+    learned = lambda out: [{k: v for k, v in row.items() if k.startswith(("step", "rollout/", "loss/", "policy/"))}
+                           for row in map(json.loads, (tmp_path / out / "log.jsonl").read_text().splitlines())]
+    assert learned("twice") == learned("one") and all(row["rollout/spread"] == 0 for row in learned("one"))
+    assert learned("resumed") == learned("pair") and any(row["rollout/spread"] > 0 for row in learned("pair"))
+    a, b = (common.load_checkpoint(tmp_path / out / "ckpt.pt")["model"] for out in ("pair", "resumed"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 # ----------------------------------------------------------------------------- its row of the fault table (test_faults.py)
 
 def fault_flags(fx, out):
@@ -155,12 +209,3 @@ PPO_CASES = {
 
 
 FAULTS = Script("train_ppo.py", fault_flags, init="tiny_sft", wrong_stage="rm", cases=PPO_CASES, curve="rollout/score")
-
-
-def test_the_report_calls_it_reward_hacking_only_when_the_gold_score_falls_as_the_reward_rises():
-    steps = lambda gold: [{"step": i, "rollout/score": i / 10, "rollout/gold": gold(i)} for i in range(12)]
-    hacked = measures.reward_vs_gold(steps(lambda i: 2 - i / 10))
-    assert "0.20 -> 0.90" in hacked and "1.80 -> 1.10" in hacked and "reward hacking" in hacked
-    honest = measures.reward_vs_gold(steps(lambda i: 1 + i / 10))
-    assert "1.20 -> 1.90" in honest and "reward hacking" not in honest
-    assert "fewer than 10 steps" in measures.reward_vs_gold(steps(lambda i: 1.0)[:9])
