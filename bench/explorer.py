@@ -109,7 +109,7 @@ def main():
         prompts = info["presets"]
         http_round(base, models, prompts[0])  # warm-up
         http = [http_round(base, models, prompts[0]) for _ in range(ROUNDS)]
-        page = page_rounds(base, prompts, [out / "explorer.png", ROOT / "bench" / "explorer.png"])
+        page = page_rounds(base, prompts, [out / "explorer.png", ROOT / "figures" / "explorer.png"])
     finally:
         proc.terminate()
     lines = ["# The stage explorer's speed", "",
