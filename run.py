@@ -15,7 +15,7 @@
 Every stage logs to out/<stage>/log.jsonl in one vocabulary, namespaced as CleanRL and TRL do, which
 report.py and the tests read:
     loss/train, loss/val, loss/replay, loss/policy, loss/value    the losses
-    rollout/reward, /score, /gold, /kl, /accuracy, /worked, /all_equal, /length, /ended
+    rollout/reward, /score, /spread, /gold, /kl, /accuracy, /worked, /all_equal, /length, /ended
                                                   what the step's sampled replies got (PPO, GRPO)
     policy/clipfrac, /approx_kl, /kl, /entropy    how far the update moved the policy (PPO, GRPO)
     train/accuracy, train/margin; rewards/...     the reward model's, and DPO's implicit reward, on the batch
