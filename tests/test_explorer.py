@@ -112,3 +112,17 @@ def test_a_reasoning_preset_shows_the_checkers_marks(page, tmp_path):
     shot = ROOT / "out" / "explorer-test.png" if os.access(ROOT / "out", os.W_OK) else tmp_path / "explorer-test.png"
     page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 10_000
+
+
+def test_plain_completion_mode(page):
+    page.select_option("#mode", "completion")
+    try:
+        ask(page, "Ann lives in")
+    finally:
+        page.select_option("#mode", "chat")
+    for col in page.locator(".column").all():
+        assert col.locator(".error").count() == 0, col.inner_text()
+        assert col.locator(".tok").count() > 0  # a continuation has no turn to end: it writes
+        # the reward model and the gold rater judge replies to a question; a continuation has KL only
+        assert col.locator(".rm").inner_text() == "-" and col.locator(".gold").inner_text() == "-"
+        assert col.locator(".kl").inner_text() != "-"
