@@ -136,8 +136,12 @@ def gpt_from_checkpoint(ckpt, tok=None, value_head=False, reward=False, **overri
     if tok is not None and trained_with and trained_with != tok.fingerprint:
         raise UserError(f"the tokenizer {tok.path} has as many tokens as the checkpoint's but not the same ones: "
                         f"use the tokenizer it was trained with ({ckpt.get('tokenizer')})")
+    state = ckpt["model"]
+    if ckpt.get("lora"):  # a LoRA run's: its updates folded into the weights, a plain GPT's
+        from model import merged_state_dict
+        state = merged_state_dict(state, ckpt["lora"]["alpha"] / ckpt["lora"]["rank"])
     try:
-        missing, _ = model.load_state_dict(ckpt["model"], strict=False)
+        missing, _ = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # weights whose shapes disagree with model_args
         first = next((line.strip().rstrip(".") for line in str(e).splitlines() if "size mismatch" in line), str(e))
         raise UserError(f"the checkpoint's weights do not fit its model_args ({first}): "

@@ -114,10 +114,19 @@ class SFT(Common):
     eval_every: int = 100              # steps between validation losses and checkpoints
     log_every: int = 50
     max_new_tokens: int = QA_TOKENS    # reply budget of the QA evaluation (the report's: the same figure)
+    lora_rank: int = 0                 # 0: full fine-tuning; r: train only a rank-r update beside each chosen weight (LoRA)
+    lora_alpha: float = 16.0           # LoRA's update is scaled by lora_alpha / lora_rank
+    lora_targets: str = "attn,mlp"     # the blocks' weights that get adapters: attn, mlp, or both
 
     def check(self):
         require_positive(self, "batch_size", "grad_accum", "max_steps", "eval_every", "log_every", "max_new_tokens",
                          "replay_batch", "lr")
+        if self.lora_rank < 0:
+            raise UserError(f"--lora_rank must be 0 (full fine-tuning) or positive, got {self.lora_rank}")
+        if self.lora_rank:
+            require_positive(self, "lora_alpha")
+            if not self.lora_targets or not set(self.lora_targets.split(",")) <= {"attn", "mlp"}:
+                raise UserError(f"--lora_targets must be attn, mlp or attn,mlp, got {self.lora_targets!r}")
 
 
 # ----------------------------------------------------------------------------- the reward model

@@ -40,6 +40,7 @@ import common
 from cli import UserError
 from common import all_mean, is_master, print0
 from data.tokenizer import load_tokenizer
+from model import add_lora
 
 
 class Run:
@@ -62,6 +63,7 @@ class Run:
         self.end = cfg.stop_at if 0 < cfg.stop_at < cfg.max_steps else cfg.max_steps
         self.step, self.lr, self.since = 0, cfg.lr, 0
         self.train_seconds, self.t_loop = 0.0, None  # training seconds before this run's loop (--resume), its start
+        self.lora = None  # the LoRA settings once start() has added adapters
 
     def resumed(self):
         """Under --resume, this stage's own checkpoint (in --out); otherwise None."""
@@ -94,6 +96,12 @@ class Run:
         cfg = self.cfg
         if seed is not None:
             torch.manual_seed(seed)
+        self.lora = {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "targets": cfg.lora_targets} \
+            if getattr(cfg, "lora_rank", 0) else None
+        if self.lora:  # train a low-rank update beside the frozen weights (model.LoRALinear)
+            model = add_lora(model, **self.lora)
+            if cfg.resume:  # the base weights and the adapters as saved, not the merged ones the stage loaded
+                model.load_state_dict(ckpt["model"])
         self.raw = model.to(self.device)
         # pre-training chooses its optimizer and schedule (configs.Pretrain); the other stages take AdamW on a cosine
         self.optimizer = model.configure_optimizer(cfg.lr, cfg.weight_decay,
@@ -115,7 +123,10 @@ class Run:
         self.peak = peak_flops(self.device) if flops_per_unit else None
         self.logger = Logger(cfg.out, self.stage, cfg.max_steps, resume=cfg.resume, start_step=self.step)
         self.logger.phase("evaluation")  # what a stage does before its loop: the figures at the start
-        print0(f"{self.stage}: {self.raw.num_params() / 1e6:.2f}M parameters, on {self.device} x{self.world}, "
+        trained = sum(p.numel() for p in self.raw.parameters() if p.requires_grad)
+        lora = (f" (LoRA rank {cfg.lora_rank} on {cfg.lora_targets}: {trained:,} trained, "
+                f"{trained / sum(p.numel() for p in self.raw.parameters()):.1%})") if self.lora else ""
+        print0(f"{self.stage}: {self.raw.num_params() / 1e6:.2f}M parameters{lora}, on {self.device} x{self.world}, "
                f"from {self.ckpt_path if cfg.resume else self.init} (step {self.step} of {cfg.max_steps})")
         return self.model
 
@@ -136,7 +147,11 @@ class Run:
                 "stage": self.stage, "model_args": dataclasses.asdict(self.raw.config), "model": self.raw.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "step": self.step, "config": dataclasses.asdict(self.cfg),
                 "tokenizer": self.tokenizer, "init": self.init, "data_rng": self.data_gen.get_state(), "rng": rng,
-                "tokenizer_fingerprint": self.tok.fingerprint, "train_seconds": self.seconds(), **self.keep()})
+                "tokenizer_fingerprint": self.tok.fingerprint, "train_seconds": self.seconds(),
+                **({"lora": self.lora} if self.lora else {}), **self.keep()})
+            if self.lora:  # the adapters alone: what a LoRA run adds to the checkpoint it started from
+                common.save_checkpoint(self.ckpt_path.with_name("adapters.pt"), {"lora": self.lora, "init": self.init, "adapters": {
+                    k: v for k, v in self.raw.state_dict().items() if ".lora_" in k}})
 
     def seconds(self):
         """Seconds of training of this checkpoint: earlier runs' (--resume) and this run's loop so far."""
@@ -225,6 +240,10 @@ class Run:
 
     def finish(self, metrics, said=""):
         """metrics.json (with the steps and the training's seconds), the run's last line, DDP torn down."""
+        if self.lora and is_master():
+            size = self.ckpt_path.with_name("adapters.pt").stat().st_size
+            metrics = {**metrics, "adapters_bytes": size}
+            said += f"; its adapters alone {size / 1e6:.2f} MB in {self.ckpt_path.with_name('adapters.pt')}"
         self.logger.finish({"steps": self.step, "train_seconds": self.train_seconds, **metrics})
         print0(f"{self.stage}: done in {self.train_seconds:.0f}s of training{said}, checkpoint {self.ckpt_path}")
         common.teardown_ddp()
