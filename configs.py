@@ -96,7 +96,24 @@ class Pretrain(Common):
 # ----------------------------------------------------------------------------- instruction fine-tuning
 
 @dataclass
-class SFT(Common):
+class LoRAFlags:
+    """The flags of every stage after pre-training: LoRA instead of full fine-tuning (model.LoRALinear)."""
+    lora_rank: int = 0                 # 0: full fine-tuning; r: train only a rank-r update beside each chosen weight (LoRA)
+    lora_alpha: float = 16.0           # LoRA's update is scaled by lora_alpha / lora_rank
+    lora_targets: str = "attn,mlp"     # the blocks' weights that get adapters: attn, mlp, or both
+
+
+def check_lora(cfg):
+    if cfg.lora_rank < 0:
+        raise UserError(f"--lora_rank must be 0 (full fine-tuning) or positive, got {cfg.lora_rank}")
+    if cfg.lora_rank:
+        require_positive(cfg, "lora_alpha")
+        if not cfg.lora_targets or not set(cfg.lora_targets.split(",")) <= {"attn", "mlp"}:
+            raise UserError(f"--lora_targets must be attn, mlp or attn,mlp, got {cfg.lora_targets!r}")
+
+
+@dataclass
+class SFT(LoRAFlags, Common):
     data: str = "data/tinyworld/sft_train.jsonl"   # training conversations: {"messages": [{"role", "content"}, ...]}
     val_data: str = ""                 # held-out conversations, same format, for a validation loss (empty: none)
     qa_data: str = "data/tinyworld/sft_test.jsonl"  # held-out questions with "answer" and "split" (empty: skip)
@@ -114,25 +131,17 @@ class SFT(Common):
     eval_every: int = 100              # steps between validation losses and checkpoints
     log_every: int = 50
     max_new_tokens: int = QA_TOKENS    # reply budget of the QA evaluation (the report's: the same figure)
-    lora_rank: int = 0                 # 0: full fine-tuning; r: train only a rank-r update beside each chosen weight (LoRA)
-    lora_alpha: float = 16.0           # LoRA's update is scaled by lora_alpha / lora_rank
-    lora_targets: str = "attn,mlp"     # the blocks' weights that get adapters: attn, mlp, or both
 
     def check(self):
         require_positive(self, "batch_size", "grad_accum", "max_steps", "eval_every", "log_every", "max_new_tokens",
                          "replay_batch", "lr")
-        if self.lora_rank < 0:
-            raise UserError(f"--lora_rank must be 0 (full fine-tuning) or positive, got {self.lora_rank}")
-        if self.lora_rank:
-            require_positive(self, "lora_alpha")
-            if not self.lora_targets or not set(self.lora_targets.split(",")) <= {"attn", "mlp"}:
-                raise UserError(f"--lora_targets must be attn, mlp or attn,mlp, got {self.lora_targets!r}")
+        check_lora(self)
 
 
 # ----------------------------------------------------------------------------- the reward model
 
 @dataclass
-class RM(Common):
+class RM(LoRAFlags, Common):
     data: str = "data/tinyworld/prefs_train.jsonl"  # preference pairs: {"prompt", "chosen", "rejected"}
     test_data: str = "data/tinyworld/prefs_test.jsonl"  # held-out pairs for the accuracy (empty: none)
     init: str = "out/sft/ckpt.pt"      # the SFT checkpoint whose trunk the reward model starts from
@@ -155,6 +164,7 @@ class RM(Common):
     max_new_tokens: int = 64           # length limit of the sampled replies
 
     def check(self):
+        check_lora(self)
         require_positive(self, "batch_size", "max_steps", "eval_every", "log_every", "max_new_tokens", "lr")
         if not 0 <= self.lm_coef < math.inf:
             raise UserError(f"--lm_coef must be 0 (off) or a positive number, got {self.lm_coef}")
@@ -168,7 +178,7 @@ DPO_LOSSES = ("sigmoid", "ipo", "robust")
 
 
 @dataclass
-class DPO(Common):
+class DPO(LoRAFlags, Common):
     data: str = "data/tinyworld/prefs_train.jsonl"  # training pairs: {"prompt", "chosen", "rejected"} per line
     test_data: str = "data/tinyworld/prefs_test.jsonl"  # held-out pairs, same format (empty: skip the evaluation)
     qa_data: str = "data/tinyworld/sft_test.jsonl"  # held-out questions with "answer" and "split" (empty: skip)
@@ -189,6 +199,7 @@ class DPO(Common):
     max_new_tokens: int = 128          # reply length limit when generating for the win rate and KL (QA: QA_TOKENS)
 
     def check(self):
+        check_lora(self)
         require_positive(self, "batch_size", "grad_accum", "max_steps", "eval_every", "log_every", "max_new_tokens",
                          "lr", "beta")
         if self.loss_type not in DPO_LOSSES:
@@ -204,7 +215,7 @@ class DPO(Common):
 # ----------------------------------------------------------------------------- PPO
 
 @dataclass
-class PPO(Common):
+class PPO(LoRAFlags, Common):
     data: str = "data/tinyworld/prefs_train.jsonl"  # prompts to train on: JSONL records with "prompt" or "messages"
     test_data: str = "data/tinyworld/prefs_test.jsonl"  # held-out prompts for the final head-to-head (empty: none)
     qa_data: str = "data/tinyworld/sft_test.jsonl"  # held-out questions for answer accuracy (empty: skip)
@@ -235,6 +246,7 @@ class PPO(Common):
     world: str = "data/tinyworld"      # the TinyWorld whose gold rater scores rollouts and the win rate (empty: none)
 
     def check(self):
+        check_lora(self)
         require_positive(self, "batch_size", "minibatch_size", "ppo_epochs", "max_steps", "eval_every", "log_every",
                          "max_new_tokens", "lr", "critic_lr", "temperature")
         require_choice(self, "kl_estimator", ("k1", "k3"))
@@ -246,7 +258,7 @@ class PPO(Common):
 # ----------------------------------------------------------------------------- GRPO
 
 @dataclass
-class GRPO(Common):
+class GRPO(LoRAFlags, Common):
     data: str = "data/tinyworld/math_train.jsonl"   # training problems: {"question", "answer" ending in "#### n"}
     test_data: str = "data/tinyworld/math_test.jsonl"  # held-out problems, same format, for pass@1 and pass@k
     init: str = ""                     # start from this checkpoint (default: out/ppo, else out/dpo, else out/sft)
@@ -276,6 +288,7 @@ class GRPO(Common):
     log_every: int = 10
 
     def check(self):
+        check_lora(self)
         require_positive(self, "prompts_per_step", "max_new_tokens", "max_steps", "micro_batch", "passes",
                          "pass_k", "eval_every", "log_every", "lr", "temperature")
         require_choice(self, "loss_type", ("grpo", "dr_grpo", "dapo"))

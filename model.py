@@ -442,6 +442,25 @@ class adapters_off:
             m.adapters_on = True
 
 
+class AdaptersOff(nn.Module):
+    """A LoRA model seen as its base: calling it runs the model with its adapters off, in eval mode. The
+    reference a LoRA run needs (DPO's, PPO's and GRPO's KL) without a second copy of the weights; the
+    model is not a submodule of it, so nothing done to the reference (eval(), say) reaches the model."""
+
+    def __init__(self, model):
+        super().__init__()
+        object.__setattr__(self, "model", model)
+
+    def forward(self, *args, **kwargs):
+        was = self.model.training
+        self.model.eval()
+        try:
+            with adapters_off(self.model):
+                return self.model(*args, **kwargs)
+        finally:
+            self.model.train(was)
+
+
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """One token per row from logits (B, V): greedy at temperature 0, else softmax sampling, optionally
     restricted to the top_k most likely tokens and to the smallest set whose probability reaches top_p."""

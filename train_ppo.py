@@ -36,6 +36,7 @@ import stage_evals
 from cli import UserError
 from data import tinyworld
 from data.batches import pack_responses, score_replies
+from model import AdaptersOff, add_lora
 from run import Run
 
 
@@ -79,6 +80,7 @@ def main(cfg):
     questions, rater, judge = loaders.ppo(cfg, tok, policy.config.block_size)
     model = run.start(policy, ckpt, seed=cfg.seed + run.rank, keep=lambda: dict(  # each rank its own replies
         critic=critic.state_dict(), critic_optimizer=critic_opt.state_dict(), reward_model=reward_model))
+    ref = ref or AdaptersOff(run.raw)
     critic_opt = critic.configure_optimizer(cfg.critic_lr, cfg.weight_decay)
     if cfg.resume:
         critic_opt.load_state_dict(ckpt["critic_optimizer"])
@@ -125,6 +127,8 @@ def main(cfg):
 
     result = {"final": metrics}
     if common.is_master():
+        if cfg.lora_rank:  # the evaluation also generates from the reference: a model of its own
+            ref = common.gpt_from_checkpoint(sft, tok).to(run.device).eval()
         result.update(stage_evals.after_ppo(policy, ref, tok, rater if judge else None, cfg))
     run.finish(result)
 
@@ -248,9 +252,12 @@ def networks(ckpt, sft, reward_model, tok, run):
             raise UserError(f"the reward model {path} and the policy {run.init} use different vocabularies: "
                             "train the reward model from this SFT checkpoint")
     policy = common.gpt_from_checkpoint(ckpt, tok, dropout=0.0).to(run.device)
-    ref = common.gpt_from_checkpoint(sft, tok).to(run.device).eval().requires_grad_(False)
+    # with LoRA the reference is the policy with its adapters off (set once run.start has added them): one copy
+    ref = None if run.cfg.lora_rank else common.gpt_from_checkpoint(sft, tok).to(run.device).eval().requires_grad_(False)
     rms = [common.gpt_from_checkpoint(c, tok, reward=True).to(run.device).eval().requires_grad_(False) for c in rm_ckpts]
     critic = common.gpt_from_checkpoint(rm_ckpts[0], tok, value_head=True, dropout=0.0).to(run.device)
+    if run.cfg.lora_rank:  # the critic, too, trains adapters and its head only
+        add_lora(critic, run.cfg.lora_rank, run.cfg.lora_alpha, run.cfg.lora_targets)
     if run.cfg.resume:
         critic.load_state_dict(ckpt["critic"])
     return policy, ref, rms, critic

@@ -8,7 +8,7 @@ from hypothesis import given, settings, strategies as st
 
 import common
 from conftest import run_scripts
-from model import GPT, GPTConfig, LoRALinear, adapters_off, add_lora, merged_state_dict
+from model import GPT, AdaptersOff, GPTConfig, LoRALinear, adapters_off, add_lora, merged_state_dict
 
 
 @st.composite
@@ -97,3 +97,41 @@ def test_a_lora_sft_run_trains_only_adapters_resumes_exactly_and_reads_as_a_plai
     lora.load_state_dict(a["model"])
     x = torch.randint(plain.config.vocab_size, (2, 12))
     assert torch.allclose(plain(x), lora(x), atol=1e-5)
+
+
+@given(lora_models())
+@settings(max_examples=15)
+def test_the_adapters_off_reference_is_the_frozen_copy_and_leaves_the_model_as_it_was(case):
+    base, model, x = case
+    train_step(model, x)
+    model.train()
+    ref = AdaptersOff(model)
+    y = x[:, 1:]
+    assert torch.equal(ref(x[:, :-1], y, reduction="none"), base.eval()(x[:, :-1], y, reduction="none"))
+    assert model.training and all(m.adapters_on for m in model.modules() if isinstance(m, LoRALinear))
+    assert not list(ref.parameters())  # not a second copy: the model's own weights, not registered twice
+
+
+def test_every_stage_after_pre_training_takes_lora(tiny_world, tiny_sft, tiny_rm, tmp_path):
+    d = tiny_world["data"]
+    lora = ["--lora_rank=2", "--lora_targets=attn"]
+    runs = run_scripts([
+        ["train_rm.py", f"--data={d / 'prefs_train.jsonl'}", "--test_data=", f"--init={tiny_sft}", f"--out={tmp_path / 'rm'}",
+         "--world=", "--preset=smoke", *lora],
+        ["train_dpo.py", f"--data={d / 'prefs_train.jsonl'}", f"--test_data={d / 'prefs_test.jsonl'}", "--qa_data=",
+         "--world=", f"--init={tiny_sft}", f"--out={tmp_path / 'dpo'}", "--preset=smoke", *lora],
+        ["train_ppo.py", f"--data={d / 'prefs_train.jsonl'}", "--test_data=", "--qa_data=", "--world=", f"--init={tiny_sft}",
+         f"--reward_model={tiny_rm}", f"--out={tmp_path / 'ppo'}", "--preset=smoke", *lora],
+        ["train_grpo.py", f"--data={d / 'math_train.jsonl'}", f"--test_data={d / 'math_test.jsonl'}", f"--world={d}",
+         f"--init={tmp_path / 'dpo' / 'ckpt.pt'}", f"--out={tmp_path / 'grpo'}", "--preset=smoke", "--beta=0.05", *lora],
+    ], tmp_path)
+    assert [r.returncode for r in runs] == [0] * 4, [r.stderr[-2000:] for r in runs]
+    sft = torch.load(tiny_sft, weights_only=True)["model"]
+    for stage in ("rm", "dpo", "ppo"):
+        ckpt = common.load_checkpoint(tmp_path / stage / "ckpt.pt", [stage])
+        assert ckpt["lora"]["targets"] == "attn" and (tmp_path / stage / "adapters.pt").is_file()
+        assert all(torch.equal(ckpt["model"][k], sft[k]) for k in sft)  # the base weights left as SFT's
+        assert any(".lora_" in k for k in ckpt["model"]) and not any("mlp.c_fc.lora" in k for k in ckpt["model"])
+    critic = common.load_checkpoint(tmp_path / "ppo" / "ckpt.pt")["critic"]
+    assert any(".lora_" in k for k in critic)  # the critic trains adapters and its head too
+    assert "policy/kl" in (tmp_path / "grpo" / "log.jsonl").read_text()  # the KL to the adapters-off policy
