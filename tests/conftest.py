@@ -198,9 +198,10 @@ def make_tiny_solver(tiny_world, tiny_sft, out):
 
 
 def pytest_collection_modifyitems(items):
-    """The longest files first (the fault table, the dry GPU journey): under pytest-xdist a long file handed
-    out last is the whole run's tail, with the other core idle."""
-    first = ("test_faults.py", "test_gpu_bench.py")
+    """The longest files first (the fault table, the dry GPU journey, every kernel compiled, make seeds, the
+    hacking runs): under pytest-xdist a long file handed out last is the whole run's tail, with the other
+    core idle."""
+    first = ("test_faults.py", "test_gpu_bench.py", "test_kernels_compile.py", "test_seeds.py", "test_hacking.py")
     items.sort(key=lambda item: first.index(item.path.name) if item.path.name in first else len(first))
 
 
