@@ -59,6 +59,18 @@ def test_two_processes_run_every_stage(stage, tiny_world, tiny_pretrained, tiny_
         assert [v for _, v in curve(stage, two)] == pytest.approx([v for _, v in curve(stage, one)], rel=1e-4)
 
 
+def test_a_lora_dpo_run_in_two_processes_equals_one(tiny_world, tiny_pretrained, tiny_sft, tiny_rm, tmp_path):
+    """Adapters only, and the reference the policy with its adapters off: DDP averages the adapters'
+    gradients alone, and the two processes follow one process's curve."""
+    fx = {"world": tiny_world, "pretrained": tiny_pretrained, "sft": tiny_sft, "rm": tiny_rm}
+    one, two = tmp_path / "one", tmp_path / "two"
+    torchrun("dpo", fx, two, "--lora_rank=2")
+    r = run_script("train_dpo.py", *flags("dpo", fx, one), "--lora_rank=2", env={"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    assert "lora" in common.load_checkpoint(two / "ckpt.pt", ["dpo"])
+    assert [v for _, v in curve("dpo", two)] == pytest.approx([v for _, v in curve("dpo", one)], rel=1e-4)
+
+
 def test_two_processes_resume_exactly_each_rank_with_its_own_random_state(tiny_world, tiny_pretrained, tiny_sft,
                                                                        tiny_rm, tmp_path):
     """PPO samples other replies on each rank (seed + rank): stopped at step 2 and resumed, two processes

@@ -79,8 +79,9 @@ def test_a_lora_sft_run_trains_only_adapters_resumes_exactly_and_reads_as_a_plai
                                f"--out={tmp_path / out}", "--qa_data=", "--replay_data=", "--batch_size=4",
                                "--max_steps=4", "--warmup_steps=1", "--eval_every=2", "--lora_rank=2", *extra]
     runs = run_scripts([sft("straight"), sft("resumed", "--stop_at=2"), sft("resumed", "--resume"),
-                        sft("bad", "--lora_targets=head")], tmp_path)
-    assert [r.returncode for r in runs] == [0, 0, 0, 2], [r.stderr for r in runs]
+                        sft("bad", "--lora_targets=head"),
+                        ["export.py", f"--init={tmp_path / 'straight' / 'ckpt.pt'}", f"--out={tmp_path / 'hf'}"]], tmp_path)
+    assert [r.returncode for r in runs] == [0, 0, 0, 2, 0], [r.stderr for r in runs]
     assert "LoRA rank 2 on attn,mlp" in runs[0].stdout and "its adapters alone" in runs[0].stdout
     assert "--lora_targets must be" in runs[3].stderr
     a, b = (common.load_checkpoint(tmp_path / out / "ckpt.pt", ["sft"]) for out in ("straight", "resumed"))
@@ -97,6 +98,8 @@ def test_a_lora_sft_run_trains_only_adapters_resumes_exactly_and_reads_as_a_plai
     lora.load_state_dict(a["model"])
     x = torch.randint(plain.config.vocab_size, (2, 12))
     assert torch.allclose(plain(x), lora(x), atol=1e-5)
+    exported = common.gpt_from_checkpoint(common.load_checkpoint(tmp_path / "hf"))  # a Hugging Face directory, back
+    assert torch.allclose(exported(x), lora(x), atol=1e-5)
 
 
 @given(lora_models())
