@@ -138,7 +138,7 @@ def gpt_from_checkpoint(ckpt, tok=None, value_head=False, reward=False, **overri
                         f"use the tokenizer it was trained with ({ckpt.get('tokenizer')})")
     state = ckpt["model"]
     if ckpt.get("lora"):  # a LoRA run's: its updates folded into the weights, a plain GPT's
-        from model import merged_state_dict
+        from gpt_lora import merged_state_dict
         state = merged_state_dict(state, ckpt["lora"]["alpha"] / ckpt["lora"]["rank"])
     try:
         missing, _ = model.load_state_dict(state, strict=False)

@@ -97,7 +97,7 @@ class Pretrain(Common):
 
 @dataclass
 class LoRAFlags:
-    """The flags of every stage after pre-training: LoRA instead of full fine-tuning (model.LoRALinear)."""
+    """The flags of every stage after pre-training: LoRA instead of full fine-tuning (gpt_lora.LoRALinear)."""
     lora_rank: int = 0                 # 0: full fine-tuning; r: train only a rank-r update beside each chosen weight (LoRA)
     lora_alpha: float = 16.0           # LoRA's update is scaled by lora_alpha / lora_rank
     lora_targets: str = "attn,mlp"     # the blocks' weights that get adapters: attn, mlp, or both

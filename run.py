@@ -40,7 +40,7 @@ import common
 from cli import UserError
 from common import all_mean, is_master, print0
 from data.tokenizer import load_tokenizer
-from model import add_lora
+from gpt_lora import add_lora
 
 
 class Run:
@@ -98,7 +98,7 @@ class Run:
             torch.manual_seed(seed)
         self.lora = {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "targets": cfg.lora_targets} \
             if getattr(cfg, "lora_rank", 0) else None
-        if self.lora:  # train a low-rank update beside the frozen weights (model.LoRALinear)
+        if self.lora:  # train a low-rank update beside the frozen weights (gpt_lora.LoRALinear)
             model = add_lora(model, **self.lora)
             if cfg.resume:  # the base weights and the adapters as saved, not the merged ones the stage loaded
                 model.load_state_dict(ckpt["model"])

@@ -35,7 +35,7 @@ import configs
 import loaders
 import stage_evals
 from data.batches import by_length, pack_responses
-from model import AdaptersOff
+from gpt_lora import AdaptersOff
 from run import Run
 
 

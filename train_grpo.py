@@ -36,7 +36,7 @@ import stage_evals
 from common import print0
 from data.batches import pack_responses
 from data.tinymath import check_answer, check_steps, extract_answer, shows_work
-from model import AdaptersOff
+from gpt_lora import AdaptersOff
 from run import Run
 
 

@@ -36,7 +36,7 @@ import stage_evals
 from cli import UserError
 from data import tinyworld
 from data.batches import pack_responses, score_replies
-from model import AdaptersOff, add_lora
+from gpt_lora import AdaptersOff, add_lora
 from run import Run
 
 

@@ -1,4 +1,4 @@
-"""LoRA (model.LoRALinear, add_lora, adapters_off, merged_state_dict) against its definition, and a LoRA
+"""LoRA (gpt_lora: LoRALinear, add_lora, adapters_off, merged_state_dict) against its definition, and a LoRA
 SFT run end to end: only the adapters train, --resume is exact, the checkpoint reads as a plain GPT."""
 import json
 
@@ -8,7 +8,8 @@ from hypothesis import given, settings, strategies as st
 
 import common
 from conftest import run_scripts
-from model import GPT, AdaptersOff, GPTConfig, LoRALinear, adapters_off, add_lora, merged_state_dict
+from gpt_lora import AdaptersOff, LoRALinear, adapters_off, add_lora, merged_state_dict
+from model import GPT, GPTConfig
 
 
 @st.composite
