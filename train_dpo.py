@@ -86,10 +86,11 @@ def main(cfg):
     ckpt, init, tok = run.load(["sft"])
     model = common.gpt_from_checkpoint(ckpt, tok)
     frozen = lambda: common.gpt_from_checkpoint(init, tok).to(run.device).eval().requires_grad_(False)
-    ref = None if cfg.lora_rank else frozen()
+    ref = None if cfg.lora_rank else frozen()  # before run.start: building a model draws on the RNG it seeds
     pairs, dropped, test_pairs, questions, rater = loaders.dpo(cfg, tok, model.config.block_size)
     model = run.start(model, ckpt, seed=cfg.seed, unit="perf/pairs_per_s")
-    ref = ref or AdaptersOff(run.raw)  # with LoRA the reference is the policy, its adapters off: one copy
+    if ref is None:  # with LoRA the reference is the policy, its adapters off: one copy of the weights
+        ref = AdaptersOff(run.raw)
     if run.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(run.device)
 

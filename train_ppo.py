@@ -80,7 +80,8 @@ def main(cfg):
     questions, rater, judge = loaders.ppo(cfg, tok, policy.config.block_size)
     model = run.start(policy, ckpt, seed=cfg.seed + run.rank, keep=lambda: dict(  # each rank its own replies
         critic=critic.state_dict(), critic_optimizer=critic_opt.state_dict(), reward_model=reward_model))
-    ref = ref or AdaptersOff(run.raw)
+    if ref is None:  # with LoRA the reference is the policy, its adapters off: one copy of the weights
+        ref = AdaptersOff(run.raw)
     critic_opt = critic.configure_optimizer(cfg.critic_lr, cfg.weight_decay)
     if cfg.resume:
         critic_opt.load_state_dict(ckpt["critic_optimizer"])
