@@ -248,7 +248,12 @@ class Handler(BaseHTTPRequestHandler):
         except ValueError:
             raise ApiError(400, "a bad Content-Length header") from None
         if length > MAX_BODY:
-            self.close_connection = True  # the body is not read: the connection cannot be reused
+            # read and dropped (up to a bound), so that the client is still listening when the answer comes
+            # rather than finding the connection closed under the body it is sending
+            left = min(length, 16 * MAX_BODY)
+            while left > 0 and (chunk := self.rfile.read(min(left, 1 << 16))):
+                left -= len(chunk)
+            self.close_connection = True
             raise ApiError(413, f"the request body is over {MAX_BODY} bytes")
         try:
             body = json.loads(self.rfile.read(length) or b"null")
