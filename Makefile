@@ -7,6 +7,8 @@
 # make serve: the stage explorer (serve.py): every stage in out/ answers in the browser, and through an OpenAI API.
 # make hacking: reward hacking seen and prevented (hacking.py): PPO against a weak reward model without and
 #   with its KL penalty, and against an ensemble, each scored by the gold rater; out/hacking/ (SEED, PRESET as for demo).
+# make forgetting: what each way of fine-tuning (full, with replay, LoRA at two ranks) gains and forgets, for SFT,
+#   DPO and GRPO from the demo's checkpoints (forgetting.py); out/forgetting/ (SEED, PRESET as for demo).
 # make bench: the speed and memory benchmarks (CPU here; GPU where one is present).
 # make gpu: on a CUDA GPU, the kernel tests compiled, the GPU benchmarks and the journey at GPU size, all
 #   in bench/RESULTS-gpu.md (under 8 minutes); without one, the same run dry (tiny shapes, Triton's
@@ -18,7 +20,7 @@ PY := .venv/bin/python
 # PYTHONDONTWRITEBYTECODE is not set: so it is not passed on to the commands below.
 unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: test bench gpu serve hacking venv test-venv demo seeds clean FORCE
+.PHONY: test bench gpu serve hacking forgetting venv test-venv demo seeds clean FORCE
 
 ifeq ($(PY),.venv/bin/python)
 venv: .venv/.installed
@@ -54,6 +56,13 @@ hacking: venv out/hacking/hacking.json
 out/hacking/hacking.json: out/rm/metrics.json hacking.py train_rm.py train_ppo.py configs.py
 	rm -rf out/hacking
 	$(PY) hacking.py $(RUN_SEED) $(if $(PRESET),--preset=$(PRESET))
+
+# redone when the demo's stages or the scripts it runs change
+forgetting: venv out/forgetting/forgetting.json
+	@echo "what each way of fine-tuning gains and forgets: out/forgetting/forgetting.md"
+out/forgetting/forgetting.json: out/grpo/metrics.json out/dpo/metrics.json forgetting.py train_sft.py train_dpo.py train_grpo.py gpt_lora.py
+	rm -rf out/forgetting
+	$(PY) forgetting.py $(RUN_SEED) $(if $(PRESET),--preset=$(PRESET))
 
 # the GPU machines have every requirement installed and no network: make gpu uses .venv where it exists, else python3
 gpu:

@@ -158,3 +158,16 @@ def check_writable(out_dir):
         probe.unlink()
     except OSError as e:
         raise UserError(f"cannot write to {out_dir} ({e.strerror}): choose another --out") from None
+
+
+# ----------------------------------------------------------------------------- studies that run the stages
+
+
+def script(study, name, *flags):
+    """A stage script run by a study (hacking.py, forgetting.py) as a user would run it, its output shown
+    as it goes; a failure stops the study with one line."""
+    import subprocess
+    print(f"\n=== {study}: {name} {' '.join(flags)} ===", flush=True)
+    r = subprocess.run([sys.executable, name, *flags], cwd=Path(__file__).resolve().parent)
+    if r.returncode:
+        raise UserError(f"{name} failed (exit code {r.returncode}); its output is above")

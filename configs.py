@@ -113,7 +113,22 @@ def check_lora(cfg):
 
 
 @dataclass
-class SFT(LoRAFlags, Common):
+class ReplayFlags:
+    """Pre-training text replayed beside a stage's own loss, against forgetting (SFT's default; off elsewhere)."""
+    replay_data: str = ""              # pre-training text whose next-token loss joins every step's (empty: none)
+    replay_batch: int = 8              # windows of replayed text per micro-step, over all processes
+    replay_coef: float = 1.0           # weight of the replayed text's next-token loss beside the stage's loss
+
+
+def check_replay(cfg):
+    if cfg.replay_data:
+        require_positive(cfg, "replay_batch")
+        if not 0 <= cfg.replay_coef < math.inf:
+            raise UserError(f"--replay_coef must be 0 or a positive number, got {cfg.replay_coef}")
+
+
+@dataclass
+class SFT(ReplayFlags, LoRAFlags, Common):
     data: str = "data/tinyworld/sft_train.jsonl"   # training conversations: {"messages": [{"role", "content"}, ...]}
     val_data: str = ""                 # held-out conversations, same format, for a validation loss (empty: none)
     qa_data: str = "data/tinyworld/sft_test.jsonl"  # held-out questions with "answer" and "split" (empty: skip)
@@ -126,16 +141,14 @@ class SFT(LoRAFlags, Common):
     min_lr: float = 2e-5
     warmup_steps: int = 20
     replay_data: str = "data/tinyworld/corpus_train.txt"  # pre-training text replayed in every step (empty: none)
-    replay_batch: int = 8              # windows of replayed text per micro-step, over all processes
-    replay_coef: float = 1.0           # weight of the replayed text's next-token loss beside the SFT loss
     eval_every: int = 100              # steps between validation losses and checkpoints
     log_every: int = 50
     max_new_tokens: int = QA_TOKENS    # reply budget of the QA evaluation (the report's: the same figure)
 
     def check(self):
-        require_positive(self, "batch_size", "grad_accum", "max_steps", "eval_every", "log_every", "max_new_tokens",
-                         "replay_batch", "lr")
+        require_positive(self, "batch_size", "grad_accum", "max_steps", "eval_every", "log_every", "max_new_tokens", "lr")
         check_lora(self)
+        check_replay(self)
 
 
 # ----------------------------------------------------------------------------- the reward model
@@ -178,7 +191,7 @@ DPO_LOSSES = ("sigmoid", "ipo", "robust")
 
 
 @dataclass
-class DPO(LoRAFlags, Common):
+class DPO(ReplayFlags, LoRAFlags, Common):
     data: str = "data/tinyworld/prefs_train.jsonl"  # training pairs: {"prompt", "chosen", "rejected"} per line
     test_data: str = "data/tinyworld/prefs_test.jsonl"  # held-out pairs, same format (empty: skip the evaluation)
     qa_data: str = "data/tinyworld/sft_test.jsonl"  # held-out questions with "answer" and "split" (empty: skip)
@@ -200,6 +213,7 @@ class DPO(LoRAFlags, Common):
 
     def check(self):
         check_lora(self)
+        check_replay(self)
         require_positive(self, "batch_size", "grad_accum", "max_steps", "eval_every", "log_every", "max_new_tokens",
                          "lr", "beta")
         if self.loss_type not in DPO_LOSSES:
@@ -258,7 +272,7 @@ class PPO(LoRAFlags, Common):
 # ----------------------------------------------------------------------------- GRPO
 
 @dataclass
-class GRPO(LoRAFlags, Common):
+class GRPO(ReplayFlags, LoRAFlags, Common):
     data: str = "data/tinyworld/math_train.jsonl"   # training problems: {"question", "answer" ending in "#### n"}
     test_data: str = "data/tinyworld/math_test.jsonl"  # held-out problems, same format, for pass@1 and pass@k
     init: str = ""                     # start from this checkpoint (default: out/ppo, else out/dpo, else out/sft)
@@ -289,6 +303,7 @@ class GRPO(LoRAFlags, Common):
 
     def check(self):
         check_lora(self)
+        check_replay(self)
         require_positive(self, "prompts_per_step", "max_new_tokens", "max_steps", "micro_batch", "passes",
                          "pass_k", "eval_every", "log_every", "lr", "temperature")
         require_choice(self, "loss_type", ("grpo", "dr_grpo", "dapo"))

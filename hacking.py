@@ -24,8 +24,6 @@ the end (means over blocks of steps), the learned score's rise, the KL travelled
 learned reward paid most for; hacking.png draws the two scores per run.
 """
 import json
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +32,6 @@ import torch
 import cli
 import common
 import measures
-from cli import UserError
 from data import read_jsonl, tinyworld, write_atomic
 from data.batches import score_replies
 from data.tokenizer import load_tokenizer
@@ -65,14 +62,6 @@ class Config:
 PRESETS = {"smoke": dict(stages_preset="smoke", block=1)}  # the plumbing only: each stage at toy size
 
 
-def script(name, *flags):
-    """A stage script run as a user would, its output shown as it goes; a failure stops here."""
-    print(f"\n=== hacking: {name} {' '.join(flags)} ===", flush=True)
-    r = subprocess.run([sys.executable, name, *flags], cwd=Path(__file__).resolve().parent)
-    if r.returncode:
-        raise UserError(f"{name} failed (exit code {r.returncode}); its output is above")
-
-
 def blocks(rows, key, size):
     """Means of key over consecutive blocks of `size` steps (the last block may be shorter)."""
     values = [r[key] for r in rows if key in r]
@@ -101,7 +90,7 @@ def main(cfg):
     rms = []
     for i in range(cfg.reward_models):
         rm = out / f"rm_{i}"
-        script("train_rm.py", f"--init={cfg.init}", f"--out={rm}", f"--data={data / 'prefs_train.jsonl'}",
+        cli.script("hacking", "train_rm.py", f"--init={cfg.init}", f"--out={rm}", f"--data={data / 'prefs_train.jsonl'}",
                    f"--test_data={data / 'prefs_test.jsonl'}", f"--world={data}", "--head_only", "--best_of=0",
                    f"--seed={cfg.seed + i}", *smoke)
         rms.append(rm / "ckpt.pt")
@@ -109,7 +98,7 @@ def main(cfg):
     members = {"one": rms[:1], "alike": rms, "diverse": rms[:-1] + [Path(cfg.reward_model)]}
     for name, (flags, kind, _) in RUNS.items():
         run = out / name
-        script("train_ppo.py", f"--init={cfg.init}", f"--reward_model={','.join(map(str, members[kind]))}",
+        cli.script("hacking", "train_ppo.py", f"--init={cfg.init}", f"--reward_model={','.join(map(str, members[kind]))}",
                f"--out={run}", f"--data={data / 'prefs_train.jsonl'}", "--test_data=", f"--qa_data={data / 'sft_test.jsonl'}",
                f"--world={data}", f"--seed={cfg.seed}", *flags, *(smoke or [f"--max_steps={cfg.steps}", f"--eval_every={cfg.steps}"]))
         results[name] = summary(run / "log.jsonl", cfg.block)

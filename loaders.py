@@ -111,20 +111,29 @@ def sft(cfg, tok, block_size):
     first = f", the first at line {dropped[0]}" if dropped else ""
     print0(f"sft: {len(examples):,} conversations from {cfg.data} ({n_learned:,} tokens learned), "
            f"{len(dropped)} dropped as longer than the context ({context} tokens{first})")
-    replay = load_replay(cfg.replay_data, tok, block_size) if cfg.replay_data else None
-    if replay is not None:
-        print0(f"sft: replaying {cfg.replay_batch} windows of {cfg.replay_data} ({len(replay):,} tokens) "
-               "per micro-step")
-    return examples, dropped, val_examples, questions, replay
+    return examples, dropped, val_examples, questions, replay(cfg, tok, block_size, "sft")
 
 
-def load_replay(path, tok, block_size):
-    """Pre-training text as one tensor of token ids, each document followed by <|endoftext|>."""
-    ids = torch.tensor([i for doc in read_documents(path) for i in tok.encode_document(doc)])
+def replay(cfg, tok, block_size, stage, per="micro-step"):
+    """The pre-training text a stage replays (--replay_data) as one tensor of token ids, each document
+    followed by <|endoftext|>; None without it."""
+    if not cfg.replay_data:
+        return None
+    ids = torch.tensor([i for doc in read_documents(cfg.replay_data) for i in tok.encode_document(doc)])
     if len(ids) <= block_size + 1:
-        raise UserError(f"--replay_data={path} has {len(ids)} tokens, fewer than one window: "
+        raise UserError(f"--replay_data={cfg.replay_data} has {len(ids)} tokens, fewer than one window: "
                         "give more text, or --replay_data= for none")
+    print0(f"{stage}: replaying {cfg.replay_batch} windows of {cfg.replay_data} ({len(ids):,} tokens) per {per}"
+           + (f", weight {cfg.replay_coef}" if cfg.replay_coef != 1 else ""))
     return ids
+
+
+def get_replay_batch(ids, batch_size, block_size, gen, rank, world):
+    """Random windows of the replayed text, x = ids[i:i+T] and y = ids[i+1:i+T+1], as in pre-training.
+    Every rank draws the same starts and keeps its own slice, as the stages' batches do."""
+    starts = torch.randint(len(ids) - block_size - 1, (batch_size,), generator=gen)[rank::world].tolist()
+    return (torch.stack([ids[i:i + block_size] for i in starts]),
+            torch.stack([ids[i + 1:i + 1 + block_size] for i in starts]))
 
 
 # ----------------------------------------------------------------------------- the reward model
@@ -159,7 +168,7 @@ def dpo(cfg, tok, block_size):
     print0(f"dpo: {len(pairs):,} pairs from {cfg.data}, {len(dropped)} dropped as longer than the context "
            f"({context} tokens{first}); {len(test_pairs)} held out; {cfg.loss_type} loss, beta {cfg.beta}"
            + (f", label smoothing {cfg.label_smoothing}" if cfg.label_smoothing else ""))
-    return pairs, dropped, test_pairs, questions, rater
+    return pairs, dropped, test_pairs, questions, rater, replay(cfg, tok, block_size, "dpo")
 
 
 # ----------------------------------------------------------------------------- PPO
@@ -198,4 +207,4 @@ def grpo(cfg, tok, block_size):
     rater = tinyworld.load_world(cfg.world) if cfg.world and (test or cfg.step_reward) else None
     print0(f"grpo: {len(problems):,} problems from {cfg.data}, {len(dropped)} dropped as too long for the context; "
            f"{cfg.prompts_per_step} problems x {cfg.group_size} answers per step")
-    return problems, test, rater
+    return problems, test, rater, replay(cfg, tok, block_size, "grpo", per="step")

@@ -87,6 +87,13 @@ def reasoning_table(rows, grpo_metrics, contrast):
     return lines
 
 
+def held_out_sets(data, world, tok):
+    """What the measures read: TinyWorld's held-out QA, problems, questions and validation text."""
+    return {"world": world, "qa": read_jsonl(data / "sft_test.jsonl"), "math": read_jsonl(data / "math_test.jsonl"),
+            "questions": sorted({r["prompt"] for r in read_jsonl(data / "prefs_test.jsonl")}),
+            "val_ids": torch.tensor([i for d in read_documents(data / "corpus_val.txt") for i in tok.encode_document(d)])}
+
+
 def measure(model, tok, sets, sft, sft_gold, cfg):
     """Every column of the table for one model. SFT's own gold scores and its KL to itself (zero, term by
     term) are known without generating again."""
@@ -209,9 +216,7 @@ def main(cfg):
     world = tinyworld.load_world(data)
     base = common.load_checkpoint(out / "pretrain" / "ckpt.pt")
     tok = load_tokenizer(base["tokenizer"])
-    sets = {"world": world, "qa": read_jsonl(data / "sft_test.jsonl"), "math": read_jsonl(data / "math_test.jsonl"),
-            "questions": sorted({r["prompt"] for r in read_jsonl(data / "prefs_test.jsonl")}),
-            "val_ids": torch.tensor([i for d in read_documents(data / "corpus_val.txt") for i in tok.encode_document(d)])}
+    sets = held_out_sets(data, world, tok)
 
     models = {}
     for label, stage in STAGES:
@@ -320,12 +325,25 @@ def main(cfg):
           "same budget on the same set whose worked answers were cut to `#### n`: what writing the steps buys.", "",
           *reasoning_table(rows, models.get("4 GRPO", (None, {}))[1], contrast), "",
           f"The journey's problem below is {'the first held-out one GRPO solves and ' + grpo_from[2:] + ' did not' if newly else 'the first held-out one'}.", "",
-          "## The same prompts, every stage", "", *journey, "## Training curves", "", *figures]
+          "## The same prompts, every stage", "", *journey, "## Training curves", "", *figures, *forgetting(out)]
     (out / "report.md").write_text("\n".join(md) + "\n")
     write_results(out / "report.json", rows, contrast, models.get("4 GRPO", (None, {}))[1], rm_metrics, out, cfg,
                   machine, time.time() - t0)
     print("\n".join(table))
     print(f"report: {out / 'report.md'} in {time.time() - t0:.0f}s")
+
+
+def forgetting(out):
+    """make forgetting's table (forgetting.py), when it has run: what each way of fine-tuning gained and forgot."""
+    md = out / "forgetting" / "forgetting.md"
+    if not md.is_file():
+        return []
+    return ["## What each way of fine-tuning gains and forgets", "",
+            "`make forgetting` (forgetting.py) ran SFT, DPO and GRPO four ways from the same starts: every weight "
+            "trained on the stage's loss alone; the same with the pre-training text replayed each step; LoRA at two "
+            "ranks. Each block's first row is the stage's start: the stage's own measure should rise from it, and the "
+            "others (validation loss on the pre-training text, facts, QA, wins, math) show what it kept.", "",
+            md.read_text().strip(), ""]
 
 
 def write_results(path, rows, contrast, grpo_metrics, rm_metrics, out, cfg, machine, seconds):

@@ -123,7 +123,7 @@ class Run:
         self.peak = peak_flops(self.device) if flops_per_unit else None
         self.logger = Logger(cfg.out, self.stage, cfg.max_steps, resume=cfg.resume, start_step=self.step)
         self.logger.phase("evaluation")  # what a stage does before its loop: the figures at the start
-        trained = sum(p.numel() for p in self.raw.parameters() if p.requires_grad)
+        self.trained = trained = sum(p.numel() for p in self.raw.parameters() if p.requires_grad)
         lora = (f" (LoRA rank {cfg.lora_rank} on {cfg.lora_targets}: {trained:,} trained, "
                 f"{trained / sum(p.numel() for p in self.raw.parameters()):.1%})") if self.lora else ""
         print0(f"{self.stage}: {self.raw.num_params() / 1e6:.2f}M parameters{lora}, on {self.device} x{self.world}, "
@@ -244,7 +244,8 @@ class Run:
             size = self.ckpt_path.with_name("adapters.pt").stat().st_size
             metrics = {**metrics, "adapters_bytes": size}
             said += f"; its adapters alone {size / 1e6:.2f} MB in {self.ckpt_path.with_name('adapters.pt')}"
-        self.logger.finish({"steps": self.step, "train_seconds": self.train_seconds, **metrics})
+        self.logger.finish({"steps": self.step, "train_seconds": self.train_seconds, "trained_params": self.trained,
+                            **metrics})
         print0(f"{self.stage}: done in {self.train_seconds:.0f}s of training{said}, checkpoint {self.ckpt_path}")
         common.teardown_ddp()
 

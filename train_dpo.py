@@ -87,7 +87,8 @@ def main(cfg):
     model = common.gpt_from_checkpoint(ckpt, tok)
     frozen = lambda: common.gpt_from_checkpoint(init, tok).to(run.device).eval().requires_grad_(False)
     ref = None if cfg.lora_rank else frozen()  # before run.start: building a model draws on the RNG it seeds
-    pairs, dropped, test_pairs, questions, rater = loaders.dpo(cfg, tok, model.config.block_size)
+    block_size = model.config.block_size
+    pairs, dropped, test_pairs, questions, rater, replay = loaders.dpo(cfg, tok, block_size)
     model = run.start(model, ckpt, seed=cfg.seed, unit="perf/pairs_per_s")
     if ref is None:  # with LoRA the reference is the policy, its adapters off: one copy of the weights
         ref = AdaptersOff(run.raw)
@@ -104,7 +105,13 @@ def main(cfg):
             with torch.no_grad():
                 ref_logprobs = pair_logprobs(ref, batch, run.device)
             loss, stats = dpo_loss(pi_chosen, pi_rejected, *ref_logprobs, cfg.beta, cfg.loss_type, cfg.label_smoothing)
-            (loss / cfg.grad_accum).backward()  # every micro-batch has the same number of pairs
+            total = loss
+            if replay is not None:  # plus windows of pre-training text and their next-token loss (against forgetting)
+                px, py = loaders.get_replay_batch(replay, cfg.replay_batch, block_size, run.data_gen, run.rank, run.world)
+                with common.autocast(run.device):
+                    stats["loss/replay"] = model(px.to(run.device), py.to(run.device))
+                total = loss + cfg.replay_coef * stats["loss/replay"]
+            (total / cfg.grad_accum).backward()  # every micro-batch has the same number of pairs
             for k, v in {"loss/train": loss, **stats}.items():
                 sums[k] = sums.get(k, 0.0) + v.item() / cfg.grad_accum
             run.count(len(batch))

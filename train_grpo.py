@@ -95,7 +95,7 @@ def main(cfg):
     ckpt, init, tok = run.load(["sft", "ppo", "dpo", "grpo"], init=cfg.init or latest)
     print0(f"grpo: starting from {run.init} (a {init['stage']} checkpoint)")
     model = common.gpt_from_checkpoint(ckpt, tok, dropout=0.0)  # ratios of 1 must mean "the same policy"
-    problems, test, rater = loaders.grpo(cfg, tok, model.config.block_size)
+    problems, test, rater, replay = loaders.grpo(cfg, tok, model.config.block_size)
     ref = None
     if cfg.beta > 0 and not cfg.lora_rank:  # the KL penalty's anchor: the starting model, frozen (built before the RNG is restored)
         ref = common.gpt_from_checkpoint(init, tok).to(run.device).eval().requires_grad_(False)
@@ -124,16 +124,17 @@ def main(cfg):
         n_seqs = common.all_mean(len(keep)) * run.world
         denom = {"grpo": n_seqs, "dr_grpo": n_seqs * cfg.max_new_tokens,
                  "dapo": common.all_mean(mask.sum().item()) * run.world}[cfg.loss_type] / run.world
-        loss, clipfrac, kl = 0.0, 0.0, 0.0
+        loss, clipfrac, kl, replay_loss = 0.0, 0.0, 0.0, None
         if n_seqs > 0:
             batch = tuple(t.to(run.device) for t in (x, y, mask, adv))
-            loss, clipfrac, kl = update(run, ref, batch, denom, cfg)
+            loss, clipfrac, kl, replay_loss = update(run, ref, batch, denom, cfg, replay)
         run.step += 1
 
         metrics = {"loss/policy": loss, "lr": run.lr, "rollout/reward": rewards.mean().item(),
                    "rollout/accuracy": sum(correct) / len(correct), "rollout/worked": sum(worked) / len(worked),
                    "rollout/all_equal": all_equal.float().mean().item(), "rollout/length": sum(map(len, answers)) / len(answers),
-                   "policy/clipfrac": clipfrac, **({"policy/kl": kl} if ref is not None else {})}
+                   "policy/clipfrac": clipfrac, **({"policy/kl": kl} if ref is not None else {}),
+                   **({"loss/replay": replay_loss} if replay_loss is not None else {})}
         metrics = {k: common.all_mean(v) for k, v in metrics.items()}
         run.log(metrics, save=run.due())
 
@@ -198,13 +199,17 @@ def answer_logprobs(model, x, y, temperature):
     return -gpt_kernels.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape)
 
 
-def update(run, ref, batch, denom, cfg):
+def update(run, ref, batch, denom, cfg, replay=None):
     """cfg.passes optimizer steps on one batch of rollouts, in micro-batches whose losses add up to the
-    batch's. Returns the loss, the clipped fraction and the KL to the reference (token means, last pass);
-    stops the run, before a step, when the loss is not finite, and after one that broke the weights."""
+    batch's, plus (with --replay_data) one batch of pre-training text's next-token loss per optimizer step
+    (a step with no group to learn from makes no update, and replays nothing either). Returns
+    the loss, the clipped fraction and the KL to the reference (token means, last pass) and the replayed
+    text's loss (None without it); stops the run, before a step, when the loss is not finite, and after
+    one that broke the weights."""
     x, y, mask, adv = batch
     starts = list(range(0, len(x), cfg.micro_batch))
     olds, refs = [], []
+    replay_loss = None
     for p in range(cfg.passes):
         loss_sum, clipped, kl = 0.0, 0.0, 0.0
         for c, s in enumerate(starts):
@@ -217,7 +222,13 @@ def update(run, ref, batch, denom, cfg):
                     refs.append(answer_logprobs(ref, x[sl], y[sl], cfg.temperature) if ref is not None else None)
                 loss, stats = grpo_loss(logp, olds[c], refs[c], adv[sl], mask[sl], cfg.eps_low, cfg.eps_high,
                                         cfg.beta, cfg.loss_type, cfg.max_new_tokens, denom)
-            loss.backward()
+                extra = 0.0
+                if replay is not None and c == len(starts) - 1:  # against forgetting: pre-training text, once per step
+                    px, py = loaders.get_replay_batch(replay, cfg.replay_batch, run.raw.config.block_size,
+                                                      run.data_gen, run.rank, run.world)
+                    replay_loss = run.model(px.to(run.device), py.to(run.device))
+                    extra = cfg.replay_coef * replay_loss
+            (loss + extra).backward()
             n = mask[sl].sum().item()
             loss_sum += loss.item()
             clipped, kl = clipped + stats["clipfrac"].item() * n, kl + stats["kl"].item() * n
@@ -228,7 +239,7 @@ def update(run, ref, batch, denom, cfg):
         run.check_after_update(lambda net: net.token_logprobs(x[:1], y[:1]).sum(), "log-probability after the update",
                                run.step + 1)
     n = max(mask.sum().item(), 1)
-    return loss_sum, clipped / n, kl / n
+    return loss_sum, clipped / n, kl / n, None if replay_loss is None else common.all_mean(replay_loss.item())
 
 
 if __name__ == "__main__":

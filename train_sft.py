@@ -85,7 +85,7 @@ def main(cfg):
             loss.backward()
             loss_sum += loss.item()
             if replay is not None:  # plus windows of pre-training text and their mean next-token loss
-                px, py = get_replay_batch(replay, cfg.replay_batch, block_size, run.data_gen, run.rank, run.world)
+                px, py = loaders.get_replay_batch(replay, cfg.replay_batch, block_size, run.data_gen, run.rank, run.world)
                 run.sync(last)
                 with common.autocast(run.device):
                     replay_loss = model(px.to(run.device), py.to(run.device)) / cfg.grad_accum
@@ -137,13 +137,6 @@ def collate(examples):
         y[i, :n] = torch.tensor(ids[1:])
         m[i, :n] = torch.tensor(mask[1:], dtype=torch.float)
     return x, y, m
-
-
-def get_replay_batch(ids, batch_size, block_size, gen, rank, world):
-    """Random windows of the replayed text, x = ids[i:i+T] and y = ids[i+1:i+T+1], as in pre-training."""
-    starts = torch.randint(len(ids) - block_size - 1, (batch_size,), generator=gen)[rank::world].tolist()
-    return (torch.stack([ids[i:i + block_size] for i in starts]),
-            torch.stack([ids[i + 1:i + 1 + block_size] for i in starts]))
 
 
 # ----------------------------------------------------------------------------- evaluation

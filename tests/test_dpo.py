@@ -134,7 +134,7 @@ def test_tiny_run_trains_evaluates_and_saves(tiny_dpo, tiny_world):
 def fault_flags(fx, out):
     d = fx.tiny_world["data"]
     return [f"--data={d / 'prefs_train.jsonl'}", "--test_data=", "--qa_data=", "--world=", f"--init={fx.tiny_sft}",
-            f"--out={out}", "--batch_size=4"]
+            f"--out={out}", "--batch_size=4", f"--replay_data={d / 'corpus_train.txt'}", "--replay_batch=2"]
 
 
 # DPO reads preference pairs as the reward model does, but with a loader and errors of its own

@@ -278,7 +278,8 @@ def test_tiny_run_samples_rewards_evaluates_and_saves(tiny_world, tiny_sft, tmp_
 
 def fault_flags(fx, out):
     return [f"--data={fx.tiny_solver.parent / 'problems.jsonl'}", "--test_data=", f"--init={fx.tiny_solver}",
-            f"--out={out}", "--prompts_per_step=2", "--group_size=4", "--max_new_tokens=8"]
+            f"--out={out}", "--prompts_per_step=2", "--group_size=4", "--max_new_tokens=8",
+            f"--replay_data={fx.tiny_world['data'] / 'corpus_train.txt'}", "--replay_batch=2"]
 
 
 def good_problem(fx):
