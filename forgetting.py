@@ -33,8 +33,9 @@ from cli import UserError
 from data import tinyworld, write_atomic
 from data.tokenizer import load_tokenizer
 
-# stage -> (the demo's folder it starts from, the way the demo's own run is, the measure it is for)
-STAGES = {"sft": ("pretrain", "replay", "seen"), "dpo": ("sft", "full", "win"), "grpo": ("ppo", "full", "math")}
+# stage -> (the demo's folder it starts from, the way the demo's own run is, what it is for)
+STAGES = {"sft": ("pretrain", "replay", "held-out QA"), "dpo": ("sft", "full", "wins vs SFT"),
+          "grpo": ("ppo", "full", "math")}
 # what each way adds to the stage's command line; {rank} and the LoRA learning rates filled in per stage
 WAYS = {"full": ["--replay_data="], "replay": ["--replay_data={corpus}"], "lora_low": ["--replay_data=", "--lora_rank={low}"],
         "lora_high": ["--replay_data=", "--lora_rank={high}"]}
@@ -108,18 +109,18 @@ def main(cfg):
     sft_gold = measures.gold_scores(sft, tok, sets["questions"], rcfg.max_new_tokens, sets["world"])[0]
     figures = lambda folder: {k: v for k, v in report.measure(load(folder), tok, sets, sft, sft_gold, rcfg).items()
                               if k in dict((m[0], 0) for m in MEASURES)}
-    results = {"seed": cfg.seed, "stages": {}}
+    results = {"seed": cfg.seed, "stages": {}, "params": sum(p.numel() for p in sft.parameters())}
     for stage, ways in runs.items():
         start = STAGES[stage][0]
         row = {"start": {"from": start, **figures(demo / start)}}
         for way, folder in ways.items():
             metrics = json.loads((folder / "metrics.json").read_text())
-            row[way] = {"label": way_label(way, cfg), "trained_params": metrics.get("trained_params"),
+            trained = metrics.get("trained_params") or (None if way.startswith("lora") else results["params"])
+            row[way] = {"label": way_label(way, cfg), "trained_params": trained,
                         "steps": metrics.get("steps"), "seconds": metrics.get("train_seconds"), **figures(folder)}
             print(f"forgetting: {stage}, {row[way]['label']}: " + ", ".join(
                 f"{name} {fmt.format(row[way][k])}" for k, name, fmt in MEASURES), flush=True)
         results["stages"][stage] = row
-    results["params"] = sum(p.numel() for p in sft.parameters())
     write_atomic(out / "forgetting.json", json.dumps(results, indent=1) + "\n")
     md = table([results])
     write_atomic(out / "forgetting.md", md + "\n")
@@ -130,12 +131,13 @@ def table(seeds):
     """Per stage: its start, then each way: parameters trained, steps, seconds, every measure (several
     seeds: one value per seed, "a / b / c"), and what the stage's own gain and the earlier measures did."""
     first = seeds[0]
-    lines = [f"Seeds {', '.join(str(s['seed'] - 1337) for s in seeds)} (values per seed, in that order); "
-             f"the model has {first['params']:,} parameters.", ""]
+    names = ", ".join(str(s["seed"] - 1337) for s in seeds)
+    lines = [(f"Seeds {names} (each cell: one value per seed, in that order)" if len(seeds) > 1 else f"Seed {names}")
+             + f"; the model has {first['params']:,} parameters.", ""]
     for stage, (start, _, gain) in STAGES.items():
         if stage not in first["stages"]:
             continue
-        lines += [f"**{stage.upper()}** (from {start}; its own measure: {dict((k, n) for k, n, _ in MEASURES)[gain]})", "",
+        lines += [f"**{stage.upper()}** (from {start}; what it is for: {gain})", "",
                   "| way | trained | steps | train s | " + " | ".join(n for _, n, _ in MEASURES) + " |",
                   "|---|---|---|---|" + "---|" * len(MEASURES)]
         rows = [s["stages"][stage] for s in seeds]
