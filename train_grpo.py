@@ -239,7 +239,7 @@ def update(run, ref, batch, denom, cfg, replay=None):
         run.check_after_update(lambda net: net.token_logprobs(x[:1], y[:1]).sum(), "log-probability after the update",
                                run.step + 1)
     n = max(mask.sum().item(), 1)
-    return loss_sum, clipped / n, kl / n, None if replay_loss is None else common.all_mean(replay_loss.item())
+    return loss_sum, clipped / n, kl / n, None if replay_loss is None else replay_loss.item()
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ def flags(stage, fx, out):
         "rm": [f"--data={d / 'prefs_train.jsonl'}", f"--init={sft}", "--test_data=", "--world=", "--batch_size=4",
                "--zero_prompts=0", "--best_of=0"],
         "dpo": [f"--data={d / 'prefs_train.jsonl'}", f"--init={sft}", "--test_data=", "--qa_data=", "--world=",
-                "--batch_size=4"],
+                "--batch_size=4", f"--replay_data={d / 'corpus_train.txt'}", "--replay_batch=2"],
         "ppo": [f"--data={d / 'prefs_train.jsonl'}", f"--init={sft}", f"--reward_model={fx['rm']}", "--test_data=",
                 "--qa_data=", f"--world={d}", "--batch_size=4", "--minibatch_size=2", "--max_new_tokens=8"],
         "grpo": [f"--data={d / 'math_train.jsonl'}", f"--init={sft}", "--test_data=", f"--world={d}",
