@@ -12,7 +12,8 @@ included), the reference's without gradients. beta * (log pi(y) - log pi_ref(y))
 implicit reward, the one for which the KL-regularised RLHF objective has this policy as its optimum;
 the loss (`dpo_loss`) pushes the chosen reply's above the rejected one's, so the pairs train the
 policy as a reward model and PPO would, in one supervised loop with no sampling. Each step: 1. a batch
-of pairs; 2. the policy's log-probabilities of both replies, the reference's, the loss, backward; 3. the
+of pairs; 2. the policy's log-probabilities of both replies, the reference's, the loss (plus, with
+--replay_data, windows of pre-training text's next-token loss, as SFT replays them), backward; 3. the
 update.
 
 At the end: on held-out pairs (clean labels, prompts no training pair asks), the implicit reward's

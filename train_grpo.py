@@ -13,7 +13,8 @@ its reward against its own group's, (r - mean) / (std + eps) (`group_advantages`
 answers are all right or all wrong says nothing and is left out. The loss is PPO's clipped surrogate
 on every answer token plus a k3 KL penalty to the starting model (`grpo_loss`), averaged per answer
 (grpo), over a fixed length (dr_grpo) or per token (dapo), which weigh long and short answers
-differently. Before and after, the held-out problems are answered greedily (pass@1) and --pass_k
+differently; --replay_data adds a batch of pre-training text's next-token loss to each update (as SFT
+does; `make forgetting` measures what it keeps). Before and after, the held-out problems are answered greedily (pass@1) and --pass_k
 times at temperature 1 (pass@k), per level too, with the share of their steps stated right.
 
 Why the defaults: SFT's set answers some problems step by step and as many with the number alone;
