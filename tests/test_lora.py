@@ -66,10 +66,12 @@ def test_merged_weights_compute_what_the_adapters_do(case):
     for m in model.modules():
         if isinstance(m, LoRALinear):
             torch.nn.init.normal_(m.lora_B, std=0.1)  # a trained update, not the zero it starts from
-    plain = GPT(base.config)
+    # in float64: W x + s B A x and (W + s B A) x round differently in float32 (7e-6 apart seen at scale 32,
+    # after the layer norms), which is not what this test is about
+    model, base, plain = model.double(), base.double(), GPT(base.config).double()
     plain.load_state_dict(merged_state_dict(model.state_dict(), next(
         m.scale for m in model.modules() if isinstance(m, LoRALinear))))
-    assert torch.allclose(plain(x), model(x), atol=1e-5)
+    assert torch.allclose(plain(x), model(x), atol=1e-10)
     assert not torch.allclose(plain(x), base(x), atol=1e-3)
 
 
