@@ -3,7 +3,11 @@ same code; GRPO's replay is in the fault table), every run measured, the table, 
 side; and its one-line mistakes."""
 import json
 
+import pytest
+
 import common
+import forgetting
+from cli import UserError
 from conftest import error_line, run_script, stage_folders
 
 
@@ -32,17 +36,16 @@ def test_four_ways_each_measured_and_tabled(tiny_world, tiny_pretrained, tiny_sf
     md = (out / "forgetting.md").read_text()
     assert "| LoRA r1 |" in md and "| full + replay |" in md and "**DPO**" in md and "**SFT**" not in md
 
-    r = run_script("forgetting.py", f"--combine={out},{out}", f"--out={tmp_path}")
-    assert r.returncode == 0, r.stderr
+    forgetting.combine([out, out], tmp_path)
     side_by_side = (tmp_path / "forgetting-seeds.md").read_text()
     start = next(line for line in side_by_side.splitlines() if line.startswith("| start (sft)"))
     assert start.count(" / ") == 6  # two seeds: one "a / b" per measure
 
 
-def test_mistakes_are_one_line(tiny_sft, tmp_path):
+def test_mistakes_are_one_line(tmp_path):
     r = run_script("forgetting.py", f"--stages={tmp_path}", f"--out={tmp_path / 'f'}")
     assert "no checkpoint at" in error_line(r) and "make demo" in error_line(r)
-    r = run_script("forgetting.py", "--only=ppo", f"--out={tmp_path / 'f'}")
-    assert "--only takes stages among sft,dpo,grpo" in error_line(r)
-    r = run_script("forgetting.py", f"--combine={tmp_path}", f"--out={tmp_path / 'f'}")
-    assert "make forgetting SEED=N" in error_line(r)
+    with pytest.raises(UserError, match="--only takes stages among sft,dpo,grpo"):
+        forgetting.main(forgetting.Config(only="ppo", out=str(tmp_path / "f")))
+    with pytest.raises(UserError, match="make forgetting SEED=N"):
+        forgetting.main(forgetting.Config(combine=str(tmp_path), out=str(tmp_path / "f")))
