@@ -36,7 +36,7 @@ from data.tokenizer import load_tokenizer
 # stage -> (the demo's folder it starts from, the way the demo's own run is, what it is for)
 STAGES = {"sft": ("pretrain", "replay", "held-out QA"), "dpo": ("sft", "full", "wins vs SFT"),
           "grpo": ("ppo", "full", "math")}
-# what each way adds to the stage's command line; {rank} and the LoRA learning rates filled in per stage
+# what each way adds to the stage's command line ({corpus}, {low}, {high} filled in; LoRA's LORA below too)
 WAYS = {"full": ["--replay_data="], "replay": ["--replay_data={corpus}"], "lora_low": ["--replay_data=", "--lora_rank={low}"],
         "lora_high": ["--replay_data=", "--lora_rank={high}"]}
 # LoRA's learning rates, tried at rank 8 on seed 0 (about 10x full fine-tuning's), and SFT's steps (twice full SFT's)
@@ -108,7 +108,7 @@ def main(cfg):
     sft = load(demo / "sft")
     sft_gold = measures.gold_scores(sft, tok, sets["questions"], rcfg.max_new_tokens, sets["world"])[0]
     figures = lambda folder: {k: v for k, v in report.measure(load(folder), tok, sets, sft, sft_gold, rcfg).items()
-                              if k in dict((m[0], 0) for m in MEASURES)}
+                              if k in {key for key, _, _ in MEASURES}}
     results = {"seed": cfg.seed, "stages": {}, "params": sum(p.numel() for p in sft.parameters())}
     for stage, ways in runs.items():
         start = STAGES[stage][0]
