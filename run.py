@@ -37,6 +37,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import cli
 import common
+import loaders
 from cli import UserError
 from common import all_mean, is_master, print0
 from data.tokenizer import load_tokenizer
@@ -183,6 +184,14 @@ class Run:
         """Under DDP, whether the next backward all-reduces the gradients: once a step, on its last micro-batch."""
         if self.world > 1:
             self.model.require_backward_grad_sync = now
+
+    def replay_loss(self, ids):
+        """The mean next-token loss of the model trained on a fresh batch of --replay_batch windows of the
+        replayed pre-training text ids (loaders.replay): what SFT, DPO and GRPO add against forgetting."""
+        x, y = loaders.get_replay_batch(ids, self.cfg.replay_batch, self.raw.config.block_size, self.data_gen,
+                                        self.rank, self.world)
+        with common.autocast(self.device):
+            return self.model(x.to(self.device), y.to(self.device))
 
     def apply_gradients(self, net=None, optimizer=None):
         """Clip the gradient of net (the model) to --grad_clip, take optimizer's (AdamW's) step, clear the

@@ -81,15 +81,14 @@ def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta, kind="sigmo
 # ----------------------------------------------------------------------------- training
 
 def main(cfg):
-    run = Run("dpo", cfg)
+    run = Run("dpo", cfg, per_rank=("batch_size", "replay_batch"))
 
     # the policy and the frozen reference: both the SFT model (under --resume, the policy goes on from ours)
     ckpt, init, tok = run.load(["sft"])
     model = common.gpt_from_checkpoint(ckpt, tok)
     frozen = lambda: common.gpt_from_checkpoint(init, tok).to(run.device).eval().requires_grad_(False)
     ref = None if cfg.lora_rank else frozen()  # before run.start: building a model draws on the RNG it seeds
-    block_size = model.config.block_size
-    pairs, dropped, test_pairs, questions, rater, replay = loaders.dpo(cfg, tok, block_size)
+    pairs, dropped, test_pairs, questions, rater, replay = loaders.dpo(cfg, tok, model.config.block_size)
     model = run.start(model, ckpt, seed=cfg.seed, unit="perf/pairs_per_s")
     if ref is None:  # with LoRA the reference is the policy, its adapters off: one copy of the weights
         ref = AdaptersOff(run.raw)
@@ -108,9 +107,7 @@ def main(cfg):
             loss, stats = dpo_loss(pi_chosen, pi_rejected, *ref_logprobs, cfg.beta, cfg.loss_type, cfg.label_smoothing)
             total = loss
             if replay is not None:  # plus windows of pre-training text and their next-token loss (against forgetting)
-                px, py = loaders.get_replay_batch(replay, cfg.replay_batch, block_size, run.data_gen, run.rank, run.world)
-                with common.autocast(run.device):
-                    stats["loss/replay"] = model(px.to(run.device), py.to(run.device))
+                stats["loss/replay"] = run.replay_loss(replay)
                 total = loss + cfg.replay_coef * stats["loss/replay"]
             (total / cfg.grad_accum).backward()  # every micro-batch has the same number of pairs
             for k, v in {"loss/train": loss, **stats}.items():

@@ -89,7 +89,7 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, eps_low=0.2, eps_high=0.2, be
 # ----------------------------------------------------------------------------- training
 
 def main(cfg):
-    run = Run("grpo", cfg, per_rank=("prompts_per_step",))
+    run = Run("grpo", cfg, per_rank=("prompts_per_step", "replay_batch"))
 
     # the policy: from an SFT or preference-tuned checkpoint (by default the latest stage that has run), or resumed
     latest = next((p for p in ("out/ppo/ckpt.pt", "out/dpo/ckpt.pt") if Path(p).is_file()), "out/sft/ckpt.pt")
@@ -225,9 +225,7 @@ def update(run, ref, batch, denom, cfg, replay=None):
                                         cfg.beta, cfg.loss_type, cfg.max_new_tokens, denom)
                 extra = 0.0
                 if replay is not None and c == len(starts) - 1:  # against forgetting: pre-training text, once per step
-                    px, py = loaders.get_replay_batch(replay, cfg.replay_batch, run.raw.config.block_size,
-                                                      run.data_gen, run.rank, run.world)
-                    replay_loss = run.model(px.to(run.device), py.to(run.device))
+                    replay_loss = run.replay_loss(replay)
                     extra = cfg.replay_coef * replay_loss
             (loss + extra).backward()
             n = mask[sl].sum().item()

@@ -85,13 +85,11 @@ def main(cfg):
             loss.backward()
             loss_sum += loss.item()
             if replay is not None:  # plus windows of pre-training text and their mean next-token loss
-                px, py = loaders.get_replay_batch(replay, cfg.replay_batch, block_size, run.data_gen, run.rank, run.world)
                 run.sync(last)
-                with common.autocast(run.device):
-                    replay_loss = model(px.to(run.device), py.to(run.device)) / cfg.grad_accum
+                replay_loss = run.replay_loss(replay) / cfg.grad_accum
                 (cfg.replay_coef * replay_loss).backward()
                 replay_sum += replay_loss.item()
-                run.count(px.numel())
+                run.count(cfg.replay_batch // run.world * block_size)
         train_loss, replay_loss = common.all_mean(loss_sum), common.all_mean(replay_sum)
         run.check(train_loss + replay_loss, "loss", run.step + 1)  # 3. the update, never from a broken loss
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
