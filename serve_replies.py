@@ -1,6 +1,6 @@
 """The replies serve.py sends: generated a token at a time, each with its log-probability and the
 likeliest alternatives, and judged (the reward model, the gold rater, the KL to SFT, a reasoning
-problem's verifier and step checker). The HTTP and the API's shapes are serve.py's.
+problem's verifier and step checker). The HTTP and the API's shapes are serve.py's (its requests: serve_requests.py).
 """
 import re
 import threading
