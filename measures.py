@@ -140,7 +140,8 @@ def reward_accuracy(rm, tok, records, world=None, batch_size=32):
     and given a TinyWorld world, apart for its kinds of pair: "style" (both replies right, differing in
     manner: polite, plain, curt, rambling or rude), "facts" (one right, the other wrong, about a
     character that training pairs mention) and "facts_unseen" (the same about a character that no
-    training pair mentions: records marked "split": "unseen")."""
+    training pair mentions: records marked "split": "unseen"), and "style_pairs": for the style pairs,
+    {"<chosen's style> > <rejected's style>": [ordered right, pairs]}, where its manner errs."""
     was_training = rm.training
     rm.eval()
     pairs = []
@@ -154,18 +155,26 @@ def reward_accuracy(rm, tok, records, world=None, batch_size=32):
                 right = {tinyworld.answers_right(asked, r[k]) for k in ("chosen", "rejected")}
                 kind = ("facts_unseen" if r.get("split") == "unseen" else "facts") if right == {True, False} \
                     else "style" if right == {True} else None
-            pairs.append((prompt, replies, kind))
+            styles = " > ".join(tinyworld.style_of(r["prompt"], r[k], world) for k in ("chosen", "rejected")) \
+                if kind == "style" else None
+            pairs.append((prompt, replies, kind, styles))
     hits = {"all": [], "style": [], "facts": [], "facts_unseen": []}
+    by_styles = {}
     for i in range(0, len(pairs), batch_size):
         batch = pairs[i:i + batch_size]
-        prompts, replies = [p for p, _, _ in batch for _ in range(2)], [x for _, xs, _ in batch for x in xs]
+        prompts, replies = [p for p, *_ in batch for _ in range(2)], [x for _, xs, *_ in batch for x in xs]
         r = score_replies(rm, prompts, replies)[0]
-        for (_, _, kind), won in zip(batch, (r[0::2] > r[1::2]).tolist()):
+        for (_, _, kind, styles), won in zip(batch, (r[0::2] > r[1::2]).tolist()):
             hits["all"].append(won)
             if kind is not None:
                 hits[kind].append(won)
+            if styles is not None:
+                by_styles.setdefault(styles, []).append(won)
     rm.train(was_training)
-    return {k: sum(v) / len(v) for k, v in hits.items() if v}
+    result = {k: sum(v) / len(v) for k, v in hits.items() if v}
+    if by_styles:
+        result["style_pairs"] = {k: [sum(v), len(v)] for k, v in sorted(by_styles.items())}
+    return result
 
 
 @torch.no_grad()

@@ -154,9 +154,10 @@ def cell(text):
     return text.replace("|", "\\|").replace("\n", "<br>") or "(nothing)"
 
 
-def story(rows, vocab_size, grpo_from, grpo_metrics):
+def story(rows, vocab_size, grpo_from, grpo_metrics, rm_style_pairs=None):
     """What each stage changed, in a sentence each, from the measured rows (a stage not run is left out).
-    grpo_from: the label of the stage whose checkpoint GRPO started from; grpo_metrics: its metrics.json."""
+    grpo_from: the label of the stage whose checkpoint GRPO started from; grpo_metrics: its metrics.json;
+    rm_style_pairs: measures.reward_accuracy's "style_pairs", to say where the reward model's manner errs."""
     def pct(label, key):
         v = rows.get(label, {}).get(key)
         return "?" if v is None else f"{v:.0%}"
@@ -191,7 +192,7 @@ def story(rows, vocab_size, grpo_from, grpo_metrics):
                           f"manner, {pct('3 reward model', 'rm_facts')} of those where one of them is wrong about a "
                           f"character the training pairs mention, and {pct('3 reward model', 'rm_facts_unseen')} of "
                           "those about characters that no training pair mentions: there it can only check a reply "
-                          "against what pre-training taught the trunk.",
+                          "against what pre-training taught the trunk." + manner_mistakes(rm_style_pairs),
         "3 PPO": f"**PPO** (maximise the learned reward, minus a KL penalty to SFT): wins {pct('3 PPO', 'win')} "
                  f"against SFT by the gold rater, {num('3 PPO', 'kl', '{:.1f}')} nats per reply from SFT. Where "
                  "its replies in the journey below pick up habits, those are what the reward model scores highly, "
@@ -205,6 +206,16 @@ def story(rows, vocab_size, grpo_from, grpo_metrics):
                   f"{pct('4 GRPO', 'steps')}. {reward} By level below.",
     }
     return [f"- {line}" for label, line in lines.items() if label in rows]
+
+
+def manner_mistakes(style_pairs):
+    """The end of the reward model's sentence: the pairs of styles it orders wrong, the worst share first
+    ("" when it orders none wrong)."""
+    wrong = sorted(((n - right) / n, k, n - right, n) for k, (right, n) in (style_pairs or {}).items() if right < n)
+    if not wrong:
+        return ""
+    return (" Where it orders manner wrong, by the pair's styles (the better first): "
+            + ", ".join(f"{k} {bad} of {n}" for _, k, bad, n in reversed(wrong)) + ".")
 
 
 def main(cfg):
@@ -236,7 +247,7 @@ def main(cfg):
         print(f"report: measuring {label} ...", flush=True)
         model.to(device).eval()
         rows[label] = {**measure(model, tok, sets, sft, sft_gold, cfg), "seconds": metrics.get("train_seconds")}
-    rm_metrics = {}
+    rm_metrics, rm_style_pairs = {}, None
     if (out / "rm" / "ckpt.pt").is_file():
         print("report: measuring 3 reward model ...", flush=True)
         rm = common.gpt_from_checkpoint(common.load_checkpoint(out / "rm" / "ckpt.pt", ["rm"]), tok, reward=True)
@@ -245,6 +256,7 @@ def main(cfg):
         rows["3 reward model"] = {"rm_acc": acc["all"], "rm_facts": acc.get("facts"), "rm_style": acc.get("style"),
                                   "rm_facts_unseen": acc.get("facts_unseen"),
                                   "seconds": rm_metrics.get("train_seconds")}
+        rm_style_pairs = acc.get("style_pairs")
     contrast = None
     if (out / "sft_answers_only" / "ckpt.pt").is_file():  # SFT on the same set with "#### n" for each worked answer
         print("report: measuring the answers-only SFT contrast ...", flush=True)
@@ -317,7 +329,7 @@ def main(cfg):
           "held-out reasoning problems solved greedily, and the share of their steps stated right; the reward "
           "model's accuracy on held-out preference pairs; KL to SFT in nats per "
           "sampled reply; seconds of training.", "", *table, "", "## What each stage did", "",
-          *story(rows, base["model_args"]["vocab_size"], grpo_from, models.get("4 GRPO", (None, {}))[1]), "",
+          *story(rows, base["model_args"]["vocab_size"], grpo_from, models.get("4 GRPO", (None, {}))[1], rm_style_pairs), "",
           "## Reasoning, level by level", "",
           "Held-out problems about the characters' facts (level = how many characters a problem is about), greedy: "
           "the share solved and the share of their steps stated right (`tinymath.check_steps`), and the share of answers "

@@ -51,7 +51,7 @@ from data.tinyworld_facts import FACT_KINDS, fact_sentence, make_world
 
 # The oracles and look-ups that other code imports from here (`from data.tinyworld import ...`):
 from data.tinymath import check_answer, extract_answer  # noqa: F401
-from data.tinyworld_chat import answers_right, gold_score  # noqa: F401
+from data.tinyworld_chat import answers_right, gold_score, style_of  # noqa: F401
 from data.tinyworld_facts import (VALUES, Character, World, answer_correct, completes_fact,  # noqa: F401
                                   default_world, fact_prompts, load_world)
 

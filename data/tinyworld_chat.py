@@ -82,6 +82,21 @@ def answers_right(asked, response: str):
     return [v for v in VALUES[kind] if answer_correct(response, v)] == [c.fact(kind)]
 
 
+def style_of(prompt: str, response: str, world: World) -> str:
+    """The style (one of STYLES) a reply of `styled` was written in, read back from its words: rambling
+    (one of RAMBLE's sentences), rude, polite, plain (a full sentence: it names who was asked about, or
+    says "LLM", as the gold rater checks), else curt. Which manner pairs a reward model gets wrong."""
+    if any(sentence in response for sentence in RAMBLE):
+        return "rambling"
+    if RUDE.search(response):
+        return "rude"
+    if POLITE.search(response):
+        return "polite"
+    asked = world.parse_question(prompt)
+    name = "LLM" if asked == ("llm", None) else asked[0].name if asked else None
+    return "plain" if name and re.search(rf"\b{name}\b", response) else "curt"
+
+
 def gold_score(prompt: str, response: str, world: World = None) -> float:
     """How good a response is: correct, polite and concise beats wrong, rude and rambling.
 

@@ -9,6 +9,7 @@ from hypothesis import given, strategies as st
 
 import common
 import measures
+import report
 from conftest import run_script
 from data.batches import score_replies
 from data.tinyworld_chat import gold_score
@@ -121,8 +122,12 @@ def test_reward_accuracy_counts_each_kind_of_pair_apart(tiny_world):
                pair("How are you?", "Fine, thank you.", "Ugh."),                 # neither kind, won
                pair(q, right + " word" * 200, right),                            # longer than the context: left out
                {**pair(q, "Sure! " + right, wrong), "split": "unseen"}]          # facts, about an unseen character: won
-    assert measures.reward_accuracy(LongerWins(128), tok, records, world) == {"all": 4 / 6, "facts": 0.5, "style": 0.5,
-                                                                          "facts_unseen": 1.0}
+    acc = measures.reward_accuracy(LongerWins(128), tok, records, world)
+    assert acc == {"all": 4 / 6, "facts": 0.5, "style": 0.5, "facts_unseen": 1.0,
+                   "style_pairs": {"plain > plain": [0, 1], "polite > plain": [1, 1]}}
+    assert report.manner_mistakes(acc["style_pairs"]) == \
+        " Where it orders manner wrong, by the pair's styles (the better first): plain > plain 1 of 1."
+    assert report.manner_mistakes({"polite > plain": [1, 1]}) == ""  # none wrong: nothing said
     assert measures.reward_accuracy(LongerWins(128), tok, records) == {"all": 4 / 6}  # no world: no kinds
 
 

@@ -13,8 +13,8 @@ import pytest
 from data import UserError, read_documents, read_jsonl
 from data.tinyworld import (FACT_KINDS, VALUES, Config, answer_correct, check_answer, completes_fact, extract_answer,
                             fact_prompts, generate, gold_score, load_world, make_world)
-from data.tinyworld_chat import designed_pair, pref_prompts
-from data.tinyworld_facts import LLM_QUESTIONS, NAMES
+from data.tinyworld_chat import STYLES, designed_pair, llm_reply, pref_prompts, reply, style_of
+from data.tinyworld_facts import LLM_QUESTIONS, NAMES, QUESTIONS, question
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["--n_characters=10", "--profile_docs=3", "--quizzes=20", "--fact_sheets=20", "--stories=60",
@@ -214,6 +214,21 @@ def test_the_worse_replies_include_the_right_character_answering_another_questio
             about_c = re.search(rf"\b{c.name}\b", worse) is not None
             kinds["another question" if other_kind and about_c else "another character" if not about_c else "wrong"] += 1
     assert min(kinds.values()) > 100 and len(kinds) == 3, kinds
+
+
+def test_style_of_reads_back_the_style_of_every_reply():
+    """style_of is the inverse of styled, for every character, kind, style and wording, and for the LLM answers."""
+    world, rng = make_world(0, 48), random.Random(0)
+    for c in world.characters:
+        for kind in FACT_KINDS:
+            for style in STYLES:
+                for _ in range(4):
+                    text = reply(c, kind, style, rng)
+                    assert style_of(question(c, kind, rng.randrange(len(QUESTIONS[kind]))), text, world) == style, (style, text)
+    for style in STYLES:
+        for _ in range(20):
+            text = llm_reply(style, rng)
+            assert style_of(rng.choice(LLM_QUESTIONS), text, world) == style, (style, text)
 
 
 def test_gold_score_details():
