@@ -149,6 +149,7 @@ def gpt_from_checkpoint(ckpt, tok=None, value_head=False, reward=False, **overri
     missing = [k for k in missing if not k.startswith(("head.", "gate."))]
     if reward:
         model.head_only = bool(ckpt.get("head_only", False))  # a reward model that scores by its head alone
+        model.first_slack = float(ckpt.get("first_slack", 0.0))
     if missing:
         raise UserError(f"the checkpoint lacks weights such as {missing[0]}: it was not written by this project")
     return model

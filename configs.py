@@ -168,6 +168,7 @@ class RM(LoRAFlags, Common):
     center_coef: float = 0.01          # weight of mean((r_chosen + r_rejected)^2): keeps scores near 0
     lm_coef: float = 1.0               # weight of the language-modelling loss on the chosen replies (0: off)
     head_only: bool = False            # score with the head on the last token alone, no surprise term (the usual, weaker reward model)
+    first_slack: float = 2.0           # nats of surprise not charged at a reply's first token, which picks its manner (model.RewardModel)
     eval_every: int = 60               # steps between held-out accuracies and checkpoints
     log_every: int = 10
     zero_prompts: int = 256            # SFT replies sampled to set the score's zero (0: no shift)
@@ -181,6 +182,8 @@ class RM(LoRAFlags, Common):
         require_positive(self, "batch_size", "max_steps", "eval_every", "log_every", "max_new_tokens", "lr")
         if not 0 <= self.lm_coef < math.inf:
             raise UserError(f"--lm_coef must be 0 (off) or a positive number, got {self.lm_coef}")
+        if not 0 <= self.first_slack < math.inf:
+            raise UserError(f"--first_slack must be 0 (none) or a positive number of nats, got {self.first_slack}")
         if self.best_of > 0:
             require_positive(self, "best_of_prompts")
 

@@ -317,8 +317,9 @@ class ValueModel(GPT):
 class RewardModel(ValueModel):
     """The reward model: a ValueModel whose score also weighs how surprised the trunk is by each reply token.
 
-    score = head(h at the last token) + sum over reply tokens t of gate(h_t) * min(0, log p(token t) + H_t),
-    gate = softplus(a linear map) >= 0, H_t = the entropy of the trunk's distribution for token t.
+    score = head(h at the last token) + sum over reply tokens t of gate(h_t) * min(0, log p(token t) + H_t + s_t),
+    gate = softplus(a linear map) >= 0, H_t = the entropy of the trunk's distribution for token t, and
+    s_t = first_slack at the reply's first token, 0 after it.
     The head reads the manner of the whole reply; the gate, read at each token once it is written,
     learns which tokens carry a checkable claim (the town after "Lucy lives in", not the rude word
     before it) and charges the reply for how much more that token surprises the trunk than the trunk
@@ -332,11 +333,17 @@ class RewardModel(ValueModel):
     positive, so padding a reply with likely tokens earns nothing; H is read as a threshold, not
     trained. The gate starts small (softplus(-2) = 0.13): large enough to learn from the first
     pairs, small enough that the head first learns the manner rather than paying for every word.
+    The slack: a reply's first token picks its manner as much as its content ("Sure!", "Lucy" or a bare
+    "Millbrook."?), and a trunk that has seen few bare answers is surprised by every one of them, right or
+    wrong; charged in full, that surprise varied from character to character and decided a curt reply
+    against a rude one more often than the head did. first_slack nats of it are forgiven there (train_rm.py
+    --first_slack; 0 in checkpoints written before it was kept).
     (Its forward is the score, so that DDP sees it; the critic PPO starts from it is a plain ValueModel.)
     With head_only set (train_rm.py --head_only), the score is the head alone: the field's usual reward
     model, the weaker one that `make hacking` shows a policy gaming.
     """
     head_only = False
+    first_slack = 0.0
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -359,7 +366,8 @@ class RewardModel(ValueModel):
         logp = logp * in_reply
         if self.head_only:
             return head, logp
-        charge = (logp + expected).clamp(max=0) * in_reply  # only surprise beyond the expected costs
+        slack = self.first_slack * (t == start[:, None] - 1)
+        charge = (logp + expected + slack).clamp(max=0) * in_reply  # only surprise beyond the expected costs
         return head + (F.softplus(self.gate(h[:, 1:]).squeeze(-1).float()) * charge).sum(1), logp
 
 

@@ -70,11 +70,12 @@ def main(cfg):
     ckpt, init, tok = run.load(["sft"])  # the SFT model, or under --resume our own
     torch.manual_seed(cfg.seed)  # the fresh head's initial weights
     model = common.gpt_from_checkpoint(ckpt, tok, reward=True, dropout=0.0)
-    model.head_only = cfg.head_only
+    model.head_only, model.first_slack = cfg.head_only, cfg.first_slack
     model.gate.requires_grad_(not cfg.head_only)  # unused then: no gradient, and nothing for DDP to wait for
     pairs, dropped, test_pairs = loaders.rm(cfg, tok, model.config.block_size)
     shift = 0.0
-    model = run.start(model, ckpt, seed=cfg.seed, keep=lambda: dict(score_shift=shift, head_only=cfg.head_only))
+    model = run.start(model, ckpt, seed=cfg.seed, keep=lambda: dict(score_shift=shift, head_only=cfg.head_only,
+                                                                    first_slack=cfg.first_slack))
     test_acc = None
     if run.step == 0 and test_pairs:
         test_acc = stage_evals.rm_accuracy(model, test_pairs, cfg, run)

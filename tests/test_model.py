@@ -206,6 +206,7 @@ def test_reward_score_is_the_head_plus_the_gated_surprise_beyond_the_expected(se
     seqs = [torch.randint(0, 61, (p + r,), generator=g).tolist() for p, r in lengths]
     start, end = torch.tensor([p for p, _ in lengths]), torch.tensor([p + r - 1 for p, r in lengths])
     torch.nn.init.normal_(rm.gate.weight, std=0.5)
+    rm.first_slack = slack = float(seed % 3)  # nats forgiven at each reply's first token
     got, logp = rm(rows_of(seqs), start, end)
     for i, s in enumerate(seqs):  # one row alone, token by token
         h = rm.hidden(torch.tensor([s]))[0]
@@ -213,7 +214,7 @@ def test_reward_score_is_the_head_plus_the_gated_surprise_beyond_the_expected(se
         for t in range(start[i], len(s)):
             p = F.softmax(rm.lm_head(h[t - 1]), -1)
             lp, entropy = p[s[t]].log(), -(p * p.log()).sum()
-            want = want + F.softplus(rm.gate(h[t]).squeeze()) * min(0.0, lp + entropy)
+            want = want + F.softplus(rm.gate(h[t]).squeeze()) * min(0.0, lp + entropy + (slack if t == start[i] else 0))
             assert logp[i, t - 1].item() == pytest.approx(lp.item(), rel=1e-5)  # scores are float32
         assert got[i].item() == pytest.approx(want.item(), rel=1e-5, abs=1e-5)
         assert (logp[i, :start[i] - 1] == 0).all() and (logp[i, len(s) - 1:] == 0).all()

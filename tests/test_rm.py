@@ -8,9 +8,11 @@ import torch
 from hypothesis import given, strategies as st
 
 import common
+import configs
 import measures
 import report
 from conftest import run_script
+from data import UserError
 from data.batches import score_replies
 from data.tinyworld_chat import gold_score
 from data.tinyworld_facts import VALUES, fact_sentence, load_world, question
@@ -96,6 +98,9 @@ def test_tiny_reward_model_trains_scores_and_saves(tiny_world, tiny_sft, tmp_pat
     model = common.gpt_from_checkpoint(ckpt, reward=True)  # the heads come back with the trunk
     assert torch.equal(model.head.bias, ckpt["model"]["head.bias"])
     assert torch.equal(model.gate.weight, ckpt["model"]["gate.weight"])
+    assert ckpt["first_slack"] == model.first_slack == configs.RM.first_slack > 0  # scored as it was trained
+    with pytest.raises(UserError, match="--first_slack"):
+        configs.RM(first_slack=-1.0).check()
 
 
 class LongerWins(torch.nn.Module):
