@@ -92,9 +92,15 @@ def style_of(prompt: str, response: str, world: World) -> str:
         return "rude"
     if POLITE.search(response):
         return "polite"
-    asked = world.parse_question(prompt)
-    name = "LLM" if asked == ("llm", None) else asked[0].name if asked else None
-    return "plain" if name and re.search(rf"\b{name}\b", response) else "curt"
+    return "plain" if full_sentence(world.parse_question(prompt), response) else "curt"
+
+
+def full_sentence(asked, response: str) -> bool:
+    """Does the response name who was asked about (or say "LLM", when asked what one is)? A curt answer does not."""
+    if asked is None:
+        return False
+    name = "LLM" if asked == ("llm", None) else asked[0].name
+    return re.search(rf"\b{name}\b", response) is not None
 
 
 def gold_score(prompt: str, response: str, world: World = None) -> float:
@@ -113,10 +119,7 @@ def gold_score(prompt: str, response: str, world: World = None) -> float:
         return -2.0
     asked = world.parse_question(prompt)
     score = 2.0 * bool(answers_right(asked, text))
-    if asked == ("llm", None):
-        score += 0.25 * bool(re.search(r"\bLLM\b", text))
-    elif asked is not None:
-        score += 0.25 * bool(re.search(rf"\b{asked[0].name}\b", text))
+    score += 0.25 * full_sentence(asked, text)
     score += 0.5 * bool(POLITE.search(text))
     score -= 1.0 * bool(RUDE.search(text))
     score -= min(1.0, 0.03 * max(0, words - 25))
