@@ -4,11 +4,11 @@
 # make clean: remove out/ and data/tinyworld/, so that the next demo redoes every stage.
 # make demo PRESET=smoke: every stage at toy size, a check of the plumbing in about a minute.
 # make seeds (SEEDS="0 1 2"): the demo on each seed, then out/seeds.md: every figure per seed, min and median.
-# make serve: the stage explorer (serve.py): every stage in out/ answers in the browser, and through an OpenAI API.
-# make hacking: reward hacking seen and prevented (hacking.py): PPO against a weak reward model without and
+# make serve: the stage explorer (explorer/serve.py): every stage in out/ answers in the browser, and through an OpenAI API.
+# make hacking: reward hacking seen and prevented (studies/hacking.py): PPO against a weak reward model without and
 #   with its KL penalty, and against an ensemble, each scored by the gold rater; out/hacking/ (SEED, PRESET as for demo).
 # make forgetting: what each way of fine-tuning (full, with replay, LoRA at two ranks) gains and forgets, for SFT,
-#   DPO and GRPO from the demo's checkpoints (forgetting.py); out/forgetting/ (SEED, PRESET as for demo).
+#   DPO and GRPO from the demo's checkpoints (studies/forgetting.py); out/forgetting/ (SEED, PRESET as for demo).
 # make bench: the speed and memory benchmarks (CPU here; GPU where one is present).
 # make gpu: on a CUDA GPU, the kernel tests compiled, the GPU benchmarks and the journey at GPU size, all
 #   in bench/RESULTS-gpu.md (under 8 minutes); without one, the same run dry (tiny shapes, Triton's
@@ -48,21 +48,21 @@ bench: venv
 	$(PY) bench/speed.py
 
 serve: venv
-	$(PY) serve.py
+	$(PY) -m explorer.serve
 
 # redone, from scratch, when the SFT model under it or the scripts it runs change
 hacking: venv out/hacking/hacking.json
 	@echo "reward hacking, seen and prevented: out/hacking/hacking.md and hacking.png"
-out/hacking/hacking.json: out/rm/metrics.json hacking.py train_rm.py train_ppo.py configs.py
+out/hacking/hacking.json: out/rm/metrics.json studies/hacking.py train_rm.py train_ppo.py configs.py
 	rm -rf out/hacking
-	$(PY) hacking.py $(RUN_SEED) $(if $(PRESET),--preset=$(PRESET))
+	$(PY) -m studies.hacking $(RUN_SEED) $(if $(PRESET),--preset=$(PRESET))
 
 # redone when the demo's stages or the scripts it runs change
 forgetting: venv out/forgetting/forgetting.json
 	@echo "what each way of fine-tuning gains and forgets: out/forgetting/forgetting.md"
-out/forgetting/forgetting.json: out/grpo/metrics.json out/dpo/metrics.json forgetting.py train_sft.py train_dpo.py train_grpo.py gpt_lora.py
+out/forgetting/forgetting.json: out/grpo/metrics.json out/dpo/metrics.json studies/forgetting.py train_sft.py train_dpo.py train_grpo.py gpt_lora.py
 	rm -rf out/forgetting
-	$(PY) forgetting.py $(RUN_SEED) $(if $(PRESET),--preset=$(PRESET))
+	$(PY) -m studies.forgetting $(RUN_SEED) $(if $(PRESET),--preset=$(PRESET))
 
 # the GPU machines have every requirement installed and no network: make gpu uses .venv where it exists, else python3
 gpu:
@@ -74,7 +74,7 @@ gpu:
 TW := data/tinyworld/meta.json
 PRESET ?=
 STAGE = @printf "\n=== %s ===\n" "$(1)" && $(PY) $(2) $(if $(PRESET),--preset=$(PRESET))
-# report.py measures every stage on the held-out sets, so the demo skips the stages' own copies of those
+# the report (studies/report.py) measures every stage on the held-out sets, so the demo skips the stages' own copies of those
 # measures (the held-out QA and head-to-heads each script prints when run alone): each is computed once.
 SKIP_EVALS := --qa_data=
 # SEED=N draws world N and seeds every stage with 1337 + N; the default, 0, is the seeds the scripts default to.
@@ -96,7 +96,7 @@ out/pretrain/metrics.json: out/tokenizer/tokenizer.json train_pretrain.py config
 	$(call STAGE,stage 1: pre-training,train_pretrain.py $(RUN_SEED))
 out/sft/metrics.json: out/pretrain/metrics.json train_sft.py configs.py
 	$(call STAGE,stage 2: instruction fine-tuning,train_sft.py $(SKIP_EVALS) $(RUN_SEED))
-# the contrast: the same SFT budget on the same set with each worked answer cut to "#### n" (report.py compares)
+# the contrast: the same SFT budget on the same set with each worked answer cut to "#### n" (the report compares)
 out/sft_answers_only/metrics.json: out/pretrain/metrics.json train_sft.py configs.py
 	$(call STAGE,stage 2 contrast: SFT with answers only,train_sft.py --data=data/tinyworld/sft_answers_only.jsonl --qa_data= --out=out/sft_answers_only $(RUN_SEED))
 out/rm/metrics.json: out/sft/metrics.json train_rm.py configs.py
@@ -108,11 +108,11 @@ out/dpo/metrics.json: out/sft/metrics.json train_dpo.py configs.py
 # GRPO starts from PPO's policy; DPO only runs before it, as the stages are numbered
 out/grpo/metrics.json: out/ppo/metrics.json train_grpo.py configs.py | out/dpo/metrics.json
 	$(call STAGE,stage 4: reasoning RL with GRPO,train_grpo.py $(RUN_SEED))
-out/report.md: out/grpo/metrics.json out/dpo/metrics.json out/sft_answers_only/metrics.json report.py measures.py
-	$(call STAGE,the report,report.py $(RUN_SEED))
+out/report.md: out/grpo/metrics.json out/dpo/metrics.json out/sft_answers_only/metrics.json studies/report.py measures.py
+	$(call STAGE,the report,-m studies.report $(RUN_SEED))
 
 # make seeds: the demo once per seed of SEEDS, each seed's report, figures and stage metrics kept in
-# out/seeds/<N>/, then out/seeds.md: every figure per seed with its minimum and median (seeds.py).
+# out/seeds/<N>/, then out/seeds.md: every figure per seed with its minimum and median (studies/seeds.py).
 SEEDS ?= 0 1 2
 KEPT = report.md report.json report-*.png */metrics.json */log.jsonl rm/best_of_n.png
 seeds: venv
@@ -123,7 +123,7 @@ seeds: venv
 	  (cd out && for f in $(KEPT); do [ -e "$$f" ] && cp --parents "$$f" seeds/$$s/ || true; done); \
 	  echo "seed $$s: the demo in $$(( $$(date +%s) - start )) s, kept in out/seeds/$$s/"; \
 	done
-	$(PY) seeds.py --seeds="$(SEEDS)"
+	$(PY) -m studies.seeds --seeds="$(SEEDS)"
 
 clean:
 	rm -rf out data/tinyworld

@@ -30,7 +30,7 @@ def bench_demo_times(device=None, out=Path("out")):
     report = out / "report.md"
     found = re.search(r"in (\d+) s, from", report.read_text()) if report.is_file() else None
     if found:
-        rows.append(["report.py", "", "", found.group(1), found.group(1), "100%"])
+        rows.append(["report", "", "", found.group(1), found.group(1), "100%"])
         totals["evaluation"] += int(found.group(1))
     if not rows:
         return None

@@ -1,8 +1,8 @@
-"""The stage explorer's speed, as a learner meets it: serve.py on the demo's checkpoints, every stage asked
+"""The stage explorer's speed, as a learner meets it: explorer/serve.py on the demo's checkpoints, every stage asked
 the same prompt at once.
 
-    python bench/explorer.py            # after `make demo`; writes bench/RESULTS-explorer.md and the page's
-                                        # pictures (out/explorer.png, and a small one for the README)
+    python bench/explorer.py            # after `make demo`; writes bench/RESULTS-explorer.md
+                                        # (the page's picture in docs/ is make docs's)
 
 Two measures, each the median over rounds:
 - HTTP: one streamed request per stage at once from Python threads, each made to write exactly 64
@@ -22,7 +22,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
 from measure import device_name, markdown_table  # noqa: E402  (bench/ is on the path: this script's folder)
 
@@ -33,13 +32,13 @@ TOKENS = 64
 
 
 def start_server(out):
-    proc = subprocess.Popen([sys.executable, "serve.py", "--port=0", f"--out={out}"], cwd=ROOT, text=True,
+    proc = subprocess.Popen([sys.executable, "-m", "explorer.serve", "--port=0", f"--out={out}"], cwd=ROOT, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     for line in proc.stdout:
         if line.startswith("open http://"):
             threading.Thread(target=proc.stdout.read, daemon=True).start()
             return proc, line.split()[1].rstrip("/")
-    raise SystemExit("serve.py did not start: run `make demo` first")
+    raise SystemExit("explorer/serve.py did not start: run `make demo` first")
 
 
 def stream_times(base, model, prompt, t0, results):
@@ -66,9 +65,9 @@ def http_round(base, models, prompt):
     return max(f for f, _ in results.values()), max(e for _, e in results.values())
 
 
-def page_rounds(base, prompts, shots):
+def page_rounds(base, prompts):
     from playwright.sync_api import sync_playwright
-    from test_explorer import CHROMIUM, FLAGS
+    from explorer.browser import ALL_DONE, CHROMIUM, FLAGS
     if CHROMIUM is None:
         return None
     rows = []
@@ -82,19 +81,11 @@ def page_rounds(base, prompts, shots):
             for _ in range(ROUNDS):
                 page.fill("#prompt", prompt)
                 page.click("#run")
-                page.wait_for_function("[...document.querySelectorAll('.column')].every(c => c.classList.contains('done'))",
-                                       timeout=60_000)
+                page.wait_for_function(ALL_DONE, timeout=60_000)
                 firsts.append(max(page.locator(".column").evaluate_all("cs => cs.map(c => Number(c.dataset.firstMs || 0))")))
                 dones.append(float(page.get_attribute("#columns", "data-done-ms")))
             rows.append((prompt, statistics.median(firsts), statistics.median(dones)))
-        page.fill("#prompt", prompts[1])
-        page.click("#run")
-        page.wait_for_function("[...document.querySelectorAll('.column')].every(c => c.classList.contains('done'))")
-        page.locator('.column[data-stage="sft"] .tok').nth(3).hover()
-        page.screenshot(path=str(shots[0]))
         browser.close()
-    from PIL import Image  # matplotlib's dependency
-    Image.open(shots[0]).convert("RGB").resize((1050, 600), Image.LANCZOS).quantize(64).save(shots[1], optimize=True)
     return rows
 
 
@@ -109,12 +100,12 @@ def main():
         prompts = info["presets"]
         http_round(base, models, prompts[0])  # warm-up
         http = [http_round(base, models, prompts[0]) for _ in range(ROUNDS)]
-        page = page_rounds(base, prompts, [out / "explorer.png", ROOT / "figures" / "explorer.png"])
+        page = page_rounds(base, prompts)
     finally:
         proc.terminate()
     lines = ["# The stage explorer's speed", "",
              f"- machine: {device_name(torch.device('cpu'))}; torch {torch.__version__}; the demo's checkpoints "
-             f"({', '.join(models)}), served by `python serve.py` on this machine",
+             f"({', '.join(models)}), served by `python -m explorer.serve` on this machine",
              f"- command: `python bench/explorer.py`; {ROUNDS} rounds, medians; {time.strftime('%Y-%m-%d %H:%M')}", "",
              f"## HTTP: {len(models)} streams at once, {TOKENS} tokens each (greedy, ignore_eos)", "",
              markdown_table(["slowest first token ms", "all streams ended ms"],

@@ -45,7 +45,7 @@ def run_script(*args, env=None, timeout=300, input=None):
                           timeout=timeout, input=input)
 
 
-# Runs each argv of a JSON list as `python argv[0] argv[1:]` would, one after another in this one
+# Runs each argv of a JSON list as `python argv[0] argv[1:]` (or `python -m argv[1] argv[2:]`) would, one after another in this one
 # process; writes [exit code, stdout, stderr] for each. Usage: python -c IN_ONE_PROCESS argvs.json results.json
 IN_ONE_PROCESS = r"""
 import contextlib, io, json, runpy, sys, traceback
@@ -53,10 +53,13 @@ runs, results_file = json.load(open(sys.argv[1])), sys.argv[2]
 results = []
 for argv in runs:
     out, err = io.StringIO(), io.StringIO()
-    sys.argv = argv
+    sys.argv = argv[1:] if argv[0] == "-m" else argv
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
-            runpy.run_path(argv[0], run_name="__main__")
+            if argv[0] == "-m":  # python -m package.module, as the studies and the explorer are run
+                runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+            else:
+                runpy.run_path(argv[0], run_name="__main__")
             code = 0
         except SystemExit as e:  # as the interpreter does: an int is the code, a message goes to stderr
             code = e.code if isinstance(e.code, int) else int(e.code is not None)
@@ -208,7 +211,7 @@ def pytest_collection_modifyitems(items):
 @pytest.fixture(scope="module")
 def served(tiny_world, tiny_pretrained, tiny_sft, tiny_rm, tmp_path_factory):
     """An out/ folder as `make demo` leaves it (the later stages are the SFT checkpoint under their names:
-    what is served is what is tested, not what was trained), and a live serve.py on it."""
+    what is served is what is tested, not what was trained), and a live explorer/serve.py on it."""
     out = stage_folders(tmp_path_factory.mktemp("served"), {"pretrain": tiny_pretrained, "sft": tiny_sft, "ppo": tiny_sft,
                                                             "dpo": tiny_sft, "grpo": tiny_sft, "rm": tiny_rm})
     proc, base = start_server(f"--out={out}", f"--data={tiny_world['data']}")
@@ -227,10 +230,10 @@ def stage_folders(out, ckpts):
 
 
 def start_server(*args):
-    """serve.py on a free loopback port, as a user starts it; returns (process, base URL) once it listens."""
+    """explorer/serve.py on a free loopback port, as a user starts it; returns (process, base URL) once it listens."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.Popen([sys.executable, "serve.py", "--port=0", *args], cwd=ROOT, env=env, text=True,
+    proc = subprocess.Popen([sys.executable, "-m", "explorer.serve", "--port=0", *args], cwd=ROOT, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     lines = []
     for line in proc.stdout:
@@ -239,4 +242,4 @@ def start_server(*args):
         if found:
             threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep the pipe drained
             return proc, found.group(1)
-    raise AssertionError("serve.py did not start:\n" + "".join(lines))
+    raise AssertionError("explorer/serve.py did not start:\n" + "".join(lines))

@@ -1,20 +1,16 @@
 """The stage explorer's page in a real browser: headless Chromium (the system's, driven by Playwright)
-against a live serve.py on the tests' tiny world. Type a prompt, see one column per stage fill and end,
+against a live explorer/serve.py on the tests' tiny world. Type a prompt, see one column per stage fill and end,
 point at a token and see its alternatives; a reasoning preset shows the step checker's marks."""
 import json
 import os
-import shutil
 
 import pytest
 
 from conftest import ROOT, made_once, run_script, stage_folders, start_server
+from explorer.browser import CHROMIUM, FLAGS, picture
 
-CHROMIUM = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium on this machine: `apt install chromium` "
                                                          "(CI's .ci/run installs it)")
-# as root in a container Chromium needs --no-sandbox; the rest keep it off a network it cannot reach
-FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-         "--disable-sync", "--no-first-run"]
 
 
 @pytest.fixture(scope="module")
@@ -126,3 +122,12 @@ def test_plain_completion_mode(page):
         # the reward model and the gold rater judge replies to a question; a continuation has KL only
         assert col.locator(".rm").inner_text() == "-" and col.locator(".gold").inner_text() == "-"
         assert col.locator(".kl").inner_text() != "-"
+
+
+def test_the_docs_picture_of_the_page(page, tmp_path):
+    """make docs's picture of the explorer (explorer.browser.picture): every column answered, at its size."""
+    from PIL import Image
+    picture(page, "Where does Lucy live?", tmp_path / "explorer.png")
+    shot = Image.open(tmp_path / "explorer.png")
+    assert shot.size == (1050, 600) and len(shot.getcolors(256)) > 8  # a page, not a blank
+    assert page.locator(".column").count() == 6 and not list(tmp_path.glob("*.full.png"))

@@ -6,7 +6,7 @@ import json
 import pytest
 
 import common
-import forgetting
+from studies import forgetting
 from cli import UserError
 from conftest import error_line, run_script, stage_folders
 
@@ -16,7 +16,7 @@ def test_four_ways_each_measured_and_tabled(tiny_world, tiny_pretrained, tiny_sf
     demo.mkdir()
     stage_folders(demo, {"pretrain": tiny_pretrained, "sft": tiny_sft})
     out = tmp_path / "forgetting"
-    r = run_script("forgetting.py", f"--stages={demo}", f"--data={tiny_world['data']}", f"--out={out}",
+    r = run_script("-m", "studies.forgetting", f"--stages={demo}", f"--data={tiny_world['data']}", f"--out={out}",
                    "--preset=smoke", "--only=dpo", "--low_rank=1", "--high_rank=4")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr
     results = json.loads((out / "forgetting.json").read_text())
@@ -43,7 +43,7 @@ def test_four_ways_each_measured_and_tabled(tiny_world, tiny_pretrained, tiny_sf
 
 
 def test_mistakes_are_one_line(tmp_path):
-    r = run_script("forgetting.py", f"--stages={tmp_path}", f"--out={tmp_path / 'f'}")
+    r = run_script("-m", "studies.forgetting", f"--stages={tmp_path}", f"--out={tmp_path / 'f'}")
     assert "no checkpoint at" in error_line(r) and "make demo" in error_line(r)
     with pytest.raises(UserError, match="--only takes stages among sft,dpo,grpo"):
         forgetting.main(forgetting.Config(only="ppo", out=str(tmp_path / "f")))

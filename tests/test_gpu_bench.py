@@ -13,7 +13,7 @@ import torch
 
 import cli
 import common
-import report as report_py
+from studies import report as report_py
 import configs
 from bench.demo_times import bench_demo_times
 from conftest import ROOT, run_script
@@ -82,7 +82,7 @@ def test_the_toy_journey_chains_every_stage_and_the_report_reads_them_all(dry_ru
         assert abs(seconds["training"] - metrics["train_seconds"]) < 0.5, (stage, seconds)
     title, header, rows = bench_demo_times(out=journey)  # make bench's table of where the demo's time goes
     assert [row[0] for row in rows] == ["pretrain", "sft", "sft_answers_only", "rm", "ppo", "dpo", "grpo",
-                                        "report.py", "all"]
+                                        "report", "all"]
 
 
 def test_a_gpu_makes_tinyworld_gpu_sized_unless_told_otherwise(monkeypatch, capsys):

@@ -7,7 +7,7 @@ from conftest import error_line, run_script
 
 def test_the_five_runs_their_table_figure_and_replies(tiny_world, tiny_sft, tiny_rm, tmp_path):
     out = tmp_path / "hacking"
-    r = run_script("hacking.py", f"--init={tiny_sft}", f"--reward_model={tiny_rm}", f"--data={tiny_world['data']}",
+    r = run_script("-m", "studies.hacking", f"--init={tiny_sft}", f"--reward_model={tiny_rm}", f"--data={tiny_world['data']}",
                    f"--out={out}", "--preset=smoke", "--reward_models=2")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr
     results = json.loads((out / "hacking.json").read_text())
@@ -28,5 +28,5 @@ def test_the_five_runs_their_table_figure_and_replies(tiny_world, tiny_sft, tiny
 
 
 def test_mistakes_are_one_line(tmp_path):
-    r = run_script("hacking.py", f"--init={tmp_path / 'none.pt'}", f"--out={tmp_path}")
+    r = run_script("-m", "studies.hacking", f"--init={tmp_path / 'none.pt'}", f"--out={tmp_path}")
     assert "no checkpoint at" in error_line(r) and "make demo" in error_line(r)

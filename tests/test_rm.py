@@ -10,7 +10,7 @@ from hypothesis import given, strategies as st
 import common
 import configs
 import measures
-import report
+from studies import report
 from conftest import run_script
 from data import UserError
 from data.batches import score_replies

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-import seeds
+from studies import seeds
 from conftest import ROOT, run_script
 
 
@@ -27,7 +27,7 @@ def test_the_table_has_a_row_per_figure_a_column_per_seed_and_the_min_and_median
 
 
 def test_a_missing_report_is_one_line_naming_the_command(tmp_path):
-    r = run_script("seeds.py", "--seeds=0 7", f"--dir={tmp_path}")
+    r = run_script("-m", "studies.seeds", "--seeds=0 7", f"--dir={tmp_path}")
     assert r.returncode == 2 and r.stderr.count("\n") == 1
     assert f"no report for seed 0 at {tmp_path / '0' / 'report.json'}" in r.stderr and "make seeds" in r.stderr
 

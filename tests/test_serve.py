@@ -55,8 +55,8 @@ def scripts(served, tiny_sft, tmp_path_factory):
     sample = ["sample.py", f"--init={tiny_sft}", "--temperature=0", "--max_new_tokens=20"]
     port = served["base"].rsplit(":", 1)[1]
     runs = run_scripts([sample + [f"--prompt={PROMPTS[True]}", "--chat"], sample + [f"--prompt={PROMPTS[False]}"],
-                        ["serve.py", f"--out={tmp}", "--port=0"],
-                        ["serve.py", f"--out={served['out']}", f"--data={served['data']}", f"--port={port}"]], tmp)
+                        ["-m", "explorer.serve", f"--out={tmp}", "--port=0"],
+                        ["-m", "explorer.serve", f"--out={served['out']}", f"--data={served['data']}", f"--port={port}"]], tmp)
     return {"chat": runs[0], "completion": runs[1], "no checkpoints": runs[2], "taken port": runs[3]}
 
 
@@ -171,7 +171,7 @@ def test_the_page_info_and_report(served):
     assert status == 200 and b"make demo" in report  # no report in this out/ yet: it says how to make one
 
 
-@pytest.mark.parametrize("path", ["/../serve.py", "/%2e%2e/serve.py", "/explorer/../serve.py", "/..%2fserve.py",
+@pytest.mark.parametrize("path", ["/serve.py", "/serve_replies.py", "/__init__.py", "/../model.py", "/%2e%2e/model.py", "/explorer/../model.py", "/..%2fmodel.py",
                                   "/report/../sft/ckpt.pt", "/nothing.html"])
 def test_only_the_pages_own_folder_is_served(served, path):
     status, body = raw(served["base"], "GET", path)

@@ -2,7 +2,7 @@
 and against an ensemble of reward models, each run scored by TinyWorld's gold rater as it trains.
 
     make hacking                       # after the demo's SFT: writes out/hacking/ (SEED=N: world N)
-    python hacking.py --init=out/sft/ckpt.pt --out=out/hacking
+    python -m studies.hacking --init=out/sft/ckpt.pt --out=out/hacking
     make hacking PRESET=smoke          # the plumbing at toy size
 
 The weak reward model is the field's usual one: a head on the last token (train_rm.py --head_only), from

@@ -2,8 +2,8 @@
 checkpoints, every run measured on what its stage is for and on what came before it.
 
     make forgetting                          # after the demo: out/forgetting/ (SEED=N: world N)
-    python forgetting.py --stages=out --out=out/forgetting
-    python forgetting.py --combine=a,b,c     # one table over several seeds' out/forgetting folders
+    python -m studies.forgetting --stages=out --out=out/forgetting
+    python -m studies.forgetting --combine=a,b,c # one table over several seeds' out/forgetting folders
     make forgetting PRESET=smoke             # the plumbing at toy size
 
 The four ways, each with the stage's default flags and seed from the checkpoint the demo starts it from
@@ -28,7 +28,7 @@ import torch
 import cli
 import common
 import measures
-import report
+from studies import report
 from cli import UserError
 from data import tinyworld, write_atomic
 from data.tokenizer import load_tokenizer

@@ -1,11 +1,11 @@
 """The stage explorer: every stage's checkpoint answers the same prompt, side by side, in the browser,
 and an OpenAI-compatible API to each of them.
 
-    python serve.py                     # loads out/*/ckpt.pt, prints http://127.0.0.1:8000/
-    python serve.py --init=DIR          # also a checkpoint of your own, or a Hugging Face directory
+    python -m explorer.serve            # loads out/*/ckpt.pt, prints http://127.0.0.1:8000/
+    python -m explorer.serve --init=DIR         # also a checkpoint of your own, or a Hugging Face directory
     make serve
 
-The page (explorer/index.html) streams each stage's reply token by token, each token coloured by the
+The page (index.html, beside this file) streams each stage's reply token by token, each token coloured by the
 probability its stage gave it, and under each reply the reward model's score, the gold rater's, the
 reply's KL to SFT, and for a reasoning problem the verifier and the step checker's marks.
 
@@ -46,10 +46,11 @@ from cli import UserError
 from data import read_jsonl, tinyworld
 from data.tokenizer import load_tokenizer
 from model import GPT
-from serve_replies import judge, reply_stream, reply_tokens, token_text
-from serve_requests import ApiError, chat_prompt, option, sampling, text_prompt
+from explorer.serve_replies import judge, reply_stream, reply_tokens, token_text
+from explorer.serve_requests import ApiError, chat_prompt, option, sampling, text_prompt
 
-PAGE_DIR = Path(__file__).resolve().parent / "explorer"
+PAGE_DIR = Path(__file__).resolve().parent  # index.html, beside this file
+PAGE_TYPES = {".html": "text/html; charset=utf-8", ".css": "text/css", ".js": "text/javascript", ".png": "image/png"}
 STAGES = [("random", "0 random init"), ("pretrain", "1 pre-trained"), ("sft", "2 SFT"), ("ppo", "3 PPO"),
           ("dpo", "3 DPO"), ("grpo", "4 GRPO")]
 MAX_BODY = 1 << 20  # bytes of a request body
@@ -206,10 +207,11 @@ class Handler(BaseHTTPRequestHandler):
             return self.report(path)
         name = unquote(path).lstrip("/") or "index.html"
         file = (PAGE_DIR / name).resolve()
-        if file.parent != PAGE_DIR or not file.is_file():  # only the page's own folder, nothing under or above it
+        kind = PAGE_TYPES.get(file.suffix)
+        # only the page's own files: nothing under or above its folder, and not the server's code beside it
+        if file.parent != PAGE_DIR or kind is None or not file.is_file():
             raise ApiError(404, f"no such page: {path}", code="not_found")
-        self.send_bytes(file.read_bytes(), {".html": "text/html; charset=utf-8", ".css": "text/css", ".js": "text/javascript",
-                              ".png": "image/png"}.get(file.suffix, "application/octet-stream"))
+        self.send_bytes(file.read_bytes(), kind)
 
     def report(self, path):
         """The report, as text, with its figures under it; a figure by its name (report-<stage>.png, rm/best_of_n.png)."""

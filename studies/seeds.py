@@ -1,7 +1,7 @@
 """Every figure of the demo on several seeds, side by side, with the worst and the middle of them.
 
     make seeds                          # SEEDS="0 1 2": the demo once per seed, then this
-    python seeds.py --seeds="0 1 2"     # reads out/seeds/<N>/report.json, writes out/seeds.md
+    python -m studies.seeds --seeds="0 1 2" # reads out/seeds/<N>/report.json, writes out/seeds.md
 
 A figure that one run shows may be luck: another world (SEED=N draws TinyWorld N and seeds every stage
 with 1337 + N) can land elsewhere. `make seeds` keeps each seed's report (report.md, report.json, the

@@ -1,7 +1,7 @@
 """The journey in one page: every stage's checkpoint on the same measures and the same prompts.
 
-    python report.py                  # reads out/*/ckpt.pt, writes out/report.md, out/report.json and the figures
-    python report.py --out=/tmp/run --data=/tmp/world
+    python -m studies.report               # reads out/*/ckpt.pt, writes out/report.md, out/report.json and the figures
+    python -m studies.report --out=/tmp/run --data=/tmp/world
 
 For each stage whose checkpoint exists (0 random init, 1 pre-training, 2 SFT, 3 PPO, 3 DPO, 4 GRPO)
 every measure is computed fresh from the checkpoint by the functions the stages use (measures.py) on
@@ -322,7 +322,7 @@ def main(cfg):
     machine = torch.cuda.get_device_name(device) if device.startswith("cuda") else \
         f"{platform.processor() or platform.machine()} CPU ({torch.backends.cpu.get_cpu_capability()}), {torch.get_num_threads()} threads"
     md = ["# The journey: from random weights to an assistant", "",
-          f"Measured by `python report.py` on {machine} in {time.time() - t0:.0f} s, from the checkpoints in "
+          f"Measured by `python -m studies.report` on {machine} in {time.time() - t0:.0f} s, from the checkpoints in "
           f"`{out}/`. Columns: validation loss on the corpus; greedy fact completion (all characters); held-out "
           "questions about characters seen in SFT and unseen (whose facts only pre-training supplied), and the share "
           "of replies that end with <|end|>; head-to-head wins against SFT by the gold rater (ties count half); "
