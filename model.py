@@ -1,7 +1,8 @@
 """The GPT that every stage trains: GPT-2's architecture, written out in one file.
 
-Pre-LayerNorm blocks, learned positions, a GELU MLP, tied input and output embeddings, optional
-biases: the same shapes and names as GPT-2, so `GPT.from_gpt2` can load its weights. Attention and
+Pre-LayerNorm blocks, a GELU MLP, tied input and output embeddings, optional biases, and positions
+either rotary (every TinyWorld model: `GPTConfig.rope`) or learned (GPT-2's own): with learned ones
+the same shapes and names as GPT-2, so `GPT.from_gpt2` can load its weights. Attention and
 cross-entropy go through `gpt_kernels`, which picks our Triton kernels on a GPU and PyTorch elsewhere.
 
     model = GPT(GPTConfig(vocab_size=1458))
