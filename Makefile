@@ -9,6 +9,8 @@
 #   with its KL penalty, and against an ensemble, each scored by the gold rater; out/hacking/ (SEED, PRESET as for demo).
 # make forgetting: what each way of fine-tuning (full, with replay, LoRA at two ranks) gains and forgets, for SFT,
 #   DPO and GRPO from the demo's checkpoints (studies/forgetting.py); out/forgetting/ (SEED, PRESET as for demo).
+# make docs: docs/example/ (the default seed's report and figures), docs/figures/ and README.md's table, rewritten
+#   from out/ (the demo first if it has not run; make hacking before it for its picture): studies/docs.py.
 # make bench: the speed and memory benchmarks (CPU here; GPU where one is present).
 # make gpu: on a CUDA GPU, the kernel tests compiled, the GPU benchmarks and the journey at GPU size, all
 #   in bench/RESULTS-gpu.md (under 8 minutes); without one, the same run dry (tiny shapes, Triton's
@@ -20,7 +22,7 @@ PY := .venv/bin/python
 # PYTHONDONTWRITEBYTECODE is not set: so it is not passed on to the commands below.
 unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: test bench gpu serve hacking forgetting venv test-venv demo seeds clean FORCE
+.PHONY: test bench gpu serve hacking forgetting docs venv test-venv demo seeds clean FORCE
 
 ifeq ($(PY),.venv/bin/python)
 venv: .venv/.installed
@@ -63,6 +65,10 @@ forgetting: venv out/forgetting/forgetting.json
 out/forgetting/forgetting.json: out/grpo/metrics.json out/dpo/metrics.json studies/forgetting.py train_sft.py train_dpo.py train_grpo.py gpt_lora.py
 	rm -rf out/forgetting
 	$(PY) -m studies.forgetting $(RUN_SEED) $(if $(PRESET),--preset=$(PRESET))
+
+# Chromium and Playwright (the explorer's picture) come with the test requirements
+docs: test-venv out/report.md
+	$(PY) -m studies.docs
 
 # the GPU machines have every requirement installed and no network: make gpu uses .venv where it exists, else python3
 gpu:
