@@ -83,7 +83,8 @@ def parse_value(name, text, kind):
 def parse_config(cls, argv=None, presets=None, doc=None):
     """A config from `--field=value` arguments. `--preset=NAME` first applies a named set of
     defaults from `presets`; fields given on the command line win over it. Where a script has a
-    `tinyworld_gpu` preset and a CUDA GPU is used, that preset is the default (`--preset=cpu`: none)."""
+    `tinyworld_gpu` preset and a CUDA GPU is used, that preset is the default (`--preset=cpu`: none). Then
+    the config settles the defaults that depend on what was given (its settle(names given), if it has one)."""
     argv = sys.argv[1:] if argv is None else argv
     fields = {f.name: f for f in dataclasses.fields(cls)}
     if "-h" in argv or "--help" in argv:
@@ -109,7 +110,10 @@ def parse_config(cls, argv=None, presets=None, doc=None):
         values.update(presets[preset])
     for name, text in given.items():
         values[name] = parse_value(name, text, type(fields[name].default))
-    return cls(**values)
+    cfg = cls(**values)
+    if hasattr(cfg, "settle"):  # the defaults that depend on what was given (configs.Common.settle)
+        cfg.settle(set(values))
+    return cfg
 
 
 def on_gpu(device):
@@ -160,11 +164,26 @@ def check_writable(out_dir):
         raise UserError(f"cannot write to {out_dir} ({e.strerror}): choose another --out") from None
 
 
+def settle_lora(cfg, given, stage, settings):
+    """A LoRA run (--lora_rank) takes the settings measured for it (configs.LORA_SETTINGS), each group of them
+    where none of its flags was given: few adapters that start at zero learn too little at full fine-tuning's
+    learning rate. One line says which it took."""
+    if not getattr(cfg, "lora_rank", 0):
+        return
+    chosen = {k: v for group in settings for k, v in group.items() if not set(group) & set(given)}
+    for k, v in chosen.items():
+        setattr(cfg, k, v)
+    if chosen and os.environ.get("RANK", "0") == "0":  # read before DDP starts: every rank would say it
+        print(f"{stage}: LoRA takes " + " ".join(f"--{k}={v:g}" for k, v in chosen.items())
+              + ", the settings measured for it (full fine-tuning's leave the adapters short); pass "
+              + " or ".join(f"--{k}" for k in chosen) + " to choose", flush=True)
+
+
 # ----------------------------------------------------------------------------- studies that run the stages
 
 
 def script(study, name, *flags):
-    """A stage script run by a study (hacking.py, forgetting.py) as a user would run it, its output shown
+    """A stage script run by a study (studies/hacking.py, studies/forgetting.py) as a user would run it, its output shown
     as it goes; a failure stops the study with one line."""
     import subprocess
     print(f"\n=== {study}: {name} {' '.join(flags)} ===", flush=True)

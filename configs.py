@@ -7,7 +7,8 @@ with, one error line each, before anything is loaded (Run calls it first).
 import math
 from dataclasses import dataclass
 
-from cli import UserError, require_choice, require_positive
+from cli import UserError, require_choice, require_positive, settle_lora
+from data import own_data
 
 QA_TOKENS = 96  # the reply budget of held-out QA wherever it is measured, so that one checkpoint has one figure
 
@@ -34,13 +35,21 @@ class Common:
     def check(self):
         """Each stage checks its own flags; the shared ones need no check of their own."""
 
+    def settle(self, given):
+        """The defaults that hang on the flags given (cli.parse_config calls it): with your own --data,
+        TinyWorld's held-out files and measures fall back (data.own_data); LoRA takes LORA_SETTINGS."""
+        stage = type(self).__name__.lower()
+        own_data.settle(self, given, stage)
+        settle_lora(self, given, stage, LORA_SETTINGS.get(stage, []))
+
 
 # ----------------------------------------------------------------------------- pre-training
 
 @dataclass
 class Pretrain(Common):
     data: str = "data/tinyworld/corpus_train.txt"   # training text, documents separated by blank lines
-    val_data: str = "data/tinyworld/corpus_val.txt"  # validation text, same format
+    val_data: str = "data/tinyworld/corpus_val.txt"  # validation text, same format (empty: --held_out of --data)
+    held_out: float = 0.0              # share of --data held out (its end) to validate on, not trained on (your own --data: 0.05)
     tokenizer: str = ""                # a directory from `python -m data.tokenizer`, or gpt2; default:
                                        # out/tokenizer, or the one the --init checkpoint was trained with
     init: str = "scratch"              # scratch, a pretrain checkpoint to continue from, or a GPT-2 directory
@@ -103,6 +112,11 @@ class LoRAFlags:
     lora_targets: str = "attn,mlp"     # the blocks' weights that get adapters: attn, mlp, or both
 
 
+# A LoRA run's settings, each group taken where none of it is given (cli.settle_lora): measured at rank 8 on seed 0
+# (studies/forgetting.py), about 10x full fine-tuning's learning rate; none for PPO, which keeps its own.
+LORA_SETTINGS = {"sft": [{"lr": 6e-3}, {"max_steps": 800}], "dpo": [{"lr": 1.5e-3}], "grpo": [{"lr": 1e-3, "min_lr": 1e-3}]}
+
+
 def check_lora(cfg):
     if cfg.lora_rank < 0:
         raise UserError(f"--lora_rank must be 0 (full fine-tuning) or positive, got {cfg.lora_rank}")
@@ -131,6 +145,7 @@ def check_replay(cfg):
 class SFT(ReplayFlags, LoRAFlags, Common):
     data: str = "data/tinyworld/sft_train.jsonl"   # training conversations: {"messages": [{"role", "content"}, ...]}
     val_data: str = ""                 # held-out conversations, same format, for a validation loss (empty: none)
+    held_out: float = 0.0              # share of --data held out (its last conversations) for the validation loss instead (your own --data: 0.05)
     qa_data: str = "data/tinyworld/sft_test.jsonl"  # held-out questions with "answer" and "split" (empty: skip)
     init: str = "out/pretrain/ckpt.pt"  # a pretrain checkpoint, or an sft one to fine-tune further
     out: str = "out/sft"
@@ -157,6 +172,7 @@ class SFT(ReplayFlags, LoRAFlags, Common):
 class RM(LoRAFlags, Common):
     data: str = "data/tinyworld/prefs_train.jsonl"  # preference pairs: {"prompt", "chosen", "rejected"}
     test_data: str = "data/tinyworld/prefs_test.jsonl"  # held-out pairs for the accuracy (empty: none)
+    held_out: float = 0.0              # share of --data held out (its last pairs) for the accuracy instead (your own --data: 0.05)
     init: str = "out/sft/ckpt.pt"      # the SFT checkpoint whose trunk the reward model starts from
     out: str = "out/rm"
     batch_size: int = 32               # pairs per step, over all processes
@@ -197,6 +213,7 @@ DPO_LOSSES = ("sigmoid", "ipo", "robust")
 class DPO(ReplayFlags, LoRAFlags, Common):
     data: str = "data/tinyworld/prefs_train.jsonl"  # training pairs: {"prompt", "chosen", "rejected"} per line
     test_data: str = "data/tinyworld/prefs_test.jsonl"  # held-out pairs, same format (empty: skip the evaluation)
+    held_out: float = 0.0              # share of --data held out (its last pairs) for the evaluation instead (your own --data: 0.05)
     qa_data: str = "data/tinyworld/sft_test.jsonl"  # held-out questions with "answer" and "split" (empty: skip)
     world: str = "data/tinyworld"      # the TinyWorld whose gold rater judges the win rate (empty: no win rate)
     init: str = "out/sft/ckpt.pt"      # the sft checkpoint: the policy's start and the frozen reference
@@ -225,7 +242,7 @@ class DPO(ReplayFlags, LoRAFlags, Common):
             raise UserError(f"--label_smoothing is a probability below 0.5, got {self.label_smoothing}")
         if self.loss_type == "ipo" and self.label_smoothing:
             raise UserError("--loss_type=ipo takes no --label_smoothing: use sigmoid or robust for noisy labels")
-        if self.world and not self.test_data:
+        if self.world and not (self.test_data or self.held_out):
             raise UserError("the win rate (--world) is measured on the prompts of --test_data: give one, or --world=")
 
 
@@ -278,6 +295,7 @@ class PPO(LoRAFlags, Common):
 class GRPO(ReplayFlags, LoRAFlags, Common):
     data: str = "data/tinyworld/math_train.jsonl"   # training problems: {"question", "answer" ending in "#### n"}
     test_data: str = "data/tinyworld/math_test.jsonl"  # held-out problems, same format, for pass@1 and pass@k
+    held_out: float = 0.0              # share of --data held out (its last problems) for them instead (your own --data: 0.05)
     init: str = ""                     # start from this checkpoint (default: out/ppo, else out/dpo, else out/sft)
     out: str = "out/grpo"
     prompts_per_step: int = 8          # problems per step, over all processes

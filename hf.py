@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from data import UserError, hf_tokenizer
+from cli import UserError
+from data import hf_tokenizer
 from data.tokenizer import SPECIAL_TOKENS, load_tokenizer
 
 HUB = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")

@@ -12,6 +12,33 @@ import torch
 from common import is_master, print0
 from data import UserError, formats, read_documents, tinyworld
 
+# ----------------------------------------------------------------------------- held out from --data
+
+
+def split_off(cfg):
+    """(the records of --data trained on, those held out for evaluation, or None): with --held_out (your own
+    --data's default, data.own_data), its last records are evaluated on and never trained on."""
+    if not getattr(cfg, "held_out", 0):
+        return slice(None), None
+    return formats.split(cfg.data, cfg.held_out)
+
+
+def held_source(cfg, held):
+    """Where the held-out records are: (--data, its held-out part), or (--test_data, all of it; "" for none)."""
+    return (cfg.data, held) if held else (cfg.test_data, slice(None))
+
+
+def held_out_note(held, kept):
+    """What the stage's line adds when its held-out records come from --data."""
+    if not held:
+        return ""
+    if held.start == held.stop:
+        return " (--data has too few records to hold any out: no evaluation)"
+    n = held.stop - held.start
+    fit = "" if kept else ", none of which fits the context"
+    return f" (from the end of --data: {n} record{'s' * (n > 1)}, not trained on{fit})"
+
+
 # ----------------------------------------------------------------------------- pre-training
 
 
@@ -24,12 +51,31 @@ def pretrain(cfg, tok, block_size, run):
         raise UserError(f"--block_size={cfg.block_size} is larger than the context of {source} ({block_size} "
                         f"tokens): use --block_size={block_size} or less")
     world = world_beside(cfg)
-    data = tokenize_to_memmap(cfg.data, tok), tokenize_to_memmap(cfg.val_data, tok)
+    train = tokenize_to_memmap(cfg.data, tok)
+    data = (train, tokenize_to_memmap(cfg.val_data, tok)) if cfg.val_data else held_out_text(train, tok, cfg)
     for name, d in zip(("data", "val_data"), data):
         if len(d) <= cfg.block_size + 1:
             raise UserError(f"--{name}={getattr(cfg, name)} has {len(d)} tokens, fewer than one window of "
                             f"{cfg.block_size + 1}: give more text or a smaller --block_size")
     return *data, world
+
+
+def held_out_text(ids, tok, cfg):
+    """(the tokens trained on, the validation tokens): --data's last --held_out, at least a window's worth,
+    cut where a document starts so that none is on both sides (within a document only when the last
+    documents would hold more than twice the share), both parts contiguous and the same every run."""
+    window = cfg.block_size + 1
+    if len(ids) < 2 * (window + 1):
+        raise UserError(f"--data={cfg.data} has {len(ids)} tokens, fewer than one window of {window} to train on and "
+                        "one held out to validate on: give more text, a smaller --block_size, or --val_data=FILE")
+    want = max(int(len(ids) * cfg.held_out), window + 1)
+    starts = np.flatnonzero(np.asarray(ids[:-1]) == tok.eot_id) + 1  # each document ends with <|endoftext|>
+    starts = starts[(starts <= len(ids) - want) & (starts >= len(ids) - 2 * want) & (starts >= window + 1)]
+    cut = int(starts[-1]) if len(starts) else len(ids) - want
+    docs = int((np.asarray(ids[cut:]) == tok.eot_id).sum())
+    print0(f"pretrain: validating on the last {len(ids) - cut:,} tokens of {cfg.data} ({(len(ids) - cut) / len(ids):.1%}: "
+           f"{docs} documents{'' if len(starts) else ', the first from its middle'}), which training leaves out")
+    return ids[:cut], ids[cut:]
 
 
 def world_beside(cfg):
@@ -97,11 +143,14 @@ def sft(cfg, tok, block_size):
     """The conversations to learn (and those dropped as too long), the held-out ones, the held-out
     questions and the replayed pre-training text: all read and checked before training starts."""
     context = block_size + 1  # tokens in a conversation the model can learn whole
-    examples, dropped = formats.conversations(cfg.data, tok, block_size)
+    train, held = split_off(cfg)
+    examples, dropped = formats.conversations(cfg.data, tok, block_size, train)
     formats.require_some(examples, dropped, cfg.data, "conversations", context,
                          "shorten them, or fine-tune a model with a longer context")
     val_examples = []
-    if cfg.val_data:
+    if held:
+        val_examples = formats.conversations(cfg.data, tok, block_size, held)[0]
+    elif cfg.val_data:
         val_examples = formats.conversations(cfg.val_data, tok, block_size)[0]
         if not val_examples:
             raise UserError(f"--val_data={cfg.val_data} holds no conversation that fits the context "
@@ -110,7 +159,8 @@ def sft(cfg, tok, block_size):
     n_learned = sum(sum(mask) for _, mask in examples)
     first = f", the first at line {dropped[0]}" if dropped else ""
     print0(f"sft: {len(examples):,} conversations from {cfg.data} ({n_learned:,} tokens learned), "
-           f"{len(dropped)} dropped as longer than the context ({context} tokens{first})")
+           f"{len(dropped)} dropped as longer than the context ({context} tokens{first})"
+           + (f"; {len(val_examples)} held out for validation{held_out_note(held, val_examples)}" if held else ""))
     return examples, dropped, val_examples, questions, replay(cfg, tok, block_size, "sft")
 
 
@@ -141,11 +191,13 @@ def get_replay_batch(ids, batch_size, block_size, gen, rank, world):
 
 def rm(cfg, tok, block_size):
     """The training pairs (and how many were dropped as too long) and the held-out ones, checked now."""
-    pairs, dropped = formats.pairs(cfg.data, tok, block_size)  # prompt and reply within the context
+    train, held = split_off(cfg)
+    pairs, dropped = formats.pairs(cfg.data, tok, block_size, train)  # prompt and reply within the context
     formats.require_some(pairs, dropped, cfg.data, "preference pairs", block_size)
-    test_pairs = formats.pairs(cfg.test_data, tok, block_size)[0] if cfg.test_data else []
+    path, part = held_source(cfg, held)
+    test_pairs = formats.pairs(path, tok, block_size, part)[0] if path else []
     print0(f"rm: {len(pairs):,} pairs from {cfg.data} ({len(dropped)} dropped as longer than the context), "
-           f"{len(test_pairs):,} held out")
+           f"{len(test_pairs):,} held out" + held_out_note(held, test_pairs))
     return [p[:3] for p in pairs], len(dropped), [p[:3] for p in test_pairs]
 
 
@@ -156,9 +208,11 @@ def dpo(cfg, tok, block_size):
     """The training pairs (and those dropped as too long), the held-out pairs and questions, and the
     world the gold rater knows: everything the final evaluation reads, checked before training."""
     context = block_size + 1
-    pairs, dropped = formats.pairs(cfg.data, tok, context)
+    train, held = split_off(cfg)
+    pairs, dropped = formats.pairs(cfg.data, tok, context, train)
     formats.require_some(pairs, dropped, cfg.data, "preference pairs", context)
-    test_pairs = formats.pairs(cfg.test_data, tok, context)[0] if cfg.test_data else []
+    path, part = held_source(cfg, held)
+    test_pairs = formats.pairs(path, tok, context, part)[0] if path else []
     if cfg.test_data and not test_pairs:
         raise UserError(f"--test_data={cfg.test_data} holds no pair that fits the context ({context} tokens): "
                         "give shorter ones, or --test_data= for none")
@@ -166,7 +220,8 @@ def dpo(cfg, tok, block_size):
     rater = tinyworld.load_world(cfg.world) if cfg.world else None
     first = f", the first at line {dropped[0]}" if dropped else ""
     print0(f"dpo: {len(pairs):,} pairs from {cfg.data}, {len(dropped)} dropped as longer than the context "
-           f"({context} tokens{first}); {len(test_pairs)} held out; {cfg.loss_type} loss, beta {cfg.beta}"
+           f"({context} tokens{first}); {len(test_pairs)} held out{held_out_note(held, test_pairs)}; "
+           f"{cfg.loss_type} loss, beta {cfg.beta}"
            + (f", label smoothing {cfg.label_smoothing}" if cfg.label_smoothing else ""))
     return pairs, dropped, test_pairs, questions, rater, replay(cfg, tok, block_size, "dpo")
 
@@ -200,11 +255,14 @@ def grpo(cfg, tok, block_size):
     if room <= 0:
         raise UserError(f"--max_new_tokens={cfg.max_new_tokens} leaves no room for a prompt in the context "
                         f"({block_size} tokens): lower it")
-    problems, dropped = formats.problems(cfg.data, tok, room)
+    train, held = split_off(cfg)
+    problems, dropped = formats.problems(cfg.data, tok, room, train)
     formats.require_some(problems, dropped, cfg.data, "problems", f"{room} for a prompt beside --max_new_tokens="
                          f"{cfg.max_new_tokens}", "lower --max_new_tokens, or give shorter problems")
-    test = formats.problems(cfg.test_data, tok, room)[0][:cfg.test_limit or None] if cfg.test_data else []
+    path, part = held_source(cfg, held)
+    test = formats.problems(path, tok, room, part)[0][:cfg.test_limit or None] if path else []
     rater = tinyworld.load_world(cfg.world) if cfg.world and (test or cfg.step_reward) else None
     print0(f"grpo: {len(problems):,} problems from {cfg.data}, {len(dropped)} dropped as too long for the context; "
-           f"{cfg.prompts_per_step} problems x {cfg.group_size} answers per step")
+           f"{cfg.prompts_per_step} problems x {cfg.group_size} answers per step"
+           + (f"; {len(test)} held out{held_out_note(held, test)}" if held else ""))
     return problems, test, rater, replay(cfg, tok, block_size, "grpo", per="step")

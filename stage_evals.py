@@ -11,6 +11,16 @@ from common import print0
 from data import formats, numbered_records, read_jsonl, tinyworld
 from data.batches import score_replies
 
+# ----------------------------------------------------------------------------- the held-out records
+
+
+def held_out_records(cfg):
+    """The held-out records: --test_data's, or with --held_out the last of --data's (loaders.split_off)."""
+    if cfg.test_data:
+        return read_jsonl(cfg.test_data)
+    return [r for _, r in numbered_records(cfg.data)[formats.split(cfg.data, cfg.held_out)[1]]]
+
+
 # ----------------------------------------------------------------------------- pre-training
 
 
@@ -98,7 +108,7 @@ def after_rm(model, init, tok, cfg, device, metrics):
         print0(f"rm: scores shifted by {-shift:+.3f} so that the SFT policy's replies score 0 on average "
                f"(their spread: std {r.std().item():.3f})")
     rater = tinyworld.load_world(cfg.world) if cfg.world else None  # the world the gold rater knows
-    if rater is not None and cfg.test_data and rater.parse_question(questions[0]) is not None:
+    if rater is not None and (cfg.test_data or cfg.held_out) and rater.parse_question(questions[0]) is not None:
         gold_checks(model, policy, tok, questions, rater, cfg, device, gen, metrics)
     say_accuracy(metrics)
     return shift
@@ -107,7 +117,7 @@ def after_rm(model, init, tok, cfg, device, metrics):
 def gold_checks(model, policy, tok, questions, rater, cfg, device, gen, metrics):
     """Into metrics: held-out accuracy by kind of pair, agreement with the gold rater on fresh pairs of
     SFT replies, and best of n."""
-    test_records = read_jsonl(cfg.test_data)
+    test_records = held_out_records(cfg)
     kinds = measures.reward_accuracy(model, tok, test_records, rater)
     metrics.update(test_accuracy_style=kinds.get("style"), test_accuracy_facts=kinds.get("facts"),
                    test_accuracy_facts_unseen=kinds.get("facts_unseen"))
@@ -149,7 +159,7 @@ def after_dpo(policy, ref, tok, pairs, test, questions, rater, cfg, device):
     and of those that are no training pair's prompt (on TinyWorld most are)."""
     result = {}
     # every distinct held-out prompt, those of pairs too long to train on too: the prompts PPO is judged on
-    prompts = sorted({r["prompt"] for _, r in numbered_records(cfg.test_data)}) if test else []
+    prompts = sorted({r["prompt"] for r in held_out_records(cfg)}) if test else []
     prompts = [p for p in prompts if len(tok.render_prompt([{"role": "user", "content": p}])) < policy.config.block_size]
     if test:
         result["test"] = test

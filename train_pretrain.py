@@ -3,6 +3,8 @@
     python -m data.tinyworld && python -m data.tokenizer       # the data and the tokenizer, once
     python train_pretrain.py                                   # TinyWorld on a CPU
     python train_pretrain.py --preset=gpu                      # TinyStories on one GPU (python -m data.prepare_tinystories first)
+    python -m data.tokenizer --input=my.txt --out=out/my_tok && python train_pretrain.py --data=my.txt --tokenizer=out/my_tok
+                                                               # your own text: validated on its last 5%, not trained on
     torchrun --standalone --nproc_per_node=8 train_pretrain.py --preset=gpu
 
 The loss is the mean over tokens of -log p(x_{t+1} | x_<=t). The corpus is tokenized once into a

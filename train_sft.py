@@ -4,6 +4,8 @@
     python train_sft.py --preset=gpu    # Dolly 15k on one GPU (python -m data.prepare_chat first), starting
                                         # from a GPU pre-training run (train_pretrain.py --preset=gpu)
     torchrun --standalone --nproc_per_node=8 train_sft.py --preset=gpu
+    python train_sft.py --data=my_chats.jsonl --lora_rank=8   # your own conversations (validated on their last 5%),
+                                        # LoRA at its own learning rate and steps (configs.LORA_SETTINGS)
 
 Each conversation is rendered through the chat template into token ids and a loss mask that is 1 on
 the assistant's tokens and on the <|end|> closing each assistant turn: the model learns to answer,

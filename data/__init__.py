@@ -48,10 +48,12 @@ def read_documents(path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"corpus file {path} not found: run `python -m data.tinyworld` (or a data/prepare_*.py script)")
+    raw = path.read_bytes()
     try:
-        text = path.read_text(encoding="utf-8")
+        text = raw.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")  # any line ending, as text mode reads
     except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not UTF-8 text (byte {e.start}): convert it, or run it through a "
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise UserError(f"{path}:{line} is not UTF-8 text (byte {e.start}): convert it, or run it through a "
                         "data/prepare_*.py script") from None
     return [d.strip() for d in text.split("\n\n") if d.strip()]
 
@@ -69,8 +71,15 @@ def read_jsonl(path) -> list[dict]:
     if not path.is_file():
         raise UserError(f"data file {path} not found: run `python -m data.tinyworld` (or a data/prepare_*.py script)")
     records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    offset = 0
+    with open(path, "rb") as f:  # bytes, decoded line by line, so that a bad byte's line can be named
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path}:{lineno} is not UTF-8 text (byte {offset + e.start}): convert it, or "
+                                "write it with a data/prepare_*.py script") from None
+            offset += len(raw)
             if not line.strip():
                 continue
             try:
@@ -83,13 +92,9 @@ def read_jsonl(path) -> list[dict]:
 def numbered_records(path):
     """(line number, record) for each record of a JSON Lines file, so that an error about a record can
     name its line (data.read_jsonl skips blank lines, so a record's index need not be its line)."""
-    try:
-        records = read_jsonl(path)  # a missing file and a malformed line get its error lines
-        with open(path, encoding="utf-8") as f:
-            lines = [n for n, line in enumerate(f, 1) if line.strip()]
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not UTF-8 text (byte {e.start}): convert it, or write it with a "
-                        "data/prepare_*.py script") from None
+    records = read_jsonl(path)  # a missing file, a bad byte and a malformed line get its error lines
+    with open(path, "rb") as f:  # its lines as read_jsonl splits them
+        lines = [n for n, raw in enumerate(f, 1) if raw.decode("utf-8").strip()]
     return list(zip(lines, records))
 
 

@@ -2,7 +2,8 @@
 prompts (PPO), held-out questions, math problems (GRPO). Each is JSON Lines, one record per line; a bad
 line is one error that names the file and line, and, when the line belongs to another stage's file,
 which (the commonest mistake is passing the wrong file). Records too long for the model's context are
-dropped and counted, never cut."""
+dropped and counted, never cut. A reader given part (a slice of the file's records, see split) reads
+those alone: the part trained on, or the part held out for evaluation."""
 from pathlib import Path
 
 from data import UserError, numbered_records
@@ -27,6 +28,18 @@ def not_a(path, line, record, wanted, form, fields=()):
     return UserError(f"{path}:{line}: {what}: each line must be {form}")
 
 
+def held_out_count(n, share):
+    """How many of n records a held-out share takes: at least one, and never the last one left to train on."""
+    return min(n - 1, max(1, round(n * share))) if share > 0 and n > 1 else 0
+
+
+def split(path, share):
+    """(the records of path trained on, those held out: its last `share`), as slices of its records."""
+    n = len(numbered_records(path))
+    cut = n - held_out_count(n, share)
+    return slice(0, cut), slice(cut, n)
+
+
 def require_some(kept, dropped, path, what, context, fix="shorten them, or use a model with a longer context"):
     """The error when a file leaves nothing to train on: it is empty, or every record is too long."""
     if not kept and not dropped:
@@ -36,12 +49,12 @@ def require_some(kept, dropped, path, what, context, fix="shorten them, or use a
                         f"the first at line {dropped[0]}: {fix}")
 
 
-def conversations(path, tok, block_size):
+def conversations(path, tok, block_size, part=slice(None)):
     """Every conversation as (ids, mask) from the chat template; those longer than the context
     (block_size + 1 tokens: inputs and targets are shifted by one) are dropped.
     Returns (examples, the line numbers of the dropped ones)."""
     examples, dropped = [], []
-    for line, record in numbered_records(path):
+    for line, record in numbered_records(path)[part]:
         messages = record.get("messages") if isinstance(record, dict) else None
         if not isinstance(messages, list):
             raise not_a(path, line, record, "a conversation", CONVERSATION)
@@ -58,12 +71,12 @@ def conversations(path, tok, block_size):
     return examples, dropped
 
 
-def pairs(path, tok, most):
+def pairs(path, tok, most, part=slice(None)):
     """Every preference pair as (prompt ids, chosen ids, rejected ids, prompt text): the prompt is one user
     turn through the chat template, ending with <|assistant|>; a reply is its tokens and <|end|>. A pair
     whose prompt and longer reply exceed `most` tokens is dropped. Returns (pairs, dropped line numbers)."""
     kept, dropped = [], []
-    for line, r in numbered_records(path):
+    for line, r in numbered_records(path)[part]:
         if not (isinstance(r, dict) and all(isinstance(r.get(k), str) for k in ("prompt", "chosen", "rejected"))):
             raise not_a(path, line, r, "a preference pair", PAIR + " with string values", ("prompt", "chosen", "rejected"))
         prompt = tok.render_prompt([{"role": "user", "content": r["prompt"]}])
@@ -113,11 +126,11 @@ def questions(path, tok, block_size):
     return records
 
 
-def problems(path, tok, room):
+def problems(path, tok, room, part=slice(None)):
     """Every math problem with its chat prompt; those whose prompt leaves fewer than `room` tokens of the
     context for the answer are dropped. Returns (problems, dropped line numbers)."""
     kept, dropped = [], []
-    for line, r in numbered_records(path):
+    for line, r in numbered_records(path)[part]:
         if not (isinstance(r, dict) and isinstance(r.get("question"), str) and extract_answer(str(r.get("answer")))):
             raise not_a(path, line, r, "a math problem", PROBLEM, ("question",))
         prompt = tok.render_prompt([{"role": "user", "content": r["question"]}])
