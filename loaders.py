@@ -10,7 +10,8 @@ import numpy as np
 import torch
 
 from common import is_master, print0
-from data import UserError, formats, read_documents, tinyworld
+from cli import UserError
+from data import formats, read_documents, tinyworld
 
 # ----------------------------------------------------------------------------- held out from --data
 

@@ -6,7 +6,8 @@ dropped and counted, never cut. A reader given part (a slice of the file's recor
 those alone: the part trained on, or the part held out for evaluation."""
 from pathlib import Path
 
-from data import UserError, numbered_records
+from cli import UserError
+from data import numbered_records
 from data.tinymath import extract_answer
 
 CONVERSATION = '{"messages": [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}]}'

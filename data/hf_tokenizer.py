@@ -10,7 +10,7 @@ from pathlib import Path
 
 import regex
 
-from data import UserError
+from cli import UserError
 
 # GPT-2's split pattern, for a vocab.json and merges.txt, which come without one
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""

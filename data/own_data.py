@@ -8,7 +8,7 @@ command line or by a preset is kept; one line says what changed and which flags 
 import os
 from pathlib import Path
 
-from data import UserError
+from cli import UserError
 
 HELD_OUT = 0.05  # the share of your own --data held out for evaluation when no file is given for it
 

@@ -11,7 +11,8 @@ fraction of the conversations is held out as the validation file.
 import dataclasses
 import random
 
-from data import Malformed, convert_records, fetch, read_records, report, run_main, write_jsonl
+from cli import run_main
+from data import Malformed, convert_records, fetch, read_records, report, write_jsonl
 
 DOLLY = "https://huggingface.co/datasets/databricks/databricks-dolly-15k/resolve/main/databricks-dolly-15k.jsonl"
 

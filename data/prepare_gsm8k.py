@@ -10,7 +10,8 @@ and keep the rest: {"question", "answer"}, checked by data.tinyworld.check_answe
 import dataclasses
 import re
 
-from data import Malformed, convert_file, run_main
+from cli import run_main
+from data import Malformed, convert_file
 from data.tinyworld import extract_answer
 
 BASE = "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/"

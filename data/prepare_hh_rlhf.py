@@ -11,7 +11,8 @@ conversations are skipped (and counted), since our preference format has one use
 import dataclasses
 import re
 
-from data import Malformed, convert_file, run_main
+from cli import run_main
+from data import Malformed, convert_file
 
 BASE = "https://huggingface.co/datasets/Anthropic/hh-rlhf/resolve/main/helpful-base/"
 

@@ -13,7 +13,8 @@ import os
 from collections import Counter
 from pathlib import Path
 
-from data import clean_document, fetch, open_text, report, run_main
+from cli import run_main
+from data import clean_document, fetch, open_text, report
 
 BASE = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/"
 

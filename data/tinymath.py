@@ -30,7 +30,7 @@ import random
 import re
 from decimal import Decimal, InvalidOperation
 
-from data import UserError
+from cli import UserError
 from data.tinyworld_facts import VALUES, fact_sentence
 
 LEVELS = (1, 2, 3)

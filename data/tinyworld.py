@@ -44,7 +44,8 @@ import random
 import time
 from pathlib import Path
 
-from data import UserError, run_main, write_atomic, write_documents, write_jsonl
+from cli import UserError, run_main
+from data import write_atomic, write_documents, write_jsonl
 from data.tinymath import KINDS, bare, make_math, rate_sentence
 from data.tinyworld_chat import make_prefs, make_sft, pref_prompts
 from data.tinyworld_facts import FACT_KINDS, fact_sentence, make_world

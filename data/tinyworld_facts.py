@@ -13,7 +13,7 @@ import re
 from functools import lru_cache
 from pathlib import Path
 
-from data import UserError
+from cli import UserError
 
 # ----------------------------------------------------------------------------------------------
 # The world: characters and their facts

@@ -33,7 +33,8 @@ from pathlib import Path
 import regex
 import tiktoken
 
-from data import UserError, hf_tokenizer, run_main, write_atomic
+from cli import UserError, run_main
+from data import hf_tokenizer, write_atomic
 
 # GPT-4's split pattern, but for numbers: contractions; a letter run with at most one leading
 # non-letter (so " the" and "(the" are chunks); 1-3 digits with an optional leading space, as GPT-2

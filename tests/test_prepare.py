@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from data import UserError, fetch, read_documents, read_jsonl
+from cli import UserError
+from data import fetch, read_documents, read_jsonl
 from data import prepare_chat, prepare_gsm8k, prepare_hh_rlhf, prepare_tinystories
 from data.tinyworld import check_answer
 

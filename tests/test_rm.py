@@ -12,7 +12,7 @@ import configs
 import measures
 from studies import report
 from conftest import run_script
-from data import UserError
+from cli import UserError
 from data.batches import score_replies
 from data.tinyworld_chat import gold_score
 from data.tinyworld_facts import VALUES, fact_sentence, load_world, question

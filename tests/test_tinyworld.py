@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from data import UserError, read_documents, read_jsonl
+from cli import UserError
+from data import read_documents, read_jsonl
 from data.tinyworld import (FACT_KINDS, VALUES, Config, answer_correct, check_answer, completes_fact, extract_answer,
                             fact_prompts, generate, gold_score, load_world, make_world)
 from data.tinyworld_chat import STYLES, designed_pair, llm_reply, pref_prompts, reply, style_of

@@ -9,7 +9,7 @@ import pytest
 import regex
 from hypothesis import given, settings, strategies as st
 
-from data import UserError
+from cli import UserError
 from data.tokenizer import SPLIT_PATTERN, SPECIAL_TOKENS, load_tokenizer, save_tokenizer, train_bpe
 
 ROOT = Path(__file__).resolve().parent.parent
