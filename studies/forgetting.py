@@ -27,6 +27,7 @@ import torch
 
 import cli
 import common
+import configs
 import measures
 from studies import report
 from cli import UserError
@@ -36,11 +37,9 @@ from data.tokenizer import load_tokenizer
 # stage -> (the demo's folder it starts from, the way the demo's own run is, what it is for)
 STAGES = {"sft": ("pretrain", "replay", "held-out QA"), "dpo": ("sft", "full", "wins vs SFT"),
           "grpo": ("ppo", "full", "math")}
-# what each way adds to the stage's command line ({corpus}, {low}, {high} filled in; LoRA's LORA below too)
+# what each way adds to the stage's command line ({corpus}, {low}, {high} filled in)
 WAYS = {"full": ["--replay_data="], "replay": ["--replay_data={corpus}"], "lora_low": ["--replay_data=", "--lora_rank={low}"],
         "lora_high": ["--replay_data=", "--lora_rank={high}"]}
-# LoRA's learning rates, tried at rank 8 on seed 0 (about 10x full fine-tuning's), and SFT's steps (twice full SFT's)
-LORA = {"sft": ["--lr=6e-3", "--max_steps=800"], "dpo": ["--lr=1.5e-3"], "grpo": ["--lr=1e-3", "--min_lr=1e-3"]}
 MEASURES = [("val_loss", "val loss", "{:.3f}"), ("facts", "facts", "{:.0%}"), ("seen", "QA seen", "{:.0%}"),
             ("unseen", "QA unseen", "{:.0%}"), ("win", "wins vs SFT", "{:.0%}"), ("math", "math", "{:.0%}")]
 
@@ -73,7 +72,8 @@ def train(stage, way, cfg, data, out):
         return Path(cfg.stages) / stage
     run = out / f"{stage}_{way}"
     flags = [f.format(corpus=data / "corpus_train.txt", low=cfg.low_rank, high=cfg.high_rank) for f in WAYS[way]]
-    flags += LORA[stage] if way.startswith("lora") and not cfg.stages_preset else []
+    if way.startswith("lora") and not cfg.stages_preset:  # LoRA's own settings (configs.LORA_SETTINGS), said in the command
+        flags += [f"--{k}={v:g}" for group in configs.LORA_SETTINGS[stage] for k, v in group.items()]
     own = {"sft": ["--qa_data=", f"--data={data / 'sft_train.jsonl'}"],
            "dpo": ["--qa_data=", "--test_data=", "--world=", f"--data={data / 'prefs_train.jsonl'}"],
            "grpo": ["--test_data=", f"--data={data / 'math_train.jsonl'}", f"--world={data}"]}[stage]
