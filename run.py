@@ -41,13 +41,13 @@ import loaders
 from cli import UserError
 from common import all_mean, is_master, print0
 from data.tokenizer import load_tokenizer
-from gpt_lora import add_lora
+from gpt_lora import AdaptersOff, add_lora
 
 
 class Run:
     """The plumbing every stage shares: set up, start, step, log, save, finish. The attributes a loop
     reads: device, rank, world, step, lr, model (compiled and DDP-wrapped as asked), raw (the model
-    itself), optimizer, data_gen (orders the data), logger."""
+    itself), reference (see start), optimizer, data_gen (orders the data), logger."""
 
     def __init__(self, stage, cfg, per_rank=("batch_size",)):
         """per_rank: the flags (batch sizes) that DDP splits over the processes, so must divide by their number."""
@@ -64,13 +64,6 @@ class Run:
         self.end = cfg.stop_at if 0 < cfg.stop_at < cfg.max_steps else cfg.max_steps
         self.step, self.lr, self.since = 0, cfg.lr, 0
         self.train_seconds, self.t_loop = 0.0, None  # training seconds before this run's loop (--resume), its start
-        self.lora = None  # the LoRA settings once start() has added adapters
-
-    def resumed(self):
-        """Under --resume, this stage's own checkpoint (in --out); otherwise None."""
-        if not self.cfg.resume:
-            return None
-        return common.load_checkpoint(self.ckpt_path, [self.stage], made_by=f"python train_{self.stage}.py")
 
     def load(self, stages, made_by="python train_sft.py", init=None, keeps_init=True):
         """(ckpt, init_ckpt, tok): the checkpoint the model starts from (under --resume, this stage's
@@ -79,7 +72,8 @@ class Run:
         out/tokenizer. A stage that does not keep the init model beside its own (keeps_init=False:
         no reference, no policy to compare with) does not read it under --resume. self.init keeps
         init's path; every checkpoint records it."""
-        ckpt = self.resumed()
+        ckpt = common.load_checkpoint(self.ckpt_path, [self.stage], made_by=f"python train_{self.stage}.py") \
+            if self.cfg.resume else None
         self.init = (ckpt or {}).get("init") or init or self.cfg.init
         unread = self.init == "scratch" or (ckpt is not None and not keeps_init)
         init_ckpt = None if unread else common.load_checkpoint(self.init, stages, made_by=made_by)
@@ -88,22 +82,28 @@ class Run:
         self.tok = load_tokenizer(self.tokenizer)
         return ckpt, init_ckpt, self.tok
 
-    def start(self, model, ckpt, keep=dict, seed=None, unit=None, flops_per_unit=None):
+    def start(self, model, ckpt, keep=dict, seed=None, unit=None, flops_per_unit=None, reference=None):
         """The optimizer over the model, the generator that orders the data, and the step: all restored exactly
         from ckpt under --resume. seed: the global RNG's seed from here on (None: left as it is); keep()
         returns the stage's own fields for each checkpoint; unit names the speed each printed line shows
-        (of what run.count counts), flops_per_unit adds MFU to it. Returns the model to call: compiled
-        and DDP-wrapped as the config asks."""
+        (of what run.count counts), flops_per_unit adds MFU to it. reference: the checkpoint of what a
+        post-training stage compares the model with; self.reference is then its model, frozen, built before
+        the seed (building a model draws on the RNG), or with LoRA the model trained with its adapters off
+        (one copy of the weights). Returns the model to call: compiled and DDP-wrapped as the config asks."""
         cfg = self.cfg
-        if seed is not None:
-            torch.manual_seed(seed)
         self.lora = {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "targets": cfg.lora_targets} \
             if getattr(cfg, "lora_rank", 0) else None
+        self.reference_ckpt = reference
+        self.reference = self.frozen(reference) if reference is not None and not self.lora else None
+        if seed is not None:
+            torch.manual_seed(seed)
         if self.lora:  # train a low-rank update beside the frozen weights (gpt_lora.LoRALinear)
             model = add_lora(model, **self.lora)
             if cfg.resume:  # the base weights and the adapters as saved, not the merged ones the stage loaded
                 model.load_state_dict(ckpt["model"])
         self.raw = model.to(self.device)
+        if reference is not None and self.lora:
+            self.reference = AdaptersOff(self.raw)
         # pre-training chooses its optimizer and schedule (configs.Pretrain); the other stages take AdamW on a cosine
         self.optimizer = model.configure_optimizer(cfg.lr, cfg.weight_decay,
                                                    optimizer=getattr(cfg, "optimizer", "adamw"))
@@ -130,6 +130,14 @@ class Run:
         print0(f"{self.stage}: {self.raw.num_params() / 1e6:.2f}M parameters{lora}, on {self.device} x{self.world}, "
                f"from {self.ckpt_path if cfg.resume else self.init} (step {self.step} of {cfg.max_steps})")
         return self.model
+
+    def frozen(self, ckpt, **kind):
+        """ckpt's model (of the kind common.gpt_from_checkpoint's flags say) on the device, not trained."""
+        return common.gpt_from_checkpoint(ckpt, self.tok, **kind).to(self.device).eval().requires_grad_(False)
+
+    def reference_to_evaluate(self):
+        """The reference as a model of its own, for evaluations that generate from it (with LoRA, a copy built now)."""
+        return self.frozen(self.reference_ckpt) if self.lora and self.reference is not None else self.reference
 
     def ddp(self, net):
         """net wrapped for DDP when there are several processes (it averages the gradients), else net."""
@@ -170,15 +178,14 @@ class Run:
                 for group in self.optimizer.param_groups:
                     group["lr"] = self.lr
                 yield self.step
-        if stop.stopped:
-            self.save()
-            print0(f"\ninterrupted at step {self.step}: checkpoint saved to {self.ckpt_path}; "
-                   f"continue with: python train_{self.stage}.py --resume (and the same flags)")
-            common.teardown_ddp()
-            raise SystemExit(stop.exit_code)
         self.train_seconds, self.t_loop = self.seconds(), None  # evaluations and checkpoints included
         self.logger.phase("evaluation")
         self.save()
+        if stop.stopped:
+            print0(f"\ninterrupted at step {self.step}: checkpoint saved to {self.ckpt_path}; "
+                   f"continue with: python train_{self.stage}.py --resume (and the same flags)")
+            common.teardown_ddp()
+            raise SystemExit(128 + (stop.signum or signal.SIGINT))  # the shell's convention: 130 for Ctrl-C
 
     def sync(self, now):
         """Under DDP, whether the next backward all-reduces the gradients: once a step, on its last micro-batch."""
@@ -264,12 +271,6 @@ class StopOnSignal:
     finishes the step it is in, then saves and exits. Stopping mid-step instead would save a data order
     already advanced past a batch that was never learned, so --resume would not continue exactly.
 
-        with StopOnSignal() as stop:
-            while step < end and not stop.requested():
-                ...  # one optimizer step
-        if stop.stopped:
-            ...  # save, say how to resume, exit with stop.exit_code
-
     There is no second-Ctrl-C escape hatch: torchrun passes the terminal's Ctrl-C on to its workers,
     so each worker sees it twice. A step is short; kill -9 stops at once, leaving the last checkpoint.
     """
@@ -293,10 +294,6 @@ class StopOnSignal:
         """Whether to stop now. Under DDP every rank must stop at the same step, so they agree first."""
         self.stopped = all_mean(self.signum is not None) > 0
         return self.stopped
-
-    @property
-    def exit_code(self):
-        return 128 + (self.signum or signal.SIGINT)  # the shell's convention: 130 for Ctrl-C
 
 
 def lr_at(step, max_lr, min_lr, warmup, total, cooldown=None):
@@ -353,8 +350,7 @@ class Logger:
         self.t0 = time.time()
         self.seconds, self.current, self.since = {"start-up": self.t0 - process_start()}, "start-up", self.t0
         self.first_step = None
-        if is_master():
-            self.out.mkdir(parents=True, exist_ok=True)
+        if is_master():  # Run made self.out (cli.check_writable)
             if resume and start_step is not None:
                 self.keep_rows_up_to(start_step)
             self.file = open(self.out / "log.jsonl", "a" if resume else "w")

@@ -36,7 +36,6 @@ import configs
 import loaders
 import stage_evals
 from data.batches import by_length, pack_responses
-from gpt_lora import AdaptersOff
 from run import Run
 
 
@@ -86,12 +85,9 @@ def main(cfg):
     # the policy and the frozen reference: both the SFT model (under --resume, the policy goes on from ours)
     ckpt, init, tok = run.load(["sft"])
     model = common.gpt_from_checkpoint(ckpt, tok)
-    frozen = lambda: common.gpt_from_checkpoint(init, tok).to(run.device).eval().requires_grad_(False)
-    ref = None if cfg.lora_rank else frozen()  # before run.start: building a model draws on the RNG it seeds
     pairs, dropped, test_pairs, questions, rater, replay = loaders.dpo(cfg, tok, model.config.block_size)
-    model = run.start(model, ckpt, seed=cfg.seed, unit="perf/pairs_per_s")
-    if ref is None:  # with LoRA the reference is the policy, its adapters off: one copy of the weights
-        ref = AdaptersOff(run.raw)
+    model = run.start(model, ckpt, seed=cfg.seed, unit="perf/pairs_per_s", reference=init)
+    ref = run.reference
     if run.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(run.device)
 
@@ -127,7 +123,7 @@ def main(cfg):
 
     result = {"pairs": len(pairs), "dropped": len(dropped), "final": {k: v for k, v in metrics.items() if k != "perf/pairs_per_s"}}
     if common.is_master():
-        ref = frozen() if cfg.lora_rank else ref  # the evaluation also generates from it: a model of its own
+        ref = run.reference_to_evaluate()  # the evaluation also generates from it
         test = evaluate_pairs(run.raw, ref, test_pairs, cfg, run.device) if test_pairs else None
         result.update(stage_evals.after_dpo(run.raw, ref, tok, pairs, test, questions, rater, cfg, run.device))
         if run.device.startswith("cuda"):

@@ -37,7 +37,6 @@ import stage_evals
 from common import print0
 from data.batches import pack_responses
 from data.tinymath import check_answer, check_steps, extract_answer, shows_work
-from gpt_lora import AdaptersOff
 from run import Run
 
 
@@ -97,14 +96,10 @@ def main(cfg):
     print0(f"grpo: starting from {run.init} (a {init['stage']} checkpoint)")
     model = common.gpt_from_checkpoint(ckpt, tok, dropout=0.0)  # ratios of 1 must mean "the same policy"
     problems, test, rater, replay = loaders.grpo(cfg, tok, model.config.block_size)
-    ref = None
-    if cfg.beta > 0 and not cfg.lora_rank:  # the KL penalty's anchor: the starting model, frozen (built before the RNG is restored)
-        ref = common.gpt_from_checkpoint(init, tok).to(run.device).eval().requires_grad_(False)
     before = ckpt.get("eval_before") if cfg.resume else None
     run.start(model, ckpt, seed=cfg.seed + run.rank, unit="perf/tokens_per_s",  # each rank its own answers
-              keep=lambda: dict(eval_before=before))
-    if cfg.beta > 0 and cfg.lora_rank:  # with LoRA the anchor is the policy, its adapters off: one copy
-        ref = AdaptersOff(run.raw)
+              keep=lambda: dict(eval_before=before), reference=init if cfg.beta > 0 else None)
+    ref = run.reference  # the KL penalty's anchor, the starting model (none at beta = 0)
     if run.step == 0 and test and common.is_master():
         before = stage_evals.grpo_eval(run, tok, test, cfg, rater, "before")
 

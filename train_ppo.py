@@ -36,7 +36,7 @@ import stage_evals
 from cli import UserError
 from data import tinyworld
 from data.batches import pack_responses, score_replies
-from gpt_lora import AdaptersOff, add_lora
+from gpt_lora import add_lora
 from run import Run
 
 
@@ -76,14 +76,17 @@ def main(cfg):
     # the four networks: policy and reference from SFT, critic and reward model from the reward model
     ckpt, sft, tok = run.load(["sft"])
     reward_model = ckpt["reward_model"] if cfg.resume else cfg.reward_model
-    policy, ref, rms, critic = networks(ckpt, sft, reward_model, tok, run)
+    policy, rms, critic = networks(ckpt, sft, reward_model, tok, run)
     questions, rater, judge = loaders.ppo(cfg, tok, policy.config.block_size)
-    model = run.start(policy, ckpt, seed=cfg.seed + run.rank, keep=lambda: dict(  # each rank its own replies
-        critic=critic.state_dict(), critic_optimizer=critic_opt.state_dict(), reward_model=reward_model))
-    if ref is None:  # with LoRA the reference is the policy, its adapters off: one copy of the weights
-        ref = AdaptersOff(run.raw)
+    model = run.start(policy, ckpt, seed=cfg.seed + run.rank, reference=sft,  # each rank its own replies
+                      keep=lambda: dict(critic=critic.state_dict(), critic_optimizer=critic_opt.state_dict(),
+                                        reward_model=reward_model))
+    ref = run.reference
+    if cfg.lora_rank:  # the critic, too, trains adapters and its head only: drawn after the seed, as the policy's
+        add_lora(critic, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
     critic_opt = critic.configure_optimizer(cfg.critic_lr, cfg.weight_decay)
     if cfg.resume:
+        critic.load_state_dict(ckpt["critic"])
         critic_opt.load_state_dict(ckpt["critic_optimizer"])
     critic_model = run.ddp(critic)
 
@@ -128,8 +131,7 @@ def main(cfg):
 
     result = {"final": metrics}
     if common.is_master():
-        if cfg.lora_rank:  # the evaluation also generates from the reference: a model of its own
-            ref = common.gpt_from_checkpoint(sft, tok).to(run.device).eval()
+        ref = run.reference_to_evaluate()  # the evaluation also generates from it
         result.update(stage_evals.after_ppo(policy, ref, tok, rater if judge else None, cfg))
     run.finish(result)
 
@@ -243,9 +245,9 @@ def step_metrics(batch, kl, stats, gold, lr):
 
 
 def networks(ckpt, sft, reward_model, tok, run):
-    """The four networks: policy (ours under --resume) and frozen reference from SFT, frozen reward models
-    (one, or an ensemble: reward_model is a comma-separated list) and the critic (its trunk and head,
-    trained from here) from the first of them."""
+    """Three of the four networks (run.start adds the reference): the policy (ours under --resume) from SFT,
+    the frozen reward models (one, or an ensemble: reward_model is a comma-separated list) and the critic (its
+    trunk and head, trained from here; main adds its adapters and state) from the first of them."""
     rm_ckpts = []
     for path in reward_model.split(","):
         rm_ckpts.append(common.load_checkpoint(path, ["rm"], made_by="python train_rm.py"))
@@ -253,15 +255,9 @@ def networks(ckpt, sft, reward_model, tok, run):
             raise UserError(f"the reward model {path} and the policy {run.init} use different vocabularies: "
                             "train the reward model from this SFT checkpoint")
     policy = common.gpt_from_checkpoint(ckpt, tok, dropout=0.0).to(run.device)
-    # with LoRA the reference is the policy with its adapters off (set once run.start has added them): one copy
-    ref = None if run.cfg.lora_rank else common.gpt_from_checkpoint(sft, tok).to(run.device).eval().requires_grad_(False)
-    rms = [common.gpt_from_checkpoint(c, tok, reward=True).to(run.device).eval().requires_grad_(False) for c in rm_ckpts]
+    rms = [run.frozen(c, reward=True) for c in rm_ckpts]
     critic = common.gpt_from_checkpoint(rm_ckpts[0], tok, value_head=True, dropout=0.0).to(run.device)
-    if run.cfg.lora_rank:  # the critic, too, trains adapters and its head only
-        add_lora(critic, run.cfg.lora_rank, run.cfg.lora_alpha, run.cfg.lora_targets)
-    if run.cfg.resume:
-        critic.load_state_dict(ckpt["critic"])
-    return policy, ref, rms, critic
+    return policy, rms, critic
 
 
 if __name__ == "__main__":

@@ -228,7 +228,20 @@ def main(cfg):
     base = common.load_checkpoint(out / "pretrain" / "ckpt.pt")
     tok = load_tokenizer(base["tokenizer"])
     sets = held_out_sets(data, world, tok)
+    models = load_stages(out, base, tok, cfg)
+    found = measure_stages(models, tok, sets, world, out, data, device, cfg)
+    found["journey"], found["grpo_from"], found["newly"] = journey(models, found["rows"], sets, tok, cfg)
+    machine = torch.cuda.get_device_name(device) if device.startswith("cuda") else \
+        f"{platform.processor() or platform.machine()} CPU ({torch.backends.cpu.get_cpu_capability()}), {torch.get_num_threads()} threads"
+    table = write_report(out, base, models, found, machine, t0, cfg)
+    print("\n".join(table))
+    print(f"report: {out / 'report.md'} in {time.time() - t0:.0f}s")
 
+
+# ----------------------------------------------------------------------------- measuring
+
+def load_stages(out, base, tok, cfg):
+    """label -> (model, its stage's metrics.json): every stage whose checkpoint exists, and the random init."""
     models = {}
     for label, stage in STAGES:
         if stage is None:
@@ -238,10 +251,15 @@ def main(cfg):
             ckpt = common.load_checkpoint(out / stage / "ckpt.pt", [stage])
             metrics = out / stage / "metrics.json"
             models[label] = (common.gpt_from_checkpoint(ckpt, tok), json.loads(metrics.read_text()) if metrics.is_file() else {})
+    return models
+
+
+def measure_stages(models, tok, sets, world, out, data, device, cfg):
+    """Every stage on the report's measures (rows), the reward model on the held-out pairs, and the
+    answers-only SFT contrast on the reasoning problems."""
     sft = models.get("2 SFT", (None,))[0]
     sft = sft.to(device).eval() if sft is not None else None
     sft_gold = measures.gold_scores(sft, tok, sets["questions"], cfg.max_new_tokens, world)[0] if sft is not None else None
-
     rows = {}
     for label, (model, metrics) in models.items():
         print(f"report: measuring {label} ...", flush=True)
@@ -262,65 +280,39 @@ def main(cfg):
         print("report: measuring the answers-only SFT contrast ...", flush=True)
         short = common.gpt_from_checkpoint(common.load_checkpoint(out / "sft_answers_only" / "ckpt.pt", ["sft"]), tok)
         contrast = math_measures(short.to(device).eval(), tok, sets, cfg)
-    order = [label for label, _ in STAGES[:3]] + ["3 reward model"] + [label for label, _ in STAGES[3:]]
-    header = "| stage | " + " | ".join(name for _, name, _ in COLUMNS) + " |"
-    table = [header, "|" + "---|" * (len(COLUMNS) + 1)]
-    for label in (l for l in order if l in rows):
-        values = [fmt.format(rows[label][k]) if rows[label].get(k) is not None else "" for k, _, fmt in COLUMNS]
-        table.append(f"| {label} | " + " | ".join(values) + " |")
+    return {"rows": rows, "rm_metrics": rm_metrics, "rm_style_pairs": rm_style_pairs, "contrast": contrast}
 
-    # the journey: the same prompts, every stage's greedy reply. The problem is the first held-out one that
-    # GRPO solves and its starting checkpoint did not, when there is one: the change stage 4 makes, shown.
+
+def journey(models, rows, sets, tok, cfg):
+    """The same prompts, every stage's greedy reply: (Markdown lines, the stage GRPO started from, the
+    held-out problems GRPO solves and that stage did not). The problem shown is the first of those, when
+    there is one: the change stage 4 makes, shown."""
     started = Path(models.get("4 GRPO", (None, {}))[1].get("init", "")).parent.name  # out/<stage>/ckpt.pt
     grpo_from = next((label for label, stage in STAGES if stage == started), "2 SFT")
     unseen = next((r for r in sets["qa"] if r.get("split") == "unseen"), sets["qa"][0])
     newly = [i for i, (a, b) in enumerate(zip(rows.get("4 GRPO", {}).get("solved", []),
                                               rows.get(grpo_from, {}).get("solved", []))) if a and not b]
     problem = sets["math"][newly[0] if newly else 0]["question"]
-    prompts = ["What is an LLM?", unseen["messages"][-1]["content"], problem]
-    journey = []
-    for prompt in prompts:
-        journey += [f"**{prompt}**", "", "| stage | reply |", "|---|---|"]
+    lines = []
+    for prompt in ["What is an LLM?", unseen["messages"][-1]["content"], problem]:
+        lines += [f"**{prompt}**", "", "| stage | reply |", "|---|---|"]
         for label, (model, _) in models.items():
-            journey.append(f"| {label} | {cell(reply(model, label, tok, prompt, cfg))} |")
-        journey.append("")
+            lines.append(f"| {label} | {cell(reply(model, label, tok, prompt, cfg))} |")
+        lines.append("")
+    return lines, grpo_from, newly
 
-    figures = []
-    for stage, names in CURVES.items():
-        log = out / stage / "log.jsonl"
-        missing = plot(log, names, f"{stage}: training curves", out / f"report-{stage}.png") if log.is_file() else names
-        if len(missing) < len(names):
-            figures += [f"![{stage}](report-{stage}.png)", ""]
-        if missing:
-            figures += [f"Not drawn for {stage}: {', '.join(missing)} ({log} has no such rows).", ""]
-            print(f"report: {log} has no {', '.join(missing)}: not drawn", file=sys.stderr)
-    if (out / "pretrain" / "log.jsonl").is_file():
-        arrival = measures.describe_facts_arrival(read_jsonl(out / "pretrain" / "log.jsonl"))
-        focus = base["config"].get("focus_steps", 0)
-        curriculum = (f" Its first {focus} steps saw only the documents about {base['config']['focus_cast']} "
-                      "characters (the curriculum): few characters met often make that circuit form sooner, and "
-                      "once it has, every character's facts come through it." if focus else "")
-        figures += [f"The facts curve (the pre-training panel's third): {arrival} The validation loss falls from "
-                    "the first steps, while fact completion sits on a plateau, then jumps and most facts come at "
-                    "once: the three phases Zucchet et al. (2025) describe, the jump coming once the model can "
-                    f"recall a fact from a character's name.{curriculum}", ""]
-    best = rm_metrics.get("best_of_n")
-    if best and "gold" in best and (out / "rm" / "best_of_n.png").is_file():  # written by train_rm.py
-        figures += [f"Best of n, the reward model's cheap use: sample n SFT replies per held-out question and keep "
-                    f"the one it scores highest. From n = {best['n'][0]} to {best['n'][-1]} its own score of the kept "
-                    f"reply goes {best['rm'][0]:.2f} -> {best['rm'][-1]:.2f}, the gold rater's {best['gold'][0]:.2f} -> "
-                    f"{best['gold'][-1]:.2f}; where the gold curve flattens or turns down while the reward model's "
-                    "still climbs, picking harder for the reward model picks its mistakes (over-optimisation, "
-                    "without any RL).", "", "![best of n](rm/best_of_n.png)", ""]
-    if (out / "hacking" / "hacking.md").is_file() and (out / "hacking" / "hacking.png").is_file():  # make hacking's
-        figures += ["Reward hacking, seen and prevented (`make hacking`, hacking.py): PPO against the field's usual reward "
-                    "model (a head on the last token, which learns the rater's taste for manner but not its facts), "
-                    "without its KL penalty, with it, and without it against an ensemble of such reward models; the "
-                    "gold rater scores every rollout. Gold and learned scores are means over blocks of steps.", "",
-                    (out / "hacking" / "hacking.md").read_text().strip(), "", "![reward hacking](hacking/hacking.png)", ""]
 
-    machine = torch.cuda.get_device_name(device) if device.startswith("cuda") else \
-        f"{platform.processor() or platform.machine()} CPU ({torch.backends.cpu.get_cpu_capability()}), {torch.get_num_threads()} threads"
+# ----------------------------------------------------------------------------- writing
+
+def write_report(out, base, models, found, machine, t0, cfg):
+    """report.md (the table, what each stage did, reasoning by level, the journey, the curves) and
+    report.json from what was measured; returns the table's lines."""
+    rows, grpo_from, grpo = found["rows"], found["grpo_from"], models.get("4 GRPO", (None, {}))[1]
+    order = [label for label, _ in STAGES[:3]] + ["3 reward model"] + [label for label, _ in STAGES[3:]]
+    table = ["| stage | " + " | ".join(name for _, name, _ in COLUMNS) + " |", "|" + "---|" * (len(COLUMNS) + 1)]
+    for label in (l for l in order if l in rows):
+        values = [fmt.format(rows[label][k]) if rows[label].get(k) is not None else "" for k, _, fmt in COLUMNS]
+        table.append(f"| {label} | " + " | ".join(values) + " |")
     md = ["# The journey: from random weights to an assistant", "",
           f"Measured by `python -m studies.report` on {machine} in {time.time() - t0:.0f} s, from the checkpoints in "
           f"`{out}/`. Columns: validation loss on the corpus; greedy fact completion (all characters); held-out "
@@ -329,29 +321,68 @@ def main(cfg):
           "held-out reasoning problems solved greedily, and the share of their steps stated right; the reward "
           "model's accuracy on held-out preference pairs; KL to SFT in nats per "
           "sampled reply; seconds of training.", "", *table, "", "## What each stage did", "",
-          *story(rows, base["model_args"]["vocab_size"], grpo_from, models.get("4 GRPO", (None, {}))[1], rm_style_pairs), "",
+          *story(rows, base["model_args"]["vocab_size"], grpo_from, grpo, found["rm_style_pairs"]), "",
           "## Reasoning, level by level", "",
           "Held-out problems about the characters' facts (level = how many characters a problem is about), greedy: "
           "the share solved and the share of their steps stated right (`tinymath.check_steps`), and the share of answers "
           "that write steps before `####` rather than the number alone. The contrast row, when present, is SFT with the "
           "same budget on the same set whose worked answers were cut to `#### n`: what writing the steps buys.", "",
-          *reasoning_table(rows, models.get("4 GRPO", (None, {}))[1], contrast), "",
-          f"The journey's problem below is {'the first held-out one GRPO solves and ' + grpo_from[2:] + ' did not' if newly else 'the first held-out one'}.", "",
-          "## The same prompts, every stage", "", *journey, "## Training curves", "", *figures, *forgetting(out)]
+          *reasoning_table(rows, grpo, found["contrast"]), "",
+          f"The journey's problem below is {'the first held-out one GRPO solves and ' + grpo_from[2:] + ' did not' if found['newly'] else 'the first held-out one'}.", "",
+          "## The same prompts, every stage", "", *found["journey"], "## Training curves", "",
+          *figures(out, base, found["rm_metrics"]), *forgetting(out)]
     (out / "report.md").write_text("\n".join(md) + "\n")
-    write_results(out / "report.json", rows, contrast, models.get("4 GRPO", (None, {}))[1], rm_metrics, out, cfg,
+    write_results(out / "report.json", rows, found["contrast"], grpo, found["rm_metrics"], out, cfg,
                   machine, time.time() - t0)
-    print("\n".join(table))
-    print(f"report: {out / 'report.md'} in {time.time() - t0:.0f}s")
+    return table
+
+
+def figures(out, base, rm_metrics):
+    """The training curves (report-<stage>.png), the facts curve's account, best of n and make hacking's
+    table and picture where they exist: Markdown lines."""
+    lines = []
+    for stage, names in CURVES.items():
+        log = out / stage / "log.jsonl"
+        missing = plot(log, names, f"{stage}: training curves", out / f"report-{stage}.png") if log.is_file() else names
+        if len(missing) < len(names):
+            lines += [f"![{stage}](report-{stage}.png)", ""]
+        if missing:
+            lines += [f"Not drawn for {stage}: {', '.join(missing)} ({log} has no such rows).", ""]
+            print(f"report: {log} has no {', '.join(missing)}: not drawn", file=sys.stderr)
+    if (out / "pretrain" / "log.jsonl").is_file():
+        arrival = measures.describe_facts_arrival(read_jsonl(out / "pretrain" / "log.jsonl"))
+        focus = base["config"].get("focus_steps", 0)
+        curriculum = (f" Its first {focus} steps saw only the documents about {base['config']['focus_cast']} "
+                      "characters (the curriculum): few characters met often make that circuit form sooner, and "
+                      "once it has, every character's facts come through it." if focus else "")
+        lines += [f"The facts curve (the pre-training panel's third): {arrival} The validation loss falls from "
+                  "the first steps, while fact completion sits on a plateau, then jumps and most facts come at "
+                  "once: the three phases Zucchet et al. (2025) describe, the jump coming once the model can "
+                  f"recall a fact from a character's name.{curriculum}", ""]
+    best = rm_metrics.get("best_of_n")
+    if best and "gold" in best and (out / "rm" / "best_of_n.png").is_file():  # written by train_rm.py
+        lines += [f"Best of n, the reward model's cheap use: sample n SFT replies per held-out question and keep "
+                  f"the one it scores highest. From n = {best['n'][0]} to {best['n'][-1]} its own score of the kept "
+                  f"reply goes {best['rm'][0]:.2f} -> {best['rm'][-1]:.2f}, the gold rater's {best['gold'][0]:.2f} -> "
+                  f"{best['gold'][-1]:.2f}; where the gold curve flattens or turns down while the reward model's "
+                  "still climbs, picking harder for the reward model picks its mistakes (over-optimisation, "
+                  "without any RL).", "", "![best of n](rm/best_of_n.png)", ""]
+    if (out / "hacking" / "hacking.md").is_file() and (out / "hacking" / "hacking.png").is_file():  # make hacking's
+        lines += ["Reward hacking, seen and prevented (`make hacking`, studies/hacking.py): PPO against the field's "
+                  "usual reward model (a head on the last token, which learns the rater's taste for manner but not its "
+                  "facts), without its KL penalty, with it, and without it against an ensemble of such reward models; "
+                  "the gold rater scores every rollout. Gold and learned scores are means over blocks of steps.", "",
+                  (out / "hacking" / "hacking.md").read_text().strip(), "", "![reward hacking](hacking/hacking.png)", ""]
+    return lines
 
 
 def forgetting(out):
-    """make forgetting's table (forgetting.py), when it has run: what each way of fine-tuning gained and forgot."""
+    """make forgetting's table (studies/forgetting.py), when it has run: what each way of fine-tuning gained and forgot."""
     md = out / "forgetting" / "forgetting.md"
     if not md.is_file():
         return []
     return ["## What each way of fine-tuning gains and forgets", "",
-            "`make forgetting` (forgetting.py) ran SFT, DPO and GRPO four ways from the same starts: every weight "
+            "`make forgetting` (studies/forgetting.py) ran SFT, DPO and GRPO four ways from the same starts: every weight "
             "trained on the stage's loss alone; the same with the pre-training text replayed each step; LoRA at two "
             "ranks. Each block's first row is the stage's start: the stage's own measure should rise from it, and the "
             "others (validation loss on the pre-training text, facts, QA, wins, math) show what it kept.", "",
