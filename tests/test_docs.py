@@ -105,3 +105,27 @@ def test_the_imports_run_one_way():
 
     for m in ROOT_MODULES:
         visit(m)
+
+
+def test_the_docs_command_copies_the_report_and_rewrites_the_readmes_table(tmp_path):
+    """make docs (studies/docs.py) on a small out/: the report and every picture it shows copied, the README's
+    table replaced by the report's, and an out/ of another seed refused in one line, exit code 2."""
+    from conftest import run_script
+    out, docs, readme = tmp_path / "out", tmp_path / "docs", tmp_path / "README.md"
+    (out / "rm").mkdir(parents=True)
+    table = "| stage | facts |\n|---|---|\n| 1 pre-trained | 100% |"
+    (out / "report.md").write_text(f"# report\n\n{table}\n\n![a](report-sft.png)\n![b](rm/best_of_n.png)\n")
+    for name in ("report.json", "report-sft.png", "rm/best_of_n.png"):
+        (out / name).write_text(name)
+    (out / ".seed").write_text("0\n")
+    readme.write_text(f"intro\n{TABLE_START}\n| old |\n{TABLE_END}\nrest\n")
+    flags = [f"--out={out}", f"--docs={docs}", f"--readme={readme}", "--picture=false"]
+    r = run_script("-m", "studies.docs", *flags)
+    assert r.returncode == 0, r.stderr
+    for name in ("report.md", "report.json", "report-sft.png", "rm/best_of_n.png"):
+        assert (docs / "example" / name).read_text() == (out / name).read_text()
+    assert readme.read_text() == f"intro\n{TABLE_START}\n{table}\n{TABLE_END}\nrest\n"
+    assert "run `make hacking`" in r.stdout and "rewrote" in r.stdout  # it says what it rewrote and what it could not
+    (out / ".seed").write_text("1\n")
+    r = run_script("-m", "studies.docs", *flags)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "make demo SEED=0" in r.stderr
