@@ -7,10 +7,14 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
+import cli
 import common
+import configs
 from conftest import run_script
 from faults import LONG_PAIR, Case, Script, data_file_cases, good_pair, jsonl, write, wrong_file
+from gpt_lora import AdaptersOff
 from model import GPT, GPTConfig
+from run import Run
 from train_dpo import dpo_loss, pair_logprobs
 
 # ----------------------------------------------------------------------------- the losses
@@ -127,6 +131,39 @@ def test_tiny_run_trains_evaluates_and_saves(tiny_dpo, tiny_world):
     assert [row["step"] for row in rows] == [1, 2, 3, 4]
     ckpt = common.load_checkpoint(out / "ckpt.pt", ["dpo"])
     assert ckpt["step"] == 4 and "optimizer" in ckpt and ckpt["init"].endswith("ckpt.pt")
+
+
+def started(tiny_world, tiny_sft, out, lora_rank, reference):
+    """A DPO run started (seed 7) with SFT's model as its reference or none, and the first numbers drawn after."""
+    cfg = cli.parse_config(configs.DPO, dpo_flags(tiny_world, tiny_sft, out, f"--lora_rank={lora_rank}", "--device=cpu"),
+                           configs.PRESETS["dpo"])
+    run = Run("dpo", cfg)
+    ckpt, init, tok = run.load(["sft"])
+    run.start(common.gpt_from_checkpoint(ckpt, tok), ckpt, seed=7, reference=init if reference else None)
+    return run, torch.rand(4)
+
+
+@pytest.mark.parametrize("lora_rank", [0, 2])
+def test_the_reference_is_sft_frozen_or_with_lora_the_policy_with_its_adapters_off(lora_rank, tiny_world, tiny_sft,
+                                                                                    tmp_path):
+    run, drawn = started(tiny_world, tiny_sft, tmp_path / "ref", lora_rank, reference=True)
+    assert torch.equal(drawn, started(tiny_world, tiny_sft, tmp_path / "none", lora_rank, reference=False)[1])
+    sft = common.gpt_from_checkpoint(common.load_checkpoint(tiny_sft), run.tok).eval()
+    evaluated = run.reference_to_evaluate()
+    assert type(evaluated) is GPT and evaluated is not run.raw and not evaluated.training
+    assert not any(p.requires_grad for p in evaluated.parameters())
+    if lora_rank:  # one copy of the weights for training against; a model of its own for the evaluation
+        assert isinstance(run.reference, AdaptersOff) and run.reference.model is run.raw
+        with torch.no_grad():  # the adapters move away from zero, as training moves them
+            for name, p in run.raw.named_parameters():
+                if "lora_B" in name:
+                    p.add_(0.1)
+    else:
+        assert evaluated is run.reference
+    x = torch.randint(sft.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(run.reference(x), sft(x)) and torch.equal(evaluated(x), sft(x))
+        assert lora_rank == 0 or not torch.allclose(run.raw.eval()(x), sft(x))
 
 
 # ----------------------------------------------------------------------------- its row of the fault table (test_faults.py)
