@@ -125,8 +125,8 @@ class Run:
         self.logger = Logger(cfg.out, self.stage, cfg.max_steps, resume=cfg.resume, start_step=self.step)
         self.logger.phase("evaluation")  # what a stage does before its loop: the figures at the start
         self.trained = trained = sum(p.numel() for p in self.raw.parameters() if p.requires_grad)
-        lora = (f" (LoRA rank {cfg.lora_rank} on {cfg.lora_targets}: {trained:,} trained, "
-                f"{trained / sum(p.numel() for p in self.raw.parameters()):.1%})") if self.lora else ""
+        own = sum(p.numel() for n, p in self.raw.named_parameters() if "lora_" not in n)  # the model without adapters
+        lora = f" (LoRA rank {cfg.lora_rank} on {cfg.lora_targets}: {trained:,} trained, {trained / own:.1%})" if self.lora else ""
         print0(f"{self.stage}: {self.raw.num_params() / 1e6:.2f}M parameters{lora}, on {self.device} x{self.world}, "
                f"from {self.ckpt_path if cfg.resume else self.init} (step {self.step} of {cfg.max_steps})")
         return self.model
