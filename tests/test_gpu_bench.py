@@ -13,7 +13,7 @@ import torch
 
 import cli
 import common
-from studies import report as report_py
+from studies import report_writing as report_py
 import configs
 from bench.demo_times import bench_demo_times
 from conftest import ROOT, run_script

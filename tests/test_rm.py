@@ -10,7 +10,7 @@ from hypothesis import given, strategies as st
 import common
 import configs
 import measures
-from studies import report
+from studies import report_writing
 from conftest import run_script
 from cli import UserError
 from data.batches import score_replies
@@ -130,9 +130,9 @@ def test_reward_accuracy_counts_each_kind_of_pair_apart(tiny_world):
     acc = measures.reward_accuracy(LongerWins(128), tok, records, world)
     assert acc == {"all": 4 / 6, "facts": 0.5, "style": 0.5, "facts_unseen": 1.0,
                    "style_pairs": {"plain > plain": [0, 1], "polite > plain": [1, 1]}}
-    assert report.manner_mistakes(acc["style_pairs"]) == \
+    assert report_writing.manner_mistakes(acc["style_pairs"]) == \
         " Where it orders manner wrong, by the pair's styles (the better first): plain > plain 1 of 1."
-    assert report.manner_mistakes({"polite > plain": [1, 1]}) == ""  # none wrong: nothing said
+    assert report_writing.manner_mistakes({"polite > plain": [1, 1]}) == ""  # none wrong: nothing said
     assert measures.reward_accuracy(LongerWins(128), tok, records) == {"all": 4 / 6}  # no world: no kinds
 
 
