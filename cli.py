@@ -173,10 +173,17 @@ def settle_lora(cfg, given, stage, settings):
     chosen = {k: v for group in settings for k, v in group.items() if not set(group) & set(given)}
     for k, v in chosen.items():
         setattr(cfg, k, v)
-    if chosen and os.environ.get("RANK", "0") == "0":  # read before DDP starts: every rank would say it
-        print(f"{stage}: LoRA takes " + " ".join(f"--{k}={v:g}" for k, v in chosen.items())
-              + ", the settings measured for it (full fine-tuning's leave the adapters short); pass "
-              + " or ".join(f"--{k}" for k in chosen) + " to choose", flush=True)
+    if chosen:
+        say_once(f"{stage}: LoRA takes " + " ".join(f"--{k}={v:g}" for k, v in chosen.items())
+                 + ", the settings measured for it (full fine-tuning's leave the adapters short); pass "
+                 + " or ".join(f"--{k}" for k in chosen) + " to choose")
+
+
+def say_once(line):
+    """A line about the flags, printed by one process: the config is read before DDP starts, so under
+    torchrun every rank reads it, and rank 0 alone says what was settled."""
+    if os.environ.get("RANK", "0") == "0":
+        print(line, flush=True)
 
 
 # ----------------------------------------------------------------------------- studies that run the stages

@@ -113,7 +113,7 @@ class LoRAFlags:
 
 
 # A LoRA run's settings, each group taken where none of it is given (cli.settle_lora): measured at rank 8 on seed 0
-# (studies/forgetting.py), about 10x full fine-tuning's learning rate; none for PPO, which keeps its own.
+# (studies/forgetting.py): 3x full SFT's learning rate, 10x full DPO's and GRPO's; none for PPO, which keeps its own.
 LORA_SETTINGS = {"sft": [{"lr": 6e-3}, {"max_steps": 800}], "dpo": [{"lr": 1.5e-3}], "grpo": [{"lr": 1e-3, "min_lr": 1e-3}]}
 
 

@@ -18,7 +18,8 @@ def held_out_records(cfg):
     """The held-out records: --test_data's, or with --held_out the last of --data's (loaders.split_off)."""
     if cfg.test_data:
         return read_jsonl(cfg.test_data)
-    return [r for _, r in numbered_records(cfg.data)[formats.split(cfg.data, cfg.held_out)[1]]]
+    records = [r for _, r in numbered_records(cfg.data)]  # read once; its end is what formats.split holds out
+    return records[len(records) - formats.held_out_count(len(records), cfg.held_out):]
 
 
 # ----------------------------------------------------------------------------- pre-training

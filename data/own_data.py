@@ -5,10 +5,9 @@ call): the held-out file becomes the last --held_out of --data, which training t
 (loaders.split_off, loaders.held_out_text), and TinyWorld's own measures go off. A flag given on the
 command line or by a preset is kept; one line says what changed and which flags choose otherwise.
 """
-import os
 from pathlib import Path
 
-from cli import UserError
+from cli import UserError, say_once
 
 HELD_OUT = 0.05  # the share of your own --data held out for evaluation when no file is given for it
 
@@ -25,12 +24,6 @@ OWN_DATA = {
                    "qa_data": "held-out QA on TinyWorld's questions", "world": "TinyWorld gold rater"}),
     "grpo": (("test_data", "held-out problems"), {"world": "step checks against TinyWorld's facts"}),
 }
-
-
-def say(line):
-    """A line about the flags, printed once: by rank 0 under torchrun (the config is read before DDP starts)."""
-    if os.environ.get("RANK", "0") == "0":
-        print(line, flush=True)
 
 
 def is_own(cfg, given):
@@ -61,7 +54,7 @@ def settle(cfg, given, stage):
             done.append(f"no {what} (--{flag})")
     if done:
         why = f"{cfg.data} is your own data, not TinyWorld's, so" if own else f"--held_out={cfg.held_out}:"
-        say(f"{stage}: {why} " + "; ".join(done))
+        say_once(f"{stage}: {why} " + "; ".join(done))
     if held:
         check_held_out(cfg, held[0], required=stage == "pretrain")
 
