@@ -114,7 +114,7 @@ out/dpo/metrics.json: out/sft/metrics.json train_dpo.py configs.py
 # GRPO starts from PPO's policy; DPO only runs before it, as the stages are numbered
 out/grpo/metrics.json: out/ppo/metrics.json train_grpo.py configs.py | out/dpo/metrics.json
 	$(call STAGE,stage 4: reasoning RL with GRPO,train_grpo.py $(RUN_SEED))
-out/report.md: out/grpo/metrics.json out/dpo/metrics.json out/sft_answers_only/metrics.json studies/report.py measures.py
+out/report.md: out/grpo/metrics.json out/dpo/metrics.json out/sft_answers_only/metrics.json studies/report.py studies/report_writing.py measures.py
 	$(call STAGE,the report,-m studies.report $(RUN_SEED))
 
 # make seeds: the demo once per seed of SEEDS, each seed's report, figures and stage metrics kept in
